@@ -1,0 +1,417 @@
+//! The KPI catalog: the current definitions, folded from the log, and the decisions
+//! that turn catalog commands into events.
+
+use std::collections::BTreeMap;
+use std::ops::Bound;
+
+use chrono::{DateTime, Utc};
+
+use super::kpi::{MAX_DESCRIPTION_LEN, validate_len, validate_slug};
+use super::measurement::TimeRules;
+use super::{Event, KpiDefinition, Measurement, Rejection};
+
+/// A KPI as the catalog holds it.
+#[derive(Debug, Clone, PartialEq)]
+pub struct KpiEntry {
+    /// The definition in force.
+    pub definition: KpiDefinition,
+    /// 1 after definition, +1 per update and for retirement.
+    pub version: u64,
+    /// Retired KPIs keep their history but take no measurements.
+    pub retired: bool,
+    /// recorded_at of the KpiDefined event.
+    pub created_at: DateTime<Utc>,
+    /// recorded_at of the event that produced `version`.
+    pub updated_at: DateTime<Utc>,
+    /// seq of the event that produced `version`.
+    pub seq: u64,
+}
+
+/// Every KPI ever defined, by id.
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct Catalog {
+    kpis: BTreeMap<String, KpiEntry>,
+    /// Seq of the latest definition-changing event folded in; see `Event::changes_definitions`.
+    last_definition_seq: u64,
+}
+
+impl Catalog {
+    /// Folds one committed event into the catalog. Measurement events change nothing here.
+    pub fn apply(&mut self, seq: u64, recorded_at: DateTime<Utc>, event: &Event) {
+        if event.changes_definitions() {
+            self.last_definition_seq = seq;
+        }
+        match event {
+            Event::KpiDefined { definition } => {
+                self.kpis.insert(
+                    definition.id.clone(),
+                    KpiEntry {
+                        definition: definition.clone(),
+                        version: 1,
+                        retired: false,
+                        created_at: recorded_at,
+                        updated_at: recorded_at,
+                        seq,
+                    },
+                );
+            }
+            Event::KpiUpdated {
+                definition,
+                version,
+            } => {
+                if let Some(entry) = self.kpis.get_mut(&definition.id) {
+                    entry.definition = definition.clone();
+                    entry.version = *version;
+                    entry.updated_at = recorded_at;
+                    entry.seq = seq;
+                }
+            }
+            Event::KpiRetired {
+                kpi_id, version, ..
+            } => {
+                if let Some(entry) = self.kpis.get_mut(kpi_id) {
+                    entry.retired = true;
+                    entry.version = *version;
+                    entry.updated_at = recorded_at;
+                    entry.seq = seq;
+                }
+            }
+            Event::TargetSet { .. }
+            | Event::TargetRemoved { .. }
+            | Event::MeasurementRecorded(_)
+            | Event::MeasurementRetracted { .. } => {}
+        }
+    }
+
+    /// Seq of the latest definition-changing event folded in. A write validated against
+    /// this catalog is stored only if no such event was appended after it.
+    pub fn last_definition_seq(&self) -> u64 {
+        self.last_definition_seq
+    }
+
+    /// One KPI, retired or not.
+    pub fn get(&self, kpi_id: &str) -> Option<&KpiEntry> {
+        self.kpis.get(kpi_id)
+    }
+
+    /// KPIs with ids after `after` (all when empty), in id order.
+    pub fn list_after<'a>(
+        &'a self,
+        after: &str,
+        include_retired: bool,
+    ) -> impl Iterator<Item = &'a KpiEntry> + 'a {
+        let start = if after.is_empty() {
+            Bound::Unbounded
+        } else {
+            Bound::Excluded(after.to_owned())
+        };
+        self.kpis
+            .range((start, Bound::Unbounded))
+            .map(|(_, entry)| entry)
+            .filter(move |entry| include_retired || !entry.retired)
+    }
+
+    /// Number of KPIs, retired ones included.
+    pub fn len(&self) -> usize {
+        self.kpis.len()
+    }
+
+    /// True before the first KPI is defined.
+    pub fn is_empty(&self) -> bool {
+        self.kpis.is_empty()
+    }
+
+    /// DefineKpi: the event that adds `definition`, or why it cannot be added.
+    pub fn decide_define(&self, definition: KpiDefinition) -> Result<Event, Rejection> {
+        definition.validate("definition")?;
+        if self.kpis.contains_key(&definition.id) {
+            return Err(Rejection::AlreadyExists {
+                field: "definition.id".into(),
+                what: format!("kpi '{}'", definition.id),
+            });
+        }
+        self.check_ratio_operands(&definition)?;
+        Ok(Event::KpiDefined { definition })
+    }
+
+    /// UpdateKpi: the event that replaces the definition of `definition.id`.
+    pub fn decide_update(
+        &self,
+        definition: KpiDefinition,
+        expected_version: Option<u64>,
+    ) -> Result<Event, Rejection> {
+        definition.validate("definition")?;
+        let entry = self.live_entry(&definition.id, "definition.id", expected_version)?;
+        self.check_ratio_operands(&definition)?;
+        if entry.definition.kind != definition.kind {
+            self.check_not_an_operand(&definition.id, "definition.kind", |ratio| {
+                if definition.kind.is_summable() {
+                    None
+                } else {
+                    Some(format!(
+                        "kpi '{}' is an operand of ratio kpi '{ratio}', so it must stay SUM or COUNT",
+                        definition.id
+                    ))
+                }
+            })?;
+        }
+        Ok(Event::KpiUpdated {
+            version: entry.version + 1,
+            definition,
+        })
+    }
+
+    /// RetireKpi: the event that retires `kpi_id`.
+    pub fn decide_retire(
+        &self,
+        kpi_id: &str,
+        reason: String,
+        expected_version: Option<u64>,
+    ) -> Result<Event, Rejection> {
+        validate_slug(kpi_id, "kpi_id")?;
+        validate_len(&reason, MAX_DESCRIPTION_LEN, "reason")?;
+        let entry = self.live_entry(kpi_id, "kpi_id", expected_version)?;
+        self.check_not_an_operand(kpi_id, "kpi_id", |ratio| {
+            Some(format!(
+                "kpi '{kpi_id}' is an operand of ratio kpi '{ratio}': retire or change that kpi first"
+            ))
+        })?;
+        Ok(Event::KpiRetired {
+            kpi_id: kpi_id.to_owned(),
+            reason,
+            version: entry.version + 1,
+        })
+    }
+
+    /// Record: checks one measurement against the catalog and its KPI's rules.
+    pub fn validate_measurement(
+        &self,
+        measurement: &Measurement,
+        rules: &TimeRules,
+    ) -> Result<(), Rejection> {
+        let Some(entry) = self.kpis.get(&measurement.kpi_id) else {
+            if let Err(rejection) = validate_slug(&measurement.kpi_id, "kpi_id") {
+                return Err(rejection);
+            }
+            return Err(Rejection::not_found(
+                "kpi_id",
+                format!("kpi '{}'", measurement.kpi_id),
+            ));
+        };
+        if entry.retired {
+            return Err(Rejection::precondition(
+                "kpi_id",
+                format!("kpi '{}' is retired", measurement.kpi_id),
+            ));
+        }
+        measurement.validate(&entry.definition, rules)
+    }
+
+    /// The entry of a KPI that may still change: it exists, is not retired, and is at the
+    /// version the client expects (when it says).
+    fn live_entry(
+        &self,
+        kpi_id: &str,
+        field: &str,
+        expected_version: Option<u64>,
+    ) -> Result<&KpiEntry, Rejection> {
+        let entry = self
+            .kpis
+            .get(kpi_id)
+            .ok_or_else(|| Rejection::not_found(field, format!("kpi '{kpi_id}'")))?;
+        if let Some(expected) = expected_version
+            && expected != entry.version
+        {
+            return Err(Rejection::VersionMismatch {
+                what: format!("kpi '{kpi_id}'"),
+                expected,
+                current: entry.version,
+            });
+        }
+        if entry.retired {
+            return Err(Rejection::precondition(
+                field,
+                format!("kpi '{kpi_id}' is retired"),
+            ));
+        }
+        Ok(entry)
+    }
+
+    /// A RATIO's operands exist, are live, and can be summed.
+    fn check_ratio_operands(&self, definition: &KpiDefinition) -> Result<(), Rejection> {
+        let Some(ratio) = &definition.ratio else {
+            return Ok(());
+        };
+        for (field, id) in [
+            ("definition.ratio.numerator_kpi_id", &ratio.numerator_kpi_id),
+            (
+                "definition.ratio.denominator_kpi_id",
+                &ratio.denominator_kpi_id,
+            ),
+        ] {
+            let operand = self
+                .kpis
+                .get(id)
+                .ok_or_else(|| Rejection::not_found(field, format!("kpi '{id}'")))?;
+            if operand.retired {
+                return Err(Rejection::precondition(
+                    field,
+                    format!("kpi '{id}' is retired"),
+                ));
+            }
+            if !operand.definition.kind.is_summable() {
+                return Err(Rejection::precondition(
+                    field,
+                    format!(
+                        "kpi '{id}' is {:?}; a ratio divides sums, so its operands must be SUM or COUNT",
+                        operand.definition.kind
+                    ),
+                ));
+            }
+        }
+        Ok(())
+    }
+
+    /// Fails with the reason `why` gives for the first live RATIO KPI that uses `kpi_id`.
+    fn check_not_an_operand(
+        &self,
+        kpi_id: &str,
+        field: &str,
+        why: impl Fn(&str) -> Option<String>,
+    ) -> Result<(), Rejection> {
+        let user = self.kpis.values().find(|entry| {
+            !entry.retired
+                && entry.definition.ratio.as_ref().is_some_and(|ratio| {
+                    ratio.numerator_kpi_id == kpi_id || ratio.denominator_kpi_id == kpi_id
+                })
+        });
+        match user.and_then(|entry| why(&entry.definition.id)) {
+            Some(reason) => Err(Rejection::precondition(field, reason)),
+            None => Ok(()),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use chrono_tz::Tz;
+
+    use super::*;
+    use crate::domain::{Direction, KpiKind, RatioSettings};
+
+    fn definition(id: &str, kind: KpiKind) -> KpiDefinition {
+        KpiDefinition {
+            id: id.into(),
+            name: id.into(),
+            description: String::new(),
+            unit: String::new(),
+            kind,
+            direction: Direction::HigherIsBetter,
+            timezone: Tz::UTC,
+            dimensions: vec![],
+            ratio: None,
+        }
+    }
+
+    fn conversion() -> KpiDefinition {
+        KpiDefinition {
+            ratio: Some(RatioSettings {
+                numerator_kpi_id: "buyers".into(),
+                denominator_kpi_id: "visitors".into(),
+                scale: 100.0,
+            }),
+            ..definition("conversion", KpiKind::Ratio)
+        }
+    }
+
+    fn commit(catalog: &mut Catalog, decide: impl FnOnce(&Catalog) -> Result<Event, Rejection>) {
+        let event = decide(catalog).expect("accepted");
+        let seq = catalog.last_definition_seq() + 1;
+        catalog.apply(seq, DateTime::UNIX_EPOCH, &event);
+    }
+
+    #[test]
+    fn versions_count_every_change() {
+        let mut catalog = Catalog::default();
+        commit(&mut catalog, |c| {
+            c.decide_define(definition("revenue", KpiKind::Sum))
+        });
+        assert_eq!(catalog.get("revenue").map(|e| e.version), Some(1));
+        let mut changed = definition("revenue", KpiKind::Sum);
+        changed.unit = "EUR".into();
+        commit(&mut catalog, |c| c.decide_update(changed, Some(1)));
+        assert_eq!(catalog.get("revenue").map(|e| e.version), Some(2));
+        assert_eq!(
+            catalog.decide_update(definition("revenue", KpiKind::Sum), Some(1)),
+            Err(Rejection::VersionMismatch {
+                what: "kpi 'revenue'".into(),
+                expected: 1,
+                current: 2
+            })
+        );
+        commit(&mut catalog, |c| {
+            c.decide_retire("revenue", "done".into(), None)
+        });
+        let entry = catalog.get("revenue").expect("kept");
+        assert!(entry.retired);
+        assert_eq!(entry.version, 3);
+        assert!(matches!(
+            catalog.decide_update(definition("revenue", KpiKind::Sum), None),
+            Err(Rejection::FailedPrecondition { .. })
+        ));
+        assert!(matches!(
+            catalog.decide_define(definition("revenue", KpiKind::Sum)),
+            Err(Rejection::AlreadyExists { .. })
+        ));
+    }
+
+    #[test]
+    fn ratios_need_live_summable_operands() {
+        let mut catalog = Catalog::default();
+        assert!(matches!(
+            catalog.decide_define(conversion()),
+            Err(Rejection::NotFound { field, .. }) if field == "definition.ratio.numerator_kpi_id"
+        ));
+        commit(&mut catalog, |c| {
+            c.decide_define(definition("buyers", KpiKind::Count))
+        });
+        commit(&mut catalog, |c| {
+            c.decide_define(definition("visitors", KpiKind::Average))
+        });
+        assert!(matches!(
+            catalog.decide_define(conversion()),
+            Err(Rejection::FailedPrecondition { field, .. }) if field == "definition.ratio.denominator_kpi_id"
+        ));
+        commit(&mut catalog, |c| {
+            c.decide_update(definition("visitors", KpiKind::Count), None)
+        });
+        commit(&mut catalog, |c| c.decide_define(conversion()));
+        assert!(matches!(
+            catalog.decide_retire("buyers", String::new(), None),
+            Err(Rejection::FailedPrecondition { .. })
+        ));
+        assert!(matches!(
+            catalog.decide_update(definition("visitors", KpiKind::Max), None),
+            Err(Rejection::FailedPrecondition { field, .. }) if field == "definition.kind"
+        ));
+    }
+
+    #[test]
+    fn listing_pages_by_id() {
+        let mut catalog = Catalog::default();
+        for id in ["c", "a", "b"] {
+            commit(&mut catalog, |c| {
+                c.decide_define(definition(id, KpiKind::Sum))
+            });
+        }
+        commit(&mut catalog, |c| c.decide_retire("b", String::new(), None));
+        let ids = |after: &str, retired: bool| -> Vec<String> {
+            catalog
+                .list_after(after, retired)
+                .map(|e| e.definition.id.clone())
+                .collect()
+        };
+        assert_eq!(ids("", false), ["a", "c"]);
+        assert_eq!(ids("a", true), ["b", "c"]);
+    }
+}

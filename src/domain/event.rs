@@ -1,0 +1,70 @@
+//! The events of the log: every state change of the service is one of these.
+
+use super::{KpiDefinition, Measurement, TargetDefinition};
+
+/// One state change, as appended to the log (see `proto/kpi/v1/events.proto`).
+#[derive(Debug, Clone, PartialEq)]
+pub enum Event {
+    /// A KPI was defined (version 1).
+    KpiDefined {
+        /// The definition.
+        definition: KpiDefinition,
+    },
+    /// A KPI's definition was replaced.
+    KpiUpdated {
+        /// The new definition.
+        definition: KpiDefinition,
+        /// The version it produced.
+        version: u64,
+    },
+    /// A KPI stopped accepting measurements.
+    KpiRetired {
+        /// The KPI.
+        kpi_id: String,
+        /// Why.
+        reason: String,
+        /// The version it produced.
+        version: u64,
+    },
+    /// A target was created or changed.
+    TargetSet {
+        /// The target in force from now on.
+        target: TargetDefinition,
+        /// The version it produced.
+        version: u64,
+    },
+    /// A target was removed.
+    TargetRemoved {
+        /// The target.
+        target_id: String,
+        /// Why.
+        reason: String,
+    },
+    /// A measurement was recorded.
+    MeasurementRecorded(Measurement),
+    /// A recorded measurement was withdrawn.
+    MeasurementRetracted {
+        /// Seq of the withdrawn MeasurementRecorded event.
+        retracted_seq: u64,
+        /// Why.
+        reason: String,
+    },
+}
+
+impl Event {
+    /// Whether the event changes definitions (KPIs or targets) that later commands are
+    /// validated against. Appends of measurements are guarded by the count of such events,
+    /// so a measurement is never stored against a definition that changed after it was
+    /// validated.
+    pub fn changes_definitions(&self) -> bool {
+        !matches!(self, Self::MeasurementRecorded(_))
+    }
+
+    /// The idempotency key of a measurement, if it has one.
+    pub fn event_id(&self) -> Option<&str> {
+        match self {
+            Self::MeasurementRecorded(m) => m.event_id.as_deref(),
+            _ => None,
+        }
+    }
+}

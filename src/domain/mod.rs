@@ -1,0 +1,20 @@
+//! Pure KPI logic: definitions, measurements, events, the catalog and their validation.
+//!
+//! Architecture invariant: nothing here does I/O or reads a clock. No tokio, sled, tonic
+//! or prost; the current time is always an argument.
+
+pub mod calendar;
+pub mod catalog;
+pub mod error;
+pub mod event;
+pub mod kpi;
+pub mod measurement;
+pub mod target;
+
+pub use calendar::Grain;
+pub use catalog::{Catalog, KpiEntry};
+pub use error::Rejection;
+pub use event::Event;
+pub use kpi::{Direction, KpiDefinition, KpiKind, RatioSettings};
+pub use measurement::Measurement;
+pub use target::{TargetDefinition, TargetMode};
