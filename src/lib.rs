@@ -1,2 +1,3 @@
 pub mod domain;
 pub mod proto;
+pub mod store;

@@ -1,0 +1,69 @@
+//! The failures of the event log: one `thiserror` enum for the store, one for appends.
+
+use std::path::PathBuf;
+
+/// A failure of the event log itself (I/O, damaged data, lifecycle), as opposed to an
+/// expected outcome such as a duplicate.
+#[derive(Debug, thiserror::Error)]
+pub enum StoreError {
+    /// The data directory is locked by another open log (another process, or another
+    /// `EventLog` in this one).
+    #[error("another kpi-server is already using the data directory {}", path.display())]
+    AlreadyInUse {
+        /// The data directory.
+        path: PathBuf,
+    },
+    /// sled reported an I/O or internal error.
+    #[error("storage error: {0}")]
+    Sled(#[from] sled::Error),
+    /// The data directory was written by a build with another storage format.
+    #[error("data directory {} has store format {found}, this build reads format {supported}", path.display())]
+    UnsupportedFormat {
+        /// The data directory.
+        path: PathBuf,
+        /// The format found, as stored.
+        found: String,
+        /// The format this build reads and writes.
+        supported: u8,
+    },
+    /// A segment value cannot be parsed, or does not match its key.
+    #[error("corrupt segment {key}: {reason}")]
+    CorruptSegment {
+        /// The segment's key: its first seq, or hex if the key itself is damaged.
+        key: String,
+        /// What is wrong.
+        reason: String,
+    },
+    /// The log is damaged at an event: a record that does not decode, a broken hash
+    /// link or a gap.
+    #[error("corrupt log at seq {seq}: {reason}")]
+    Corrupt {
+        /// The first seq found damaged (for a hash mismatch, the first seq of its segment).
+        seq: u64,
+        /// What is wrong.
+        reason: String,
+    },
+    /// An earlier write or flush failed; nothing is appended any more, so no caller is
+    /// ever told that a partially written group is stored.
+    #[error("log writer stopped after an I/O error; restart the service")]
+    WriterFailed,
+    /// The writer thread ended without replying (it panicked).
+    #[error("log writer thread stopped unexpectedly; restart the service")]
+    WriterStopped,
+    /// `close` was called: no appends are accepted any more.
+    #[error("the event log is closed")]
+    Closed,
+}
+
+/// Why an append was refused or failed. Duplicates are not errors: they are outcomes.
+#[derive(Debug, thiserror::Error)]
+pub enum AppendError {
+    /// An event that changes definitions was appended after the seq the request was
+    /// validated at (`AppendRequest::definitions_unchanged_since`); nothing of the request
+    /// is stored. Validate again against the current catalog and retry.
+    #[error("kpi or target definitions changed after the request was validated")]
+    DefinitionsChanged,
+    /// The log failed.
+    #[error(transparent)]
+    Store(#[from] StoreError),
+}

@@ -1,0 +1,543 @@
+//! The event log: an append-only, hash-chained sequence of events in sled, with group
+//! commit, deduplication of measurement ids and reads by seq or recorded time.
+//!
+//! # Storage layout
+//!
+//! The data directory is one sled database with two trees:
+//!
+//! - `segments`: key = the first seq of a segment as 8 bytes big-endian (so sled's byte
+//!   order is seq order), value = one segment: the records of consecutive events
+//!   committed together, in the format documented in `segment.rs` (a version byte,
+//!   first_seq, prev_hash, head_hash, the record count, then each record with a varint
+//!   length). Segments are written once and never changed.
+//! - `meta`: key `format`, value one byte, the storage format version (1). A directory
+//!   with another version is refused at open.
+//!
+//! Each record is the exact protobuf encoding of `kpi.v1.EventRecord` (recorded_at and
+//! payload), and the chain is `hash_n = SHA-256(hash_{n-1} || seq_n BE || record_n)` with
+//! `hash_0` all zeros (see `chain.rs`). Per-event hashes are recomputed on read.
+//!
+//! # Writing
+//!
+//! One writer thread owns the write side. Callers encode their payloads on their own
+//! thread and queue an [`AppendRequest`]; the writer takes every request queued at that
+//! moment (a *group*), decides each in order (guard, duplicates, seqs), writes the group's
+//! segments in one atomic sled batch, calls `flush` once (fsync), tells the
+//! [`CommitListener`]s, and only then replies to every request of the group. Nobody is
+//! acknowledged before the flush, so an acknowledged event survives a crash; a request's
+//! events are in one batch, so a crash never keeps half a request.
+//!
+//! # Failure policy
+//!
+//! A failed write or flush stops the writer for good: that group and every later append
+//! get [`StoreError::WriterFailed`], never a partial acknowledgement. On open the tail
+//! segment is checked (its hashes, its link to the segment before it); a damaged tail
+//! fails the open with [`StoreError::Corrupt`] naming the seq, because the next append
+//! would chain onto it. Damage further back does not stop the service:
+//! [`EventLog::verify`] reports it, and reads that reach it return an error.
+//!
+//! Architecture invariant: this module knows the stored protobuf records but no tonic and
+//! no service logic; validation against the catalog happens before `append`, guarded by
+//! `definitions_unchanged_since`.
+
+mod chain;
+mod dedup;
+mod error;
+mod reader;
+mod segment;
+mod verify;
+mod writer;
+
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, PoisonError, RwLock};
+use std::thread::JoinHandle;
+
+use chrono::{DateTime, TimeDelta, Utc};
+use tokio::sync::{mpsc, oneshot};
+
+use crate::domain::Event;
+
+pub use chain::{GENESIS_HASH, Hash};
+pub use error::{AppendError, StoreError};
+pub use reader::ReadEvents;
+
+use dedup::DedupIndex;
+use writer::{EncodedPayloads, WriteRequest, Writer};
+
+/// Name of the sled tree that holds the segments.
+pub const SEGMENTS_TREE: &str = "segments";
+/// Name of the sled tree that holds the storage format version.
+pub const META_TREE: &str = "meta";
+/// Key of the storage format version in [`META_TREE`].
+pub const FORMAT_KEY: &[u8] = b"format";
+/// The storage format this build reads and writes.
+pub const FORMAT_VERSION: u8 = 1;
+
+/// Requests waiting for the writer. Bounded so that callers feel back-pressure instead of
+/// the queue growing without limit while a slow disk flushes.
+const QUEUE_CAPACITY: usize = 1024;
+
+/// Requests of at most this many events are encoded on the calling async task; larger
+/// ones on the blocking pool, so an async task never spends more than about 50 µs here.
+const INLINE_ENCODE_EVENTS: usize = 64;
+
+/// The source of `recorded_at`: the server clock, or a fake one in tests.
+pub type Clock = Arc<dyn Fn() -> DateTime<Utc> + Send + Sync>;
+
+/// How the log behaves.
+#[derive(Clone)]
+pub struct StoreOptions {
+    /// How long (in recorded time) a measurement's event_id is remembered: a measurement
+    /// whose event_id was recorded at most this long before is a duplicate. Default 24 h.
+    pub dedup_window: TimeDelta,
+    /// The clock that stamps `recorded_at` (forced non-decreasing). Default `Utc::now`.
+    pub clock: Clock,
+}
+
+impl Default for StoreOptions {
+    fn default() -> Self {
+        Self {
+            dedup_window: TimeDelta::hours(24),
+            clock: Arc::new(Utc::now),
+        }
+    }
+}
+
+impl std::fmt::Debug for StoreOptions {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("StoreOptions")
+            .field("dedup_window", &self.dedup_window)
+            .finish_non_exhaustive()
+    }
+}
+
+/// The committed end of the log.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct LogHead {
+    /// Seq of the last durable event; 0 for an empty log.
+    pub seq: u64,
+    /// Chain hash after that event ([`GENESIS_HASH`] for an empty log).
+    pub hash: Hash,
+    /// When that event was recorded; `None` for an empty log.
+    pub recorded_at: Option<DateTime<Utc>>,
+}
+
+impl LogHead {
+    const EMPTY: Self = Self {
+        seq: 0,
+        hash: GENESIS_HASH,
+        recorded_at: None,
+    };
+}
+
+/// Events to append atomically: all of them are decided in one group, contiguously, or
+/// the request is refused as a whole.
+#[derive(Debug, Clone, Default)]
+pub struct AppendRequest {
+    /// The events, in order. Measurements with an event_id already in the log within the
+    /// dedup window (or earlier in this request or group) are not appended again.
+    pub events: Vec<Event>,
+    /// Optimistic concurrency for validation done outside the writer: the head seq (or
+    /// any seq) at which the caller read the definitions it validated against. If the
+    /// writer has appended, since it opened, an event that changes definitions at a
+    /// higher seq, the request is refused with [`AppendError::DefinitionsChanged`].
+    /// `None` appends unconditionally.
+    pub definitions_unchanged_since: Option<u64>,
+}
+
+/// What happened to one event of a request.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Outcome {
+    /// Appended at this seq.
+    Appended {
+        /// The new event's seq.
+        seq: u64,
+    },
+    /// Not appended: a measurement with the same event_id is at this seq.
+    Duplicate {
+        /// Seq of the original measurement.
+        seq: u64,
+    },
+}
+
+impl Outcome {
+    /// The seq of the event or of its original.
+    pub fn seq(self) -> u64 {
+        match self {
+            Self::Appended { seq } | Self::Duplicate { seq } => seq,
+        }
+    }
+}
+
+/// A newly appended event, as commit listeners see it.
+#[derive(Debug, Clone, Copy)]
+pub struct Committed<'a> {
+    /// Its seq.
+    pub seq: u64,
+    /// When it was recorded.
+    pub recorded_at: DateTime<Utc>,
+    /// The event.
+    pub event: &'a Event,
+}
+
+/// Told about every group of events once it is durable, before any caller hears back.
+///
+/// Called on the writer thread, so it must be quick and must not append (that would wait
+/// for the writer forever): hand the events to another task or fold them into memory.
+pub trait CommitListener: Send + Sync {
+    /// The newly appended events of one group, in seq order (duplicates excluded).
+    fn committed(&self, events: &[Committed<'_>]);
+}
+
+/// One stored event with its place in the chain.
+#[derive(Debug, Clone, PartialEq)]
+pub struct StoredEvent {
+    /// Its seq.
+    pub seq: u64,
+    /// When it was recorded.
+    pub recorded_at: DateTime<Utc>,
+    /// Chain hash before it (`hash_{seq-1}`).
+    pub prev_hash: Hash,
+    /// Its chain hash (`hash_seq`).
+    pub hash: Hash,
+    /// The stored `EventRecord` bytes, verbatim: what the hash covers.
+    pub record: bytes::Bytes,
+    /// The decoded event.
+    pub event: Event,
+}
+
+/// The result of [`EventLog::verify`].
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Verification {
+    /// Events whose records, links and hashes checked out (all of them when the log is
+    /// intact; those before the break otherwise).
+    pub checked_events: u64,
+    /// The committed head seq when verification started; later appends are not checked.
+    pub head_seq: u64,
+    /// The head hash recomputed from the records, or the first break.
+    pub result: Result<Hash, ChainBreak>,
+}
+
+/// The first place where the stored log does not verify.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ChainBreak {
+    /// The first seq that cannot be trusted. A record that does not decode is found
+    /// exactly; a hash mismatch is found per segment, so this is the segment's first seq.
+    pub seq: u64,
+    /// What is wrong, for a person.
+    pub reason: String,
+    /// The hash recomputed from the records before the break, where one applies.
+    pub expected_hash: Option<Hash>,
+    /// The hash stored in the segment, where one applies.
+    pub stored_hash: Option<Hash>,
+}
+
+/// Counters of the writer, for metrics and tests.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct StoreStats {
+    /// Group commits that wrote and flushed (each is one fsync).
+    pub flushes: u64,
+    /// Segments written.
+    pub segments: u64,
+    /// Events appended.
+    pub events: u64,
+}
+
+/// The event log. Cheap to clone; all clones share one writer.
+///
+/// Reads, `head`, `seq_at` and `verify` may run on any thread while appends continue;
+/// they see only committed (flushed) events.
+#[derive(Clone)]
+pub struct EventLog {
+    inner: Arc<Inner>,
+}
+
+/// State shared by the handles and the writer thread.
+struct Shared {
+    dir: PathBuf,
+    /// The tree for readers; `None` once closed, so that closing releases the directory
+    /// as soon as live iterators are gone.
+    segments: RwLock<Option<sled::Tree>>,
+    /// The committed head; the writer moves it after each flush.
+    head: RwLock<LogHead>,
+    /// Committed ids; the writer adds a group's ids after its flush.
+    dedup: Mutex<DedupIndex>,
+    listeners: RwLock<Vec<Arc<dyn CommitListener>>>,
+    flushes: AtomicU64,
+    segments_written: AtomicU64,
+    events_written: AtomicU64,
+}
+
+struct Inner {
+    shared: Arc<Shared>,
+    /// `None` once closed. Appends clone the sender under the lock, so `close` only has to
+    /// drop this one: the writer ends when every in-flight append has queued its request.
+    sender: Mutex<Option<mpsc::Sender<WriteRequest>>>,
+    thread: Mutex<Option<JoinHandle<Result<(), StoreError>>>>,
+}
+
+impl EventLog {
+    /// Opens the log in `dir`, creating it if needed: checks the format version and the
+    /// tail of the chain, rebuilds the dedup index from the segments inside the window,
+    /// and starts the writer thread.
+    pub fn open(dir: &Path, options: StoreOptions) -> Result<Self, StoreError> {
+        let db = open_db(dir)?;
+        check_format(&db, dir)?;
+        let segments = db.open_tree(SEGMENTS_TREE)?;
+        let head = reader::load_head(&segments)?;
+        let mut dedup = DedupIndex::new(options.dedup_window);
+        reader::rebuild_dedup(&segments, &head, &mut dedup)?;
+        tracing::info!(
+            dir = %dir.display(),
+            head_seq = head.seq,
+            dedup_ids = dedup.len(),
+            "event log opened"
+        );
+
+        let shared = Arc::new(Shared {
+            dir: dir.to_owned(),
+            segments: RwLock::new(Some(segments.clone())),
+            head: RwLock::new(head),
+            dedup: Mutex::new(dedup),
+            listeners: RwLock::new(Vec::new()),
+            flushes: AtomicU64::new(0),
+            segments_written: AtomicU64::new(0),
+            events_written: AtomicU64::new(0),
+        });
+        let (sender, receiver) = mpsc::channel(QUEUE_CAPACITY);
+        let writer = Writer::new(db, segments, Arc::clone(&shared), head, options.clock);
+        let thread = std::thread::Builder::new()
+            .name("kpi-log-writer".into())
+            .spawn(move || writer.run(receiver))
+            .map_err(|error| StoreError::Sled(sled::Error::Io(error)))?;
+        Ok(Self {
+            inner: Arc::new(Inner {
+                shared,
+                sender: Mutex::new(Some(sender)),
+                thread: Mutex::new(Some(thread)),
+            }),
+        })
+    }
+
+    /// Registers a listener for committed events. Register before the first append:
+    /// a listener added later misses the groups committed before.
+    pub fn add_listener(&self, listener: Arc<dyn CommitListener>) {
+        write(&self.inner.shared.listeners).push(listener);
+    }
+
+    /// Appends the events of `request` atomically and returns one outcome per event, in
+    /// order, once they are durable. Encoding runs off the async executor for large
+    /// requests; waiting for the group commit does not block it.
+    pub async fn append(&self, request: AppendRequest) -> Result<Vec<Outcome>, AppendError> {
+        if request.events.is_empty() {
+            return Ok(Vec::new());
+        }
+        let AppendRequest {
+            events,
+            definitions_unchanged_since,
+        } = request;
+        let (events, payloads) = match tokio::runtime::Handle::try_current() {
+            Ok(runtime) if events.len() > INLINE_ENCODE_EVENTS => runtime
+                .spawn_blocking(move || {
+                    let payloads = EncodedPayloads::encode(&events);
+                    (events, payloads)
+                })
+                .await
+                .map_err(|_| StoreError::WriterStopped)?,
+            _ => {
+                let payloads = EncodedPayloads::encode(&events);
+                (events, payloads)
+            }
+        };
+        let sender = self.sender()?;
+        let (reply, replied) = oneshot::channel();
+        let request = WriteRequest {
+            events,
+            payloads,
+            guard: definitions_unchanged_since,
+            reply,
+        };
+        sender.send(request).await.map_err(|_| StoreError::Closed)?;
+        drop(sender);
+        replied.await.map_err(|_| StoreError::WriterStopped)?
+    }
+
+    /// [`EventLog::append`] for synchronous code (tests, benches, tools). Blocks the
+    /// thread until the group commit; must not be called on an async executor thread
+    /// (tokio panics if it is).
+    pub fn append_blocking(&self, request: AppendRequest) -> Result<Vec<Outcome>, AppendError> {
+        if request.events.is_empty() {
+            return Ok(Vec::new());
+        }
+        let payloads = EncodedPayloads::encode(&request.events);
+        let sender = self.sender()?;
+        let (reply, replied) = oneshot::channel();
+        let request = WriteRequest {
+            events: request.events,
+            payloads,
+            guard: request.definitions_unchanged_since,
+            reply,
+        };
+        sender
+            .blocking_send(request)
+            .map_err(|_| StoreError::Closed)?;
+        drop(sender);
+        replied
+            .blocking_recv()
+            .map_err(|_| StoreError::WriterStopped)?
+    }
+
+    /// The committed head: the last durable event.
+    pub fn head(&self) -> LogHead {
+        *read(&self.inner.shared.head)
+    }
+
+    /// The committed events with `from_seq <= seq <= to_seq`, in order, as a blocking
+    /// iterator (use it from a blocking thread in async code). Events appended after the
+    /// call are not included. Each segment's hashes are checked before any of its events
+    /// is yielded; damage ends the iteration with an error.
+    pub fn read(&self, from_seq: u64, to_seq: u64) -> ReadEvents {
+        let head = self.head();
+        match self.tree() {
+            Ok(tree) => ReadEvents::new(tree, from_seq, to_seq.min(head.seq)),
+            Err(error) => ReadEvents::failed(error),
+        }
+    }
+
+    /// The last seq recorded at or before `recorded_at` (0 if none), for "as of" queries.
+    /// Blocking: a binary search over the segments.
+    pub fn seq_at(&self, recorded_at: DateTime<Utc>) -> Result<u64, StoreError> {
+        let head = self.head();
+        reader::seq_at(&self.tree()?, head.seq, recorded_at)
+    }
+
+    /// The seq of the committed measurement with `event_id`, if it is inside the dedup
+    /// window.
+    pub fn find_event_id(&self, event_id: &str) -> Option<u64> {
+        lock(&self.inner.shared.dedup).get(event_id)
+    }
+
+    /// Recomputes the whole chain up to the committed head at call time: keys, seq
+    /// contiguity, prev_hash links, head hashes, that every record decodes, and that
+    /// recorded_at never decreases. Blocking; runs while appends continue. Damage is a
+    /// [`ChainBreak`] in the result; `Err` is for I/O failures.
+    pub fn verify(&self) -> Result<Verification, StoreError> {
+        let head = self.head();
+        verify::verify(&self.tree()?, &head)
+    }
+
+    /// Counters of the writer since open.
+    pub fn stats(&self) -> StoreStats {
+        let shared = &self.inner.shared;
+        StoreStats {
+            flushes: shared.flushes.load(Ordering::Relaxed),
+            segments: shared.segments_written.load(Ordering::Relaxed),
+            events: shared.events_written.load(Ordering::Relaxed),
+        }
+    }
+
+    /// Stops accepting appends, commits what is already queued, stops the writer thread
+    /// and releases the data directory (once iterators from `read` are dropped). Later
+    /// appends and reads return [`StoreError::Closed`]. Blocks until the writer is done;
+    /// call it from a blocking thread in async code. Closing twice is fine.
+    ///
+    /// Dropping the last handle closes too; acknowledged events are durable either way.
+    pub fn close(&self) -> Result<(), StoreError> {
+        self.inner.close()
+    }
+
+    fn sender(&self) -> Result<mpsc::Sender<WriteRequest>, StoreError> {
+        lock(&self.inner.sender).clone().ok_or(StoreError::Closed)
+    }
+
+    fn tree(&self) -> Result<sled::Tree, StoreError> {
+        read(&self.inner.shared.segments)
+            .clone()
+            .ok_or(StoreError::Closed)
+    }
+}
+
+impl std::fmt::Debug for EventLog {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("EventLog")
+            .field("dir", &self.inner.shared.dir)
+            .field("head", &self.head())
+            .finish_non_exhaustive()
+    }
+}
+
+impl Inner {
+    fn close(&self) -> Result<(), StoreError> {
+        // Dropping the last sender lets the writer drain the queue and end.
+        drop(lock(&self.sender).take());
+        let thread = lock(&self.thread).take();
+        let result = match thread {
+            Some(thread) => thread.join().unwrap_or(Err(StoreError::WriterStopped)),
+            None => Ok(()),
+        };
+        write(&self.shared.segments).take();
+        result
+    }
+}
+
+impl Drop for Inner {
+    fn drop(&mut self) {
+        if let Err(error) = self.close() {
+            tracing::error!(%error, "closing the event log failed");
+        }
+    }
+}
+
+/// Opens sled in `dir`, telling a held lock apart from other I/O errors.
+fn open_db(dir: &Path) -> Result<sled::Db, StoreError> {
+    sled::Config::new()
+        .path(dir)
+        .open()
+        .map_err(|error| match error {
+            // sled 0.34 reports a held directory lock only as this message.
+            sled::Error::Io(io) if io.to_string().contains("could not acquire lock") => {
+                StoreError::AlreadyInUse {
+                    path: dir.to_owned(),
+                }
+            }
+            other => StoreError::Sled(other),
+        })
+}
+
+/// Writes the format version into a new database, or checks the one that is there.
+fn check_format(db: &sled::Db, dir: &Path) -> Result<(), StoreError> {
+    let meta = db.open_tree(META_TREE)?;
+    match meta.get(FORMAT_KEY)? {
+        Some(version) if version.as_ref() == [FORMAT_VERSION] => Ok(()),
+        Some(version) => Err(StoreError::UnsupportedFormat {
+            path: dir.to_owned(),
+            found: format!("{:?}", version.as_ref()),
+            supported: FORMAT_VERSION,
+        }),
+        None if db.open_tree(SEGMENTS_TREE)?.is_empty() => {
+            meta.insert(FORMAT_KEY, &[FORMAT_VERSION])?;
+            db.flush()?;
+            Ok(())
+        }
+        None => Err(StoreError::UnsupportedFormat {
+            path: dir.to_owned(),
+            found: "none (segments without a format version)".into(),
+            supported: FORMAT_VERSION,
+        }),
+    }
+}
+
+// A panic while a lock is held leaves consistent data here (every critical section is a
+// single assignment or a map update), so poisoning is ignored rather than spread.
+fn lock<T>(mutex: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    mutex.lock().unwrap_or_else(PoisonError::into_inner)
+}
+
+fn read<T>(lock: &RwLock<T>) -> std::sync::RwLockReadGuard<'_, T> {
+    lock.read().unwrap_or_else(PoisonError::into_inner)
+}
+
+fn write<T>(lock: &RwLock<T>) -> std::sync::RwLockWriteGuard<'_, T> {
+    lock.write().unwrap_or_else(PoisonError::into_inner)
+}

@@ -1,0 +1,434 @@
+//! The binary format of one segment: the records of consecutive events committed
+//! together, stored as one sled value keyed by the segment's first seq.
+//!
+//! ```text
+//! offset  size  field
+//!      0     1  format version (SEGMENT_FORMAT_VERSION)
+//!      1     8  first_seq, u64 big-endian; equals the sled key
+//!      9    32  prev_hash: the chain hash before the first event
+//!     41    32  head_hash: the chain hash after the last event
+//!     73     4  count of records, u32 big-endian, at least 1
+//!     77     …  count times: record length as an unsigned LEB128 varint, record bytes
+//! ```
+//!
+//! Nothing may follow the last record. Per-event hashes are not stored (they would more
+//! than double the size of a small measurement); readers recompute them from prev_hash.
+//! Parsing checks every length against the bytes that are there, so damaged input gives
+//! a [`SegmentError`], never a panic or a huge allocation.
+
+use std::ops::Range;
+
+use super::chain::{self, Hash};
+
+/// The only segment format this build writes and reads.
+pub const SEGMENT_FORMAT_VERSION: u8 = 1;
+
+/// Bytes before the first record.
+pub const HEADER_LEN: usize = 1 + 8 + 32 + 32 + 4;
+
+const FIRST_SEQ_AT: usize = 1;
+const PREV_HASH_AT: usize = 9;
+const HEAD_HASH_AT: usize = 41;
+const COUNT_AT: usize = 73;
+
+/// Longest LEB128 encoding of a u64.
+const MAX_VARINT_LEN: usize = 10;
+
+/// The sled key of the segment whose first event has `first_seq`: 8 bytes big-endian,
+/// so that sled's byte order is seq order.
+pub fn segment_key(first_seq: u64) -> [u8; 8] {
+    first_seq.to_be_bytes()
+}
+
+/// The first seq a segment key stands for; `None` if the key is not 8 bytes.
+pub fn key_seq(key: &[u8]) -> Option<u64> {
+    <[u8; 8]>::try_from(key).ok().map(u64::from_be_bytes)
+}
+
+/// A key as a person reads it in an error: the seq, or hex when it is not 8 bytes.
+pub fn describe_key(key: &[u8]) -> String {
+    match key_seq(key) {
+        Some(seq) => seq.to_string(),
+        None => {
+            let hex: String = key.iter().map(|byte| format!("{byte:02x}")).collect();
+            format!("0x{hex}")
+        }
+    }
+}
+
+/// Why a segment value could not be parsed.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("{0}")]
+pub struct SegmentError(String);
+
+impl SegmentError {
+    fn new(reason: impl Into<String>) -> Self {
+        Self(reason.into())
+    }
+}
+
+/// Writes one segment: the header first (count and head hash patched in by
+/// [`SegmentBuilder::finish`]), then each record with its length, hashing as it goes.
+#[derive(Debug)]
+pub struct SegmentBuilder {
+    buf: Vec<u8>,
+    first_seq: u64,
+    count: u32,
+    hash: Hash,
+}
+
+impl SegmentBuilder {
+    /// An empty segment whose first event will get `first_seq`, chained after `prev_hash`.
+    /// `capacity` is a guess of the final size in bytes.
+    pub fn new(first_seq: u64, prev_hash: Hash, capacity: usize) -> Self {
+        let mut buf = Vec::with_capacity(capacity.max(HEADER_LEN));
+        buf.push(SEGMENT_FORMAT_VERSION);
+        buf.extend_from_slice(&first_seq.to_be_bytes());
+        buf.extend_from_slice(&prev_hash);
+        buf.extend_from_slice(&[0; 32]);
+        buf.extend_from_slice(&[0; 4]);
+        Self {
+            buf,
+            first_seq,
+            count: 0,
+            hash: prev_hash,
+        }
+    }
+
+    /// Appends the record that is the concatenation of `parts` as the next event, and
+    /// returns its chain hash.
+    pub fn push(&mut self, parts: &[&[u8]]) -> Hash {
+        let len: usize = parts.iter().map(|part| part.len()).sum();
+        write_varint(&mut self.buf, widen(len));
+        let start = self.buf.len();
+        for part in parts {
+            self.buf.extend_from_slice(part);
+        }
+        let seq = self.next_seq();
+        self.hash = chain::next_hash(&self.hash, seq, &self.buf[start..]);
+        self.count += 1;
+        self.hash
+    }
+
+    /// The seq of the first record.
+    pub fn first_seq(&self) -> u64 {
+        self.first_seq
+    }
+
+    /// The seq the next pushed record gets.
+    pub fn next_seq(&self) -> u64 {
+        self.first_seq + u64::from(self.count)
+    }
+
+    /// Records pushed so far.
+    pub fn count(&self) -> u32 {
+        self.count
+    }
+
+    /// Bytes written so far, header included.
+    pub fn len_bytes(&self) -> usize {
+        self.buf.len()
+    }
+
+    /// The chain hash after the last pushed record.
+    pub fn head_hash(&self) -> Hash {
+        self.hash
+    }
+
+    /// The finished segment value. The builder must hold at least one record.
+    pub fn finish(mut self) -> Vec<u8> {
+        debug_assert!(self.count > 0, "a segment holds at least one record");
+        self.buf[HEAD_HASH_AT..COUNT_AT].copy_from_slice(&self.hash);
+        self.buf[COUNT_AT..HEADER_LEN].copy_from_slice(&self.count.to_be_bytes());
+        self.buf
+    }
+}
+
+/// A parsed segment value: its header and where each record lies in the value.
+#[derive(Debug, Clone)]
+pub struct Segment {
+    /// Seq of the first record.
+    pub first_seq: u64,
+    /// Chain hash before the first record.
+    pub prev_hash: Hash,
+    /// Chain hash after the last record, as stored.
+    pub head_hash: Hash,
+    /// Byte ranges of the records within the value, in seq order; never empty.
+    pub records: Vec<Range<usize>>,
+}
+
+impl Segment {
+    /// Parses a segment value, checking the version, the framing of every record and
+    /// that nothing trails the last record. It does not check hashes or decode records.
+    pub fn parse(value: &[u8]) -> Result<Self, SegmentError> {
+        let version = *value
+            .first()
+            .ok_or_else(|| SegmentError::new("empty value"))?;
+        if version != SEGMENT_FORMAT_VERSION {
+            return Err(SegmentError::new(format!(
+                "unknown segment format version {version} (this build reads version \
+                 {SEGMENT_FORMAT_VERSION})"
+            )));
+        }
+        let header = value.get(..HEADER_LEN).ok_or_else(|| {
+            SegmentError::new(format!(
+                "truncated header: {} of {HEADER_LEN} bytes",
+                value.len()
+            ))
+        })?;
+        let first_seq = u64::from_be_bytes(array(&header[FIRST_SEQ_AT..PREV_HASH_AT]));
+        let prev_hash: Hash = array(&header[PREV_HASH_AT..HEAD_HASH_AT]);
+        let head_hash: Hash = array(&header[HEAD_HASH_AT..COUNT_AT]);
+        let count = u32::from_be_bytes(array(&header[COUNT_AT..HEADER_LEN]));
+        if first_seq == 0 {
+            return Err(SegmentError::new("first seq is 0"));
+        }
+        if count == 0 {
+            return Err(SegmentError::new("record count is 0"));
+        }
+        if first_seq.checked_add(u64::from(count) - 1).is_none() {
+            return Err(SegmentError::new(format!(
+                "{count} records from seq {first_seq} overflow u64"
+            )));
+        }
+        // Every record takes at least one byte of length, so a damaged count cannot make
+        // this allocation larger than the value.
+        let count = usize::try_from(count).unwrap_or(usize::MAX);
+        let mut records = Vec::with_capacity(count.min(value.len() - HEADER_LEN));
+        let mut at = HEADER_LEN;
+        for index in 0..count {
+            let (len, varint_len) = read_varint(&value[at..]).ok_or_else(|| {
+                SegmentError::new(format!(
+                    "record {index} of {count}: length is missing or malformed at byte {at}"
+                ))
+            })?;
+            let start = at + varint_len;
+            let end = usize::try_from(len)
+                .ok()
+                .and_then(|len| start.checked_add(len))
+                .filter(|end| *end <= value.len())
+                .ok_or_else(|| {
+                    SegmentError::new(format!(
+                        "record {index} of {count}: length {len} at byte {at} runs past the \
+                         end of the {}-byte value",
+                        value.len()
+                    ))
+                })?;
+            records.push(start..end);
+            at = end;
+        }
+        if at != value.len() {
+            return Err(SegmentError::new(format!(
+                "{} bytes follow the last of {count} records",
+                value.len() - at
+            )));
+        }
+        Ok(Self {
+            first_seq,
+            prev_hash,
+            head_hash,
+            records,
+        })
+    }
+
+    /// Seq of the last record.
+    pub fn last_seq(&self) -> u64 {
+        // `parse` checked that this does not overflow and that records is not empty.
+        self.first_seq + (widen(self.records.len()) - 1)
+    }
+
+    /// The records with their seqs, in order.
+    pub fn seq_records<'a>(
+        &'a self,
+        value: &'a [u8],
+    ) -> impl Iterator<Item = (u64, &'a [u8])> + 'a {
+        (self.first_seq..).zip(self.records.iter().map(|range| &value[range.clone()]))
+    }
+}
+
+/// A length as a u64; usize is at most 64 bits on every target sled supports.
+pub fn widen(len: usize) -> u64 {
+    u64::try_from(len).unwrap_or(u64::MAX)
+}
+
+/// The first N bytes of a slice that is known to be N bytes long.
+fn array<const N: usize>(bytes: &[u8]) -> [u8; N] {
+    let mut out = [0; N];
+    out.copy_from_slice(bytes);
+    out
+}
+
+/// Appends `value` as an unsigned LEB128 varint.
+fn write_varint(buf: &mut Vec<u8>, mut value: u64) {
+    // Each byte carries the low 7 bits; the high bit says whether more bytes follow.
+    // `to_le_bytes()[0]` is the low byte, so no cast can lose anything unnoticed.
+    while value >= 0x80 {
+        buf.push(value.to_le_bytes()[0] | 0x80);
+        value >>= 7;
+    }
+    buf.push(value.to_le_bytes()[0]);
+}
+
+/// Reads an unsigned LEB128 varint from the start of `bytes`: the value and its length.
+/// `None` when the bytes end first or the varint is longer than a u64 allows.
+fn read_varint(bytes: &[u8]) -> Option<(u64, usize)> {
+    let mut value = 0_u64;
+    for (index, byte) in bytes.iter().take(MAX_VARINT_LEN).enumerate() {
+        let low = u64::from(byte & 0x7f);
+        let shift = 7 * index;
+        // The tenth byte may only carry the top bit of a u64.
+        if index == MAX_VARINT_LEN - 1 && low > 1 {
+            return None;
+        }
+        value |= low << shift;
+        if byte & 0x80 == 0 {
+            return Some((value, index + 1));
+        }
+    }
+    None
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn sample(first_seq: u64, records: &[&[u8]]) -> (Vec<u8>, Hash) {
+        let mut builder = SegmentBuilder::new(first_seq, [7; 32], 0);
+        for record in records {
+            builder.push(&[record]);
+        }
+        let head = builder.head_hash();
+        (builder.finish(), head)
+    }
+
+    #[test]
+    fn a_segment_survives_the_round_trip() {
+        let big = vec![0xab; 300];
+        let records: [&[u8]; 4] = [b"first", b"", &big, b"last"];
+        let (value, head) = sample(41, &records);
+        let segment = Segment::parse(&value).unwrap();
+        assert_eq!(segment.first_seq, 41);
+        assert_eq!(segment.last_seq(), 44);
+        assert_eq!(segment.prev_hash, [7; 32]);
+        assert_eq!(segment.head_hash, head);
+        let parsed: Vec<(u64, &[u8])> = segment.seq_records(&value).collect();
+        let expected: Vec<(u64, &[u8])> = (41..).zip(records).collect();
+        assert_eq!(parsed, expected);
+
+        let mut hash = [7; 32];
+        for (seq, record) in parsed {
+            hash = chain::next_hash(&hash, seq, record);
+        }
+        assert_eq!(hash, head);
+    }
+
+    #[test]
+    fn parts_hash_like_their_concatenation() {
+        let mut split = SegmentBuilder::new(1, chain::GENESIS_HASH, 0);
+        split.push(&[b"abc", b"def"]);
+        let mut whole = SegmentBuilder::new(1, chain::GENESIS_HASH, 0);
+        whole.push(&[b"abcdef"]);
+        assert_eq!(split.head_hash(), whole.head_hash());
+        assert_eq!(split.finish(), whole.finish());
+    }
+
+    #[test]
+    fn varints_round_trip_and_reject_overlong_input() {
+        for value in [
+            0,
+            1,
+            127,
+            128,
+            300,
+            16_383,
+            16_384,
+            u64::from(u32::MAX),
+            u64::MAX,
+        ] {
+            let mut buf = Vec::new();
+            write_varint(&mut buf, value);
+            assert_eq!(read_varint(&buf), Some((value, buf.len())));
+            assert_eq!(read_varint(&buf[..buf.len() - 1]), None);
+        }
+        assert_eq!(read_varint(&[0xff; 11]), None);
+        assert_eq!(
+            read_varint(&[0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0x02]),
+            None
+        );
+    }
+
+    #[test]
+    fn every_truncation_is_an_error() {
+        let (value, _) = sample(1, &[b"one", b"two", b"three"]);
+        for len in 0..value.len() {
+            assert!(Segment::parse(&value[..len]).is_err(), "truncated to {len}");
+        }
+    }
+
+    #[test]
+    fn bad_headers_are_errors() {
+        let (value, _) = sample(1, &[b"one"]);
+
+        let mut bad_version = value.clone();
+        bad_version[0] = 2;
+        let error = Segment::parse(&bad_version).unwrap_err();
+        assert!(error.to_string().contains("version 2"), "{error}");
+
+        let mut zero_seq = value.clone();
+        zero_seq[FIRST_SEQ_AT..PREV_HASH_AT].copy_from_slice(&0_u64.to_be_bytes());
+        assert!(Segment::parse(&zero_seq).is_err());
+
+        let mut no_records = value.clone();
+        no_records[COUNT_AT..HEADER_LEN].copy_from_slice(&0_u32.to_be_bytes());
+        assert!(Segment::parse(&no_records).is_err());
+
+        let mut huge_count = value.clone();
+        huge_count[COUNT_AT..HEADER_LEN].copy_from_slice(&u32::MAX.to_be_bytes());
+        assert!(Segment::parse(&huge_count).is_err());
+
+        let mut overflow = value.clone();
+        overflow[FIRST_SEQ_AT..PREV_HASH_AT].copy_from_slice(&u64::MAX.to_be_bytes());
+        overflow[COUNT_AT..HEADER_LEN].copy_from_slice(&2_u32.to_be_bytes());
+        assert!(Segment::parse(&overflow).is_err());
+
+        let mut trailing = value;
+        trailing.push(0);
+        let error = Segment::parse(&trailing).unwrap_err();
+        assert!(error.to_string().contains("follow the last"), "{error}");
+    }
+
+    #[test]
+    fn keys_are_big_endian_seqs() {
+        assert_eq!(segment_key(258), [0, 0, 0, 0, 0, 0, 1, 2]);
+        assert_eq!(key_seq(&segment_key(258)), Some(258));
+        assert_eq!(key_seq(b"short"), None);
+        assert_eq!(describe_key(&segment_key(9)), "9");
+        assert_eq!(describe_key(&[1, 0xff]), "0x01ff");
+        assert!(segment_key(255) < segment_key(256));
+    }
+
+    proptest::proptest! {
+        #[test]
+        fn arbitrary_bytes_never_panic(value in proptest::collection::vec(proptest::num::u8::ANY, 0..200)) {
+            let _ = Segment::parse(&value);
+        }
+
+        #[test]
+        fn any_damaged_byte_never_panics(
+            records in proptest::collection::vec(proptest::collection::vec(proptest::num::u8::ANY, 0..40), 1..6),
+            position in proptest::num::usize::ANY,
+            flip in 1_u8..,
+        ) {
+            let slices: Vec<&[u8]> = records.iter().map(Vec::as_slice).collect();
+            let (mut value, _) = sample(3, &slices);
+            let position = position % value.len();
+            value[position] ^= flip;
+            if let Ok(segment) = Segment::parse(&value) {
+                // Whatever parsed must stay within the value.
+                for (_, record) in segment.seq_records(&value) {
+                    proptest::prop_assert!(record.len() <= value.len());
+                }
+            }
+        }
+    }
+}

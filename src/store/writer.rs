@@ -1,0 +1,398 @@
+//! The single writer: group commit, seq assignment, deduplication, the definitions
+//! guard, and the encoding of records that callers prepare for it.
+//!
+//! One thread owns everything that decides what the log contains (head seq and hash,
+//! the last definition change, the failed flag) so none of it needs a lock. Shared state
+//! that readers see (head, dedup index, counters) is updated only after a flush.
+
+use std::collections::HashMap;
+use std::sync::Arc;
+use std::sync::atomic::Ordering;
+
+use chrono::{DateTime, Utc};
+use prost::Message;
+use tokio::sync::{mpsc, oneshot};
+
+use super::chain::Hash;
+use super::segment::{SegmentBuilder, segment_key, widen};
+use super::{
+    AppendError, Clock, CommitListener, Committed, LogHead, Outcome, Shared, StoreError, lock,
+    read, write,
+};
+use crate::domain::Event;
+use crate::proto::{self, to_proto};
+
+/// Most requests in one group: bounds the time until the first of them hears back.
+const MAX_GROUP_REQUESTS: usize = 1024;
+/// Most events in one group, unless a single request is larger (requests are atomic and
+/// never split across groups).
+const MAX_GROUP_EVENTS: usize = 65_536;
+/// Most events in one segment: bounds the work of reading one event (its segment's hashes
+/// are all recomputed) and of the binary searches.
+const MAX_SEGMENT_EVENTS: u32 = 4096;
+/// Most bytes in one segment. sled stores larger values as separate blob files (above
+/// segment_size / 4 = 128 KiB by default); staying under that keeps values in its log.
+const MAX_SEGMENT_BYTES: usize = 120 * 1024;
+
+/// One caller's request, with its payloads already encoded on the caller's thread.
+pub struct WriteRequest {
+    /// The events to append, in order.
+    pub events: Vec<Event>,
+    /// The protobuf encoding of each event's payload field.
+    pub payloads: EncodedPayloads,
+    /// `AppendRequest::definitions_unchanged_since`.
+    pub guard: Option<u64>,
+    /// Where the outcomes go, after the group's flush.
+    pub reply: oneshot::Sender<Result<Vec<Outcome>, AppendError>>,
+}
+
+/// The encoded `payload` oneof field of each event's `EventRecord`, back to back.
+///
+/// prost writes fields in tag order, so `recorded_at` (tag 1) followed by these bytes is
+/// exactly the encoding of the whole `EventRecord`; the writer only prepends the group's
+/// `recorded_at` bytes. Encoding is the costly part of a record, so it runs on the
+/// callers' threads, in parallel, instead of on the single writer.
+#[derive(Debug, Default)]
+pub struct EncodedPayloads {
+    bytes: Vec<u8>,
+    /// End offset of each event's bytes in `bytes`.
+    ends: Vec<usize>,
+}
+
+impl EncodedPayloads {
+    /// Encodes the payload of every event.
+    pub fn encode(events: &[Event]) -> Self {
+        let mut encoded = Self {
+            bytes: Vec::with_capacity(events.len() * 96),
+            ends: Vec::with_capacity(events.len()),
+        };
+        for event in events {
+            let record = proto::EventRecord {
+                recorded_at: None,
+                payload: Some(to_proto::event_payload(event)),
+            };
+            // Encoding into a Vec cannot run out of room.
+            record
+                .encode(&mut encoded.bytes)
+                .unwrap_or_else(|_| unreachable!("a Vec grows as needed"));
+            encoded.ends.push(encoded.bytes.len());
+        }
+        encoded
+    }
+
+    /// The payload bytes of event `index`.
+    pub fn get(&self, index: usize) -> &[u8] {
+        let start = if index == 0 { 0 } else { self.ends[index - 1] };
+        &self.bytes[start..self.ends[index]]
+    }
+}
+
+/// The encoding of an `EventRecord` with only `recorded_at` set: the first bytes of every
+/// record of a group.
+pub fn recorded_at_field(recorded_at: DateTime<Utc>) -> Vec<u8> {
+    proto::EventRecord {
+        recorded_at: Some(to_proto::timestamp(recorded_at)),
+        payload: None,
+    }
+    .encode_to_vec()
+}
+
+/// The write side of the log, run on its own thread.
+pub struct Writer {
+    db: sled::Db,
+    segments: sled::Tree,
+    shared: Arc<Shared>,
+    clock: Clock,
+    head: LogHead,
+    /// Seq of the last event that changed definitions appended since open; 0 before any.
+    last_definition_seq: u64,
+    /// Set when a write or flush failed; from then on every append fails.
+    failed: bool,
+}
+
+/// What the writer decided for one request of a group.
+enum Decision {
+    Refused,
+    Outcomes(Vec<Outcome>),
+}
+
+impl Writer {
+    /// A writer continuing the log at `head`.
+    pub fn new(
+        db: sled::Db,
+        segments: sled::Tree,
+        shared: Arc<Shared>,
+        head: LogHead,
+        clock: Clock,
+    ) -> Self {
+        Self {
+            db,
+            segments,
+            shared,
+            clock,
+            head,
+            last_definition_seq: 0,
+            failed: false,
+        }
+    }
+
+    /// Commits groups until every sender is gone, then returns whether the log is intact.
+    pub fn run(mut self, mut requests: mpsc::Receiver<WriteRequest>) -> Result<(), StoreError> {
+        let mut carried: Option<WriteRequest> = None;
+        loop {
+            let first = match carried.take() {
+                Some(request) => request,
+                None => match requests.blocking_recv() {
+                    Some(request) => request,
+                    None => break,
+                },
+            };
+            let mut events = first.events.len();
+            let mut group = vec![first];
+            while group.len() < MAX_GROUP_REQUESTS {
+                let Ok(request) = requests.try_recv() else {
+                    break;
+                };
+                if events + request.events.len() > MAX_GROUP_EVENTS {
+                    carried = Some(request);
+                    break;
+                }
+                events += request.events.len();
+                group.push(request);
+            }
+            self.commit(group);
+        }
+        if self.failed {
+            Err(StoreError::WriterFailed)
+        } else {
+            Ok(())
+        }
+    }
+
+    /// Decides, writes, flushes, publishes and answers one group.
+    fn commit(&mut self, group: Vec<WriteRequest>) {
+        if self.failed {
+            reply_all(group, || StoreError::WriterFailed);
+            return;
+        }
+        // recorded_at never decreases, even if the clock steps back.
+        let now = (self.clock)();
+        let recorded_at = self.head.recorded_at.map_or(now, |last| now.max(last));
+
+        let (decisions, appended, last_definition_seq) = self.decide(&group, recorded_at);
+        if appended.is_empty() {
+            // Only duplicates of committed events and refusals: nothing to make durable.
+            answer(group, decisions);
+            return;
+        }
+
+        let first_seq = self.head.seq + 1;
+        let (batch, segment_count, head_hash) = self.build_segments(&group, &appended, recorded_at);
+        let written = self
+            .segments
+            .apply_batch(batch)
+            .and_then(|()| self.db.flush().map(|_| ()));
+        if let Err(error) = written {
+            tracing::error!(
+                %error,
+                first_seq,
+                events = appended.len(),
+                "writing the event log failed; the writer stops"
+            );
+            self.failed = true;
+            reply_all(group, || StoreError::WriterFailed);
+            return;
+        }
+
+        // Durable: publish, in the order readers rely on (head before listeners).
+        let count = widen(appended.len());
+        self.head = LogHead {
+            seq: self.head.seq + count,
+            hash: head_hash,
+            recorded_at: Some(recorded_at),
+        };
+        self.last_definition_seq = last_definition_seq;
+        *write(&self.shared.head) = self.head;
+        {
+            let mut dedup = lock(&self.shared.dedup);
+            for (seq, &(request, event)) in (first_seq..).zip(&appended) {
+                if let Some(event_id) = group[request].events[event].event_id() {
+                    dedup.insert(event_id, seq, recorded_at);
+                }
+            }
+        }
+        let shared = &self.shared;
+        shared.flushes.fetch_add(1, Ordering::Relaxed);
+        shared
+            .segments_written
+            .fetch_add(segment_count, Ordering::Relaxed);
+        shared.events_written.fetch_add(count, Ordering::Relaxed);
+
+        let listeners: Vec<Arc<dyn CommitListener>> = read(&shared.listeners).clone();
+        if !listeners.is_empty() {
+            let committed: Vec<Committed<'_>> = (first_seq..)
+                .zip(&appended)
+                .map(|(seq, &(request, event))| Committed {
+                    seq,
+                    recorded_at,
+                    event: &group[request].events[event],
+                })
+                .collect();
+            for listener in &listeners {
+                listener.committed(&committed);
+            }
+        }
+        answer(group, decisions);
+    }
+
+    /// Decides each request in order: the guard, then for each event whether it is a
+    /// duplicate (of a committed event, or of one earlier in this group) or gets the next
+    /// seq. Returns the decisions, the (request, event) indexes to append in seq order,
+    /// and the last definition seq after the group.
+    fn decide(
+        &self,
+        group: &[WriteRequest],
+        recorded_at: DateTime<Utc>,
+    ) -> (Vec<Decision>, Vec<(usize, usize)>, u64) {
+        let mut dedup = lock(&self.shared.dedup);
+        dedup.expire(recorded_at);
+        let mut in_group: HashMap<&str, u64> = HashMap::new();
+        let mut next_seq = self.head.seq + 1;
+        let mut last_definition_seq = self.last_definition_seq;
+        let mut appended = Vec::new();
+        let mut decisions = Vec::with_capacity(group.len());
+        for (index, request) in group.iter().enumerate() {
+            if request
+                .guard
+                .is_some_and(|since| last_definition_seq > since)
+            {
+                decisions.push(Decision::Refused);
+                continue;
+            }
+            let mut outcomes = Vec::with_capacity(request.events.len());
+            for (event_index, event) in request.events.iter().enumerate() {
+                if let Some(event_id) = event.event_id() {
+                    let original = dedup
+                        .get(event_id)
+                        .or_else(|| in_group.get(event_id).copied());
+                    if let Some(seq) = original {
+                        outcomes.push(Outcome::Duplicate { seq });
+                        continue;
+                    }
+                    in_group.insert(event_id, next_seq);
+                }
+                if event.changes_definitions() {
+                    last_definition_seq = next_seq;
+                }
+                outcomes.push(Outcome::Appended { seq: next_seq });
+                appended.push((index, event_index));
+                next_seq += 1;
+            }
+            decisions.push(Decision::Outcomes(outcomes));
+        }
+        (decisions, appended, last_definition_seq)
+    }
+
+    /// Builds the segments of the appended events into one sled batch; returns it, the
+    /// number of segments and the new head hash.
+    fn build_segments(
+        &self,
+        group: &[WriteRequest],
+        appended: &[(usize, usize)],
+        recorded_at: DateTime<Utc>,
+    ) -> (sled::Batch, u64, Hash) {
+        let recorded_at = recorded_at_field(recorded_at);
+        let payload = |&(request, event): &(usize, usize)| group[request].payloads.get(event);
+        // Each record costs its length varint (at most 3 bytes below 2 MiB) and its bytes.
+        let mut remaining: usize = appended
+            .iter()
+            .map(|index| payload(index).len() + recorded_at.len() + 3)
+            .sum();
+
+        let mut batch = sled::Batch::default();
+        let mut segment_count = 0;
+        let mut builder = SegmentBuilder::new(
+            self.head.seq + 1,
+            self.head.hash,
+            remaining.min(MAX_SEGMENT_BYTES),
+        );
+        for index in appended {
+            let payload = payload(index);
+            let record_len = recorded_at.len() + payload.len() + 3;
+            let full = builder.count() >= MAX_SEGMENT_EVENTS
+                || builder.len_bytes() + record_len > MAX_SEGMENT_BYTES;
+            if full && builder.count() > 0 {
+                let next = SegmentBuilder::new(
+                    builder.next_seq(),
+                    builder.head_hash(),
+                    remaining.min(MAX_SEGMENT_BYTES),
+                );
+                let done = std::mem::replace(&mut builder, next);
+                batch.insert(&segment_key(done.first_seq()), done.finish());
+                segment_count += 1;
+            }
+            builder.push(&[&recorded_at, payload]);
+            remaining = remaining.saturating_sub(record_len);
+        }
+        let head_hash = builder.head_hash();
+        batch.insert(&segment_key(builder.first_seq()), builder.finish());
+        segment_count += 1;
+        (batch, segment_count, head_hash)
+    }
+}
+
+/// Sends every request its decision.
+fn answer(group: Vec<WriteRequest>, decisions: Vec<Decision>) {
+    for (request, decision) in group.into_iter().zip(decisions) {
+        let reply = match decision {
+            Decision::Refused => Err(AppendError::DefinitionsChanged),
+            Decision::Outcomes(outcomes) => Ok(outcomes),
+        };
+        // A caller that stopped waiting (its task was cancelled) needs no answer.
+        let _ = request.reply.send(reply);
+    }
+}
+
+/// Sends every request the same error.
+fn reply_all(group: Vec<WriteRequest>, error: impl Fn() -> StoreError) {
+    for request in group {
+        let _ = request.reply.send(Err(AppendError::Store(error())));
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::collections::BTreeMap;
+
+    use chrono::TimeZone;
+
+    use super::*;
+    use crate::domain::Measurement;
+
+    #[test]
+    fn prepending_recorded_at_gives_the_whole_record_encoding() {
+        let at = Utc.with_ymd_and_hms(2026, 5, 1, 12, 0, 0).unwrap()
+            + chrono::TimeDelta::nanoseconds(123_456_789);
+        let events = vec![
+            Event::MeasurementRecorded(Measurement {
+                kpi_id: "website_visitors".into(),
+                value: 1.0,
+                occurred_at: at,
+                labels: BTreeMap::from([("channel".into(), "email".into())]),
+                subject: Some("visitor-17".into()),
+                event_id: Some("visit-17".into()),
+            }),
+            Event::MeasurementRetracted {
+                retracted_seq: 1,
+                reason: "test".into(),
+            },
+        ];
+        let payloads = EncodedPayloads::encode(&events);
+        let prefix = recorded_at_field(at);
+        for (index, event) in events.iter().enumerate() {
+            let mut record = prefix.clone();
+            record.extend_from_slice(payloads.get(index));
+            assert_eq!(record, to_proto::event_record(at, event).encode_to_vec());
+        }
+    }
+}
