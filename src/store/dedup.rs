@@ -6,20 +6,86 @@
 //! Writing one sled key per id would cut durable ingest by about twenty times (SPEC,
 //! Durability and consistency), so there is none.
 //!
-//! Memory grows with the number of ids recorded within the window (roughly 100 bytes per
-//! id), which is the price of answering a retry with the original seq.
+//! Callers hash and copy their ids ([`EventIdKey`]) on their own threads, so the single
+//! writer only probes and moves. Memory grows with the number of ids recorded within the
+//! window (roughly 100 bytes per id), the price of answering a retry with the original seq.
 
+use std::collections::hash_map::RandomState;
 use std::collections::{HashMap, VecDeque};
+use std::hash::{BuildHasher, BuildHasherDefault, Hash, Hasher};
 use std::sync::Arc;
 
 use chrono::{DateTime, TimeDelta, Utc};
+
+/// Hashes event ids with one per-process random key (SipHash, so clients cannot choose
+/// colliding ids). Cheap to clone; all clones hash alike.
+#[derive(Debug, Clone, Default)]
+pub struct EventIdHasher(RandomState);
+
+impl EventIdHasher {
+    /// The key of `event_id`: its hash and a shared copy.
+    pub fn key(&self, event_id: &str) -> EventIdKey {
+        EventIdKey {
+            hash: self.0.hash_one(event_id),
+            event_id: Arc::from(event_id),
+        }
+    }
+}
+
+/// An event id with its precomputed hash. Equality compares the ids themselves, so a
+/// hash collision never makes two different ids duplicates.
+#[derive(Debug, Clone)]
+pub struct EventIdKey {
+    hash: u64,
+    event_id: Arc<str>,
+}
+
+impl PartialEq for EventIdKey {
+    fn eq(&self, other: &Self) -> bool {
+        self.hash == other.hash && self.event_id == other.event_id
+    }
+}
+
+impl Eq for EventIdKey {}
+
+impl Hash for EventIdKey {
+    fn hash<H: Hasher>(&self, state: &mut H) {
+        state.write_u64(self.hash);
+    }
+}
+
+/// Hands the precomputed hash of an [`EventIdKey`] (or of a reference to one) to the
+/// table unchanged.
+#[derive(Debug, Default)]
+pub struct PrecomputedHash(u64);
+
+impl Hasher for PrecomputedHash {
+    fn finish(&self) -> u64 {
+        self.0
+    }
+
+    fn write(&mut self, bytes: &[u8]) {
+        // Only `write_u64` is used by `EventIdKey`; mix anything else in, to stay correct.
+        for byte in bytes {
+            self.0 = self.0.rotate_left(8) ^ u64::from(*byte);
+        }
+    }
+
+    fn write_u64(&mut self, hash: u64) {
+        self.0 = hash;
+    }
+}
+
+/// A hash map keyed by precomputed hashes.
+pub type PrecomputedMap<K, V> = HashMap<K, V, BuildHasherDefault<PrecomputedHash>>;
 
 /// Ids by seq, with their recorded_at in commit order for eviction.
 #[derive(Debug)]
 pub struct DedupIndex {
     /// How long (in recorded time) an id is remembered after it was recorded.
     window: TimeDelta,
-    by_id: HashMap<Arc<str>, u64>,
+    hasher: EventIdHasher,
+    by_id: PrecomputedMap<EventIdKey, u64>,
     /// Entries in commit order, so recorded_at is non-decreasing and eviction pops the
     /// front.
     by_time: VecDeque<Entry>,
@@ -29,7 +95,7 @@ pub struct DedupIndex {
 struct Entry {
     recorded_at: DateTime<Utc>,
     seq: u64,
-    event_id: Arc<str>,
+    key: EventIdKey,
 }
 
 impl DedupIndex {
@@ -37,9 +103,15 @@ impl DedupIndex {
     pub fn new(window: TimeDelta) -> Self {
         Self {
             window,
-            by_id: HashMap::new(),
+            hasher: EventIdHasher::default(),
+            by_id: PrecomputedMap::default(),
             by_time: VecDeque::new(),
         }
+    }
+
+    /// The hasher whose keys this index takes.
+    pub fn hasher(&self) -> &EventIdHasher {
+        &self.hasher
     }
 
     /// The oldest recorded_at still inside the window at `now`; `None` when the window
@@ -48,23 +120,27 @@ impl DedupIndex {
         now.checked_sub_signed(self.window)
     }
 
-    /// The seq of the measurement recorded with `event_id`, if it is inside the window.
-    pub fn get(&self, event_id: &str) -> Option<u64> {
-        self.by_id.get(event_id).copied()
+    /// The seq of the measurement recorded with this id, if it is inside the window.
+    pub fn get(&self, key: &EventIdKey) -> Option<u64> {
+        self.by_id.get(key).copied()
     }
 
-    /// Remembers `event_id` as recorded at `seq`. An id already present keeps its first
-    /// (original) seq.
-    pub fn insert(&mut self, event_id: &str, seq: u64, recorded_at: DateTime<Utc>) {
-        if self.by_id.contains_key(event_id) {
+    /// [`DedupIndex::get`] for an id that has no key yet.
+    pub fn get_id(&self, event_id: &str) -> Option<u64> {
+        self.get(&self.hasher.key(event_id))
+    }
+
+    /// Remembers the id as recorded at `seq`. An id already present keeps its first
+    /// (original) seq. The key must come from [`DedupIndex::hasher`].
+    pub fn insert(&mut self, key: EventIdKey, seq: u64, recorded_at: DateTime<Utc>) {
+        if self.by_id.contains_key(&key) {
             return;
         }
-        let event_id: Arc<str> = Arc::from(event_id);
-        self.by_id.insert(Arc::clone(&event_id), seq);
+        self.by_id.insert(key.clone(), seq);
         self.by_time.push_back(Entry {
             recorded_at,
             seq,
-            event_id,
+            key,
         });
     }
 
@@ -78,8 +154,8 @@ impl DedupIndex {
             if entry.recorded_at >= cutoff {
                 break;
             }
-            if self.by_id.get(&entry.event_id) == Some(&entry.seq) {
-                self.by_id.remove(&entry.event_id);
+            if self.by_id.get(&entry.key) == Some(&entry.seq) {
+                self.by_id.remove(&entry.key);
             }
             self.by_time.pop_front();
         }
@@ -101,20 +177,36 @@ mod tests {
     fn ids_expire_after_the_window_and_not_before() {
         let start = Utc.with_ymd_and_hms(2026, 1, 1, 0, 0, 0).unwrap();
         let mut index = DedupIndex::new(TimeDelta::hours(24));
-        index.insert("a", 1, start);
-        index.insert("b", 2, start + TimeDelta::hours(1));
-        index.insert("a", 3, start + TimeDelta::hours(2));
-        assert_eq!(index.get("a"), Some(1), "the original seq wins");
+        let key = |id: &str| index.hasher().key(id);
+        let (a, b, a_again) = (key("a"), key("b"), key("a"));
+        index.insert(a, 1, start);
+        index.insert(b, 2, start + TimeDelta::hours(1));
+        index.insert(a_again, 3, start + TimeDelta::hours(2));
+        assert_eq!(index.get_id("a"), Some(1), "the original seq wins");
 
         index.expire(start + TimeDelta::hours(24));
         assert_eq!(
-            index.get("a"),
+            index.get_id("a"),
             Some(1),
             "exactly the window is still inside"
         );
         index.expire(start + TimeDelta::hours(24) + TimeDelta::nanoseconds(1));
-        assert_eq!(index.get("a"), None);
-        assert_eq!(index.get("b"), Some(2));
+        assert_eq!(index.get_id("a"), None);
+        assert_eq!(index.get_id("b"), Some(2));
         assert_eq!(index.len(), 1);
+    }
+
+    #[test]
+    fn colliding_hashes_do_not_make_duplicates() {
+        let forged = |id: &str| EventIdKey {
+            hash: 42,
+            event_id: Arc::from(id),
+        };
+        let mut map: PrecomputedMap<EventIdKey, u64> = PrecomputedMap::default();
+        map.insert(forged("x"), 1);
+        map.insert(forged("y"), 2);
+        assert_eq!(map.get(&forged("x")), Some(&1));
+        assert_eq!(map.get(&forged("y")), Some(&2));
+        assert_eq!(map.get(&forged("z")), None);
     }
 }

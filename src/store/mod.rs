@@ -62,8 +62,8 @@ pub use chain::{GENESIS_HASH, Hash};
 pub use error::{AppendError, StoreError};
 pub use reader::ReadEvents;
 
-use dedup::DedupIndex;
-use writer::{EncodedPayloads, WriteRequest, Writer};
+use dedup::{DedupIndex, EventIdHasher};
+use writer::{PreparedEvents, Reply, WriteRequest, Writer};
 
 /// Name of the sled tree that holds the segments.
 pub const SEGMENTS_TREE: &str = "segments";
@@ -78,9 +78,10 @@ pub const FORMAT_VERSION: u8 = 1;
 /// the queue growing without limit while a slow disk flushes.
 const QUEUE_CAPACITY: usize = 1024;
 
-/// Requests of at most this many events are encoded on the calling async task; larger
-/// ones on the blocking pool, so an async task never spends more than about 50 µs here.
-const INLINE_ENCODE_EVENTS: usize = 64;
+/// Requests of at most this many events are prepared (encoded) on the calling async task;
+/// larger ones on the blocking pool, so an async task never spends more than about 50 µs
+/// here.
+const INLINE_PREPARE_EVENTS: usize = 64;
 
 /// The source of `recorded_at`: the server clock, or a fake one in tests.
 pub type Clock = Arc<dyn Fn() -> DateTime<Utc> + Send + Sync>;
@@ -263,6 +264,8 @@ struct Shared {
     head: RwLock<LogHead>,
     /// Committed ids; the writer adds a group's ids after its flush.
     dedup: Mutex<DedupIndex>,
+    /// The dedup index's hasher, for callers to key their ids without the lock.
+    id_hasher: EventIdHasher,
     listeners: RwLock<Vec<Arc<dyn CommitListener>>>,
     flushes: AtomicU64,
     segments_written: AtomicU64,
@@ -299,6 +302,7 @@ impl EventLog {
             dir: dir.to_owned(),
             segments: RwLock::new(Some(segments.clone())),
             head: RwLock::new(head),
+            id_hasher: dedup.hasher().clone(),
             dedup: Mutex::new(dedup),
             listeners: RwLock::new(Vec::new()),
             flushes: AtomicU64::new(0),
@@ -335,32 +339,34 @@ impl EventLog {
         }
         let AppendRequest {
             events,
-            definitions_unchanged_since,
+            definitions_unchanged_since: guard,
         } = request;
-        let (events, payloads) = match tokio::runtime::Handle::try_current() {
-            Ok(runtime) if events.len() > INLINE_ENCODE_EVENTS => runtime
+        let hasher = self.inner.shared.id_hasher.clone();
+        let (events, prepared) = match tokio::runtime::Handle::try_current() {
+            Ok(runtime) if events.len() > INLINE_PREPARE_EVENTS => runtime
                 .spawn_blocking(move || {
-                    let payloads = EncodedPayloads::encode(&events);
-                    (events, payloads)
+                    let prepared = PreparedEvents::prepare(&events, &hasher);
+                    (events, prepared)
                 })
                 .await
                 .map_err(|_| StoreError::WriterStopped)?,
             _ => {
-                let payloads = EncodedPayloads::encode(&events);
-                (events, payloads)
+                let prepared = PreparedEvents::prepare(&events, &hasher);
+                (events, prepared)
             }
         };
         let sender = self.sender()?;
         let (reply, replied) = oneshot::channel();
         let request = WriteRequest {
             events,
-            payloads,
-            guard: definitions_unchanged_since,
+            prepared,
+            guard,
             reply,
         };
         sender.send(request).await.map_err(|_| StoreError::Closed)?;
         drop(sender);
-        replied.await.map_err(|_| StoreError::WriterStopped)?
+        let reply = replied.await.map_err(|_| StoreError::WriterStopped)?;
+        finish(reply)
     }
 
     /// [`EventLog::append`] for synchronous code (tests, benches, tools). Blocks the
@@ -370,12 +376,12 @@ impl EventLog {
         if request.events.is_empty() {
             return Ok(Vec::new());
         }
-        let payloads = EncodedPayloads::encode(&request.events);
+        let prepared = PreparedEvents::prepare(&request.events, &self.inner.shared.id_hasher);
         let sender = self.sender()?;
         let (reply, replied) = oneshot::channel();
         let request = WriteRequest {
             events: request.events,
-            payloads,
+            prepared,
             guard: request.definitions_unchanged_since,
             reply,
         };
@@ -383,9 +389,10 @@ impl EventLog {
             .blocking_send(request)
             .map_err(|_| StoreError::Closed)?;
         drop(sender);
-        replied
+        let reply = replied
             .blocking_recv()
-            .map_err(|_| StoreError::WriterStopped)?
+            .map_err(|_| StoreError::WriterStopped)?;
+        finish(reply)
     }
 
     /// The committed head: the last durable event.
@@ -415,7 +422,7 @@ impl EventLog {
     /// The seq of the committed measurement with `event_id`, if it is inside the dedup
     /// window.
     pub fn find_event_id(&self, event_id: &str) -> Option<u64> {
-        lock(&self.inner.shared.dedup).get(event_id)
+        lock(&self.inner.shared.dedup).get_id(event_id)
     }
 
     /// Recomputes the whole chain up to the committed head at call time: keys, seq
@@ -487,6 +494,13 @@ impl Drop for Inner {
             tracing::error!(%error, "closing the event log failed");
         }
     }
+}
+
+/// The result of a reply; the spent request is freed here, on the caller's thread.
+fn finish(reply: Reply) -> Result<Vec<Outcome>, AppendError> {
+    let Reply { result, spent } = reply;
+    drop(spent);
+    result
 }
 
 /// Opens sled in `dir`, telling a held lock apart from other I/O errors.

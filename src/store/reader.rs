@@ -298,7 +298,8 @@ pub fn rebuild_dedup(
         for (seq, record) in segment.records() {
             match decode_header(seq, record) {
                 Ok((at, Some(event_id))) if cutoff.is_none_or(|cutoff| at >= cutoff) => {
-                    dedup.insert(&event_id, seq, at);
+                    let key = dedup.hasher().key(&event_id);
+                    dedup.insert(key, seq, at);
                 }
                 Ok(_) => {}
                 Err(error) => {

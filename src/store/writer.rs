@@ -5,7 +5,6 @@
 //! the last definition change, the failed flag) so none of it needs a lock. Shared state
 //! that readers see (head, dedup index, counters) is updated only after a flush.
 
-use std::collections::HashMap;
 use std::sync::Arc;
 use std::sync::atomic::Ordering;
 
@@ -14,6 +13,7 @@ use prost::Message;
 use tokio::sync::{mpsc, oneshot};
 
 use super::chain::Hash;
+use super::dedup::{EventIdHasher, EventIdKey, PrecomputedMap};
 use super::segment::{SegmentBuilder, segment_key, widen};
 use super::{
     AppendError, Clock, CommitListener, Committed, LogHead, Outcome, Shared, StoreError, lock,
@@ -34,37 +34,52 @@ const MAX_SEGMENT_EVENTS: u32 = 4096;
 /// segment_size / 4 = 128 KiB by default); staying under that keeps values in its log.
 const MAX_SEGMENT_BYTES: usize = 120 * 1024;
 
-/// One caller's request, with its payloads already encoded on the caller's thread.
+/// One caller's request, prepared on the caller's thread.
 pub struct WriteRequest {
     /// The events to append, in order.
     pub events: Vec<Event>,
-    /// The protobuf encoding of each event's payload field.
-    pub payloads: EncodedPayloads,
+    /// Their encoded payloads and id keys.
+    pub prepared: PreparedEvents,
     /// `AppendRequest::definitions_unchanged_since`.
     pub guard: Option<u64>,
-    /// Where the outcomes go, after the group's flush.
-    pub reply: oneshot::Sender<Result<Vec<Outcome>, AppendError>>,
+    /// Where the answer goes, after the group's flush.
+    pub reply: oneshot::Sender<Reply>,
 }
 
-/// The encoded `payload` oneof field of each event's `EventRecord`, back to back.
+/// The writer's answer to one request. It hands the request's events back so that the
+/// caller frees them: thousands of small frees on the writer thread cost as much as the
+/// fsync, and memory freed on the thread that allocated it does not contend.
+pub struct Reply {
+    /// The outcomes, or why there are none.
+    pub result: Result<Vec<Outcome>, AppendError>,
+    /// The request's events and prepared data, for the caller to drop.
+    pub spent: (Vec<Event>, PreparedEvents),
+}
+
+/// What a caller computes for the writer: the encoded `payload` oneof field of each
+/// event's `EventRecord`, back to back, and the dedup key of each event_id.
 ///
 /// prost writes fields in tag order, so `recorded_at` (tag 1) followed by these bytes is
 /// exactly the encoding of the whole `EventRecord`; the writer only prepends the group's
-/// `recorded_at` bytes. Encoding is the costly part of a record, so it runs on the
+/// `recorded_at` bytes. Encoding and hashing ids are the costly parts, so they run on the
 /// callers' threads, in parallel, instead of on the single writer.
 #[derive(Debug, Default)]
-pub struct EncodedPayloads {
+pub struct PreparedEvents {
     bytes: Vec<u8>,
     /// End offset of each event's bytes in `bytes`.
     ends: Vec<usize>,
+    /// The dedup key of each event that has an event_id.
+    ids: Vec<Option<EventIdKey>>,
 }
 
-impl EncodedPayloads {
-    /// Encodes the payload of every event.
-    pub fn encode(events: &[Event]) -> Self {
-        let mut encoded = Self {
-            bytes: Vec::with_capacity(events.len() * 96),
+impl PreparedEvents {
+    /// Encodes the payload of every event and keys its event_id.
+    pub fn prepare(events: &[Event], hasher: &EventIdHasher) -> Self {
+        // A measurement record is about 100 bytes.
+        let mut prepared = Self {
+            bytes: Vec::with_capacity(events.len() * 112),
             ends: Vec::with_capacity(events.len()),
+            ids: Vec::with_capacity(events.len()),
         };
         for event in events {
             let record = proto::EventRecord {
@@ -73,15 +88,16 @@ impl EncodedPayloads {
             };
             // Encoding into a Vec cannot run out of room.
             record
-                .encode(&mut encoded.bytes)
+                .encode(&mut prepared.bytes)
                 .unwrap_or_else(|_| unreachable!("a Vec grows as needed"));
-            encoded.ends.push(encoded.bytes.len());
+            prepared.ends.push(prepared.bytes.len());
+            prepared.ids.push(event.event_id().map(|id| hasher.key(id)));
         }
-        encoded
+        prepared
     }
 
     /// The payload bytes of event `index`.
-    pub fn get(&self, index: usize) -> &[u8] {
+    pub fn payload(&self, index: usize) -> &[u8] {
         let start = if index == 0 { 0 } else { self.ends[index - 1] };
         &self.bytes[start..self.ends[index]]
     }
@@ -170,7 +186,7 @@ impl Writer {
     }
 
     /// Decides, writes, flushes, publishes and answers one group.
-    fn commit(&mut self, group: Vec<WriteRequest>) {
+    fn commit(&mut self, mut group: Vec<WriteRequest>) {
         if self.failed {
             reply_all(group, || StoreError::WriterFailed);
             return;
@@ -216,8 +232,8 @@ impl Writer {
         {
             let mut dedup = lock(&self.shared.dedup);
             for (seq, &(request, event)) in (first_seq..).zip(&appended) {
-                if let Some(event_id) = group[request].events[event].event_id() {
-                    dedup.insert(event_id, seq, recorded_at);
+                if let Some(key) = group[request].prepared.ids[event].take() {
+                    dedup.insert(key, seq, recorded_at);
                 }
             }
         }
@@ -256,7 +272,7 @@ impl Writer {
     ) -> (Vec<Decision>, Vec<(usize, usize)>, u64) {
         let mut dedup = lock(&self.shared.dedup);
         dedup.expire(recorded_at);
-        let mut in_group: HashMap<&str, u64> = HashMap::new();
+        let mut in_group: PrecomputedMap<&EventIdKey, u64> = PrecomputedMap::default();
         let mut next_seq = self.head.seq + 1;
         let mut last_definition_seq = self.last_definition_seq;
         let mut appended = Vec::new();
@@ -270,16 +286,16 @@ impl Writer {
                 continue;
             }
             let mut outcomes = Vec::with_capacity(request.events.len());
-            for (event_index, event) in request.events.iter().enumerate() {
-                if let Some(event_id) = event.event_id() {
-                    let original = dedup
-                        .get(event_id)
-                        .or_else(|| in_group.get(event_id).copied());
+            for (event_index, (event, key)) in
+                request.events.iter().zip(&request.prepared.ids).enumerate()
+            {
+                if let Some(key) = key {
+                    let original = dedup.get(key).or_else(|| in_group.get(key).copied());
                     if let Some(seq) = original {
                         outcomes.push(Outcome::Duplicate { seq });
                         continue;
                     }
-                    in_group.insert(event_id, next_seq);
+                    in_group.insert(key, next_seq);
                 }
                 if event.changes_definitions() {
                     last_definition_seq = next_seq;
@@ -302,7 +318,7 @@ impl Writer {
         recorded_at: DateTime<Utc>,
     ) -> (sled::Batch, u64, Hash) {
         let recorded_at = recorded_at_field(recorded_at);
-        let payload = |&(request, event): &(usize, usize)| group[request].payloads.get(event);
+        let payload = |&(request, event): &(usize, usize)| group[request].prepared.payload(event);
         // Each record costs its length varint (at most 3 bytes below 2 MiB) and its bytes.
         let mut remaining: usize = appended
             .iter()
@@ -344,19 +360,30 @@ impl Writer {
 /// Sends every request its decision.
 fn answer(group: Vec<WriteRequest>, decisions: Vec<Decision>) {
     for (request, decision) in group.into_iter().zip(decisions) {
-        let reply = match decision {
+        let result = match decision {
             Decision::Refused => Err(AppendError::DefinitionsChanged),
             Decision::Outcomes(outcomes) => Ok(outcomes),
         };
-        // A caller that stopped waiting (its task was cancelled) needs no answer.
-        let _ = request.reply.send(reply);
+        request.answer(result);
     }
 }
 
 /// Sends every request the same error.
 fn reply_all(group: Vec<WriteRequest>, error: impl Fn() -> StoreError) {
     for request in group {
-        let _ = request.reply.send(Err(AppendError::Store(error())));
+        request.answer(Err(AppendError::Store(error())));
+    }
+}
+
+impl WriteRequest {
+    fn answer(self, result: Result<Vec<Outcome>, AppendError>) {
+        let reply = Reply {
+            result,
+            spent: (self.events, self.prepared),
+        };
+        // A caller that stopped waiting (its task was cancelled) needs no answer; then
+        // the reply, events included, is dropped here after all.
+        let _ = self.reply.send(reply);
     }
 }
 
@@ -387,11 +414,11 @@ mod tests {
                 reason: "test".into(),
             },
         ];
-        let payloads = EncodedPayloads::encode(&events);
+        let prepared = PreparedEvents::prepare(&events, &EventIdHasher::default());
         let prefix = recorded_at_field(at);
         for (index, event) in events.iter().enumerate() {
             let mut record = prefix.clone();
-            record.extend_from_slice(payloads.get(index));
+            record.extend_from_slice(prepared.payload(index));
             assert_eq!(record, to_proto::event_record(at, event).encode_to_vec());
         }
     }
