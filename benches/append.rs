@@ -26,7 +26,9 @@ fn measurement(index: u64, run: u64) -> Event {
         occurred_at,
         labels: BTreeMap::from([("channel".into(), "newsletter".into())]),
         subject: None,
-        event_id: (index % 2 == 0).then(|| format!("evt-{run:08x}-{index:012x}")),
+        event_id: index
+            .is_multiple_of(2)
+            .then(|| format!("evt-{run:08x}-{index:012x}")),
     })
 }
 

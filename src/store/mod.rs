@@ -19,13 +19,16 @@
 //!
 //! # Writing
 //!
-//! One writer thread owns the write side. Callers encode their payloads on their own
-//! thread and queue an [`AppendRequest`]; the writer takes every request queued at that
-//! moment (a *group*), decides each in order (guard, duplicates, seqs), writes the group's
-//! segments in one atomic sled batch, calls `flush` once (fsync), tells the
-//! [`CommitListener`]s, and only then replies to every request of the group. Nobody is
-//! acknowledged before the flush, so an acknowledged event survives a crash; a request's
-//! events are in one batch, so a crash never keeps half a request.
+//! Callers encode their records' payloads and hash their event ids on their own threads,
+//! then queue an [`AppendRequest`]. The *writer* thread takes every request queued at
+//! that moment (a *group*), decides each in order (definitions guard, duplicates, seqs),
+//! builds the group's segments (hashing the chain) and writes them in one atomic sled
+//! batch, then hands the group to the *committer* thread and goes on with the next group.
+//! The committer takes every group handed to it, calls `flush` once (fsync) for all of
+//! them, publishes the new head, tells the [`CommitListener`]s, and only then answers the
+//! requests. So concurrent appends share one fsync, the next group is built while the
+//! disk flushes, nobody is acknowledged before the flush that covers their events, and a
+//! crash never keeps half of a request (a sled batch is atomic).
 //!
 //! # Failure policy
 //!
@@ -41,15 +44,17 @@
 //! `definitions_unchanged_since`.
 
 mod chain;
+mod commit;
 mod dedup;
 mod error;
 mod reader;
+mod record;
 mod segment;
 mod verify;
 mod writer;
 
 use std::path::{Path, PathBuf};
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, PoisonError, RwLock};
 use std::thread::JoinHandle;
 
@@ -62,6 +67,7 @@ pub use chain::{GENESIS_HASH, Hash};
 pub use error::{AppendError, StoreError};
 pub use reader::ReadEvents;
 
+use commit::Committer;
 use dedup::{DedupIndex, EventIdHasher};
 use writer::{PreparedEvents, Reply, WriteRequest, Writer};
 
@@ -77,6 +83,10 @@ pub const FORMAT_VERSION: u8 = 1;
 /// Requests waiting for the writer. Bounded so that callers feel back-pressure instead of
 /// the queue growing without limit while a slow disk flushes.
 const QUEUE_CAPACITY: usize = 1024;
+
+/// Applied groups waiting for the committer. Small: groups waiting here are written but
+/// not durable, and while it is full the writer lets requests gather into larger groups.
+const PIPELINE_DEPTH: usize = 2;
 
 /// Requests of at most this many events are prepared (encoded) on the calling async task;
 /// larger ones on the blocking pool, so an async task never spends more than about 50 µs
@@ -182,10 +192,12 @@ pub struct Committed<'a> {
     pub event: &'a Event,
 }
 
-/// Told about every group of events once it is durable, before any caller hears back.
+/// Told about every group of events once it is durable, before any of its callers hears
+/// back, in seq order.
 ///
-/// Called on the writer thread, so it must be quick and must not append (that would wait
-/// for the writer forever): hand the events to another task or fold them into memory.
+/// Called on the log's committer thread, so it must be quick and must not append (that
+/// would wait for itself forever): fold the events into memory or hand them to another
+/// task. While it runs, no append is acknowledged.
 pub trait CommitListener: Send + Sync {
     /// The newly appended events of one group, in seq order (duplicates excluded).
     fn committed(&self, events: &[Committed<'_>]);
@@ -262,11 +274,14 @@ struct Shared {
     segments: RwLock<Option<sled::Tree>>,
     /// The committed head; the writer moves it after each flush.
     head: RwLock<LogHead>,
-    /// Committed ids; the writer adds a group's ids after its flush.
+    /// The ids within the window. The writer adds a group's ids when it decides it, so
+    /// entries beyond the committed head are not durable yet: lookups skip them.
     dedup: Mutex<DedupIndex>,
     /// The dedup index's hasher, for callers to key their ids without the lock.
     id_hasher: EventIdHasher,
     listeners: RwLock<Vec<Arc<dyn CommitListener>>>,
+    /// Set when a write or flush failed; from then on every append fails.
+    failed: AtomicBool,
     flushes: AtomicU64,
     segments_written: AtomicU64,
     events_written: AtomicU64,
@@ -277,7 +292,8 @@ struct Inner {
     /// `None` once closed. Appends clone the sender under the lock, so `close` only has to
     /// drop this one: the writer ends when every in-flight append has queued its request.
     sender: Mutex<Option<mpsc::Sender<WriteRequest>>>,
-    thread: Mutex<Option<JoinHandle<Result<(), StoreError>>>>,
+    /// The writer and committer threads, joined by `close`.
+    threads: Mutex<Vec<JoinHandle<()>>>,
 }
 
 impl EventLog {
@@ -305,21 +321,38 @@ impl EventLog {
             id_hasher: dedup.hasher().clone(),
             dedup: Mutex::new(dedup),
             listeners: RwLock::new(Vec::new()),
+            failed: AtomicBool::new(false),
             flushes: AtomicU64::new(0),
             segments_written: AtomicU64::new(0),
             events_written: AtomicU64::new(0),
         });
         let (sender, receiver) = mpsc::channel(QUEUE_CAPACITY);
-        let writer = Writer::new(db, segments, Arc::clone(&shared), head, options.clock);
-        let thread = std::thread::Builder::new()
-            .name("kpi-log-writer".into())
-            .spawn(move || writer.run(receiver))
-            .map_err(|error| StoreError::Sled(sled::Error::Io(error)))?;
+        let (applied_sender, applied_receiver) = std::sync::mpsc::sync_channel(PIPELINE_DEPTH);
+        let committer = Committer::new(db, Arc::clone(&shared));
+        let writer = Writer::new(
+            segments,
+            Arc::clone(&shared),
+            head,
+            options.clock,
+            applied_sender,
+        );
+        let spawn = |name: &str, run: Box<dyn FnOnce() + Send>| {
+            std::thread::Builder::new()
+                .name(name.into())
+                .spawn(run)
+                .map_err(|error| StoreError::Sled(sled::Error::Io(error)))
+        };
+        let committer = spawn(
+            "kpi-log-commit",
+            Box::new(move || committer.run(applied_receiver)),
+        )?;
+        // If the writer cannot start, the committer ends when its channel closes.
+        let writer = spawn("kpi-log-writer", Box::new(move || writer.run(receiver)))?;
         Ok(Self {
             inner: Arc::new(Inner {
                 shared,
                 sender: Mutex::new(Some(sender)),
-                thread: Mutex::new(Some(thread)),
+                threads: Mutex::new(vec![writer, committer]),
             }),
         })
     }
@@ -422,7 +455,10 @@ impl EventLog {
     /// The seq of the committed measurement with `event_id`, if it is inside the dedup
     /// window.
     pub fn find_event_id(&self, event_id: &str) -> Option<u64> {
-        lock(&self.inner.shared.dedup).get_id(event_id)
+        let head = self.head().seq;
+        lock(&self.inner.shared.dedup)
+            .get_id(event_id)
+            .filter(|seq| *seq <= head)
     }
 
     /// Recomputes the whole chain up to the committed head at call time: keys, seq
@@ -476,15 +512,22 @@ impl std::fmt::Debug for EventLog {
 
 impl Inner {
     fn close(&self) -> Result<(), StoreError> {
-        // Dropping the last sender lets the writer drain the queue and end.
+        // Dropping the last sender lets the writer drain the queue and end; its end lets
+        // the committer finish the groups in flight and end.
         drop(lock(&self.sender).take());
-        let thread = lock(&self.thread).take();
-        let result = match thread {
-            Some(thread) => thread.join().unwrap_or(Err(StoreError::WriterStopped)),
-            None => Ok(()),
-        };
+        let threads = std::mem::take(&mut *lock(&self.threads));
+        let mut panicked = false;
+        for thread in threads {
+            panicked |= thread.join().is_err();
+        }
         write(&self.shared.segments).take();
-        result
+        if panicked {
+            Err(StoreError::WriterStopped)
+        } else if self.shared.failed.load(Ordering::Acquire) {
+            Err(StoreError::WriterFailed)
+        } else {
+            Ok(())
+        }
     }
 }
 

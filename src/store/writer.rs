@@ -1,26 +1,23 @@
-//! The single writer: group commit, seq assignment, deduplication, the definitions
-//! guard, and the encoding of records that callers prepare for it.
+//! The single writer: grouping of queued requests, the definitions guard, deduplication,
+//! seq assignment and segment building, and the preparation callers do for it.
 //!
-//! One thread owns everything that decides what the log contains (head seq and hash,
-//! the last definition change, the failed flag) so none of it needs a lock. Shared state
-//! that readers see (head, dedup index, counters) is updated only after a flush.
+//! One thread owns everything that decides what the log contains (head seq and hash, the
+//! last definition change), so none of it needs a lock. It writes each group to sled and
+//! hands it to the committer (`commit.rs`), which flushes and answers; meanwhile it
+//! decides the next group, so building a group overlaps the fsync of the one before.
 
 use std::sync::Arc;
 use std::sync::atomic::Ordering;
 
 use chrono::{DateTime, Utc};
-use prost::Message;
 use tokio::sync::{mpsc, oneshot};
 
 use super::chain::Hash;
-use super::dedup::{EventIdHasher, EventIdKey, PrecomputedMap};
+use super::dedup::{EventIdHasher, EventIdKey};
+use super::record::{encode_payload, recorded_at_field};
 use super::segment::{SegmentBuilder, segment_key, widen};
-use super::{
-    AppendError, Clock, CommitListener, Committed, LogHead, Outcome, Shared, StoreError, lock,
-    read, write,
-};
+use super::{AppendError, Clock, LogHead, Outcome, Shared, StoreError, lock};
 use crate::domain::Event;
-use crate::proto::{self, to_proto};
 
 /// Most requests in one group: bounds the time until the first of them hears back.
 const MAX_GROUP_REQUESTS: usize = 1024;
@@ -82,14 +79,7 @@ impl PreparedEvents {
             ids: Vec::with_capacity(events.len()),
         };
         for event in events {
-            let record = proto::EventRecord {
-                recorded_at: None,
-                payload: Some(to_proto::event_payload(event)),
-            };
-            // Encoding into a Vec cannot run out of room.
-            record
-                .encode(&mut prepared.bytes)
-                .unwrap_or_else(|_| unreachable!("a Vec grows as needed"));
+            encode_payload(event, &mut prepared.bytes);
             prepared.ends.push(prepared.bytes.len());
             prepared.ids.push(event.event_id().map(|id| hasher.key(id)));
         }
@@ -103,57 +93,68 @@ impl PreparedEvents {
     }
 }
 
-/// The encoding of an `EventRecord` with only `recorded_at` set: the first bytes of every
-/// record of a group.
-pub fn recorded_at_field(recorded_at: DateTime<Utc>) -> Vec<u8> {
-    proto::EventRecord {
-        recorded_at: Some(to_proto::timestamp(recorded_at)),
-        payload: None,
-    }
-    .encode_to_vec()
-}
-
-/// The write side of the log, run on its own thread.
+/// The deciding stage of the write side, run on its own thread.
 pub struct Writer {
-    db: sled::Db,
     segments: sled::Tree,
     shared: Arc<Shared>,
     clock: Clock,
+    /// The head after the last group handed to the committer (not yet durable, maybe).
     head: LogHead,
-    /// Seq of the last event that changed definitions appended since open; 0 before any.
+    /// Seq of the last event that changes definitions, appended since open (durable or
+    /// on its way); 0 before any.
     last_definition_seq: u64,
-    /// Set when a write or flush failed; from then on every append fails.
-    failed: bool,
+    committer: std::sync::mpsc::SyncSender<Applied>,
 }
 
 /// What the writer decided for one request of a group.
-enum Decision {
+pub enum Decision {
+    /// The definitions guard failed: nothing of the request is appended.
     Refused,
+    /// One outcome per event.
     Outcomes(Vec<Outcome>),
 }
 
+/// A group whose segments are written to sled but not yet flushed: what the committer
+/// needs to make it durable, publish it and answer it.
+pub struct Applied {
+    /// The requests, in order.
+    pub group: Vec<WriteRequest>,
+    /// One decision per request.
+    pub decisions: Vec<Decision>,
+    /// (request, event) indexes of the appended events, in seq order from `first_seq`.
+    pub appended: Vec<(usize, usize)>,
+    /// Seq of the first appended event.
+    pub first_seq: u64,
+    /// The recorded_at of every appended event.
+    pub recorded_at: DateTime<Utc>,
+    /// The head after this group.
+    pub head: LogHead,
+    /// Segments written.
+    pub segments: u64,
+}
+
 impl Writer {
-    /// A writer continuing the log at `head`.
+    /// A writer continuing the log at `head`, handing applied groups to `committer`.
     pub fn new(
-        db: sled::Db,
         segments: sled::Tree,
         shared: Arc<Shared>,
         head: LogHead,
         clock: Clock,
+        committer: std::sync::mpsc::SyncSender<Applied>,
     ) -> Self {
         Self {
-            db,
             segments,
             shared,
             clock,
             head,
             last_definition_seq: 0,
-            failed: false,
+            committer,
         }
     }
 
-    /// Commits groups until every sender is gone, then returns whether the log is intact.
-    pub fn run(mut self, mut requests: mpsc::Receiver<WriteRequest>) -> Result<(), StoreError> {
+    /// Takes groups of requests until every sender is gone. Dropping `self` at the end
+    /// lets the committer finish the groups in flight and stop.
+    pub fn run(mut self, mut requests: mpsc::Receiver<WriteRequest>) {
         let mut carried: Option<WriteRequest> = None;
         loop {
             let first = match carried.take() {
@@ -176,108 +177,81 @@ impl Writer {
                 events += request.events.len();
                 group.push(request);
             }
-            self.commit(group);
-        }
-        if self.failed {
-            Err(StoreError::WriterFailed)
-        } else {
-            Ok(())
+            self.write(group);
         }
     }
 
-    /// Decides, writes, flushes, publishes and answers one group.
-    fn commit(&mut self, mut group: Vec<WriteRequest>) {
-        if self.failed {
+    /// Decides one group, writes its segments in one atomic sled batch and hands it to
+    /// the committer, which flushes and answers it. Groups with nothing to append go the
+    /// same way, so that their answers (duplicates of events in flight, refusals caused
+    /// by definitions in flight) also wait for the flush before them.
+    fn write(&mut self, mut group: Vec<WriteRequest>) {
+        if self.shared.failed.load(Ordering::Acquire) {
             reply_all(group, || StoreError::WriterFailed);
             return;
         }
         // recorded_at never decreases, even if the clock steps back.
         let now = (self.clock)();
         let recorded_at = self.head.recorded_at.map_or(now, |last| now.max(last));
-
-        let (decisions, appended, last_definition_seq) = self.decide(&group, recorded_at);
-        if appended.is_empty() {
-            // Only duplicates of committed events and refusals: nothing to make durable.
-            answer(group, decisions);
-            return;
-        }
-
         let first_seq = self.head.seq + 1;
-        let (batch, segment_count, head_hash) = self.build_segments(&group, &appended, recorded_at);
-        let written = self
-            .segments
-            .apply_batch(batch)
-            .and_then(|()| self.db.flush().map(|_| ()));
-        if let Err(error) = written {
-            tracing::error!(
-                %error,
-                first_seq,
-                events = appended.len(),
-                "writing the event log failed; the writer stops"
-            );
-            self.failed = true;
-            reply_all(group, || StoreError::WriterFailed);
-            return;
-        }
+        let (decisions, appended, last_definition_seq) = self.decide(&mut group, recorded_at);
 
-        // Durable: publish, in the order readers rely on (head before listeners).
-        let count = widen(appended.len());
-        self.head = LogHead {
-            seq: self.head.seq + count,
-            hash: head_hash,
-            recorded_at: Some(recorded_at),
+        let mut segments = 0;
+        if !appended.is_empty() {
+            let (batch, segment_count, head_hash) =
+                self.build_segments(&group, &appended, recorded_at);
+            if let Err(error) = self.segments.apply_batch(batch) {
+                tracing::error!(
+                    %error,
+                    first_seq,
+                    events = appended.len(),
+                    "writing to the event log failed; the writer stops"
+                );
+                self.shared.failed.store(true, Ordering::Release);
+                reply_all(group, || StoreError::WriterFailed);
+                return;
+            }
+            segments = segment_count;
+            self.head = LogHead {
+                seq: self.head.seq + widen(appended.len()),
+                hash: head_hash,
+                recorded_at: Some(recorded_at),
+            };
+            self.last_definition_seq = last_definition_seq;
+        }
+        let applied = Applied {
+            group,
+            decisions,
+            appended,
+            first_seq,
+            recorded_at,
+            head: self.head,
+            segments,
         };
-        self.last_definition_seq = last_definition_seq;
-        *write(&self.shared.head) = self.head;
-        {
-            let mut dedup = lock(&self.shared.dedup);
-            for (seq, &(request, event)) in (first_seq..).zip(&appended) {
-                if let Some(key) = group[request].prepared.ids[event].take() {
-                    dedup.insert(key, seq, recorded_at);
-                }
-            }
+        if let Err(std::sync::mpsc::SendError(applied)) = self.committer.send(applied) {
+            // The committer is gone only if it panicked.
+            reply_all(applied.group, || StoreError::WriterStopped);
         }
-        let shared = &self.shared;
-        shared.flushes.fetch_add(1, Ordering::Relaxed);
-        shared
-            .segments_written
-            .fetch_add(segment_count, Ordering::Relaxed);
-        shared.events_written.fetch_add(count, Ordering::Relaxed);
-
-        let listeners: Vec<Arc<dyn CommitListener>> = read(&shared.listeners).clone();
-        if !listeners.is_empty() {
-            let committed: Vec<Committed<'_>> = (first_seq..)
-                .zip(&appended)
-                .map(|(seq, &(request, event))| Committed {
-                    seq,
-                    recorded_at,
-                    event: &group[request].events[event],
-                })
-                .collect();
-            for listener in &listeners {
-                listener.committed(&committed);
-            }
-        }
-        answer(group, decisions);
     }
 
     /// Decides each request in order: the guard, then for each event whether it is a
-    /// duplicate (of a committed event, or of one earlier in this group) or gets the next
-    /// seq. Returns the decisions, the (request, event) indexes to append in seq order,
-    /// and the last definition seq after the group.
+    /// duplicate (of a committed event, or of one earlier in flight or in this group) or
+    /// gets the next seq. New ids go into the shared index right away, so later groups
+    /// see them; readers only trust entries up to the committed head. Returns the
+    /// decisions, the (request, event) indexes to append in seq order, and the last
+    /// definition seq after the group.
     fn decide(
         &self,
-        group: &[WriteRequest],
+        group: &mut [WriteRequest],
         recorded_at: DateTime<Utc>,
     ) -> (Vec<Decision>, Vec<(usize, usize)>, u64) {
         let mut dedup = lock(&self.shared.dedup);
         dedup.expire(recorded_at);
-        let mut in_group: PrecomputedMap<&EventIdKey, u64> = PrecomputedMap::default();
         let mut next_seq = self.head.seq + 1;
         let mut last_definition_seq = self.last_definition_seq;
         let mut appended = Vec::new();
         let mut decisions = Vec::with_capacity(group.len());
-        for (index, request) in group.iter().enumerate() {
+        for (index, request) in group.iter_mut().enumerate() {
             if request
                 .guard
                 .is_some_and(|since| last_definition_seq > since)
@@ -286,16 +260,18 @@ impl Writer {
                 continue;
             }
             let mut outcomes = Vec::with_capacity(request.events.len());
-            for (event_index, (event, key)) in
-                request.events.iter().zip(&request.prepared.ids).enumerate()
+            for (event_index, (event, key)) in request
+                .events
+                .iter()
+                .zip(&mut request.prepared.ids)
+                .enumerate()
             {
-                if let Some(key) = key {
-                    let original = dedup.get(key).or_else(|| in_group.get(key).copied());
-                    if let Some(seq) = original {
+                if let Some(key) = key.take() {
+                    if let Some(seq) = dedup.get(&key) {
                         outcomes.push(Outcome::Duplicate { seq });
                         continue;
                     }
-                    in_group.insert(key, next_seq);
+                    dedup.insert(key, next_seq, recorded_at);
                 }
                 if event.changes_definitions() {
                     last_definition_seq = next_seq;
@@ -358,7 +334,7 @@ impl Writer {
 }
 
 /// Sends every request its decision.
-fn answer(group: Vec<WriteRequest>, decisions: Vec<Decision>) {
+pub fn answer(group: Vec<WriteRequest>, decisions: Vec<Decision>) {
     for (request, decision) in group.into_iter().zip(decisions) {
         let result = match decision {
             Decision::Refused => Err(AppendError::DefinitionsChanged),
@@ -369,7 +345,7 @@ fn answer(group: Vec<WriteRequest>, decisions: Vec<Decision>) {
 }
 
 /// Sends every request the same error.
-fn reply_all(group: Vec<WriteRequest>, error: impl Fn() -> StoreError) {
+pub fn reply_all(group: Vec<WriteRequest>, error: impl Fn() -> StoreError) {
     for request in group {
         request.answer(Err(AppendError::Store(error())));
     }
@@ -393,8 +369,11 @@ mod tests {
 
     use chrono::TimeZone;
 
+    use prost::Message;
+
     use super::*;
     use crate::domain::Measurement;
+    use crate::proto::to_proto;
 
     #[test]
     fn prepending_recorded_at_gives_the_whole_record_encoding() {
