@@ -367,9 +367,6 @@ impl EventLog {
     /// order, once they are durable. Encoding runs off the async executor for large
     /// requests; waiting for the group commit does not block it.
     pub async fn append(&self, request: AppendRequest) -> Result<Vec<Outcome>, AppendError> {
-        if request.events.is_empty() {
-            return Ok(Vec::new());
-        }
         let AppendRequest {
             events,
             definitions_unchanged_since: guard,
@@ -406,9 +403,6 @@ impl EventLog {
     /// thread until the group commit; must not be called on an async executor thread
     /// (tokio panics if it is).
     pub fn append_blocking(&self, request: AppendRequest) -> Result<Vec<Outcome>, AppendError> {
-        if request.events.is_empty() {
-            return Ok(Vec::new());
-        }
         let prepared = PreparedEvents::prepare(&request.events, &self.inner.shared.id_hasher);
         let sender = self.sender()?;
         let (reply, replied) = oneshot::channel();
