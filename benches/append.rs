@@ -122,13 +122,19 @@ fn concurrent_append(c: &mut Criterion) {
     });
     let stats = log.stats();
     println!(
-        "group commit: {} appends of {BATCH} events in {} flushes ({:.2} appends per flush)",
+        "group commit: {} appends of {BATCH} events in {} flushes ({} appends per flush)",
         stats.events / BATCH,
         stats.flushes,
-        stats.events as f64 / BATCH as f64 / stats.flushes as f64
+        ratio(stats.events / BATCH, stats.flushes)
     );
     log.close().unwrap();
     group.finish();
+}
+
+/// `total / count` with one decimal, in integer arithmetic.
+fn ratio(total: u64, count: u64) -> String {
+    let tenths = (total * 10 + count / 2) / count.max(1);
+    format!("{}.{}", tenths / 10, tenths % 10)
 }
 
 /// Bytes of all files under `dir`.
@@ -172,11 +178,11 @@ fn disk_usage() {
     };
     println!(
         "disk: {EVENTS} events in {BATCH}-event appends took {:.2} s (incl. building the \
-         events); data dir {} bytes (empty {empty}) = {:.1} bytes/event; average record {:.1} bytes",
+         events); data dir {size} bytes (empty {empty}) = {} bytes/event; average record {} \
+         bytes",
         elapsed.as_secs_f64(),
-        size,
-        (size - empty) as f64 / EVENTS as f64,
-        record_bytes as f64 / 1000.0,
+        ratio(size - empty, EVENTS),
+        ratio(u64::try_from(record_bytes).unwrap(), 1000),
     );
 }
 

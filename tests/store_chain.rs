@@ -286,3 +286,46 @@ fn appends_after_close_are_refused() {
     assert!(matches!(log.verify(), Err(StoreError::Closed)));
     log.close().unwrap();
 }
+
+#[test]
+fn verification_runs_while_appends_continue() {
+    let dir = tempfile::tempdir().unwrap();
+    let log = EventLog::open(dir.path(), StoreOptions::default()).unwrap();
+    append(&log, vec![measurement("revenue_web_shop", 1.0, None)]);
+    let done = std::sync::atomic::AtomicBool::new(false);
+    std::thread::scope(|scope| {
+        scope.spawn(|| {
+            for batch in 0..200 {
+                let events = (0..5)
+                    .map(|index| {
+                        measurement("revenue_web_shop", f64::from(batch * 5 + index), None)
+                    })
+                    .collect();
+                append(&log, events);
+            }
+            done.store(true, std::sync::atomic::Ordering::SeqCst);
+        });
+        let mut verified = 0;
+        while !done.load(std::sync::atomic::Ordering::SeqCst) || verified == 0 {
+            let verification = log.verify().unwrap();
+            assert!(verification.result.is_ok(), "{verification:?}");
+            assert_eq!(verification.checked_events, verification.head_seq);
+            // Reads during appends stop at the committed head too.
+            let events = log.read(1, u64::MAX).map(Result::unwrap).count();
+            assert!(events >= usize::try_from(verification.head_seq).unwrap());
+            verified += 1;
+        }
+    });
+    assert_eq!(log.head().seq, 1001);
+    assert_eq!(log.verify().unwrap().result, Ok(log.head().hash));
+}
+
+#[test]
+fn handles_and_read_iterators_cross_threads() {
+    fn send_and_sync<T: Send + Sync>(_: &T) {}
+    fn send<T: Send>(_: &T) {}
+    let dir = tempfile::tempdir().unwrap();
+    let log = EventLog::open(dir.path(), StoreOptions::default()).unwrap();
+    send_and_sync(&log);
+    send(&log.read(1, 10));
+}

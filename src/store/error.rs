@@ -47,6 +47,9 @@ pub enum StoreError {
     /// ever told that a partially written group is stored.
     #[error("log writer stopped after an I/O error; restart the service")]
     WriterFailed,
+    /// The writer or committer thread could not be started.
+    #[error("could not start the log writer thread: {0}")]
+    Spawn(std::io::Error),
     /// The writer thread ended without replying (it panicked).
     #[error("log writer thread stopped unexpectedly; restart the service")]
     WriterStopped,

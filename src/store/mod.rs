@@ -340,7 +340,7 @@ impl EventLog {
             std::thread::Builder::new()
                 .name(name.into())
                 .spawn(run)
-                .map_err(|error| StoreError::Sled(sled::Error::Io(error)))
+                .map_err(StoreError::Spawn)
         };
         let committer = spawn(
             "kpi-log-commit",

@@ -27,8 +27,9 @@ const MAX_GROUP_EVENTS: usize = 65_536;
 /// Most events in one segment: bounds the work of reading one event (its segment's hashes
 /// are all recomputed) and of the binary searches.
 const MAX_SEGMENT_EVENTS: u32 = 4096;
-/// Most bytes in one segment. sled stores larger values as separate blob files (above
-/// segment_size / 4 = 128 KiB by default); staying under that keeps values in its log.
+/// Most bytes in one segment. sled writes any single item above segment_size / 4 (128 KiB
+/// by default) to a blob file of its own; staying under it keeps each insert in sled's
+/// log. Smaller segments measured slower (more items per flush), see BENCHMARKS.md.
 const MAX_SEGMENT_BYTES: usize = 120 * 1024;
 
 /// One caller's request, prepared on the caller's thread.
