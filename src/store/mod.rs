@@ -30,6 +30,16 @@
 //! disk flushes, nobody is acknowledged before the flush that covers their events, and a
 //! crash never keeps half of a request (a sled batch is atomic).
 //!
+//! # Deduplication
+//!
+//! A `MeasurementRecorded` whose event_id was recorded at most
+//! [`StoreOptions::dedup_window`] earlier (in recorded time; default 24 h) is not
+//! appended again: its outcome is [`Outcome::Duplicate`] with the original seq, also when
+//! the original is earlier in the same request or group. The index lives in memory; on
+//! open it is rebuilt from the segments inside the window before the head (found by
+//! binary search, since recorded_at never decreases with seq). An id older than the
+//! window is appended again.
+//!
 //! # Failure policy
 //!
 //! A failed write or flush stops the writer for good: that group and every later append
@@ -246,10 +256,10 @@ pub struct ChainBreak {
     pub stored_hash: Option<Hash>,
 }
 
-/// Counters of the writer, for metrics and tests.
+/// Counters of the write side since open, for metrics and tests.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
 pub struct StoreStats {
-    /// Group commits that wrote and flushed (each is one fsync).
+    /// Flushes (fsyncs) that made appended events durable; one may cover several groups.
     pub flushes: u64,
     /// Segments written.
     pub segments: u64,
