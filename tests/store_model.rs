@@ -239,7 +239,7 @@ fn run_model(ops: Vec<Op>) {
                 });
                 match (expected, actual) {
                     (Ok(expected), Ok(actual)) => assert_eq!(actual, expected),
-                    (Err(()), Err(AppendError::DefinitionsChanged)) => {}
+                    (Err(()), Err(AppendError::DefinitionsChanged { .. })) => {}
                     (expected, actual) => panic!("expected {expected:?}, got {actual:?}"),
                 }
             }
@@ -501,7 +501,7 @@ fn the_guard_refuses_requests_validated_before_a_definition_change() {
         definitions_unchanged_since: Some(validated_at),
     });
     assert!(
-        matches!(stale, Err(AppendError::DefinitionsChanged)),
+        matches!(stale, Err(AppendError::DefinitionsChanged { .. })),
         "{stale:?}"
     );
     assert_eq!(log.head().seq, 2, "nothing of a refused request is stored");

@@ -190,9 +190,7 @@ impl Catalog {
         rules: &TimeRules,
     ) -> Result<(), Rejection> {
         let Some(entry) = self.kpis.get(&measurement.kpi_id) else {
-            if let Err(rejection) = validate_slug(&measurement.kpi_id, "kpi_id") {
-                return Err(rejection);
-            }
+            validate_slug(&measurement.kpi_id, "kpi_id")?;
             return Err(Rejection::not_found(
                 "kpi_id",
                 format!("kpi '{}'", measurement.kpi_id),

@@ -4,7 +4,7 @@ use std::collections::BTreeMap;
 
 use chrono::{DateTime, TimeDelta, Utc};
 
-use super::kpi::validate_len;
+use super::kpi::{MAX_DIMENSIONS, validate_len};
 use super::{KpiDefinition, KpiKind, Rejection};
 
 /// Longest label value, in bytes.
@@ -85,6 +85,15 @@ impl Measurement {
                     self.occurred_at,
                     rules.max_future_skew.num_seconds(),
                     rules.now
+                ),
+            ));
+        }
+        if self.labels.len() > MAX_DIMENSIONS {
+            return Err(Rejection::invalid(
+                "labels",
+                format!(
+                    "at most {MAX_DIMENSIONS} labels (one per declared dimension), got {}",
+                    self.labels.len()
                 ),
             ));
         }

@@ -65,7 +65,11 @@ pub enum AppendError {
     /// validated at (`AppendRequest::definitions_unchanged_since`); nothing of the request
     /// is stored. Validate again against the current catalog and retry.
     #[error("kpi or target definitions changed after the request was validated")]
-    DefinitionsChanged,
+    DefinitionsChanged {
+        /// The request's events, handed back so the caller can validate them again
+        /// without having kept a copy.
+        events: Vec<crate::domain::Event>,
+    },
     /// The log failed.
     #[error(transparent)]
     Store(#[from] StoreError),

@@ -545,9 +545,17 @@ impl Drop for Inner {
 
 /// The result of a reply; the spent request is freed here, on the caller's thread.
 fn finish(reply: Reply) -> Result<Vec<Outcome>, AppendError> {
-    let Reply { result, spent } = reply;
-    drop(spent);
-    result
+    let Reply {
+        result,
+        spent: (events, prepared),
+    } = reply;
+    drop(prepared);
+    match result {
+        Err(AppendError::DefinitionsChanged { .. }) => {
+            Err(AppendError::DefinitionsChanged { events })
+        }
+        other => other,
+    }
 }
 
 /// Opens sled in `dir`, telling a held lock apart from other I/O errors.

@@ -338,7 +338,8 @@ impl Writer {
 pub fn answer(group: Vec<WriteRequest>, decisions: Vec<Decision>) {
     for (request, decision) in group.into_iter().zip(decisions) {
         let result = match decision {
-            Decision::Refused => Err(AppendError::DefinitionsChanged),
+            // The events travel back in the reply's `spent`; `finish` puts them in here.
+            Decision::Refused => Err(AppendError::DefinitionsChanged { events: Vec::new() }),
             Decision::Outcomes(outcomes) => Ok(outcomes),
         };
         request.answer(result);

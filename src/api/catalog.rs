@@ -1,0 +1,138 @@
+//! The kpi.v1.KpiCatalog service: a thin adapter over `KpiService`'s catalog commands.
+
+use tonic::{Request, Response, Status};
+
+use crate::domain::Rejection;
+use crate::proto::kpi_catalog_server::KpiCatalog;
+use crate::proto::{self, from_proto, to_proto};
+use crate::service::KpiService;
+
+/// Page size of ListKpis when the client gives none.
+const DEFAULT_PAGE_SIZE: u32 = 100;
+/// Largest page of ListKpis: a page is built under the catalog's read lock.
+const MAX_PAGE_SIZE: u32 = 1000;
+
+/// gRPC adapter of the catalog.
+pub struct CatalogApi {
+    service: KpiService,
+}
+
+impl CatalogApi {
+    /// Serves the catalog of `service`.
+    pub fn new(service: KpiService) -> Self {
+        Self { service }
+    }
+}
+
+/// The definition of a request, or INVALID_ARGUMENT when absent.
+fn definition(
+    definition: Option<proto::KpiDefinition>,
+) -> Result<crate::domain::KpiDefinition, Status> {
+    let definition = definition.ok_or_else(|| Rejection::invalid("definition", "required"))?;
+    Ok(from_proto::kpi_definition(definition, "definition")?)
+}
+
+#[tonic::async_trait]
+impl KpiCatalog for CatalogApi {
+    async fn define_kpi(
+        &self,
+        request: Request<proto::DefineKpiRequest>,
+    ) -> Result<Response<proto::DefineKpiResponse>, Status> {
+        let definition = definition(request.into_inner().definition)?;
+        let entry = self.service.define_kpi(definition).await?;
+        Ok(Response::new(proto::DefineKpiResponse {
+            kpi: Some(to_proto::kpi(&entry)),
+        }))
+    }
+
+    async fn update_kpi(
+        &self,
+        request: Request<proto::UpdateKpiRequest>,
+    ) -> Result<Response<proto::UpdateKpiResponse>, Status> {
+        let request = request.into_inner();
+        let definition = definition(request.definition)?;
+        let entry = self
+            .service
+            .update_kpi(definition, request.expected_version)
+            .await?;
+        Ok(Response::new(proto::UpdateKpiResponse {
+            kpi: Some(to_proto::kpi(&entry)),
+        }))
+    }
+
+    async fn get_kpi(
+        &self,
+        request: Request<proto::GetKpiRequest>,
+    ) -> Result<Response<proto::GetKpiResponse>, Status> {
+        let entry = self.service.get_kpi(&request.into_inner().kpi_id)?;
+        Ok(Response::new(proto::GetKpiResponse {
+            kpi: Some(to_proto::kpi(&entry)),
+        }))
+    }
+
+    async fn list_kpis(
+        &self,
+        request: Request<proto::ListKpisRequest>,
+    ) -> Result<Response<proto::ListKpisResponse>, Status> {
+        let request = request.into_inner();
+        let page_size = match request.page_size {
+            0 => DEFAULT_PAGE_SIZE,
+            n if n <= MAX_PAGE_SIZE => n,
+            n => {
+                return Err(Status::invalid_argument(format!(
+                    "page_size: at most {MAX_PAGE_SIZE}, got {n}"
+                )));
+            }
+        };
+        // The page token is the last id of the previous page: ids are stable and ordered,
+        // so a page never repeats or skips a KPI defined between calls.
+        let (page, more) = self.service.list_kpis(
+            &request.page_token,
+            usize::try_from(page_size).unwrap_or(usize::MAX),
+            request.include_retired,
+        );
+        let next_page_token = match (more, page.last()) {
+            (true, Some(last)) => last.definition.id.clone(),
+            _ => String::new(),
+        };
+        Ok(Response::new(proto::ListKpisResponse {
+            kpis: page.iter().map(to_proto::kpi).collect(),
+            next_page_token,
+        }))
+    }
+
+    async fn retire_kpi(
+        &self,
+        request: Request<proto::RetireKpiRequest>,
+    ) -> Result<Response<proto::RetireKpiResponse>, Status> {
+        let request = request.into_inner();
+        let entry = self
+            .service
+            .retire_kpi(&request.kpi_id, request.reason, request.expected_version)
+            .await?;
+        Ok(Response::new(proto::RetireKpiResponse {
+            kpi: Some(to_proto::kpi(&entry)),
+        }))
+    }
+
+    async fn set_target(
+        &self,
+        _request: Request<proto::SetTargetRequest>,
+    ) -> Result<Response<proto::SetTargetResponse>, Status> {
+        Err(super::not_yet("SetTarget"))
+    }
+
+    async fn remove_target(
+        &self,
+        _request: Request<proto::RemoveTargetRequest>,
+    ) -> Result<Response<proto::RemoveTargetResponse>, Status> {
+        Err(super::not_yet("RemoveTarget"))
+    }
+
+    async fn list_targets(
+        &self,
+        _request: Request<proto::ListTargetsRequest>,
+    ) -> Result<Response<proto::ListTargetsResponse>, Status> {
+        Err(super::not_yet("ListTargets"))
+    }
+}

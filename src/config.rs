@@ -1,0 +1,104 @@
+//! Configuration of the server: command-line flags and `KPI_*` environment variables,
+//! validated once at start.
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+
+use chrono::TimeDelta;
+
+/// Default gRPC address: loopback, so a fresh start exposes nothing to the network.
+pub const DEFAULT_LISTEN: &str = "127.0.0.1:50051";
+/// Default data directory, relative to the working directory.
+pub const DEFAULT_DATA_DIR: &str = "./kpi-data";
+/// Default allowed future skew of occurred_at, in seconds (SPEC: 5 minutes).
+pub const DEFAULT_MAX_FUTURE_SKEW_SECS: u32 = 300;
+/// Default deduplication window of event ids, in hours of recorded time (SPEC: at least 24).
+pub const DEFAULT_DEDUP_WINDOW_HOURS: u32 = 24;
+
+/// Everything the server needs to start.
+#[derive(Debug, Clone, clap::Parser)]
+#[command(
+    name = "kpi-server",
+    version,
+    about = "kpi-service: event-sourced KPI tracking over gRPC (package kpi.v1)",
+    long_about = "kpi-service: event-sourced KPI tracking over gRPC (package kpi.v1).\n\n\
+                  Every flag can also be set through the environment variable shown with it. \
+                  Logs go to stderr; set RUST_LOG (e.g. RUST_LOG=kpi_service=debug) for more."
+)]
+pub struct Config {
+    /// Address the gRPC server listens on.
+    #[arg(long, env = "KPI_LISTEN", default_value = DEFAULT_LISTEN)]
+    pub listen: SocketAddr,
+
+    /// Directory of the event log; created when missing. One server per directory.
+    #[arg(long, env = "KPI_DATA_DIR", default_value = DEFAULT_DATA_DIR)]
+    pub data_dir: PathBuf,
+
+    /// How far in the future a measurement's occurred_at may be, in seconds.
+    #[arg(long, env = "KPI_MAX_FUTURE_SKEW_SECS", default_value_t = DEFAULT_MAX_FUTURE_SKEW_SECS)]
+    pub max_future_skew_secs: u32,
+
+    /// How long a measurement's event_id deduplicates retries, in hours of recorded time.
+    #[arg(
+        long,
+        env = "KPI_DEDUP_WINDOW_HOURS",
+        default_value_t = DEFAULT_DEDUP_WINDOW_HOURS,
+        value_parser = clap::value_parser!(u32).range(1..=24 * 365)
+    )]
+    pub dedup_window_hours: u32,
+}
+
+impl Config {
+    /// The defaults, with the log in `data_dir`; what tests and embedders start from.
+    pub fn with_data_dir(data_dir: impl Into<PathBuf>) -> Self {
+        Self {
+            listen: DEFAULT_LISTEN
+                .parse()
+                .unwrap_or_else(|_| SocketAddr::from(([127, 0, 0, 1], 50051))),
+            data_dir: data_dir.into(),
+            max_future_skew_secs: DEFAULT_MAX_FUTURE_SKEW_SECS,
+            dedup_window_hours: DEFAULT_DEDUP_WINDOW_HOURS,
+        }
+    }
+
+    /// The allowed future skew of occurred_at.
+    pub fn max_future_skew(&self) -> TimeDelta {
+        TimeDelta::seconds(i64::from(self.max_future_skew_secs))
+    }
+
+    /// The deduplication window of event ids.
+    pub fn dedup_window(&self) -> TimeDelta {
+        TimeDelta::hours(i64::from(self.dedup_window_hours))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use clap::Parser;
+
+    use super::*;
+
+    #[test]
+    fn flags_override_defaults() {
+        let config = Config::parse_from([
+            "kpi-server",
+            "--listen",
+            "[::1]:6000",
+            "--data-dir",
+            "/tmp/x",
+            "--dedup-window-hours",
+            "48",
+        ]);
+        assert_eq!(config.listen, "[::1]:6000".parse().unwrap());
+        assert_eq!(config.data_dir, PathBuf::from("/tmp/x"));
+        assert_eq!(config.dedup_window(), TimeDelta::hours(48));
+        assert!(Config::try_parse_from(["kpi-server", "--dedup-window-hours", "0"]).is_err());
+    }
+
+    #[test]
+    fn defaults_match_the_readme() {
+        let config = Config::with_data_dir(DEFAULT_DATA_DIR);
+        assert_eq!(config.listen.to_string(), DEFAULT_LISTEN);
+        assert_eq!(config.max_future_skew(), TimeDelta::minutes(5));
+    }
+}

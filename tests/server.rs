@@ -1,0 +1,165 @@
+//! Black-box tests of the server as a whole: reflection, health, the contract's RPC names,
+//! one server per data directory.
+
+mod common;
+
+use common::TestServer;
+use kpi_service::proto;
+use prost::Message;
+use tokio_stream::StreamExt;
+use tonic::Code;
+use tonic_health::pb::health_check_response::ServingStatus;
+use tonic_health::pb::health_client::HealthClient;
+use tonic_reflection::pb::v1::server_reflection_client::ServerReflectionClient;
+use tonic_reflection::pb::v1::server_reflection_request::MessageRequest;
+use tonic_reflection::pb::v1::server_reflection_response::MessageResponse;
+use tonic_reflection::pb::v1::{ServerReflectionRequest, ServerReflectionResponse};
+
+async fn reflect(server: &TestServer, request: MessageRequest) -> ServerReflectionResponse {
+    let mut client = ServerReflectionClient::new(server.channel());
+    let request = ServerReflectionRequest {
+        host: String::new(),
+        message_request: Some(request),
+    };
+    let mut responses = client
+        .server_reflection_info(tokio_stream::once(request))
+        .await
+        .expect("reflection")
+        .into_inner();
+    responses.next().await.expect("one response").expect("ok")
+}
+
+/// The method names of `service` as reflection describes them.
+async fn methods_of(server: &TestServer, service: &str) -> Vec<String> {
+    let response = reflect(server, MessageRequest::FileContainingSymbol(service.into())).await;
+    let Some(MessageResponse::FileDescriptorResponse(files)) = response.message_response else {
+        panic!("no descriptor for {service}: {response:?}");
+    };
+    let (package, name) = service.rsplit_once('.').expect("qualified name");
+    for bytes in files.file_descriptor_proto {
+        let file = prost_types::FileDescriptorProto::decode(bytes.as_slice()).expect("descriptor");
+        if file.package() != package {
+            continue;
+        }
+        if let Some(found) = file.service.iter().find(|s| s.name() == name) {
+            return found.method.iter().map(|m| m.name().to_owned()).collect();
+        }
+    }
+    panic!("{service} not in its descriptor files");
+}
+
+#[tokio::test]
+async fn reflection_lists_the_contract_and_health_reports_serving() {
+    let dir = tempfile::tempdir().unwrap();
+    let server = TestServer::start(dir.path()).await;
+
+    let response = reflect(&server, MessageRequest::ListServices(String::new())).await;
+    let Some(MessageResponse::ListServicesResponse(list)) = response.message_response else {
+        panic!("unexpected reflection answer: {response:?}");
+    };
+    let services: Vec<String> = list.service.into_iter().map(|s| s.name).collect();
+    for expected in [
+        "kpi.v1.KpiCatalog",
+        "kpi.v1.Ingest",
+        "kpi.v1.Query",
+        "kpi.v1.Audit",
+        "grpc.health.v1.Health",
+    ] {
+        assert!(
+            services.iter().any(|s| s == expected),
+            "{expected} in {services:?}"
+        );
+    }
+
+    let contract: [(&str, &[&str]); 4] = [
+        (
+            "kpi.v1.KpiCatalog",
+            &[
+                "DefineKpi",
+                "UpdateKpi",
+                "GetKpi",
+                "ListKpis",
+                "RetireKpi",
+                "SetTarget",
+                "RemoveTarget",
+                "ListTargets",
+            ],
+        ),
+        ("kpi.v1.Ingest", &["Record", "RecordStream"]),
+        (
+            "kpi.v1.Query",
+            &["GetAggregates", "GetTrend", "GetTargetStatus", "WatchKpis"],
+        ),
+        ("kpi.v1.Audit", &["ReplayEvents", "VerifyLog", "GetLogInfo"]),
+    ];
+    for (service, rpcs) in contract {
+        let methods = methods_of(&server, service).await;
+        for rpc in rpcs {
+            assert!(
+                methods.iter().any(|m| m == rpc),
+                "{service}.{rpc} in {methods:?}"
+            );
+        }
+    }
+
+    let mut health = HealthClient::new(server.channel());
+    for service in [
+        "",
+        "kpi.v1.KpiCatalog",
+        "kpi.v1.Ingest",
+        "kpi.v1.Query",
+        "kpi.v1.Audit",
+    ] {
+        let status = health
+            .check(tonic_health::pb::HealthCheckRequest {
+                service: service.into(),
+            })
+            .await
+            .expect("health check")
+            .into_inner()
+            .status;
+        assert_eq!(status, ServingStatus::Serving as i32, "{service:?}");
+    }
+    server.stop().await;
+}
+
+#[tokio::test]
+async fn rpcs_of_later_milestones_answer_unimplemented() {
+    let dir = tempfile::tempdir().unwrap();
+    let server = TestServer::start(dir.path()).await;
+    let err = server
+        .query()
+        .get_trend(proto::GetTrendRequest::default())
+        .await
+        .unwrap_err();
+    assert_eq!(err.code(), Code::Unimplemented);
+    let err = server
+        .catalog()
+        .list_targets(proto::ListTargetsRequest::default())
+        .await
+        .unwrap_err();
+    assert_eq!(err.code(), Code::Unimplemented);
+    server.stop().await;
+}
+
+#[tokio::test]
+async fn a_second_server_on_the_same_data_directory_fails_fast() {
+    let dir = tempfile::tempdir().unwrap();
+    let first = TestServer::start(dir.path()).await;
+    // The first one has opened its log once it answers.
+    assert_eq!(first.log_info().await.head_seq, 0);
+
+    let second = TestServer::start(dir.path()).await;
+    let error = second
+        .exit()
+        .await
+        .expect_err("second server must not start");
+    let message = error.to_string();
+    assert!(
+        message.contains("already") && message.contains(&dir.path().display().to_string()),
+        "unclear message: {message}"
+    );
+    // The first server is unharmed.
+    assert_eq!(first.log_info().await.head_seq, 0);
+    first.stop().await;
+}
