@@ -32,12 +32,7 @@ async fn an_empty_log_has_a_zero_digest() {
     assert_eq!(info.event_count, 0);
     assert_eq!(info.head_hash, vec![0u8; 32]);
     assert!(info.head_recorded_at.is_none());
-    let verified = server
-        .audit()
-        .verify_log(proto::VerifyLogRequest {})
-        .await
-        .unwrap()
-        .into_inner();
+    let verified = server.verify_log().await;
     assert!(verified.ok);
     assert_eq!(verified.checked_events, 0);
     assert!(server.replay_all().await.is_empty());
@@ -85,12 +80,7 @@ async fn the_replayed_chain_recomputed_with_sha256_matches_the_head_hash() {
     }
     assert_eq!(hashes.last().unwrap(), &info.head_hash);
 
-    let verified = server
-        .audit()
-        .verify_log(proto::VerifyLogRequest {})
-        .await
-        .unwrap()
-        .into_inner();
+    let verified = server.verify_log().await;
     assert!(verified.ok, "{verified:?}");
     assert_eq!(verified.checked_events, 12);
     assert_eq!(verified.head_seq, 12);

@@ -1,38 +1,30 @@
 //! The stored hash chain seen from outside: recomputed with nothing but SHA-256, and
 //! damaged directly in sled to check that verification and open report it.
 
-use std::collections::BTreeMap;
+mod common;
+
 use std::path::Path;
 
 use chrono::{TimeZone, Utc};
-use kpi_service::domain::{Event, Measurement};
+use common::store::{append, measurement_at, read};
+use kpi_service::domain::Event;
 use kpi_service::store::{
-    AppendRequest, EventLog, Outcome, SEGMENTS_TREE, StoreError, StoreOptions, StoredEvent,
+    AppendRequest, EventLog, SEGMENTS_TREE, StoreError, StoreOptions, StoredEvent,
 };
 use prost::Message;
 use sha2::{Digest, Sha256};
 
 fn measurement(kpi_id: &str, value: f64, event_id: Option<&str>) -> Event {
-    Event::MeasurementRecorded(Measurement {
-        kpi_id: kpi_id.into(),
+    measurement_at(
+        kpi_id,
         value,
-        occurred_at: Utc.with_ymd_and_hms(2026, 4, 1, 9, 30, 0).unwrap(),
-        labels: BTreeMap::from([("channel".into(), "web".into())]),
-        subject: None,
-        event_id: event_id.map(str::to_owned),
-    })
-}
-
-fn append(log: &EventLog, events: Vec<Event>) -> Vec<Outcome> {
-    log.append_blocking(AppendRequest {
-        events,
-        definitions_unchanged_since: None,
-    })
-    .unwrap()
+        event_id,
+        Utc.with_ymd_and_hms(2026, 4, 1, 9, 30, 0).unwrap(),
+    )
 }
 
 fn read_all(log: &EventLog) -> Vec<StoredEvent> {
-    log.read(1, u64::MAX).collect::<Result<_, _>>().unwrap()
+    read(log, 1, u64::MAX)
 }
 
 /// Three appends of three events each: seqs 1..=3, 4..=6 and 7..=9, one segment each

@@ -3,13 +3,16 @@
 //! restarts, checked operation by operation. Plus the behaviours a model cannot show:
 //! dedup expiry with a controlled clock, group commit, listeners, as-of lookups.
 
-use std::collections::{BTreeMap, HashMap};
+mod common;
+
+use std::collections::HashMap;
 use std::path::Path;
 use std::sync::atomic::{AtomicI64, Ordering};
 use std::sync::{Arc, Barrier, Mutex};
 
 use chrono::{DateTime, TimeDelta, TimeZone, Utc};
-use kpi_service::domain::{Event, Measurement};
+use common::store::{append, measurement_at, read};
+use kpi_service::domain::Event;
 use kpi_service::store::{
     AppendError, AppendRequest, CommitListener, Committed, EventLog, Outcome, StoreOptions,
     StoredEvent,
@@ -49,26 +52,7 @@ fn start() -> DateTime<Utc> {
 }
 
 fn measurement(kpi_id: &str, value: f64, event_id: Option<&str>) -> Event {
-    Event::MeasurementRecorded(Measurement {
-        kpi_id: kpi_id.into(),
-        value,
-        occurred_at: start(),
-        labels: BTreeMap::from([("region".into(), "north".into())]),
-        subject: None,
-        event_id: event_id.map(str::to_owned),
-    })
-}
-
-fn append(log: &EventLog, events: Vec<Event>) -> Vec<Outcome> {
-    log.append_blocking(AppendRequest {
-        events,
-        definitions_unchanged_since: None,
-    })
-    .unwrap()
-}
-
-fn read(log: &EventLog, from: u64, to: u64) -> Vec<StoredEvent> {
-    log.read(from, to).collect::<Result<_, _>>().unwrap()
+    measurement_at(kpi_id, value, event_id, start())
 }
 
 // ----- the model test ---------------------------------------------------------------

@@ -3,6 +3,8 @@
 
 #![allow(dead_code)]
 
+pub mod store;
+
 use std::collections::BTreeMap;
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
@@ -138,6 +140,15 @@ impl TestServer {
             .get_log_info(proto::GetLogInfoRequest {})
             .await
             .expect("log info")
+            .into_inner()
+    }
+
+    /// The answer of VerifyLog.
+    pub async fn verify_log(&self) -> proto::VerifyLogResponse {
+        self.audit()
+            .verify_log(proto::VerifyLogRequest {})
+            .await
+            .expect("verify log")
             .into_inner()
     }
 
