@@ -174,6 +174,14 @@ impl KpiDefinition {
 }
 
 /// Checks an identifier: 1 to 64 characters of `[a-z0-9_]`.
+///
+/// ```
+/// use kpi_service::domain::kpi::validate_slug;
+///
+/// assert!(validate_slug("new_customers", "definition.id").is_ok());
+/// let rejection = validate_slug("New-Customers", "definition.id").unwrap_err();
+/// assert_eq!(rejection.field(), Some("definition.id"));
+/// ```
 pub fn validate_slug(value: &str, field: &str) -> Result<(), Rejection> {
     if value.is_empty() {
         return Err(Rejection::invalid(field, "must not be empty"));
