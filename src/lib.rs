@@ -27,14 +27,59 @@ pub mod service;
 pub mod store;
 
 use std::future::Future;
+use std::time::{Duration, Instant};
 
 use tokio::net::TcpListener;
 use tokio_stream::wrappers::TcpListenerStream;
+use tokio_util::sync::CancellationToken;
 
 pub use config::Config;
 
 use crate::service::KpiService;
 use crate::store::{EventLog, StoreError, StoreOptions};
+
+/// Directory of the event log (sled) inside the data directory.
+pub const LOG_DIR: &str = "log";
+/// Directory of the read-model snapshots inside the data directory.
+pub const SNAPSHOT_DIR: &str = "snapshots";
+/// How many new events make a snapshot due: a restart then replays at most about this
+/// many (about a second of work).
+const SNAPSHOT_EVERY_EVENTS: u64 = 1_000_000;
+/// How long new events may wait for a snapshot when fewer than `SNAPSHOT_EVERY_EVENTS`
+/// arrive.
+const SNAPSHOT_EVERY: Duration = Duration::from_secs(300);
+/// How often the snapshot task looks at the head.
+const SNAPSHOT_CHECK: Duration = Duration::from_secs(5);
+
+/// Writes a snapshot of the read models when enough events or time have passed, until
+/// `stop` is cancelled.
+async fn snapshot_periodically(service: KpiService, stop: CancellationToken) {
+    let mut covered = service.restored().snapshot_seq;
+    let mut last = Instant::now();
+    let mut ticks = tokio::time::interval(SNAPSHOT_CHECK);
+    loop {
+        tokio::select! {
+            () = stop.cancelled() => return,
+            _ = ticks.tick() => {}
+        }
+        let head = service.log().head().seq;
+        let due = head >= covered + SNAPSHOT_EVERY_EVENTS
+            || (head > covered && last.elapsed() >= SNAPSHOT_EVERY);
+        if !due {
+            continue;
+        }
+        let writer = service.clone();
+        match tokio::task::spawn_blocking(move || writer.snapshot()).await {
+            Ok(Ok(seq)) => {
+                tracing::info!(seq, "read models snapshotted");
+                covered = seq;
+            }
+            Ok(Err(error)) => tracing::warn!(%error, "snapshot failed; will retry"),
+            Err(error) => tracing::warn!(%error, "snapshot task failed; will retry"),
+        }
+        last = Instant::now();
+    }
+}
 
 /// Why the server could not start or stopped with an error.
 #[derive(Debug, thiserror::Error)]
@@ -74,11 +119,12 @@ pub async fn run(
         dedup_window: config.dedup_window(),
         ..StoreOptions::default()
     };
-    let data_dir = config.data_dir.clone();
+    let log_dir = config.data_dir.join(LOG_DIR);
+    let snapshot_dir = config.data_dir.join(SNAPSHOT_DIR);
     let max_future_skew = config.max_future_skew();
     let (log, service) = tokio::task::spawn_blocking(move || {
-        let log = EventLog::open(&data_dir, options)?;
-        let service = KpiService::new(log.clone(), max_future_skew)?;
+        let log = EventLog::open(&log_dir, options)?;
+        let service = KpiService::new(log.clone(), snapshot_dir, max_future_skew)?;
         Ok::<_, StoreError>((log, service))
     })
     .await?
@@ -89,7 +135,14 @@ pub async fn run(
         head_seq = head.seq,
         "event log open"
     );
-    let (routes, health) = api::routes(service).await?;
+    let stop_snapshots = CancellationToken::new();
+    // Also stops the task when this future is dropped without a shutdown (aborted).
+    let _stop_snapshots_on_drop = stop_snapshots.clone().drop_guard();
+    let snapshots = tokio::spawn(snapshot_periodically(
+        service.clone(),
+        stop_snapshots.clone(),
+    ));
+    let (routes, health) = api::routes(service.clone()).await?;
     if let Ok(address) = listener.local_addr() {
         tracing::info!(%address, "serving kpi.v1 over gRPC");
     }
@@ -105,7 +158,19 @@ pub async fn run(
             }
         })
         .await;
-    let closed = tokio::task::spawn_blocking(move || log.close()).await?;
+    stop_snapshots.cancel();
+    snapshots.await?;
+    // A snapshot at the head makes the next start replay nothing.
+    let closed = tokio::task::spawn_blocking(move || {
+        match service.snapshot() {
+            Ok(seq) => tracing::info!(seq, "read models snapshotted"),
+            Err(error) => {
+                tracing::warn!(%error, "no snapshot at shutdown; the next start replays more")
+            }
+        }
+        log.close()
+    })
+    .await?;
     served?;
     closed.map_err(store_error)?;
     tracing::info!("event log flushed and closed");

@@ -142,11 +142,14 @@ impl Audit for AuditApi {
         _request: Request<proto::GetLogInfoRequest>,
     ) -> Result<Response<proto::GetLogInfoResponse>, Status> {
         let head = self.service.log().head();
+        let restored = self.service.restored();
         Ok(Response::new(proto::GetLogInfoResponse {
             head_seq: head.seq,
             head_hash: head.hash.to_vec(),
             event_count: head.seq,
             head_recorded_at: head.recorded_at.map(to_proto::timestamp),
+            restored_snapshot_seq: restored.snapshot_seq,
+            replayed_events: restored.replayed_events,
         }))
     }
 }

@@ -12,7 +12,7 @@ use crate::domain::kpi::validate_len;
 use crate::domain::{Measurement, Rejection};
 use crate::proto::ingest_server::Ingest;
 use crate::proto::{self, from_proto};
-use crate::service::{KpiService, Recorded, ServiceError};
+use crate::service::{KpiService, Recorded, RetractTarget, ServiceError};
 
 /// Acknowledgements a RecordStream may have ready before the client reads them; past this
 /// the server stops reading the client's batches (backpressure instead of buffering).
@@ -118,9 +118,22 @@ impl Ingest for IngestApi {
 
     async fn retract(
         &self,
-        _request: Request<proto::RetractRequest>,
+        request: Request<proto::RetractRequest>,
     ) -> Result<Response<proto::RetractResponse>, Status> {
-        Err(super::not_yet("Retract"))
+        let request = request.into_inner();
+        let target = match request.target {
+            Some(proto::retract_request::Target::Seq(seq)) => RetractTarget::Seq(seq),
+            Some(proto::retract_request::Target::EventId(id)) => RetractTarget::EventId(id),
+            None => {
+                return Err(Rejection::invalid(
+                    "target",
+                    "give the seq or the event_id to retract",
+                )
+                .into());
+            }
+        };
+        let (seq, retracted_seq) = self.service.retract(target, request.reason).await?;
+        Ok(Response::new(proto::RetractResponse { seq, retracted_seq }))
     }
 }
 

@@ -66,7 +66,7 @@ pub async fn routes(
             IngestServer::new(ingest::IngestApi::new(service.clone()))
                 .max_decoding_message_size(MAX_DECODING_MESSAGE_SIZE),
         )
-        .add_service(QueryServer::new(query::QueryApi))
+        .add_service(QueryServer::new(query::QueryApi::new(service.clone())))
         .add_service(AuditServer::new(audit::AuditApi::new(service)));
     Ok((routes, health_reporter))
 }

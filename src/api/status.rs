@@ -50,6 +50,11 @@ pub fn rejection_status(rejection: &Rejection) -> Status {
             message,
             ErrorDetails::with_precondition_failure_violation("STATE", field, reason),
         ),
+        Rejection::ResourceExhausted { field, reason } => Status::with_error_details(
+            Code::ResourceExhausted,
+            message,
+            ErrorDetails::with_quota_failure_violation(field, reason),
+        ),
         Rejection::VersionMismatch {
             expected, current, ..
         } => Status::with_error_details(

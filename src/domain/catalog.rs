@@ -5,13 +5,14 @@ use std::collections::BTreeMap;
 use std::ops::Bound;
 
 use chrono::{DateTime, Utc};
+use serde::{Deserialize, Serialize};
 
 use super::kpi::{MAX_DESCRIPTION_LEN, validate_len, validate_slug};
 use super::measurement::TimeRules;
 use super::{Event, KpiDefinition, Measurement, Rejection};
 
 /// A KPI as the catalog holds it.
-#[derive(Debug, Clone, PartialEq)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct KpiEntry {
     /// The definition in force.
     pub definition: KpiDefinition,
@@ -28,16 +29,19 @@ pub struct KpiEntry {
 }
 
 /// Every KPI ever defined, by id.
-#[derive(Debug, Clone, Default, PartialEq)]
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
 pub struct Catalog {
     kpis: BTreeMap<String, KpiEntry>,
     /// Seq of the latest definition-changing event folded in; see `Event::changes_definitions`.
     last_definition_seq: u64,
+    /// Seq of the latest event folded in (of any kind).
+    seq: u64,
 }
 
 impl Catalog {
     /// Folds one committed event into the catalog. Measurement events change nothing here.
     pub fn apply(&mut self, seq: u64, recorded_at: DateTime<Utc>, event: &Event) {
+        self.seq = self.seq.max(seq);
         if event.changes_definitions() {
             self.last_definition_seq = seq;
         }
@@ -81,6 +85,17 @@ impl Catalog {
             | Event::MeasurementRecorded(_)
             | Event::MeasurementRetracted { .. } => {}
         }
+    }
+
+    /// Seq of the latest event folded in.
+    pub fn seq(&self) -> u64 {
+        self.seq
+    }
+
+    /// Notes that every event up to `seq` is folded in (the ones after the last
+    /// definition change are measurements, which change nothing here).
+    pub fn advance_to(&mut self, seq: u64) {
+        self.seq = self.seq.max(seq);
     }
 
     /// Seq of the latest definition-changing event folded in. A write validated against

@@ -39,6 +39,14 @@ pub enum Rejection {
         /// What stands in the way.
         reason: String,
     },
+    /// A limit of the service would be passed (RESOURCE_EXHAUSTED).
+    #[error("{field}: {reason}")]
+    ResourceExhausted {
+        /// Path of the field that would pass it.
+        field: String,
+        /// Which limit.
+        reason: String,
+    },
     /// Optimistic concurrency: the client's expected version is not the current one (ABORTED).
     #[error("expected_version: {what} is at version {current}, not {expected}")]
     VersionMismatch {
@@ -82,7 +90,8 @@ impl Rejection {
             Self::InvalidArgument { field, .. }
             | Self::NotFound { field, .. }
             | Self::AlreadyExists { field, .. }
-            | Self::FailedPrecondition { field, .. } => Some(field),
+            | Self::FailedPrecondition { field, .. }
+            | Self::ResourceExhausted { field, .. } => Some(field),
             Self::VersionMismatch { .. } => Some("expected_version"),
         }
     }
@@ -94,7 +103,8 @@ impl Rejection {
             Self::InvalidArgument { field, .. }
             | Self::NotFound { field, .. }
             | Self::AlreadyExists { field, .. }
-            | Self::FailedPrecondition { field, .. } => *field = format!("{prefix}.{field}"),
+            | Self::FailedPrecondition { field, .. }
+            | Self::ResourceExhausted { field, .. } => *field = format!("{prefix}.{field}"),
             Self::VersionMismatch { .. } => {}
         }
         self

@@ -1,6 +1,7 @@
 //! KPI definitions: kinds, directions, timezones, dimensions, and the rules a definition obeys.
 
 use chrono_tz::Tz;
+use serde::{Deserialize, Serialize};
 
 use super::Rejection;
 
@@ -19,7 +20,7 @@ pub const MAX_UNIT_LEN: usize = 32;
 pub const DEFAULT_RATIO_SCALE: f64 = 100.0;
 
 /// How the measurements of one bucket combine into its value (see SPEC, KPI definitions).
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
 pub enum KpiKind {
     /// Sum of values.
     Sum,
@@ -54,7 +55,7 @@ impl KpiKind {
 }
 
 /// Which way is good.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Default)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Default, Serialize, Deserialize)]
 pub enum Direction {
     /// A larger value is better.
     #[default]
@@ -64,7 +65,7 @@ pub enum Direction {
 }
 
 /// The two KPIs a RATIO KPI divides.
-#[derive(Debug, Clone, PartialEq)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct RatioSettings {
     /// KPI summed above the line.
     pub numerator_kpi_id: String,
@@ -75,7 +76,7 @@ pub struct RatioSettings {
 }
 
 /// A KPI as declared by a client, defaults filled in.
-#[derive(Debug, Clone, PartialEq)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct KpiDefinition {
     /// Slug `[a-z0-9_]{1,64}`.
     pub id: String,

@@ -2,6 +2,246 @@
 //! writer's commit notifications (after the flush, before the acknowledgement, so a client
 //! reads its own writes).
 
+pub mod aggregates;
 pub mod catalog;
+pub mod snapshot;
 
+use std::collections::BTreeSet;
+use std::path::Path;
+use std::sync::{Arc, RwLock, RwLockReadGuard};
+
+pub use aggregates::{AggregateQuery, Aggregates, AnsweredBucket, Fill};
 pub use catalog::CatalogView;
+pub use snapshot::{Snapshot, SnapshotError};
+
+use crate::domain::{Catalog, Event, Measurement};
+use crate::store::{CommitListener, Committed, EventLog, LogReader, StoreError};
+
+/// The read models of the service and how they were restored.
+pub struct ReadModels {
+    /// The catalog.
+    pub catalog: Arc<CatalogView>,
+    /// The aggregates.
+    pub aggregates: Arc<AggregateView>,
+    /// What the start cost.
+    pub restored: Restored,
+}
+
+/// How the read models were restored at start.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub struct Restored {
+    /// The seq of the snapshot loaded (0 when none was usable).
+    pub snapshot_seq: u64,
+    /// Events of the log's tail folded in after the snapshot.
+    pub replayed_events: u64,
+}
+
+impl ReadModels {
+    /// Loads the snapshot in `snapshot_dir` (when it belongs to `log`), folds the log's
+    /// tail after it in one pass, and registers the models for committed events. Call
+    /// before the first append, so no event is missed.
+    pub fn restore(log: &EventLog, snapshot_dir: &Path) -> Result<Self, StoreError> {
+        let (mut catalog, mut aggregates, snapshot_seq) = match snapshot::read(snapshot_dir, log) {
+            Ok(Some(snapshot)) => (snapshot.catalog, snapshot.aggregates, snapshot.seq),
+            Ok(None) => (Catalog::default(), Aggregates::default(), 0),
+            Err(error) => {
+                tracing::warn!(%error, "snapshot discarded; rebuilding the read models from the log");
+                (Catalog::default(), Aggregates::default(), 0)
+            }
+        };
+        let head = log.head().seq;
+        let reader = log.reader();
+        let mut to_rebuild = BTreeSet::new();
+        let mut replayed_events = 0;
+        for stored in log.read(snapshot_seq + 1, head) {
+            let stored = stored?;
+            replayed_events += 1;
+            catalog.apply(stored.seq, stored.recorded_at, &stored.event);
+            if let Some(kpi_id) = aggregates.apply(stored.seq, &stored.event, |seq| {
+                measurement_at(&reader, seq)
+            }) {
+                to_rebuild.insert(kpi_id);
+            }
+        }
+        for kpi_id in to_rebuild {
+            rebuild_kpi(&reader, &mut aggregates, &kpi_id, head)?;
+        }
+        tracing::info!(
+            snapshot_seq,
+            replayed_events,
+            head_seq = head,
+            "read models restored"
+        );
+        let catalog = Arc::new(CatalogView::new(catalog));
+        let aggregates = Arc::new(AggregateView {
+            aggregates: RwLock::new(aggregates),
+            log: reader,
+        });
+        log.add_listener(catalog.clone());
+        log.add_listener(aggregates.clone());
+        Ok(Self {
+            catalog,
+            aggregates,
+            restored: Restored {
+                snapshot_seq,
+                replayed_events,
+            },
+        })
+    }
+
+    /// Writes a snapshot of both models, taken at one seq, into `snapshot_dir`. Blocking.
+    pub fn snapshot(&self, log: &EventLog, snapshot_dir: &Path) -> Result<u64, SnapshotError> {
+        let (catalog, aggregates) = loop {
+            // The writer updates the catalog, then the aggregates, for each group: read
+            // both when they cover the same seq.
+            let catalog = self.catalog.read();
+            let aggregates = self.aggregates.read();
+            if catalog.seq() == aggregates.seq() {
+                break (catalog.clone(), aggregates.clone());
+            }
+            drop((catalog, aggregates));
+            std::thread::yield_now();
+        };
+        let seq = aggregates.seq();
+        let hash = if seq == 0 {
+            crate::store::GENESIS_HASH
+        } else {
+            match log.read(seq, seq).next() {
+                Some(Ok(stored)) => stored.hash,
+                Some(Err(error)) => {
+                    return Err(SnapshotError::Mismatch {
+                        seq,
+                        reason: error.to_string(),
+                    });
+                }
+                None => {
+                    return Err(SnapshotError::Mismatch {
+                        seq,
+                        reason: "the log has no event there".into(),
+                    });
+                }
+            }
+        };
+        snapshot::write(snapshot_dir, &Snapshot::new(seq, hash, catalog, aggregates))?;
+        Ok(seq)
+    }
+}
+
+/// The aggregate read model, shared by request handlers and kept current by the writer.
+pub struct AggregateView {
+    aggregates: RwLock<Aggregates>,
+    /// For retractions and refolds; does not keep the log open (the log holds this view).
+    log: LogReader,
+}
+
+impl AggregateView {
+    /// A read guard on the current aggregates. Hold it only for synchronous work, never
+    /// across an `.await`.
+    pub fn read(&self) -> RwLockReadGuard<'_, Aggregates> {
+        // `apply` leaves the state consistent between events, so a poisoned lock still
+        // holds a usable projection.
+        self.aggregates
+            .read()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+    }
+
+    /// The aggregates of the KPIs `kpi_ids` as known at `seq`: a fold of the log up to it.
+    /// Costs a read of the log up to `seq`; used for as-of questions.
+    pub fn as_of(&self, seq: u64, kpi_ids: &[&str]) -> Result<Aggregates, StoreError> {
+        fold(&self.log, seq, |id| kpi_ids.contains(&id))
+    }
+}
+
+/// Folds the events of the log up to `to_seq` that concern KPIs accepted by `wanted`.
+fn fold(
+    log: &LogReader,
+    to_seq: u64,
+    wanted: impl Fn(&str) -> bool,
+) -> Result<Aggregates, StoreError> {
+    let mut aggregates = Aggregates::default();
+    // KPIs whose kind or timezone changed: refolded once at the end, under their final
+    // definition, which is what the incremental path arrives at too.
+    let mut to_rebuild = BTreeSet::new();
+    for stored in log.read(1, to_seq) {
+        let stored = stored?;
+        if kpi_of(&stored.event).is_none_or(&wanted)
+            && let Some(kpi_id) =
+                aggregates.apply(stored.seq, &stored.event, |seq| measurement_at(log, seq))
+        {
+            to_rebuild.insert(kpi_id);
+        }
+    }
+    for kpi_id in to_rebuild {
+        rebuild_kpi(log, &mut aggregates, &kpi_id, to_seq)?;
+    }
+    Ok(aggregates)
+}
+
+/// Refolds the measurements of one KPI from the log, up to `to_seq`.
+fn rebuild_kpi(
+    log: &LogReader,
+    aggregates: &mut Aggregates,
+    kpi_id: &str,
+    to_seq: u64,
+) -> Result<(), StoreError> {
+    let mut measurements = Vec::new();
+    for stored in log.read(1, to_seq) {
+        let stored = stored?;
+        if let Event::MeasurementRecorded(m) = stored.event
+            && m.kpi_id == kpi_id
+        {
+            measurements.push((stored.seq, m));
+        }
+    }
+    aggregates.rebuild_kpi(kpi_id, measurements.iter().map(|(seq, m)| (*seq, m)));
+    Ok(())
+}
+
+/// The measurement stored at `seq`, if the event there is one.
+fn measurement_at(log: &LogReader, seq: u64) -> Option<Measurement> {
+    match log.read(seq, seq).next() {
+        Some(Ok(stored)) => match stored.event {
+            Event::MeasurementRecorded(measurement) => Some(measurement),
+            _ => None,
+        },
+        Some(Err(error)) => {
+            tracing::error!(%error, seq, "cannot read a retracted measurement");
+            None
+        }
+        None => None,
+    }
+}
+
+/// The KPI an event is about, if any.
+fn kpi_of(event: &Event) -> Option<&str> {
+    match event {
+        Event::KpiDefined { definition } | Event::KpiUpdated { definition, .. } => {
+            Some(&definition.id)
+        }
+        Event::KpiRetired { kpi_id, .. } => Some(kpi_id),
+        Event::MeasurementRecorded(m) => Some(&m.kpi_id),
+        Event::TargetSet { target, .. } => Some(&target.kpi_id),
+        Event::TargetRemoved { .. } | Event::MeasurementRetracted { .. } => None,
+    }
+}
+
+impl CommitListener for AggregateView {
+    fn committed(&self, events: &[Committed<'_>]) {
+        let mut aggregates = self
+            .aggregates
+            .write()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        for committed in events {
+            if let Some(kpi_id) = aggregates.apply(committed.seq, committed.event, |seq| {
+                measurement_at(&self.log, seq)
+            }) {
+                // A KPI's kind or timezone changed: refold its measurements. Rare (an
+                // operator's change), and it must finish before anyone reads the KPI.
+                let to_seq = committed.seq;
+                if let Err(error) = rebuild_kpi(&self.log, &mut aggregates, &kpi_id, to_seq) {
+                    tracing::error!(%error, kpi_id, "cannot rebuild the buckets of a changed kpi");
+                }
+            }
+        }
+    }
+}

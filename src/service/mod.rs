@@ -1,13 +1,16 @@
 //! The commands and reads of the service, free of gRPC: validate against the catalog,
 //! append to the log, answer from the read models. `api` is a thin layer over this.
 
+use std::path::PathBuf;
 use std::sync::Arc;
 
 use chrono::{DateTime, TimeDelta, Utc};
 
 use crate::domain::measurement::TimeRules;
 use crate::domain::{Catalog, Event, KpiDefinition, KpiEntry, Measurement, Rejection};
-use crate::projection::CatalogView;
+use crate::projection::{
+    AggregateQuery, AggregateView, AnsweredBucket, CatalogView, ReadModels, Restored, SnapshotError,
+};
 use crate::store::{AppendError, AppendRequest, EventLog, Outcome, StoreError};
 
 /// Most measurements in one Record call or RecordStream batch: large enough to amortise the
@@ -47,18 +50,57 @@ pub struct Recorded {
 pub struct KpiService {
     log: EventLog,
     catalog: Arc<CatalogView>,
+    aggregates: Arc<AggregateView>,
+    models: Arc<ReadModels>,
+    snapshot_dir: PathBuf,
     max_future_skew: TimeDelta,
 }
 
+/// The measurement a retraction withdraws.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum RetractTarget {
+    /// By the seq of its MeasurementRecorded event.
+    Seq(u64),
+    /// By its event_id (within the deduplication window).
+    EventId(String),
+}
+
+/// A point of the log a query is answered at ("as known at").
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum AsOf {
+    /// The events with seq <= this.
+    Seq(u64),
+    /// The events recorded at or before this time.
+    RecordedAt(DateTime<Utc>),
+}
+
 impl KpiService {
-    /// Builds the read models from `log` and serves from them.
-    pub fn new(log: EventLog, max_future_skew: TimeDelta) -> Result<Self, StoreError> {
-        let catalog = CatalogView::rebuild(&log)?;
+    /// Restores the read models from the snapshot in `snapshot_dir` and the tail of `log`
+    /// (blocking), and serves from them.
+    pub fn new(
+        log: EventLog,
+        snapshot_dir: PathBuf,
+        max_future_skew: TimeDelta,
+    ) -> Result<Self, StoreError> {
+        let models = Arc::new(ReadModels::restore(&log, &snapshot_dir)?);
         Ok(Self {
             log,
-            catalog,
+            catalog: models.catalog.clone(),
+            aggregates: models.aggregates.clone(),
+            models,
+            snapshot_dir,
             max_future_skew,
         })
+    }
+
+    /// How the read models were restored at start.
+    pub fn restored(&self) -> Restored {
+        self.models.restored
+    }
+
+    /// Writes a snapshot of the read models; returns the seq it covers. Blocking.
+    pub fn snapshot(&self) -> Result<u64, SnapshotError> {
+        self.models.snapshot(&self.log, &self.snapshot_dir)
     }
 
     /// The log, for audit reads.
@@ -159,10 +201,12 @@ impl KpiService {
         for _ in 0..MAX_VALIDATION_ATTEMPTS {
             let guard = {
                 let catalog = self.catalog.read();
+                let aggregates = self.aggregates.read();
                 for (i, event) in events.iter().enumerate() {
                     if let Event::MeasurementRecorded(m) = event {
                         catalog
                             .validate_measurement(m, &rules)
+                            .and_then(|()| aggregates.check_series(m))
                             .map_err(|r| r.within(&format!("measurements[{i}]")))?;
                     }
                 }
@@ -179,6 +223,131 @@ impl KpiService {
             }
         }
         Err(ServiceError::Contended)
+    }
+
+    /// Retract: withdraws one recorded measurement. Returns the seq of the retraction and
+    /// the seq of the withdrawn measurement.
+    pub async fn retract(
+        &self,
+        target: RetractTarget,
+        reason: String,
+    ) -> Result<(u64, u64), ServiceError> {
+        crate::domain::kpi::validate_len(
+            &reason,
+            crate::domain::kpi::MAX_DESCRIPTION_LEN,
+            "reason",
+        )?;
+        let retracted_seq = match target {
+            RetractTarget::Seq(seq) => seq,
+            RetractTarget::EventId(event_id) => {
+                crate::domain::kpi::validate_len(
+                    &event_id,
+                    crate::domain::measurement::MAX_EVENT_ID_LEN,
+                    "event_id",
+                )?;
+                self.log.find_event_id(&event_id).ok_or_else(|| {
+                    Rejection::not_found(
+                        "event_id",
+                        format!(
+                            "a measurement with event_id '{event_id}' within the deduplication window (retract older ones by seq)"
+                        ),
+                    )
+                })?
+            }
+        };
+        if retracted_seq == 0 || retracted_seq > self.log.head().seq {
+            return Err(
+                Rejection::not_found("seq", format!("event at seq {retracted_seq}")).into(),
+            );
+        }
+        let log = self.log.clone();
+        let stored =
+            tokio::task::spawn_blocking(move || log.read(retracted_seq, retracted_seq).next())
+                .await
+                .map_err(|_| StoreError::WriterStopped)?
+                .transpose()?;
+        if !matches!(
+            stored.as_ref().map(|s| &s.event),
+            Some(Event::MeasurementRecorded(_))
+        ) {
+            return Err(Rejection::precondition(
+                "seq",
+                format!("the event at seq {retracted_seq} is not a recorded measurement"),
+            )
+            .into());
+        }
+        let event = Event::MeasurementRetracted {
+            retracted_seq,
+            reason,
+        };
+        let aggregates = self.aggregates.clone();
+        let seq = self
+            .change_definitions(move |_| {
+                // A retraction is validated against the projection, which knows every
+                // earlier one; the guard re-runs this if another retraction got in first.
+                match aggregates.read().retracted_by(retracted_seq) {
+                    Some(by) => Err(Rejection::precondition(
+                        "seq",
+                        format!("the measurement at seq {retracted_seq} was already retracted by seq {by}"),
+                    )),
+                    None => Ok(event.clone()),
+                }
+            })
+            .await?;
+        Ok((seq, retracted_seq))
+    }
+
+    /// GetAggregates: the buckets of a KPI, now or as known at an earlier point of the log.
+    pub async fn get_aggregates(
+        &self,
+        query: AggregateQuery,
+        as_of: Option<AsOf>,
+    ) -> Result<Vec<AnsweredBucket>, ServiceError> {
+        crate::domain::kpi::validate_slug(&query.kpi_id, "kpi_id")?;
+        let seq = match as_of {
+            None => None,
+            Some(AsOf::Seq(seq)) => Some(seq),
+            Some(AsOf::RecordedAt(at)) => {
+                let log = self.log.clone();
+                Some(
+                    tokio::task::spawn_blocking(move || log.seq_at(at))
+                        .await
+                        .map_err(|_| StoreError::WriterStopped)??,
+                )
+            }
+        };
+        match seq {
+            Some(seq) if seq < self.log.head().seq => {
+                // The KPI and, for a ratio, its operands as they were at `seq`.
+                let mut kpi_ids = vec![query.kpi_id.clone()];
+                if let Some(ratio) = self
+                    .catalog
+                    .read()
+                    .get(&query.kpi_id)
+                    .and_then(|entry| entry.definition.ratio.clone())
+                {
+                    kpi_ids.push(ratio.numerator_kpi_id);
+                    kpi_ids.push(ratio.denominator_kpi_id);
+                }
+                let aggregates = self.aggregates.clone();
+                let past = tokio::task::spawn_blocking(move || {
+                    let ids: Vec<&str> = kpi_ids.iter().map(String::as_str).collect();
+                    aggregates.as_of(seq, &ids)
+                })
+                .await
+                .map_err(|_| StoreError::WriterStopped)??;
+                Ok(past.query(&query)?)
+            }
+            _ => {
+                // A large answer takes milliseconds: off the async executor.
+                let aggregates = self.aggregates.clone();
+                Ok(
+                    tokio::task::spawn_blocking(move || aggregates.read().query(&query))
+                        .await
+                        .map_err(|_| StoreError::WriterStopped)??,
+                )
+            }
+        }
     }
 
     /// Appends the one event `decide` derives from the current catalog, re-deciding when

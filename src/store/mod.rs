@@ -503,6 +503,41 @@ impl EventLog {
             .clone()
             .ok_or(StoreError::Closed)
     }
+
+    /// A read-only handle that does not keep the log open: for commit listeners, which
+    /// the log itself holds, so a full handle there would keep the log alive forever.
+    pub fn reader(&self) -> LogReader {
+        LogReader {
+            shared: Arc::downgrade(&self.inner.shared),
+        }
+    }
+}
+
+/// Reads the log without keeping it open; see [`EventLog::reader`]. Once the log is closed
+/// or dropped, reads fail with [`StoreError::Closed`].
+#[derive(Clone)]
+pub struct LogReader {
+    shared: std::sync::Weak<Shared>,
+}
+
+impl LogReader {
+    /// As [`EventLog::read`].
+    pub fn read(&self, from_seq: u64, to_seq: u64) -> ReadEvents {
+        let Some(shared) = self.shared.upgrade() else {
+            return ReadEvents::failed(StoreError::Closed);
+        };
+        let head = *read(&shared.head);
+        match read(&shared.segments).clone() {
+            Some(tree) => ReadEvents::new(tree, from_seq, to_seq.min(head.seq)),
+            None => ReadEvents::failed(StoreError::Closed),
+        }
+    }
+}
+
+impl std::fmt::Debug for LogReader {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("LogReader").finish_non_exhaustive()
+    }
 }
 
 impl std::fmt::Debug for EventLog {

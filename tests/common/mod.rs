@@ -81,6 +81,40 @@ impl TestServer {
             .expect("server task did not panic")
     }
 
+    /// Stops the server the way a crash would: the `run` future is dropped mid-flight, with
+    /// no graceful shutdown, no final snapshot and no close of the log. Waits until the
+    /// data directory is free again (its last handles are released by background tasks).
+    pub async fn kill(mut self) {
+        self.shutdown.take();
+        if let Some(handle) = self.handle.take() {
+            handle.abort();
+            let _ = handle.await;
+        }
+    }
+
+    /// Starts a server on `data_dir` after a `kill`, retrying while the killed one still
+    /// holds the directory lock.
+    pub async fn start_after_kill(data_dir: &Path) -> Self {
+        let deadline = tokio::time::Instant::now() + STOP_TIMEOUT;
+        loop {
+            let server = Self::start(data_dir).await;
+            // A started server answers; one that could not open the log has returned.
+            tokio::time::sleep(Duration::from_millis(50)).await;
+            if !server.handle.as_ref().is_some_and(JoinHandle::is_finished) {
+                return server;
+            }
+            let error = server
+                .exit()
+                .await
+                .expect_err("finished early means failed");
+            assert!(
+                error.to_string().contains("already using")
+                    && tokio::time::Instant::now() < deadline,
+                "restart after kill failed: {error}"
+            );
+        }
+    }
+
     /// Waits for `run` to return by itself (e.g. because it could not start).
     pub async fn exit(mut self) -> Result<(), RunError> {
         let handle = self.handle.take().expect("server running");

@@ -1,0 +1,551 @@
+//! The aggregate read model: for every KPI, every series (one per combination of label
+//! values) and every grain, the mergeable state of each calendar bucket, folded from the
+//! measurements of the log.
+//!
+//! Queries merge the buckets of the series that match a label filter into one series per
+//! group-by combination; a RATIO KPI is answered from its operands' series. Bucket keys are
+//! bucket starts in the KPI's timezone, so a late measurement updates its own past bucket.
+
+use std::collections::{BTreeMap, HashMap};
+
+use chrono::{DateTime, Utc};
+use serde::{Deserialize, Serialize};
+
+use crate::domain::aggregate::{
+    BucketState, Observation, RatioOperand, Retracted, Summary, ratio_summary,
+};
+use crate::domain::calendar::{self, Bucket, BucketKey, Calendar};
+use crate::domain::{Event, Grain, KpiDefinition, KpiKind, Measurement, Rejection};
+
+/// Most series (label combinations) one KPI may have. Each series keeps buckets for six
+/// grains, so an unbounded label (a user id as a label value) would grow memory without
+/// limit; use `subject` and a DISTINCT KPI for such values.
+pub const MAX_SERIES_PER_KPI: usize = 10_000;
+/// Most buckets of one series a query may span: two years of hours is 17,520; this leaves
+/// room for a decade of hours while bounding the work of one request.
+pub const MAX_BUCKETS_PER_QUERY: u64 = 100_000;
+/// Most buckets one answer may hold over all its groups.
+pub const MAX_BUCKETS_PER_ANSWER: usize = 1_000_000;
+
+/// Label values of one series, by dimension.
+pub type Labels = BTreeMap<String, String>;
+
+/// How empty buckets are answered.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum Fill {
+    /// Left out.
+    #[default]
+    None,
+    /// Sent with count 0 and no value.
+    Absent,
+    /// Sent with count 0 and value 0.
+    Zero,
+}
+
+/// A GetAggregates question, checked against the KPI by [`Aggregates::query`].
+#[derive(Debug, Clone, PartialEq)]
+pub struct AggregateQuery {
+    /// The KPI.
+    pub kpi_id: String,
+    /// Bucket size.
+    pub grain: Grain,
+    /// Buckets overlapping [start, end) are answered.
+    pub start: DateTime<Utc>,
+    /// End of the range (exclusive).
+    pub end: DateTime<Utc>,
+    /// Equality filter on declared dimensions.
+    pub filter: Labels,
+    /// Dimensions to group by; empty merges all series.
+    pub group_by: Vec<String>,
+    /// Empty buckets.
+    pub fill: Fill,
+}
+
+/// One bucket of one group of an answer.
+#[derive(Debug, Clone, PartialEq)]
+pub struct AnsweredBucket {
+    /// The group's label values (the group-by dimensions).
+    pub labels: Labels,
+    /// Where the bucket lies.
+    pub bucket: Bucket,
+    /// Its aggregate.
+    pub summary: Summary,
+    /// The KPI definition version it was computed under.
+    pub definition_version: u64,
+}
+
+/// The buckets of one series of a measured KPI, per grain.
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+struct Series {
+    grains: [BTreeMap<BucketKey, BucketState>; 6],
+}
+
+/// What the projection keeps of one KPI.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+struct KpiAggregates {
+    definition: KpiDefinition,
+    version: u64,
+    /// A cache of bucket boundaries; not snapshotted, made again from the timezone.
+    #[serde(skip, default = "utc_calendar")]
+    calendar: Calendar,
+    /// The state of a bucket without measurements, cloned for every new bucket.
+    empty: BucketState,
+    series: HashMap<Labels, Series>,
+}
+
+impl KpiAggregates {
+    /// `None` for a RATIO KPI, which has no buckets of its own.
+    fn new(definition: KpiDefinition, version: u64) -> Option<Self> {
+        Some(Self {
+            calendar: Calendar::new(definition.timezone),
+            empty: BucketState::new(definition.kind)?,
+            definition,
+            version,
+            series: HashMap::new(),
+        })
+    }
+
+    fn record(&mut self, measurement: &Measurement, seq: u64) {
+        let calendar = &mut self.calendar;
+        let empty = &self.empty;
+        let series = match self.series.get_mut(&measurement.labels) {
+            Some(series) => series,
+            None => self.series.entry(measurement.labels.clone()).or_default(),
+        };
+        let observation = Observation::of(measurement, seq);
+        for (slot, grain) in Grain::ALL.into_iter().enumerate() {
+            let key = calendar.bucket_of(grain, measurement.occurred_at).key();
+            let state = series.grains[slot]
+                .entry(key)
+                .or_insert_with(|| empty.clone());
+            // Stored measurements were validated against this kind; a score outside its
+            // range can only come from a definition changed since, which rebuilds.
+            let _ = state.record(observation);
+        }
+    }
+
+    /// Takes one recorded measurement back out of its buckets. Returns false when a bucket
+    /// cannot subtract it exactly (sketches, extremes, LAST): the KPI must be refolded.
+    fn retract(&mut self, measurement: &Measurement, seq: u64) -> bool {
+        let calendar = &mut self.calendar;
+        let Some(series) = self.series.get_mut(&measurement.labels) else {
+            return true;
+        };
+        let observation = Observation::of(measurement, seq);
+        let mut exact = true;
+        for (slot, grain) in Grain::ALL.into_iter().enumerate() {
+            let key = calendar.bucket_of(grain, measurement.occurred_at).key();
+            if let Some(state) = series.grains[slot].get_mut(&key) {
+                match state.retract(observation) {
+                    Ok(Retracted::Exact) => {
+                        if state.count() == 0 {
+                            series.grains[slot].remove(&key);
+                        }
+                    }
+                    Ok(Retracted::MinMaxStale) | Err(_) => exact = false,
+                }
+            }
+        }
+        exact
+    }
+}
+
+/// The calendar a deserialised KPI holds until [`Aggregates::restore_calendars`] runs.
+fn utc_calendar() -> Calendar {
+    Calendar::new(chrono_tz::Tz::UTC)
+}
+
+/// The aggregate state of every KPI.
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+pub struct Aggregates {
+    measured: HashMap<String, KpiAggregates>,
+    /// RATIO KPIs: their definition and version.
+    ratios: HashMap<String, (KpiDefinition, u64)>,
+    /// Seqs of retracted measurements, with the seq of the retraction.
+    retracted: HashMap<u64, u64>,
+    /// Seq of the last event folded in.
+    seq: u64,
+}
+
+impl Aggregates {
+    /// Seq of the last event folded in.
+    pub fn seq(&self) -> u64 {
+        self.seq
+    }
+
+    /// Gives every KPI the calendar of its timezone again, after deserialisation.
+    pub fn restore_calendars(&mut self) {
+        for kpi in self.measured.values_mut() {
+            kpi.calendar = Calendar::new(kpi.definition.timezone);
+        }
+    }
+
+    /// Folds one committed event. `measurement_at` finds a stored measurement by seq (a
+    /// retraction names only the seq it withdraws). Returns the id of a KPI whose buckets
+    /// are no longer valid (its kind or timezone changed, or a retraction cannot be
+    /// subtracted): the caller must rebuild it with [`Aggregates::rebuild_kpi`] from the log.
+    pub fn apply(
+        &mut self,
+        seq: u64,
+        event: &Event,
+        measurement_at: impl FnOnce(u64) -> Option<Measurement>,
+    ) -> Option<String> {
+        self.seq = seq;
+        match event {
+            Event::MeasurementRetracted { retracted_seq, .. } => {
+                self.retracted.insert(*retracted_seq, seq);
+                let measurement = measurement_at(*retracted_seq)?;
+                let kpi = self.measured.get_mut(&measurement.kpi_id)?;
+                let exact = kpi.retract(&measurement, *retracted_seq);
+                (!exact).then(|| measurement.kpi_id.clone())
+            }
+            Event::MeasurementRecorded(measurement) => {
+                if let Some(kpi) = self.measured.get_mut(&measurement.kpi_id) {
+                    kpi.record(measurement, seq);
+                }
+                None
+            }
+            Event::KpiDefined { definition } => {
+                self.define(definition.clone(), 1);
+                None
+            }
+            Event::KpiUpdated {
+                definition,
+                version,
+            } => {
+                let previous = self
+                    .measured
+                    .get(&definition.id)
+                    .map(|kpi| (kpi.definition.kind, kpi.definition.timezone));
+                match previous {
+                    Some((kind, timezone))
+                        if kind == definition.kind && timezone == definition.timezone =>
+                    {
+                        if let Some(kpi) = self.measured.get_mut(&definition.id) {
+                            kpi.definition = definition.clone();
+                            kpi.version = *version;
+                        }
+                        None
+                    }
+                    _ => {
+                        // New kind or timezone: the old buckets mean nothing any more.
+                        self.define(definition.clone(), *version);
+                        self.measured
+                            .contains_key(&definition.id)
+                            .then(|| definition.id.clone())
+                    }
+                }
+            }
+            Event::KpiRetired {
+                kpi_id, version, ..
+            } => {
+                if let Some(kpi) = self.measured.get_mut(kpi_id) {
+                    kpi.version = *version;
+                }
+                if let Some((_, v)) = self.ratios.get_mut(kpi_id) {
+                    *v = *version;
+                }
+                None
+            }
+            Event::TargetSet { .. } | Event::TargetRemoved { .. } => None,
+        }
+    }
+
+    /// Replaces the buckets of `kpi_id` by a fold of `measurements` (its stored
+    /// measurements in seq order, up to the current seq); retracted ones are skipped.
+    pub fn rebuild_kpi<'a>(
+        &mut self,
+        kpi_id: &str,
+        measurements: impl IntoIterator<Item = (u64, &'a Measurement)>,
+    ) {
+        if let Some(kpi) = self.measured.get_mut(kpi_id) {
+            kpi.series.clear();
+            for (seq, measurement) in measurements {
+                if !self.retracted.contains_key(&seq) {
+                    kpi.record(measurement, seq);
+                }
+            }
+        }
+    }
+
+    /// The seq of the retraction that withdrew the measurement at `seq`, if one did.
+    pub fn retracted_by(&self, seq: u64) -> Option<u64> {
+        self.retracted.get(&seq).copied()
+    }
+
+    fn define(&mut self, definition: KpiDefinition, version: u64) {
+        let id = definition.id.clone();
+        self.measured.remove(&id);
+        self.ratios.remove(&id);
+        match KpiAggregates::new(definition.clone(), version) {
+            Some(kpi) => {
+                self.measured.insert(id, kpi);
+            }
+            None => {
+                self.ratios.insert(id, (definition, version));
+            }
+        }
+    }
+
+    /// Whether a measurement may be stored without passing the KPI's series limit: its
+    /// series exists already, or there is room for a new one.
+    pub fn check_series(&self, measurement: &Measurement) -> Result<(), Rejection> {
+        match self.measured.get(&measurement.kpi_id) {
+            Some(kpi)
+                if kpi.series.len() >= MAX_SERIES_PER_KPI
+                    && !kpi.series.contains_key(&measurement.labels) =>
+            {
+                Err(Rejection::ResourceExhausted {
+                    field: "labels".into(),
+                    reason: format!(
+                        "kpi '{}' has reached its limit of {MAX_SERIES_PER_KPI} label combinations",
+                        measurement.kpi_id
+                    ),
+                })
+            }
+            _ => Ok(()),
+        }
+    }
+
+    /// Answers a GetAggregates question.
+    pub fn query(&self, query: &AggregateQuery) -> Result<Vec<AnsweredBucket>, Rejection> {
+        let (definition, version) = self.definition(&query.kpi_id)?;
+        check_labels(definition, query)?;
+        let tz = definition.timezone;
+        if query.end <= query.start {
+            return Err(Rejection::invalid("end", "must be after start"));
+        }
+        let buckets = calendar::count_buckets(query.grain, tz, query.start, query.end);
+        if buckets > MAX_BUCKETS_PER_QUERY {
+            return Err(Rejection::invalid(
+                "grain",
+                format!(
+                    "the range spans {buckets} {:?} buckets, at most {MAX_BUCKETS_PER_QUERY} per request: use a coarser grain or a shorter range",
+                    query.grain
+                ),
+            ));
+        }
+        let groups = match &definition.ratio {
+            None => self
+                .merged(&query.kpi_id, query)?
+                .into_iter()
+                .map(|(labels, buckets)| {
+                    let summaries = buckets
+                        .into_iter()
+                        .map(|(key, bucket)| (key, bucket.summary))
+                        .collect::<BTreeMap<_, _>>();
+                    (labels, summaries)
+                })
+                .collect(),
+            Some(ratio) => {
+                let numerator = self.merged(&ratio.numerator_kpi_id, query)?;
+                let denominator = self.merged(&ratio.denominator_kpi_id, query)?;
+                ratio_groups(numerator, denominator, ratio.scale)
+            }
+        };
+        let kind = definition.kind;
+        let mut answer = Vec::new();
+        for (labels, by_start) in groups {
+            for bucket in calendar::buckets_in(query.grain, tz, query.start, query.end) {
+                let summary = match by_start.get(&bucket.key()) {
+                    Some(summary) => summary.clone(),
+                    None => match empty_summary(kind, query.fill) {
+                        Some(summary) => summary,
+                        None => continue,
+                    },
+                };
+                if answer.len() >= MAX_BUCKETS_PER_ANSWER {
+                    return Err(Rejection::ResourceExhausted {
+                        field: "group_by".into(),
+                        reason: format!(
+                            "the answer would hold more than {MAX_BUCKETS_PER_ANSWER} buckets: group by fewer dimensions, filter, or shorten the range"
+                        ),
+                    });
+                }
+                answer.push(AnsweredBucket {
+                    labels: labels.clone(),
+                    bucket,
+                    summary,
+                    definition_version: version,
+                });
+            }
+        }
+        Ok(answer)
+    }
+
+    fn definition(&self, kpi_id: &str) -> Result<(&KpiDefinition, u64), Rejection> {
+        if let Some(kpi) = self.measured.get(kpi_id) {
+            return Ok((&kpi.definition, kpi.version));
+        }
+        self.ratios
+            .get(kpi_id)
+            .map(|(definition, version)| (definition, *version))
+            .ok_or_else(|| Rejection::not_found("kpi_id", format!("kpi '{kpi_id}'")))
+    }
+
+    /// The buckets of a measured KPI in the query's range, merged per group, as summaries
+    /// (and, for ratio operands, their sums).
+    fn merged(
+        &self,
+        kpi_id: &str,
+        query: &AggregateQuery,
+    ) -> Result<BTreeMap<Labels, BTreeMap<BucketKey, MergedBucket>>, Rejection> {
+        let Some(kpi) = self.measured.get(kpi_id) else {
+            return Ok(BTreeMap::new());
+        };
+        let slot = slot(query.grain);
+        let first = calendar::bucket_of(query.grain, kpi.definition.timezone, query.start).key();
+        let mut groups: BTreeMap<Labels, BTreeMap<BucketKey, BucketState>> = BTreeMap::new();
+        for (labels, series) in &kpi.series {
+            if !query
+                .filter
+                .iter()
+                .all(|(key, value)| labels.get(key) == Some(value))
+            {
+                continue;
+            }
+            let group_labels: Labels = query
+                .group_by
+                .iter()
+                .filter_map(|key| labels.get(key).map(|value| (key.clone(), value.clone())))
+                .collect();
+            let group = groups.entry(group_labels).or_default();
+            for (key, state) in series.grains[slot].range(first..) {
+                if key.start() >= query.end {
+                    break;
+                }
+                match group.get_mut(key) {
+                    Some(merged) => merged.merge(state).map_err(|e| {
+                        Rejection::precondition("kpi_id", format!("buckets do not merge: {e}"))
+                    })?,
+                    None => {
+                        group.insert(*key, state.clone());
+                    }
+                }
+            }
+        }
+        Ok(groups
+            .into_iter()
+            .map(|(labels, buckets)| {
+                let buckets = buckets
+                    .into_iter()
+                    .map(|(key, state)| {
+                        (
+                            key,
+                            MergedBucket {
+                                summary: state.summary(),
+                                operand: state.ratio_operand(),
+                            },
+                        )
+                    })
+                    .collect();
+                (labels, buckets)
+            })
+            .collect())
+    }
+}
+
+/// A merged bucket: its summary, and its sum when it can be a ratio operand.
+#[derive(Debug, Clone)]
+struct MergedBucket {
+    summary: Summary,
+    operand: Option<RatioOperand>,
+}
+
+/// Groups of a ratio: for every group and bucket of either operand,
+/// scale x sum(numerator) / sum(denominator).
+fn ratio_groups(
+    numerator: BTreeMap<Labels, BTreeMap<BucketKey, MergedBucket>>,
+    denominator: BTreeMap<Labels, BTreeMap<BucketKey, MergedBucket>>,
+    scale: f64,
+) -> BTreeMap<Labels, BTreeMap<BucketKey, Summary>> {
+    let mut groups: BTreeMap<Labels, BTreeMap<BucketKey, (RatioOperand, RatioOperand)>> =
+        BTreeMap::new();
+    for (labels, buckets) in numerator {
+        let group = groups.entry(labels).or_default();
+        for (key, bucket) in buckets {
+            group.entry(key).or_default().0 = bucket.operand.unwrap_or_default();
+        }
+    }
+    for (labels, buckets) in denominator {
+        let group = groups.entry(labels).or_default();
+        for (key, bucket) in buckets {
+            group.entry(key).or_default().1 = bucket.operand.unwrap_or_default();
+        }
+    }
+    groups
+        .into_iter()
+        .map(|(labels, buckets)| {
+            let buckets = buckets
+                .into_iter()
+                .map(|(key, (num, den))| (key, ratio_summary(num, den, scale)))
+                .collect();
+            (labels, buckets)
+        })
+        .collect()
+}
+
+/// Checks that filter keys and group-by dimensions are declared dimensions.
+fn check_labels(definition: &KpiDefinition, query: &AggregateQuery) -> Result<(), Rejection> {
+    let declared = |key: &str| definition.dimensions.iter().any(|d| d == key);
+    for key in query.filter.keys() {
+        if !declared(key) {
+            return Err(Rejection::invalid(
+                format!("filter[{key:?}]"),
+                format!(
+                    "'{key}' is not a declared dimension of kpi '{}' (declared: [{}])",
+                    definition.id,
+                    definition.dimensions.join(", ")
+                ),
+            ));
+        }
+    }
+    for (i, key) in query.group_by.iter().enumerate() {
+        if !declared(key) {
+            return Err(Rejection::invalid(
+                format!("group_by[{i}]"),
+                format!(
+                    "'{key}' is not a declared dimension of kpi '{}' (declared: [{}])",
+                    definition.id,
+                    definition.dimensions.join(", ")
+                ),
+            ));
+        }
+        if query.group_by[..i].contains(key) {
+            return Err(Rejection::invalid(
+                format!("group_by[{i}]"),
+                format!("'{key}' is listed twice"),
+            ));
+        }
+    }
+    Ok(())
+}
+
+/// What an empty bucket answers under `fill`, or `None` to leave it out.
+fn empty_summary(kind: KpiKind, fill: Fill) -> Option<Summary> {
+    let absent = Summary {
+        value: None,
+        count: 0,
+        sum: None,
+        min: None,
+        max: None,
+        detail: None,
+    };
+    match fill {
+        Fill::None => None,
+        Fill::Absent => Some(absent),
+        Fill::Zero => Some(Summary {
+            value: Some(0.0),
+            sum: matches!(kind, KpiKind::Sum | KpiKind::Count | KpiKind::Average).then_some(0.0),
+            ..absent
+        }),
+    }
+}
+
+/// Index of a grain in `Series::grains`.
+fn slot(grain: Grain) -> usize {
+    Grain::ALL
+        .iter()
+        .position(|g| *g == grain)
+        .unwrap_or_default()
+}

@@ -1,0 +1,160 @@
+//! Snapshots of the read models: the catalog and the aggregates with the seq they cover
+//! and the chain hash at that seq, in one file written atomically (temporary file, fsync,
+//! rename, fsync of the directory), so a restart replays only the log's tail.
+//!
+//! A snapshot that is missing, unreadable, of another format, or that does not match the
+//! log (its hash differs from the log's hash at its seq, or it is ahead of the log) is
+//! discarded with a warning and the read models are rebuilt from the whole log.
+
+use std::fs;
+use std::io::Write;
+use std::path::{Path, PathBuf};
+
+use serde::{Deserialize, Serialize};
+
+use crate::domain::Catalog;
+use crate::projection::Aggregates;
+use crate::store::{EventLog, Hash};
+
+/// File name of the snapshot inside the snapshot directory.
+pub const SNAPSHOT_FILE: &str = "projection.snapshot";
+/// Format of the snapshot file; a build reads only its own format (anything else is
+/// discarded and rebuilt, which is always correct, only slower).
+const FORMAT: u32 = 1;
+
+/// What a snapshot holds.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct Snapshot {
+    format: u32,
+    /// Every event up to this seq is folded in.
+    pub seq: u64,
+    /// The chain hash at `seq`, to recognise the log the snapshot belongs to.
+    pub hash: Hash,
+    /// The catalog at `seq`.
+    pub catalog: Catalog,
+    /// The aggregates at `seq`.
+    pub aggregates: Aggregates,
+}
+
+impl Snapshot {
+    /// A snapshot of read models that cover exactly up to `seq`, with `hash` the chain hash
+    /// there.
+    pub fn new(seq: u64, hash: Hash, catalog: Catalog, aggregates: Aggregates) -> Self {
+        Self {
+            format: FORMAT,
+            seq,
+            hash,
+            catalog,
+            aggregates,
+        }
+    }
+}
+
+/// Why a snapshot was not used.
+#[derive(Debug, thiserror::Error)]
+pub enum SnapshotError {
+    /// Reading or writing the file failed.
+    #[error("snapshot file {path}: {source}")]
+    Io {
+        /// The file.
+        path: PathBuf,
+        /// What failed.
+        source: std::io::Error,
+    },
+    /// The bytes do not decode.
+    #[error("snapshot does not decode: {0}")]
+    Decode(String),
+    /// The snapshot is from another build's format.
+    #[error("snapshot format {found}, this build reads {FORMAT}")]
+    Format {
+        /// The format found.
+        found: u32,
+    },
+    /// The snapshot does not belong to this log.
+    #[error("snapshot at seq {seq} does not match the log: {reason}")]
+    Mismatch {
+        /// The snapshot's seq.
+        seq: u64,
+        /// How it differs.
+        reason: String,
+    },
+}
+
+fn io_error(path: &Path) -> impl FnOnce(std::io::Error) -> SnapshotError + '_ {
+    move |source| SnapshotError::Io {
+        path: path.to_owned(),
+        source,
+    }
+}
+
+/// Writes `snapshot` into `dir` atomically: a reader sees the old file or the new one.
+pub fn write(dir: &Path, snapshot: &Snapshot) -> Result<u64, SnapshotError> {
+    fs::create_dir_all(dir).map_err(io_error(dir))?;
+    let bytes = bincode::serde::encode_to_vec(snapshot, bincode::config::standard())
+        .map_err(|e| SnapshotError::Decode(e.to_string()))?;
+    let path = dir.join(SNAPSHOT_FILE);
+    let temporary = dir.join(format!("{SNAPSHOT_FILE}.tmp"));
+    let mut file = fs::File::create(&temporary).map_err(io_error(&temporary))?;
+    file.write_all(&bytes).map_err(io_error(&temporary))?;
+    file.sync_all().map_err(io_error(&temporary))?;
+    drop(file);
+    fs::rename(&temporary, &path).map_err(io_error(&path))?;
+    // The rename is durable once the directory entry is.
+    fs::File::open(dir)
+        .and_then(|d| d.sync_all())
+        .map_err(io_error(dir))?;
+    Ok(u64::try_from(bytes.len()).unwrap_or(u64::MAX))
+}
+
+/// Reads the snapshot in `dir` and checks that it belongs to `log`. `Ok(None)` when there
+/// is none.
+pub fn read(dir: &Path, log: &EventLog) -> Result<Option<Snapshot>, SnapshotError> {
+    let path = dir.join(SNAPSHOT_FILE);
+    let bytes = match fs::read(&path) {
+        Ok(bytes) => bytes,
+        Err(error) if error.kind() == std::io::ErrorKind::NotFound => return Ok(None),
+        Err(error) => return Err(io_error(&path)(error)),
+    };
+    let (mut snapshot, _): (Snapshot, usize) =
+        bincode::serde::decode_from_slice(&bytes, bincode::config::standard())
+            .map_err(|e| SnapshotError::Decode(e.to_string()))?;
+    if snapshot.format != FORMAT {
+        return Err(SnapshotError::Format {
+            found: snapshot.format,
+        });
+    }
+    let head = log.head();
+    if snapshot.seq > head.seq {
+        return Err(SnapshotError::Mismatch {
+            seq: snapshot.seq,
+            reason: format!("the log ends at seq {}", head.seq),
+        });
+    }
+    let hash = if snapshot.seq == 0 {
+        crate::store::GENESIS_HASH
+    } else {
+        match log.read(snapshot.seq, snapshot.seq).next() {
+            Some(Ok(stored)) => stored.hash,
+            Some(Err(error)) => {
+                return Err(SnapshotError::Mismatch {
+                    seq: snapshot.seq,
+                    reason: error.to_string(),
+                });
+            }
+            None => {
+                return Err(SnapshotError::Mismatch {
+                    seq: snapshot.seq,
+                    reason: "the log has no event there".into(),
+                });
+            }
+        }
+    };
+    if hash != snapshot.hash {
+        return Err(SnapshotError::Mismatch {
+            seq: snapshot.seq,
+            reason: "the chain hash differs".into(),
+        });
+    }
+    snapshot.aggregates.restore_calendars();
+    Ok(Some(snapshot))
+}
