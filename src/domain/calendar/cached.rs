@@ -90,7 +90,7 @@ impl Calendar {
     /// The bucket of `grain` that contains `instant`; equals [`super::bucket_of`].
     #[inline]
     pub fn bucket_of(&mut self, grain: Grain, instant: DateTime<Utc>) -> Bucket {
-        let recent = &mut self.recent[grain.slot()];
+        let recent = &self.recent[grain.slot()];
         if recent.contains(instant) {
             return *recent;
         }

@@ -184,6 +184,35 @@ fn beirut_day_after_midnight_spring_forward_starts_at_one() {
 }
 
 #[test]
+fn st_johns_setback_across_midnight_files_the_repeat_under_the_new_day() {
+    // America/St_Johns changed at 00:01 local until 2011. On 2006-10-29 at 00:01 NDT
+    // (-02:30, 02:31Z) the clock went back to 23:01 NST (-03:30) on the 28th, so local
+    // midnight of the 29th was shown twice: 02:30Z and 03:30Z. The earlier one starts the
+    // day, so the 28th ends at 02:30Z and the repeated 23:01-24:00 of the 28th
+    // (02:31Z-03:30Z) falls in the bucket of the 29th, which ends at 30 October 00:00 NST
+    // (03:30Z): 25 hours.
+    let st_johns = Tz::America__St_Johns;
+    let day = bucket("2006-10-29T02:30:00Z", "2006-10-30T03:30:00Z");
+    assert_eq!(
+        bucket_of(Grain::Day, st_johns, at("2006-10-29T03:00:00Z")),
+        day
+    );
+    assert_eq!(
+        bucket_of(Grain::Day, st_johns, at("2006-10-29T02:29:59Z")),
+        bucket("2006-10-28T02:30:00Z", "2006-10-29T02:30:00Z")
+    );
+    // In hours: 00:00-00:01 NDT, then the repeated 23:01-24:00 NST, then 00:00 NST.
+    assert_eq!(
+        bucket_of(Grain::Hour, st_johns, at("2006-10-29T02:30:30Z")),
+        bucket("2006-10-29T02:30:00Z", "2006-10-29T02:31:00Z")
+    );
+    assert_eq!(
+        bucket_of(Grain::Hour, st_johns, at("2006-10-29T03:00:00Z")),
+        bucket("2006-10-29T02:31:00Z", "2006-10-29T03:30:00Z")
+    );
+}
+
+#[test]
 fn kolkata_hours_start_at_half_past_utc() {
     // +05:30, no DST: 16:15 local is 10:45Z, in the hour 16:00-17:00 = 10:30Z-11:30Z.
     let kolkata = Tz::Asia__Kolkata;
@@ -260,6 +289,35 @@ fn chatham_fall_back_at_quarter_to_four() {
         26
     );
     assert_eq!(count_buckets(Grain::Hour, chatham, day.start, day.end), 26);
+}
+
+#[test]
+fn athens_1916_set_forward_within_an_hour_keeps_one_bucket() {
+    // The only forward change within one clock hour in chrono-tz's tables: Athens left
+    // mean time (+01:34:52) for EET (+02:00) at 1916-07-27T22:26:08Z, when the clock
+    // went from 00:00:59 to 00:26:08 on 28 July. Hour 00 began at 00:00 under +01:34:52
+    // (22:25:08Z) and ends at 01:00 EET (23:00Z), one bucket across the change.
+    let athens = Tz::Europe__Athens;
+    let hour = bucket("1916-07-27T22:25:08Z", "1916-07-27T23:00:00Z");
+    assert_eq!(
+        bucket_of(Grain::Hour, athens, at("1916-07-27T22:26:07Z")),
+        hour
+    );
+    assert_eq!(
+        bucket_of(Grain::Hour, athens, at("1916-07-27T22:26:08Z")),
+        hour
+    );
+    assert_eq!(
+        Calendar::new(athens).bucket_of(Grain::Hour, at("1916-07-27T22:26:08Z")),
+        hour
+    );
+    let day = bucket_of(Grain::Day, athens, at("1916-07-28T12:00:00Z"));
+    assert_eq!(day.start, hour.start);
+    assert_eq!(
+        buckets_in(Grain::Hour, athens, day.start, day.end).count(),
+        24
+    );
+    assert_eq!(count_buckets(Grain::Hour, athens, day.start, day.end), 24);
 }
 
 #[test]
@@ -377,11 +435,41 @@ fn offset_changes_in_the_test_zones_are_far_apart() {
     }
 }
 
+#[test]
+fn laws_hold_around_every_offset_change_of_the_test_zones() {
+    // Deterministic companion of the property tests: the seconds right around each
+    // change, where the rules differ from plain arithmetic.
+    let nearby = [
+        -3_601, -3_600, -61, -1, 0, 1, 60, 1_800, 3_599, 3_600, 86_399,
+    ];
+    for &tz in &ZONES {
+        let mut calendar = Calendar::new(tz);
+        for &change in offset_changes(tz) {
+            for delta in nearby {
+                let instant = DateTime::from_timestamp(change + delta, 0).unwrap();
+                for grain in Grain::ALL {
+                    let bucket = bucket_of(grain, tz, instant);
+                    assert!(
+                        bucket.contains(instant),
+                        "{tz} {grain:?} {instant} {bucket:?}"
+                    );
+                    assert_eq!(next_bucket(grain, tz, bucket).start, bucket.end);
+                    assert_eq!(previous_bucket(grain, tz, bucket).end, bucket.start);
+                    assert_eq!(calendar.bucket_of(grain, instant), bucket, "{tz} {instant}");
+                }
+            }
+        }
+    }
+}
+
 // ---- property tests ----
 
-/// The zones the laws are checked in: the brief's list plus two with midnight changes
-/// and one that skipped a day.
-const ZONES: [Tz; 11] = [
+/// The zones the laws are checked in: UTC and seven with unusual offsets or changes,
+/// plus Beirut (changes at midnight), Apia (skipped a day), Nuuk (changes at 01:00 UTC:
+/// late Saturday evening local until 2023, across midnight since 2024), Athens (the
+/// one forward change within a clock hour) and St. John's (set back across midnight at
+/// 00:01 until 2011).
+const ZONES: [Tz; 13] = [
     Tz::UTC,
     Tz::Europe__Amsterdam,
     Tz::America__New_York,
@@ -393,6 +481,8 @@ const ZONES: [Tz; 11] = [
     Tz::Asia__Beirut,
     Tz::Pacific__Apia,
     Tz::America__Nuuk,
+    Tz::Europe__Athens,
+    Tz::America__St_Johns,
 ];
 
 /// Instants of the years 1900-2100, the range the tests draw from.
@@ -422,20 +512,26 @@ fn offset_changes(tz: Tz) -> &'static [i64] {
     &all[&tz]
 }
 
-/// An instant drawn from `choice`: either uniform over the tested years, or within two
-/// days of one of the zone's offset changes (where the interesting buckets are).
+/// An instant drawn from `choice`: either uniform over the tested years, or close to one
+/// of the zone's offset changes (where the interesting buckets are).
 fn instant(tz: Tz, near_change: bool, choice: u64, nanos: u32) -> DateTime<Utc> {
     let span = u64::try_from(LAST_TESTED - FIRST_TESTED).unwrap();
     let changes = offset_changes(tz);
     let second = if near_change && !changes.is_empty() {
         let index = usize::try_from(choice % u64::try_from(changes.len()).unwrap()).unwrap();
-        let window = u64::try_from(4 * 86_400).unwrap();
-        changes[index] - 2 * 86_400 + i64::try_from((choice / 7) % window).unwrap()
+        // Half within two days of the change, half within two hours.
+        let reach: i64 = if (choice >> 63) == 0 {
+            2 * 86_400
+        } else {
+            2 * 3_600
+        };
+        let window = u64::try_from(2 * reach).unwrap();
+        changes[index] - reach + i64::try_from((choice >> 20) % window).unwrap()
     } else {
         FIRST_TESTED + i64::try_from(choice % span).unwrap()
     };
     // Half the instants sit on a whole second, where the boundaries are.
-    let nanos = if nanos % 2 == 0 {
+    let nanos = if nanos.is_multiple_of(2) {
         0
     } else {
         nanos % 1_000_000_000
@@ -538,14 +634,14 @@ proptest! {
                 let grain = Grain::ALL[(first + offset) % 6];
                 let cached = calendar.bucket_of(grain, current);
                 prop_assert_eq!(cached, bucket_of(grain, tz, current), "{:?} at {}", grain, current);
-                if grain_choice % 5 == 0 {
+                if grain_choice.is_multiple_of(5) {
                     prop_assert_eq!(calendar.next(grain, cached), next_bucket(grain, tz, cached));
                     prop_assert_eq!(
                         calendar.previous(grain, cached),
                         previous_bucket(grain, tz, cached)
                     );
                 }
-                if grain_choice % 3 == 0 && offset == 2 {
+                if grain_choice.is_multiple_of(3) && offset == 2 {
                     break;
                 }
             }
