@@ -13,6 +13,7 @@ pub mod kpi;
 pub mod measurement;
 pub mod target;
 
+pub use aggregate::{AggregateError, BucketState, Observation, Retracted, Summary};
 pub use calendar::{
     Bucket, BucketKey, Buckets, Calendar, Grain, bucket_of, buckets_in, count_buckets, next_bucket,
     previous_bucket,

@@ -164,7 +164,9 @@ impl Bucket {
 /// Within one grain and timezone (which the KPI fixes) a bucket's start identifies it,
 /// and keys order like the buckets. For storage, [`BucketKey::to_be_bytes`] gives 8 bytes
 /// that sort bytewise in the same order.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
+#[derive(
+    Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord, serde::Serialize, serde::Deserialize,
+)]
 pub struct BucketKey(i64);
 
 impl BucketKey {
