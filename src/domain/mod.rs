@@ -1,8 +1,10 @@
-//! Pure KPI logic: definitions, measurements, events, the catalog and their validation.
+//! Pure KPI logic: definitions, measurements, events, the catalog and their validation,
+//! and the mergeable aggregate state of a bucket.
 //!
 //! Architecture invariant: nothing here does I/O or reads a clock. No tokio, sled, tonic
 //! or prost; the current time is always an argument.
 
+pub mod aggregate;
 pub mod calendar;
 pub mod catalog;
 pub mod error;
@@ -11,6 +13,7 @@ pub mod kpi;
 pub mod measurement;
 pub mod target;
 
+pub use aggregate::{AggregateError, BucketState, Observation, Retracted, Summary};
 pub use calendar::Grain;
 pub use catalog::{Catalog, KpiEntry};
 pub use error::Rejection;

@@ -1,0 +1,659 @@
+//! Bucket state: the mergeable aggregate of one calendar bucket of one series, per KPI kind,
+//! and the summary a query reports from it.
+//!
+//! Every kind has a state that is a monoid: [`BucketState::new`] is the empty bucket and
+//! [`BucketState::merge`] combines two buckets, so a month is the merge of its days and a
+//! group-by rollup the merge of its series, without rescanning events. A measurement is
+//! applied with [`BucketState::record`]; a retraction with [`BucketState::retract`], which
+//! is exact for COUNT, SUM, AVERAGE, NPS and CSAT and asks for a rebuild from the log where
+//! the state cannot subtract ([`AggregateError::NeedsRecompute`]).
+//!
+//! | kind       | state                                    | merge                 |
+//! |------------|------------------------------------------|-----------------------|
+//! | COUNT      | count                                    | exact                 |
+//! | SUM        | count, Neumaier sum, min, max            | sum up to rounding    |
+//! | AVERAGE    | SUM's fields + Welford mean and m2       | Chan, up to rounding  |
+//! | MIN, MAX   | count, extreme                           | exact                 |
+//! | LAST       | count, value, occurred_at, seq           | exact                 |
+//! | NPS, CSAT  | histogram of scores                      | exact                 |
+//! | PERCENTILE | DDSketch (α = 1%) + Neumaier sum         | exact bins            |
+//! | DISTINCT   | count + HyperLogLog++ (p = 14)           | exact registers       |
+//!
+//! RATIO has no state of its own: its bucket is [`ratio_summary`] of its numerator's and
+//! denominator's SUM or COUNT buckets ([`BucketState::ratio_operand`]).
+//!
+//! Pure: no I/O, no clock. States derive serde so projections can snapshot them.
+
+mod compensated;
+#[cfg(test)]
+mod laws;
+mod moments;
+mod order;
+mod scores;
+mod sketches;
+
+use chrono::{DateTime, Utc};
+use serde::{Deserialize, Serialize};
+
+pub use compensated::CompensatedSum;
+pub use moments::{AverageState, CountState, SumState};
+pub use order::{ExtremeState, LastState, MaxState, MinState};
+pub use scores::{CSAT_HIGHEST, CSAT_LOWEST, CsatState, NPS_HIGHEST, NPS_LOWEST, NpsState};
+pub use sketches::{
+    DISTINCT_PRECISION, DISTINCT_REGISTER_WIDTH, DISTINCT_STANDARD_ERROR, DistinctState,
+    PERCENTILE_MAX_BINS, PERCENTILE_MIN_MAGNITUDE, PERCENTILE_RELATIVE_ERROR, PercentileState,
+};
+
+use super::{KpiKind, Measurement};
+
+/// Confidence level of the NPS and CSAT intervals.
+pub const CONFIDENCE_LEVEL: f64 = 0.95;
+
+/// Two-sided 95% normal quantile, rounded to 1.96 as in the usual survey formulas
+/// (the exact value 1.959964 changes interval bounds by less than 0.01 percentage point).
+pub const Z_95: f64 = 1.96;
+
+/// NPS and CSAT buckets with fewer responses are flagged thin: the normal approximations
+/// behind their intervals are rough below about 30 responses.
+pub const THIN_SAMPLE_BELOW: u64 = 30;
+
+/// A count as f64. Exact for counts below 2^53 (9·10^15), far more measurements than one
+/// bucket can collect.
+#[inline]
+fn to_f64(count: u64) -> f64 {
+    // Not lossy in range, see above.
+    count as f64
+}
+
+/// What a bucket needs to know of one measurement.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct Observation<'a> {
+    /// The value (finite; an integer score for NPS and CSAT).
+    pub value: f64,
+    /// Event time: LAST keeps the latest.
+    pub occurred_at: DateTime<Utc>,
+    /// Seq of the event in the log: breaks LAST's ties on occurred_at.
+    pub seq: u64,
+    /// The subject DISTINCT counts.
+    pub subject: Option<&'a str>,
+}
+
+impl<'a> Observation<'a> {
+    /// The observation of a logged measurement.
+    pub fn of(measurement: &'a Measurement, seq: u64) -> Self {
+        Self {
+            value: measurement.value,
+            occurred_at: measurement.occurred_at,
+            seq,
+            subject: measurement.subject.as_deref(),
+        }
+    }
+}
+
+/// Why a bucket refused an operation. The bucket is unchanged after every error.
+#[derive(Debug, Clone, Copy, PartialEq, thiserror::Error)]
+pub enum AggregateError {
+    /// The state cannot subtract this measurement (it may have been the minimum, the
+    /// latest, or is folded into a sketch): rebuild the bucket from the log.
+    #[error("a {kind:?} bucket cannot take back this measurement: rebuild it from the log")]
+    NeedsRecompute {
+        /// Kind of the bucket.
+        kind: KpiKind,
+    },
+    /// A retraction on a bucket that holds no such measurement.
+    #[error("nothing to retract from this {kind:?} bucket")]
+    NothingToRetract {
+        /// Kind of the bucket.
+        kind: KpiKind,
+    },
+    /// An NPS or CSAT value that is not an integer score in range (ingest rejects these;
+    /// old measurements of a KPI whose kind changed may still be one).
+    #[error("{value} is not a {kind:?} score")]
+    NotAScore {
+        /// Kind of the bucket.
+        kind: KpiKind,
+        /// The value refused.
+        value: f64,
+    },
+    /// Merging buckets of two different kinds.
+    #[error("cannot merge a {theirs:?} bucket into a {ours:?} bucket")]
+    KindMismatch {
+        /// Kind of the bucket merged into.
+        ours: KpiKind,
+        /// Kind of the bucket merged from.
+        theirs: KpiKind,
+    },
+    /// Two percentile sketches with different parameters (cannot happen with states made
+    /// by this module; stored ones are checked when read).
+    #[error("percentile sketches with different parameters cannot merge")]
+    IncompatibleSketch,
+}
+
+/// How exact a successful retraction was.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Retracted {
+    /// The bucket is exactly as if the measurement had never been recorded (up to float
+    /// rounding of sums and variances).
+    Exact,
+    /// SUM or AVERAGE: count, sum and variance are exact, but the value taken back was at
+    /// a bound, so min and max may now be too wide. The bucket reports no min/max (also
+    /// after merges) until it is rebuilt from the log.
+    MinMaxStale,
+}
+
+/// The aggregate state of one bucket of one series, for every kind except RATIO.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub enum BucketState {
+    /// SUM.
+    Sum(SumState),
+    /// COUNT.
+    Count(CountState),
+    /// AVERAGE.
+    Average(AverageState),
+    /// MIN.
+    Min(MinState),
+    /// MAX.
+    Max(MaxState),
+    /// LAST.
+    Last(LastState),
+    /// NPS.
+    Nps(NpsState),
+    /// CSAT.
+    Csat(CsatState),
+    /// PERCENTILE.
+    Percentile(PercentileState),
+    /// DISTINCT.
+    Distinct(DistinctState),
+}
+
+impl BucketState {
+    /// The empty bucket of `kind` (the monoid's identity); `None` for RATIO, which has no
+    /// measurements of its own (see [`ratio_summary`]).
+    pub fn new(kind: KpiKind) -> Option<Self> {
+        Some(match kind {
+            KpiKind::Sum => Self::Sum(SumState::default()),
+            KpiKind::Count => Self::Count(CountState::default()),
+            KpiKind::Average => Self::Average(AverageState::default()),
+            KpiKind::Min => Self::Min(MinState::default()),
+            KpiKind::Max => Self::Max(MaxState::default()),
+            KpiKind::Last => Self::Last(LastState::default()),
+            KpiKind::Nps => Self::Nps(NpsState::default()),
+            KpiKind::Csat => Self::Csat(CsatState::default()),
+            KpiKind::Percentile => Self::Percentile(PercentileState::default()),
+            KpiKind::Distinct => Self::Distinct(DistinctState::default()),
+            KpiKind::Ratio => return None,
+        })
+    }
+
+    /// The kind this state aggregates.
+    pub fn kind(&self) -> KpiKind {
+        match self {
+            Self::Sum(_) => KpiKind::Sum,
+            Self::Count(_) => KpiKind::Count,
+            Self::Average(_) => KpiKind::Average,
+            Self::Min(_) => KpiKind::Min,
+            Self::Max(_) => KpiKind::Max,
+            Self::Last(_) => KpiKind::Last,
+            Self::Nps(_) => KpiKind::Nps,
+            Self::Csat(_) => KpiKind::Csat,
+            Self::Percentile(_) => KpiKind::Percentile,
+            Self::Distinct(_) => KpiKind::Distinct,
+        }
+    }
+
+    /// Number of measurements in the bucket.
+    pub fn count(&self) -> u64 {
+        match self {
+            Self::Sum(s) => s.count(),
+            Self::Count(s) => s.count(),
+            Self::Average(s) => s.count(),
+            Self::Min(s) => s.count(),
+            Self::Max(s) => s.count(),
+            Self::Last(s) => s.count(),
+            Self::Nps(s) => s.count(),
+            Self::Csat(s) => s.count(),
+            Self::Percentile(s) => s.count(),
+            Self::Distinct(s) => s.count(),
+        }
+    }
+
+    /// Applies one measurement. Only NPS and CSAT can refuse (a value that is not a score);
+    /// the bucket is then unchanged.
+    #[inline]
+    pub fn record(&mut self, observation: Observation<'_>) -> Result<(), AggregateError> {
+        let value = observation.value;
+        match self {
+            Self::Sum(s) => s.record(value),
+            Self::Count(s) => s.record(),
+            Self::Average(s) => s.record(value),
+            Self::Min(s) => s.record(value),
+            Self::Max(s) => s.record(value),
+            Self::Last(s) => s.record(value, observation.occurred_at, observation.seq),
+            Self::Nps(s) => return s.record(value),
+            Self::Csat(s) => return s.record(value),
+            Self::Percentile(s) => s.record(value),
+            Self::Distinct(s) => s.record(observation.subject),
+        }
+        Ok(())
+    }
+
+    /// Removes one previously recorded measurement's contribution.
+    ///
+    /// - COUNT, NPS, CSAT: exact.
+    /// - SUM, AVERAGE: count, sum and variance exact; [`Retracted::MinMaxStale`] when the
+    ///   value was at a bound (min/max then need a rebuild).
+    /// - MIN, MAX, LAST: exact when the measurement is not the reported one, else
+    ///   [`AggregateError::NeedsRecompute`].
+    /// - PERCENTILE, DISTINCT: always [`AggregateError::NeedsRecompute`].
+    ///
+    /// On every error the bucket is unchanged.
+    pub fn retract(&mut self, observation: Observation<'_>) -> Result<Retracted, AggregateError> {
+        let value = observation.value;
+        match self {
+            Self::Sum(s) => s.retract(value),
+            Self::Count(s) => s.retract(),
+            Self::Average(s) => s.retract(value),
+            Self::Min(s) => s.retract(value),
+            Self::Max(s) => s.retract(value),
+            Self::Last(s) => s.retract(observation.occurred_at, observation.seq),
+            Self::Nps(s) => s.retract(value),
+            Self::Csat(s) => s.retract(value),
+            Self::Percentile(_) | Self::Distinct(_) => {
+                if self.count() == 0 {
+                    Err(AggregateError::NothingToRetract { kind: self.kind() })
+                } else {
+                    Err(AggregateError::NeedsRecompute { kind: self.kind() })
+                }
+            }
+        }
+    }
+
+    /// Merges another bucket of the same kind into this one (associative, with
+    /// [`BucketState::new`] as identity). Refuses buckets of another kind, unchanged.
+    pub fn merge(&mut self, other: &Self) -> Result<(), AggregateError> {
+        match (self, other) {
+            (Self::Sum(a), Self::Sum(b)) => a.merge(b),
+            (Self::Count(a), Self::Count(b)) => a.merge(b),
+            (Self::Average(a), Self::Average(b)) => a.merge(b),
+            (Self::Min(a), Self::Min(b)) => a.merge(b),
+            (Self::Max(a), Self::Max(b)) => a.merge(b),
+            (Self::Last(a), Self::Last(b)) => a.merge(b),
+            (Self::Nps(a), Self::Nps(b)) => a.merge(b),
+            (Self::Csat(a), Self::Csat(b)) => a.merge(b),
+            (Self::Percentile(a), Self::Percentile(b)) => a.merge(b)?,
+            (Self::Distinct(a), Self::Distinct(b)) => a.merge(b),
+            (ours, theirs) => {
+                return Err(AggregateError::KindMismatch {
+                    ours: ours.kind(),
+                    theirs: theirs.kind(),
+                });
+            }
+        }
+        Ok(())
+    }
+
+    /// What the bucket reports to a query.
+    pub fn summary(&self) -> Summary {
+        match self {
+            Self::Sum(s) => s.summary(),
+            Self::Count(s) => s.summary(),
+            Self::Average(s) => s.summary(),
+            Self::Min(s) => s.summary(),
+            Self::Max(s) => s.summary(),
+            Self::Last(s) => s.summary(),
+            Self::Nps(s) => s.summary(),
+            Self::Csat(s) => s.summary(),
+            Self::Percentile(s) => s.summary(),
+            Self::Distinct(s) => s.summary(),
+        }
+    }
+
+    /// The bucket as a RATIO numerator or denominator: its sum (SUM) or its count (COUNT).
+    /// `None` for other kinds, which a ratio cannot use (`KpiKind::is_summable`).
+    pub fn ratio_operand(&self) -> Option<RatioOperand> {
+        match self {
+            Self::Sum(s) => Some(s.ratio_operand()),
+            Self::Count(s) => Some(s.ratio_operand()),
+            _ => None,
+        }
+    }
+}
+
+/// One side of a RATIO in one bucket: the sum of a SUM KPI or the count of a COUNT KPI.
+#[derive(Debug, Clone, Copy, Default, PartialEq)]
+pub struct RatioOperand {
+    /// The amount divided: the compensated sum (SUM) or the count (COUNT).
+    pub sum: f64,
+    /// Measurements behind it.
+    pub count: u64,
+}
+
+/// The bucket of a RATIO KPI from its operands' buckets over the same time range and
+/// series:
+///
+/// ```text
+/// value = scale × sum(numerator) / sum(denominator)      (none when the denominator is 0)
+/// ```
+///
+/// a ratio of sums, never an average of per-bucket ratios, so it merges correctly: the
+/// ratio of a month is computed from the month's merged operand buckets. `count` is the
+/// number of measurements of both operands; there is no sum, min or max. The detail always
+/// carries the two sums and the scale, also when the value is undefined.
+pub fn ratio_summary(numerator: RatioOperand, denominator: RatioOperand, scale: f64) -> Summary {
+    Summary {
+        value: (denominator.sum != 0.0).then(|| scale * numerator.sum / denominator.sum),
+        detail: Some(Detail::Ratio(RatioDetail {
+            numerator: numerator.sum,
+            denominator: denominator.sum,
+            scale,
+        })),
+        ..Summary::empty(numerator.count + denominator.count)
+    }
+}
+
+/// What a bucket reports: the fields of the API's `Bucket` message that come from the
+/// state (the api layer adds the time range, labels and definition version).
+#[derive(Debug, Clone, PartialEq)]
+pub struct Summary {
+    /// The bucket's value; `None` without measurements, or for a RATIO whose denominator
+    /// sums to 0.
+    pub value: Option<f64>,
+    /// Number of measurements.
+    pub count: u64,
+    /// Sum of the values (SUM, AVERAGE, PERCENTILE).
+    pub sum: Option<f64>,
+    /// Smallest value (SUM, AVERAGE, MIN, PERCENTILE; absent while stale).
+    pub min: Option<f64>,
+    /// Largest value (SUM, AVERAGE, MAX, PERCENTILE; absent while stale).
+    pub max: Option<f64>,
+    /// Kind-specific fields; `None` for an empty bucket and for kinds without any.
+    pub detail: Option<Detail>,
+}
+
+impl Summary {
+    /// A summary with only a count.
+    fn empty(count: u64) -> Self {
+        Self {
+            value: None,
+            count,
+            sum: None,
+            min: None,
+            max: None,
+            detail: None,
+        }
+    }
+}
+
+/// Kind-specific fields of a summary.
+#[derive(Debug, Clone, PartialEq)]
+pub enum Detail {
+    /// AVERAGE.
+    Average(AverageDetail),
+    /// RATIO.
+    Ratio(RatioDetail),
+    /// NPS.
+    Nps(NpsDetail),
+    /// CSAT.
+    Csat(CsatDetail),
+    /// PERCENTILE.
+    Percentile(PercentileDetail),
+    /// LAST.
+    Last(LastDetail),
+}
+
+/// A two-sided interval around an estimate.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct Interval {
+    /// Lower bound.
+    pub lower: f64,
+    /// Upper bound.
+    pub upper: f64,
+    /// Confidence level, 0.95.
+    pub level: f64,
+}
+
+/// Extra fields of an AVERAGE bucket.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct AverageDetail {
+    /// Population standard deviation sqrt(m2 / n).
+    pub stddev: f64,
+}
+
+/// Extra fields of a RATIO bucket.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct RatioDetail {
+    /// Sum of the numerator KPI in the bucket.
+    pub numerator: f64,
+    /// Sum of the denominator KPI in the bucket.
+    pub denominator: f64,
+    /// The KPI's scale (100 for a percentage).
+    pub scale: f64,
+}
+
+/// Extra fields of an NPS bucket.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct NpsDetail {
+    /// Responses per score 0..10.
+    pub histogram: [u64; 11],
+    /// Responses scoring 9 or 10.
+    pub promoters: u64,
+    /// Responses scoring 7 or 8.
+    pub passives: u64,
+    /// Responses scoring 0..6.
+    pub detractors: u64,
+    /// 95% confidence interval of the NPS, within [-100, 100].
+    pub interval: Interval,
+    /// Fewer than [`THIN_SAMPLE_BELOW`] responses.
+    pub thin_sample: bool,
+}
+
+/// Extra fields of a CSAT bucket.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct CsatDetail {
+    /// Responses per score 1..5.
+    pub histogram: [u64; 5],
+    /// Responses scoring 4 or 5.
+    pub satisfied: u64,
+    /// 95% Wilson interval of the percentage satisfied.
+    pub interval: Interval,
+    /// Mean score (1..5).
+    pub mean_rating: f64,
+    /// 95% interval of the mean score; `None` below two responses.
+    pub mean_rating_interval: Option<Interval>,
+    /// Fewer than [`THIN_SAMPLE_BELOW`] responses.
+    pub thin_sample: bool,
+}
+
+/// Extra fields of a PERCENTILE bucket.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct PercentileDetail {
+    /// Median.
+    pub p50: f64,
+    /// 90th percentile.
+    pub p90: f64,
+    /// 95th percentile.
+    pub p95: f64,
+    /// 99th percentile.
+    pub p99: f64,
+    /// Relative error bound of every quantile, [`PERCENTILE_RELATIVE_ERROR`].
+    pub relative_error: f64,
+}
+
+/// Extra fields of a LAST bucket.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct LastDetail {
+    /// occurred_at of the measurement that gives the value.
+    pub occurred_at: DateTime<Utc>,
+    /// Its seq.
+    pub seq: u64,
+}
+
+#[cfg(test)]
+mod tests {
+    use chrono::TimeZone;
+
+    use super::*;
+
+    fn observation(value: f64) -> Observation<'static> {
+        Observation {
+            value,
+            occurred_at: Utc.with_ymd_and_hms(2026, 1, 1, 0, 0, 0).unwrap(),
+            seq: 1,
+            subject: None,
+        }
+    }
+
+    #[test]
+    fn a_million_cents_sum_to_exactly_ten_thousand() {
+        // See compensated.rs for the arithmetic: the exact sum of a million doubles 0.01 is
+        // 10000.000000000000208, whose nearest double is 10000.0.
+        let mut state = BucketState::new(KpiKind::Sum).unwrap();
+        for _ in 0..1_000_000 {
+            state.record(observation(0.01)).unwrap();
+        }
+        let summary = state.summary();
+        assert_eq!(summary.value, Some(10000.0));
+        assert_eq!(summary.sum, Some(10000.0));
+        assert_eq!(summary.count, 1_000_000);
+        assert_eq!((summary.min, summary.max), (Some(0.01), Some(0.01)));
+    }
+
+    #[test]
+    fn ratio_of_sums_with_a_zero_denominator_has_no_value() {
+        let mut buyers = BucketState::new(KpiKind::Count).unwrap();
+        let mut visitors = BucketState::new(KpiKind::Count).unwrap();
+        let scale = 100.0;
+        let summary = ratio_summary(
+            buyers.ratio_operand().unwrap(),
+            visitors.ratio_operand().unwrap(),
+            scale,
+        );
+        assert_eq!(summary.value, None);
+        assert_eq!(
+            summary.detail,
+            Some(Detail::Ratio(RatioDetail {
+                numerator: 0.0,
+                denominator: 0.0,
+                scale
+            }))
+        );
+        // 3 buyers of 40 visitors: 100 × 3 / 40 = 7.5 (%).
+        for _ in 0..3 {
+            buyers.record(observation(1.0)).unwrap();
+        }
+        for _ in 0..40 {
+            visitors.record(observation(1.0)).unwrap();
+        }
+        let summary = ratio_summary(
+            buyers.ratio_operand().unwrap(),
+            visitors.ratio_operand().unwrap(),
+            scale,
+        );
+        assert_eq!(summary.value, Some(7.5));
+        assert_eq!(summary.count, 43);
+        // A denominator that sums to 0 has no value even with measurements behind it.
+        let balanced = RatioOperand { sum: 0.0, count: 2 };
+        assert_eq!(ratio_summary(balanced, balanced, scale).value, None);
+    }
+
+    #[test]
+    fn ratio_of_merged_days_is_a_ratio_of_sums() {
+        // Day 1: 1 buyer of 10 visitors (10%); day 2: 2 of 30 (6.67%). The two days are
+        // 100 × 3 / 40 = 7.5%, not the mean of the daily ratios (8.33%).
+        let day = |buyers: u32, visitors: u32| {
+            let mut b = BucketState::new(KpiKind::Sum).unwrap();
+            b.record(observation(f64::from(buyers))).unwrap();
+            let mut v = BucketState::new(KpiKind::Sum).unwrap();
+            v.record(observation(f64::from(visitors))).unwrap();
+            (b, v)
+        };
+        let (mut buyers, mut visitors) = day(1, 10);
+        let (buyers_2, visitors_2) = day(2, 30);
+        buyers.merge(&buyers_2).unwrap();
+        visitors.merge(&visitors_2).unwrap();
+        let summary = ratio_summary(
+            buyers.ratio_operand().unwrap(),
+            visitors.ratio_operand().unwrap(),
+            100.0,
+        );
+        assert_eq!(summary.value, Some(7.5));
+    }
+
+    #[test]
+    fn ratio_operands_are_sums_and_counts_only() {
+        for kind in [KpiKind::Sum, KpiKind::Count] {
+            assert!(BucketState::new(kind).unwrap().ratio_operand().is_some());
+        }
+        for kind in [KpiKind::Average, KpiKind::Nps, KpiKind::Distinct] {
+            assert!(BucketState::new(kind).unwrap().ratio_operand().is_none());
+        }
+        assert!(BucketState::new(KpiKind::Ratio).is_none());
+    }
+
+    #[test]
+    fn merging_different_kinds_is_refused() {
+        let mut sum = BucketState::new(KpiKind::Sum).unwrap();
+        sum.record(observation(2.0)).unwrap();
+        let count = BucketState::new(KpiKind::Count).unwrap();
+        assert_eq!(
+            sum.merge(&count),
+            Err(AggregateError::KindMismatch {
+                ours: KpiKind::Sum,
+                theirs: KpiKind::Count
+            })
+        );
+        assert_eq!(sum.summary().sum, Some(2.0));
+    }
+
+    #[test]
+    fn sketches_ask_for_a_rebuild_on_retraction() {
+        for kind in [KpiKind::Percentile, KpiKind::Distinct] {
+            let mut state = BucketState::new(kind).unwrap();
+            assert_eq!(
+                state.retract(observation(1.0)),
+                Err(AggregateError::NothingToRetract { kind })
+            );
+            state.record(observation(1.0)).unwrap();
+            assert_eq!(
+                state.retract(observation(1.0)),
+                Err(AggregateError::NeedsRecompute { kind })
+            );
+            assert_eq!(state.count(), 1);
+        }
+    }
+
+    #[test]
+    fn every_state_survives_a_snapshot() {
+        let kinds = [
+            KpiKind::Sum,
+            KpiKind::Count,
+            KpiKind::Average,
+            KpiKind::Min,
+            KpiKind::Max,
+            KpiKind::Last,
+            KpiKind::Nps,
+            KpiKind::Csat,
+            KpiKind::Percentile,
+            KpiKind::Distinct,
+        ];
+        for kind in kinds {
+            let mut state = BucketState::new(kind).unwrap();
+            for (seq, value) in [3.0, 5.0, 1.0, 4.0].into_iter().enumerate() {
+                let mut o = observation(value);
+                o.seq = u64::try_from(seq).unwrap();
+                o.subject = Some(["a", "b"][seq % 2]);
+                state.record(o).unwrap();
+            }
+            let json = serde_json::to_string(&state).unwrap();
+            let restored: BucketState = serde_json::from_str(&json).unwrap();
+            assert_eq!(restored.summary(), state.summary(), "{kind:?}");
+        }
+    }
+
+    #[test]
+    fn common_states_stay_small() {
+        // Every bucket of every grain holds one of these: keep the enum within two cache
+        // lines. The largest inline variant is NPS's 11 counters.
+        assert!(std::mem::size_of::<BucketState>() <= 96);
+    }
+}
