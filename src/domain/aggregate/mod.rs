@@ -651,6 +651,14 @@ mod tests {
     }
 
     #[test]
+    fn states_can_be_shared_between_threads() {
+        // Projections keep buckets behind locks read by many tasks.
+        fn assert_send_sync<T: Send + Sync>() {}
+        assert_send_sync::<BucketState>();
+        assert_send_sync::<Summary>();
+    }
+
+    #[test]
     fn common_states_stay_small() {
         // Every bucket of every grain holds one of these: keep the enum within two cache
         // lines. The largest inline variant is NPS's 11 counters.

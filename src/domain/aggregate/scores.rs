@@ -66,7 +66,7 @@ fn thin(n: u64) -> bool {
 ///
 /// The 95% interval treats each response as +1 (promoter), 0 or -1 (detractor): with
 /// p = P/n and d = D/n the mean is x = p - d, the variance of one response is
-/// E[r²] - x² = p + d - x², so Var(x̂) = (p + d - x²) / n and
+/// `E[r²] - x² = p + d - x²`, so Var(x̂) = (p + d - x²) / n and
 /// interval = 100 (x ± 1.96 sqrt(Var)), clamped to [-100, 100].
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
 pub struct NpsState {

@@ -242,17 +242,8 @@ impl DistinctState {
 
 #[cfg(test)]
 mod tests {
+    use super::super::laws::exact_quantile;
     use super::*;
-
-    /// The value of rank ⌊q (n - 1)⌋ in `sorted`: the quantile DDSketch approximates.
-    fn exact_quantile(sorted: &[f64], q: f64) -> f64 {
-        let last = sorted.len() - 1;
-        let rank = (q * to_f64(u64::try_from(last).unwrap())).floor();
-        let index = (0..=last)
-            .find(|&i| to_f64(u64::try_from(i).unwrap()) == rank)
-            .unwrap();
-        sorted[index]
-    }
 
     #[test]
     fn percentiles_of_reply_times_are_within_one_percent() {
