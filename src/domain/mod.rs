@@ -1,5 +1,5 @@
 //! Pure KPI logic: definitions, measurements, events, the catalog and their validation,
-//! and the mergeable aggregate state of a bucket.
+//! calendars, and the mergeable aggregate state of a bucket.
 //!
 //! Architecture invariant: nothing here does I/O or reads a clock. No tokio, sled, tonic
 //! or prost; the current time is always an argument.
@@ -14,7 +14,10 @@ pub mod measurement;
 pub mod target;
 
 pub use aggregate::{AggregateError, BucketState, Observation, Retracted, Summary};
-pub use calendar::Grain;
+pub use calendar::{
+    Bucket, BucketKey, Buckets, Calendar, Grain, bucket_of, buckets_in, count_buckets, next_bucket,
+    previous_bucket,
+};
 pub use catalog::{Catalog, KpiEntry};
 pub use error::Rejection;
 pub use event::Event;
