@@ -47,6 +47,21 @@ pub enum KpiKind {
 }
 
 impl KpiKind {
+    /// Every kind that keeps bucket state of its own (all but RATIO, which divides the
+    /// sums of two other KPIs).
+    pub const MEASURED: [KpiKind; 10] = [
+        Self::Sum,
+        Self::Count,
+        Self::Average,
+        Self::Min,
+        Self::Max,
+        Self::Last,
+        Self::Nps,
+        Self::Csat,
+        Self::Percentile,
+        Self::Distinct,
+    ];
+
     /// Whether "the sum of this KPI over a bucket" is meaningful, which is what a RATIO's
     /// numerator and denominator need.
     pub fn is_summable(self) -> bool {

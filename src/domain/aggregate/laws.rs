@@ -16,18 +16,7 @@ use proptest::prelude::*;
 use super::*;
 
 /// Every kind with a state of its own.
-const KINDS: [KpiKind; 10] = [
-    KpiKind::Sum,
-    KpiKind::Count,
-    KpiKind::Average,
-    KpiKind::Min,
-    KpiKind::Max,
-    KpiKind::Last,
-    KpiKind::Nps,
-    KpiKind::Csat,
-    KpiKind::Percentile,
-    KpiKind::Distinct,
-];
+const KINDS: [KpiKind; 10] = KpiKind::MEASURED;
 
 /// The value of rank ⌊q (n - 1)⌋ (0-based) in ascending `sorted`: what DDSketch
 /// approximates.

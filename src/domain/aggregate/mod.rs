@@ -624,19 +624,7 @@ mod tests {
 
     #[test]
     fn every_state_survives_a_snapshot() {
-        let kinds = [
-            KpiKind::Sum,
-            KpiKind::Count,
-            KpiKind::Average,
-            KpiKind::Min,
-            KpiKind::Max,
-            KpiKind::Last,
-            KpiKind::Nps,
-            KpiKind::Csat,
-            KpiKind::Percentile,
-            KpiKind::Distinct,
-        ];
-        for kind in kinds {
+        for kind in KpiKind::MEASURED {
             let mut state = BucketState::new(kind).unwrap();
             for (seq, value) in [3.0, 5.0, 1.0, 4.0].into_iter().enumerate() {
                 let mut o = observation(value);
