@@ -154,13 +154,12 @@ fn restore(c: &mut Criterion) {
     let no_snapshots = dir.path().join("no-snapshots");
     let mut group = c.benchmark_group("projection_restore");
     group.sample_size(10);
-    group.throughput(Throughput::Elements(
-        u64::try_from(MEASUREMENTS).unwrap() + 1,
-    ));
-    group.bench_function("1M_events_without_snapshot", |b| {
+    let replayed = u64::try_from(events).unwrap() + 1;
+    group.throughput(Throughput::Elements(replayed));
+    group.bench_function(format!("{events}_events_without_snapshot"), |b| {
         b.iter(|| {
             let models = ReadModels::restore(&log, &no_snapshots).unwrap();
-            assert_eq!(models.restored.replayed_events, 1_000_001);
+            assert_eq!(models.restored.replayed_events, replayed);
         });
     });
     group.finish();
