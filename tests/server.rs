@@ -134,8 +134,8 @@ async fn rpcs_of_later_milestones_answer_unimplemented() {
         .unwrap_err();
     assert_eq!(err.code(), Code::Unimplemented);
     let err = server
-        .catalog()
-        .list_targets(proto::ListTargetsRequest::default())
+        .query()
+        .get_target_status(proto::GetTargetStatusRequest::default())
         .await
         .unwrap_err();
     assert_eq!(err.code(), Code::Unimplemented);

@@ -117,22 +117,44 @@ impl KpiCatalog for CatalogApi {
 
     async fn set_target(
         &self,
-        _request: Request<proto::SetTargetRequest>,
+        request: Request<proto::SetTargetRequest>,
     ) -> Result<Response<proto::SetTargetResponse>, Status> {
-        Err(super::not_yet("SetTarget"))
+        let request = request.into_inner();
+        let target = request
+            .target
+            .ok_or_else(|| Rejection::invalid("target", "required"))?;
+        let target = from_proto::target_definition(target, "target")?;
+        let entry = self
+            .service
+            .set_target(target, request.expected_version)
+            .await?;
+        Ok(Response::new(proto::SetTargetResponse {
+            target: Some(to_proto::target(&entry)),
+        }))
     }
 
     async fn remove_target(
         &self,
-        _request: Request<proto::RemoveTargetRequest>,
+        request: Request<proto::RemoveTargetRequest>,
     ) -> Result<Response<proto::RemoveTargetResponse>, Status> {
-        Err(super::not_yet("RemoveTarget"))
+        let request = request.into_inner();
+        let seq = self
+            .service
+            .remove_target(&request.target_id, request.reason)
+            .await?;
+        Ok(Response::new(proto::RemoveTargetResponse { seq }))
     }
 
     async fn list_targets(
         &self,
-        _request: Request<proto::ListTargetsRequest>,
+        request: Request<proto::ListTargetsRequest>,
     ) -> Result<Response<proto::ListTargetsResponse>, Status> {
-        Err(super::not_yet("ListTargets"))
+        let request = request.into_inner();
+        let kpi_id = (!request.kpi_id.is_empty()).then_some(request.kpi_id);
+        let as_of = super::query::as_of(request.as_of)?;
+        let targets = self.service.list_targets(kpi_id, as_of).await?;
+        Ok(Response::new(proto::ListTargetsResponse {
+            targets: targets.iter().map(to_proto::target).collect(),
+        }))
     }
 }

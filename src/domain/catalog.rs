@@ -9,7 +9,7 @@ use serde::{Deserialize, Serialize};
 
 use super::kpi::{MAX_DESCRIPTION_LEN, validate_len, validate_slug};
 use super::measurement::TimeRules;
-use super::{Event, KpiDefinition, Measurement, Rejection};
+use super::{Event, KpiDefinition, Measurement, Rejection, TargetDefinition, TargetMode};
 
 /// A KPI as the catalog holds it.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -28,10 +28,24 @@ pub struct KpiEntry {
     pub seq: u64,
 }
 
-/// Every KPI ever defined, by id.
+/// A target as the catalog holds it.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct TargetEntry {
+    /// The definition in force.
+    pub definition: TargetDefinition,
+    /// 1 when created, +1 per change.
+    pub version: u64,
+    /// recorded_at of the event that produced `version`.
+    pub updated_at: DateTime<Utc>,
+    /// seq of that event.
+    pub seq: u64,
+}
+
+/// Every KPI ever defined, by id, and the targets in force.
 #[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
 pub struct Catalog {
     kpis: BTreeMap<String, KpiEntry>,
+    targets: BTreeMap<String, TargetEntry>,
     /// Seq of the latest definition-changing event folded in; see `Event::changes_definitions`.
     last_definition_seq: u64,
     /// Seq of the latest event folded in (of any kind).
@@ -80,10 +94,21 @@ impl Catalog {
                     entry.seq = seq;
                 }
             }
-            Event::TargetSet { .. }
-            | Event::TargetRemoved { .. }
-            | Event::MeasurementRecorded(_)
-            | Event::MeasurementRetracted { .. } => {}
+            Event::TargetSet { target, version } => {
+                self.targets.insert(
+                    target.id.clone(),
+                    TargetEntry {
+                        definition: target.clone(),
+                        version: *version,
+                        updated_at: recorded_at,
+                        seq,
+                    },
+                );
+            }
+            Event::TargetRemoved { target_id, .. } => {
+                self.targets.remove(target_id);
+            }
+            Event::MeasurementRecorded(_) | Event::MeasurementRetracted { .. } => {}
         }
     }
 
@@ -195,6 +220,95 @@ impl Catalog {
             kpi_id: kpi_id.to_owned(),
             reason,
             version: entry.version + 1,
+        })
+    }
+
+    /// The targets in force, in id order; only those of `kpi_id` when given.
+    pub fn targets<'a>(
+        &'a self,
+        kpi_id: Option<&'a str>,
+    ) -> impl Iterator<Item = &'a TargetEntry> + 'a {
+        self.targets
+            .values()
+            .filter(move |entry| kpi_id.is_none_or(|id| entry.definition.kpi_id == id))
+    }
+
+    /// One target in force.
+    pub fn target(&self, target_id: &str) -> Option<&TargetEntry> {
+        self.targets.get(target_id)
+    }
+
+    /// SetTarget: the event that creates or changes `target`. With `expected_version`, 0
+    /// means "must not exist yet".
+    pub fn decide_set_target(
+        &self,
+        target: TargetDefinition,
+        expected_version: Option<u64>,
+    ) -> Result<Event, Rejection> {
+        target.validate("target")?;
+        let kpi = self.kpis.get(&target.kpi_id).ok_or_else(|| {
+            Rejection::not_found("target.kpi_id", format!("kpi '{}'", target.kpi_id))
+        })?;
+        if kpi.retired {
+            return Err(Rejection::precondition(
+                "target.kpi_id",
+                format!("kpi '{}' is retired", target.kpi_id),
+            ));
+        }
+        if target.mode == TargetMode::Cumulative && !kpi.definition.kind.is_summable() {
+            return Err(Rejection::precondition(
+                "target.mode",
+                format!(
+                    "a CUMULATIVE target sums its kpi over the window, but kpi '{}' is {:?}: use a LEVEL target",
+                    target.kpi_id, kpi.definition.kind
+                ),
+            ));
+        }
+        let current = self.targets.get(&target.id);
+        let current_version = current.map_or(0, |entry| entry.version);
+        if let Some(expected) = expected_version
+            && expected != current_version
+        {
+            return Err(Rejection::VersionMismatch {
+                what: format!("target '{}'", target.id),
+                expected,
+                current: current_version,
+            });
+        }
+        if let Some(entry) = current
+            && entry.definition.kpi_id != target.kpi_id
+        {
+            return Err(Rejection::precondition(
+                "target.kpi_id",
+                format!(
+                    "target '{}' is on kpi '{}'; a target cannot move to another kpi (remove it and set a new one)",
+                    target.id, entry.definition.kpi_id
+                ),
+            ));
+        }
+        Ok(Event::TargetSet {
+            version: current_version + 1,
+            target,
+        })
+    }
+
+    /// RemoveTarget: the event that removes `target_id`.
+    pub fn decide_remove_target(
+        &self,
+        target_id: &str,
+        reason: String,
+    ) -> Result<Event, Rejection> {
+        validate_slug(target_id, "target_id")?;
+        validate_len(&reason, MAX_DESCRIPTION_LEN, "reason")?;
+        if !self.targets.contains_key(target_id) {
+            return Err(Rejection::not_found(
+                "target_id",
+                format!("target '{target_id}'"),
+            ));
+        }
+        Ok(Event::TargetRemoved {
+            target_id: target_id.to_owned(),
+            reason,
         })
     }
 

@@ -18,7 +18,7 @@ pub use calendar::{
     Bucket, BucketKey, Buckets, Calendar, Grain, bucket_of, buckets_in, count_buckets, next_bucket,
     previous_bucket,
 };
-pub use catalog::{Catalog, KpiEntry};
+pub use catalog::{Catalog, KpiEntry, TargetEntry};
 pub use error::Rejection;
 pub use event::Event;
 pub use kpi::{Direction, KpiDefinition, KpiKind, RatioSettings};

@@ -1,11 +1,13 @@
 //! SMART targets as the log stores them: a value a KPI must reach within a window.
 
 use chrono::{DateTime, Utc};
+use serde::{Deserialize, Serialize};
 
-use super::Grain;
+use super::kpi::{MAX_NAME_LEN, validate_len, validate_slug};
+use super::{Grain, Rejection};
 
 /// How a target's actual value is measured.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
 pub enum TargetMode {
     /// The KPI summed over the whole window must reach the value.
     Cumulative,
@@ -14,7 +16,7 @@ pub enum TargetMode {
 }
 
 /// A target on a KPI, as set by a client.
-#[derive(Debug, Clone, PartialEq)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct TargetDefinition {
     /// Slug, unique across KPIs.
     pub id: String,
@@ -34,4 +36,54 @@ pub struct TargetDefinition {
     pub period_grain: Option<Grain>,
     /// Relative shortfall still reported at risk rather than off track.
     pub tolerance: f64,
+}
+
+/// Largest tolerance of a target: a shortfall of more than the whole target is not "at risk".
+pub const MAX_TOLERANCE: f64 = 1.0;
+
+impl TargetDefinition {
+    /// Checks every rule that needs nothing but the target itself; the catalog checks the
+    /// KPI it is on.
+    pub fn validate(&self, field: &str) -> Result<(), Rejection> {
+        validate_slug(&self.id, &format!("{field}.id"))?;
+        validate_slug(&self.kpi_id, &format!("{field}.kpi_id"))?;
+        if self.name.is_empty() {
+            return Err(Rejection::invalid(
+                format!("{field}.name"),
+                "must not be empty",
+            ));
+        }
+        validate_len(&self.name, MAX_NAME_LEN, &format!("{field}.name"))?;
+        if !self.value.is_finite() {
+            return Err(Rejection::invalid(
+                format!("{field}.value"),
+                format!("must be finite, got {}", self.value),
+            ));
+        }
+        if self.deadline <= self.start {
+            return Err(Rejection::invalid(
+                format!("{field}.deadline"),
+                format!("must be after start ({})", self.start),
+            ));
+        }
+        if self.start < DateTime::UNIX_EPOCH {
+            return Err(Rejection::invalid(
+                format!("{field}.start"),
+                "must not be before 1970-01-01T00:00:00Z",
+            ));
+        }
+        if self.mode == TargetMode::Level && self.period_grain.is_none() {
+            return Err(Rejection::invalid(
+                format!("{field}.period_grain"),
+                "required for a LEVEL target",
+            ));
+        }
+        if !(self.tolerance.is_finite() && (0.0..=MAX_TOLERANCE).contains(&self.tolerance)) {
+            return Err(Rejection::invalid(
+                format!("{field}.tolerance"),
+                format!("must be within 0..={MAX_TOLERANCE}, got {}", self.tolerance),
+            ));
+        }
+        Ok(())
+    }
 }

@@ -152,6 +152,16 @@ impl AggregateView {
     }
 }
 
+/// The catalog (KPIs and targets) as known at `seq`: a fold of the log up to it.
+pub fn catalog_as_of(log: &EventLog, seq: u64) -> Result<Catalog, StoreError> {
+    let mut catalog = Catalog::default();
+    for stored in log.read(1, seq) {
+        let stored = stored?;
+        catalog.apply(stored.seq, stored.recorded_at, &stored.event);
+    }
+    Ok(catalog)
+}
+
 /// Folds the events of the log up to `to_seq` that concern KPIs accepted by `wanted`.
 fn fold(
     log: &LogReader,

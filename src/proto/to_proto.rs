@@ -5,7 +5,8 @@ use prost_types::Timestamp;
 
 use super::event_record::Payload;
 use crate::domain::{
-    self, Direction, Event, Grain, KpiEntry, KpiKind, Measurement, TargetDefinition, TargetMode,
+    self, Direction, Event, Grain, KpiEntry, KpiKind, Measurement, TargetDefinition, TargetEntry,
+    TargetMode,
 };
 use crate::proto;
 
@@ -170,5 +171,15 @@ pub fn event_record(recorded_at: DateTime<Utc>, event: &Event) -> proto::EventRe
     proto::EventRecord {
         recorded_at: Some(timestamp(recorded_at)),
         payload: Some(event_payload(event)),
+    }
+}
+
+/// A catalog target as the Target message.
+pub fn target(entry: &TargetEntry) -> proto::Target {
+    proto::Target {
+        definition: Some(target_definition(&entry.definition)),
+        version: entry.version,
+        updated_at: Some(timestamp(entry.updated_at)),
+        seq: entry.seq,
     }
 }

@@ -7,9 +7,12 @@ use std::sync::Arc;
 use chrono::{DateTime, TimeDelta, Utc};
 
 use crate::domain::measurement::TimeRules;
-use crate::domain::{Catalog, Event, KpiDefinition, KpiEntry, Measurement, Rejection};
+use crate::domain::{
+    Catalog, Event, KpiDefinition, KpiEntry, Measurement, Rejection, TargetDefinition, TargetEntry,
+};
 use crate::projection::{
-    AggregateQuery, AggregateView, AnsweredBucket, CatalogView, ReadModels, Restored, SnapshotError,
+    AggregateQuery, AggregateView, AnsweredBucket, CatalogView, ReadModels, Restored,
+    SnapshotError, catalog_as_of,
 };
 use crate::store::{AppendError, AppendRequest, EventLog, Outcome, StoreError};
 
@@ -142,6 +145,80 @@ impl KpiService {
         })
         .await?;
         self.current_kpi(kpi_id)
+    }
+
+    /// SetTarget: creates or changes a target.
+    pub async fn set_target(
+        &self,
+        target: TargetDefinition,
+        expected_version: Option<u64>,
+    ) -> Result<TargetEntry, ServiceError> {
+        let id = target.id.clone();
+        self.change_definitions(|catalog| {
+            catalog.decide_set_target(target.clone(), expected_version)
+        })
+        .await?;
+        self.catalog
+            .read()
+            .target(&id)
+            .cloned()
+            .ok_or_else(|| Rejection::not_found("target.id", format!("target '{id}'")).into())
+    }
+
+    /// RemoveTarget: removes a target; returns the seq of the removal.
+    pub async fn remove_target(
+        &self,
+        target_id: &str,
+        reason: String,
+    ) -> Result<u64, ServiceError> {
+        self.change_definitions(|catalog| catalog.decide_remove_target(target_id, reason.clone()))
+            .await
+    }
+
+    /// ListTargets: the targets in force now or as known at an earlier point, in id
+    /// order; only those of `kpi_id` when given.
+    pub async fn list_targets(
+        &self,
+        kpi_id: Option<String>,
+        as_of: Option<AsOf>,
+    ) -> Result<Vec<TargetEntry>, ServiceError> {
+        if let Some(id) = &kpi_id {
+            crate::domain::kpi::validate_slug(id, "kpi_id")?;
+        }
+        let list = |catalog: &Catalog| -> Result<Vec<TargetEntry>, Rejection> {
+            if let Some(id) = &kpi_id
+                && catalog.get(id).is_none()
+            {
+                return Err(Rejection::not_found("kpi_id", format!("kpi '{id}'")));
+            }
+            Ok(catalog.targets(kpi_id.as_deref()).cloned().collect())
+        };
+        match self.resolve_as_of(as_of).await? {
+            Some(seq) if seq < self.log.head().seq => {
+                let log = self.log.clone();
+                let past = tokio::task::spawn_blocking(move || catalog_as_of(&log, seq))
+                    .await
+                    .map_err(|_| StoreError::WriterStopped)??;
+                Ok(list(&past)?)
+            }
+            _ => Ok(list(&self.catalog.read())?),
+        }
+    }
+
+    /// The seq an as-of point names (`None` for "now").
+    async fn resolve_as_of(&self, as_of: Option<AsOf>) -> Result<Option<u64>, ServiceError> {
+        Ok(match as_of {
+            None => None,
+            Some(AsOf::Seq(seq)) => Some(seq),
+            Some(AsOf::RecordedAt(at)) => {
+                let log = self.log.clone();
+                Some(
+                    tokio::task::spawn_blocking(move || log.seq_at(at))
+                        .await
+                        .map_err(|_| StoreError::WriterStopped)??,
+                )
+            }
+        })
     }
 
     /// GetKpi.
@@ -304,19 +381,7 @@ impl KpiService {
         as_of: Option<AsOf>,
     ) -> Result<Vec<AnsweredBucket>, ServiceError> {
         crate::domain::kpi::validate_slug(&query.kpi_id, "kpi_id")?;
-        let seq = match as_of {
-            None => None,
-            Some(AsOf::Seq(seq)) => Some(seq),
-            Some(AsOf::RecordedAt(at)) => {
-                let log = self.log.clone();
-                Some(
-                    tokio::task::spawn_blocking(move || log.seq_at(at))
-                        .await
-                        .map_err(|_| StoreError::WriterStopped)??,
-                )
-            }
-        };
-        match seq {
+        match self.resolve_as_of(as_of).await? {
             Some(seq) if seq < self.log.head().seq => {
                 // The KPI and, for a ratio, its operands as they were at `seq`.
                 let mut kpi_ids = vec![query.kpi_id.clone()];

@@ -52,7 +52,9 @@ pub use zone::MIN_OFFSET_CHANGE_SPACING;
 use rules::Seconds;
 
 /// A calendar bucket size, computed in the KPI's timezone.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
+#[derive(
+    Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord, serde::Serialize, serde::Deserialize,
+)]
 pub enum Grain {
     /// One clock hour.
     Hour,
