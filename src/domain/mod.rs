@@ -12,6 +12,7 @@ pub mod event;
 pub mod kpi;
 pub mod measurement;
 pub mod target;
+pub mod target_status;
 
 pub use aggregate::{AggregateError, BucketState, Observation, Retracted, Summary};
 pub use calendar::{
