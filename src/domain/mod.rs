@@ -1,5 +1,5 @@
 //! Pure KPI logic: definitions, measurements, events, the catalog and their validation,
-//! calendars, and the mergeable aggregate state of a bucket.
+//! calendars, the mergeable aggregate state of a bucket, and trend mathematics.
 //!
 //! Architecture invariant: nothing here does I/O or reads a clock. No tokio, sled, tonic
 //! or prost; the current time is always an argument.
@@ -13,6 +13,7 @@ pub mod kpi;
 pub mod measurement;
 pub mod target;
 pub mod target_status;
+pub mod trend;
 
 pub use aggregate::{AggregateError, BucketState, Observation, Retracted, Summary};
 pub use calendar::{
