@@ -129,13 +129,7 @@ async fn rpcs_of_later_milestones_answer_unimplemented() {
     let server = TestServer::start(dir.path()).await;
     let err = server
         .query()
-        .get_trend(proto::GetTrendRequest::default())
-        .await
-        .unwrap_err();
-    assert_eq!(err.code(), Code::Unimplemented);
-    let err = server
-        .query()
-        .get_target_status(proto::GetTargetStatusRequest::default())
+        .watch_kpis(proto::WatchKpisRequest::default())
         .await
         .unwrap_err();
     assert_eq!(err.code(), Code::Unimplemented);

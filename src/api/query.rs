@@ -1,17 +1,22 @@
-//! The kpi.v1.Query service: aggregates now; trends, target status and live watching
-//! answer UNIMPLEMENTED until the projections behind them land.
+//! The kpi.v1.Query service: aggregates, trends and target status; live watching answers
+//! UNIMPLEMENTED until it lands.
 
 use std::pin::Pin;
 
 use tokio_stream::Stream;
 use tonic::{Request, Response, Status};
 
+use chrono::Utc;
+
 use crate::domain::Rejection;
 use crate::domain::aggregate::{self, Detail};
+use crate::domain::target_status::TargetState;
+use crate::domain::trend::{self, TrendMethod};
+use crate::projection::analysis::{TargetAnswer, TrendAnswer, TrendQuery};
 use crate::projection::{AggregateQuery, AnsweredBucket, Fill};
 use crate::proto::query_server::Query;
 use crate::proto::{self, as_of, from_proto, to_proto};
-use crate::service::{AsOf, KpiService};
+use crate::service::{AsOf, KpiService, TargetSelector};
 
 /// gRPC adapter of the queries.
 pub struct QueryApi {
@@ -128,6 +133,121 @@ pub fn bucket(answered: &AnsweredBucket) -> proto::Bucket {
     }
 }
 
+/// A GetTrend request as a query.
+fn trend_query(request: proto::GetTrendRequest) -> Result<(TrendQuery, Option<AsOf>), Rejection> {
+    let grain = from_proto::grain(request.grain, "grain")?
+        .ok_or_else(|| Rejection::invalid("grain", "required"))?;
+    let method = match proto::TrendMethod::try_from(request.method) {
+        Ok(proto::TrendMethod::Unspecified | proto::TrendMethod::Linear) => TrendMethod::Linear,
+        Ok(proto::TrendMethod::Holt) => TrendMethod::Holt,
+        Err(_) => {
+            return Err(Rejection::invalid(
+                "method",
+                format!("unknown method number {}", request.method),
+            ));
+        }
+    };
+    let evaluated_at = match &request.evaluated_at {
+        Some(at) => from_proto::timestamp(at, "evaluated_at")?,
+        None => Utc::now(),
+    };
+    let query = TrendQuery {
+        kpi_id: request.kpi_id,
+        grain,
+        window: request.window,
+        horizon: request.horizon,
+        evaluated_at,
+        filter: request.filter,
+        method,
+    };
+    Ok((query, as_of(request.as_of)?))
+}
+
+/// An interval of the trend module.
+fn prediction_interval(interval: &trend::Interval) -> proto::Interval {
+    proto::Interval {
+        lower: interval.lower,
+        upper: interval.upper,
+        level: interval.level,
+    }
+}
+
+/// The GetTrend response of an answer.
+fn trend_response(answer: &TrendAnswer) -> proto::GetTrendResponse {
+    let report = &answer.report;
+    proto::GetTrendResponse {
+        buckets: answer.buckets.iter().map(bucket).collect(),
+        latest: report.latest,
+        previous: report.previous,
+        absolute_change: report.absolute_change,
+        relative_change: report.relative_change,
+        year_over_year_change: report.year_over_year_change,
+        moving_average: report.moving_average,
+        fit: report.fit.map(|fit| proto::LinearFit {
+            slope: fit.slope,
+            intercept: fit.intercept,
+            r_squared: fit.r_squared,
+        }),
+        forecast: answer
+            .forecast
+            .iter()
+            .map(|(at, prediction)| proto::ForecastPoint {
+                start: Some(to_proto::timestamp(at.start)),
+                end: Some(to_proto::timestamp(at.end)),
+                value: prediction.value,
+                interval: prediction.interval.as_ref().map(prediction_interval),
+            })
+            .collect(),
+    }
+}
+
+/// The protobuf enum of a target state.
+fn target_state(state: TargetState) -> proto::TargetState {
+    match state {
+        TargetState::Achieved => proto::TargetState::Achieved,
+        TargetState::OnTrack => proto::TargetState::OnTrack,
+        TargetState::AtRisk => proto::TargetState::AtRisk,
+        TargetState::OffTrack => proto::TargetState::OffTrack,
+        TargetState::Missed => proto::TargetState::Missed,
+    }
+}
+
+/// The TargetStatus message of an answer.
+fn target_status(answer: &TargetAnswer) -> proto::TargetStatus {
+    let verdict = &answer.verdict;
+    proto::TargetStatus {
+        target: Some(to_proto::target(&answer.target)),
+        state: target_state(verdict.state).into(),
+        reason: verdict.reason.clone(),
+        actual: answer.actual,
+        progress: verdict.progress,
+        elapsed_fraction: verdict.elapsed_fraction,
+        expected_now: verdict.expected_now,
+        projected: verdict.projected.map(|p| p.value),
+        projected_interval: verdict.projected.and_then(|p| {
+            p.lower.zip(p.upper).map(|(lower, upper)| proto::Interval {
+                lower,
+                upper,
+                level: trend::PREDICTION_LEVEL,
+            })
+        }),
+        required_rate: verdict.required_rate,
+        required_rate_grain: to_proto::grain(answer.rate_grain).into(),
+        estimated_reached_at: answer.estimated_reached_at.map(to_proto::timestamp),
+        periods: answer
+            .periods
+            .iter()
+            .map(|period| proto::PeriodStatus {
+                start: Some(to_proto::timestamp(period.bucket.start)),
+                end: Some(to_proto::timestamp(period.bucket.end)),
+                actual: period.actual,
+                state: target_state(period.state).into(),
+                current: period.current,
+            })
+            .collect(),
+    }
+}
+
 #[tonic::async_trait]
 impl Query for QueryApi {
     type GetAggregatesStream =
@@ -151,16 +271,39 @@ impl Query for QueryApi {
 
     async fn get_trend(
         &self,
-        _request: Request<proto::GetTrendRequest>,
+        request: Request<proto::GetTrendRequest>,
     ) -> Result<Response<proto::GetTrendResponse>, Status> {
-        Err(super::not_yet("GetTrend"))
+        let (query, as_of) = trend_query(request.into_inner())?;
+        let answer = self.service.get_trend(query, as_of).await?;
+        Ok(Response::new(trend_response(&answer)))
     }
 
     async fn get_target_status(
         &self,
-        _request: Request<proto::GetTargetStatusRequest>,
+        request: Request<proto::GetTargetStatusRequest>,
     ) -> Result<Response<proto::GetTargetStatusResponse>, Status> {
-        Err(super::not_yet("GetTargetStatus"))
+        let request = request.into_inner();
+        let selector = match request.selector {
+            Some(proto::get_target_status_request::Selector::TargetId(id)) => {
+                TargetSelector::Target(id)
+            }
+            Some(proto::get_target_status_request::Selector::KpiId(id)) => TargetSelector::Kpi(id),
+            None => {
+                return Err(Rejection::invalid("selector", "give a target_id or a kpi_id").into());
+            }
+        };
+        let evaluated_at = request
+            .evaluated_at
+            .map(|at| from_proto::timestamp(&at, "evaluated_at"))
+            .transpose()?;
+        let as_of = as_of(request.as_of)?;
+        let answers = self
+            .service
+            .get_target_status(selector, evaluated_at, as_of)
+            .await?;
+        Ok(Response::new(proto::GetTargetStatusResponse {
+            statuses: answers.iter().map(target_status).collect(),
+        }))
     }
 
     type WatchKpisStream =

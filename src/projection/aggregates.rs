@@ -373,7 +373,8 @@ impl Aggregates {
         Ok(answer)
     }
 
-    fn definition(&self, kpi_id: &str) -> Result<(&KpiDefinition, u64), Rejection> {
+    /// The definition and version of a KPI, measured or RATIO.
+    pub fn definition(&self, kpi_id: &str) -> Result<(&KpiDefinition, u64), Rejection> {
         if let Some(kpi) = self.measured.get(kpi_id) {
             return Ok((&kpi.definition, kpi.version));
         }

@@ -3,6 +3,7 @@
 //! reads its own writes).
 
 pub mod aggregates;
+pub mod analysis;
 pub mod catalog;
 pub mod snapshot;
 

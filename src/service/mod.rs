@@ -10,6 +10,7 @@ use crate::domain::measurement::TimeRules;
 use crate::domain::{
     Catalog, Event, KpiDefinition, KpiEntry, Measurement, Rejection, TargetDefinition, TargetEntry,
 };
+use crate::projection::analysis::{self, TargetAnswer, TrendAnswer, TrendQuery};
 use crate::projection::{
     AggregateQuery, AggregateView, AnsweredBucket, CatalogView, ReadModels, Restored,
     SnapshotError, catalog_as_of,
@@ -66,6 +67,23 @@ pub enum RetractTarget {
     Seq(u64),
     /// By its event_id (within the deduplication window).
     EventId(String),
+}
+
+/// Which targets GetTargetStatus judges.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum TargetSelector {
+    /// One target.
+    Target(String),
+    /// Every target of a KPI.
+    Kpi(String),
+}
+
+/// Aggregates to answer from.
+enum Models {
+    /// The live projection.
+    Current(Arc<AggregateView>),
+    /// A fold of the log up to an as-of point.
+    Past(Box<crate::projection::Aggregates>),
 }
 
 /// A point of the log a query is answered at ("as known at").
@@ -372,6 +390,116 @@ impl KpiService {
             })
             .await?;
         Ok((seq, retracted_seq))
+    }
+
+    /// GetTrend: statistics and a forecast over the latest buckets of a KPI.
+    pub async fn get_trend(
+        &self,
+        query: TrendQuery,
+        as_of: Option<AsOf>,
+    ) -> Result<TrendAnswer, ServiceError> {
+        crate::domain::kpi::validate_slug(&query.kpi_id, "kpi_id")?;
+        let (_, aggregates) = self.models_at(as_of, &query.kpi_id).await?;
+        Ok(tokio::task::spawn_blocking(move || match aggregates {
+            Models::Current(view) => analysis::trend(&view.read(), &query),
+            Models::Past(past) => analysis::trend(&past, &query),
+        })
+        .await
+        .map_err(|_| StoreError::WriterStopped)??)
+    }
+
+    /// GetTargetStatus: the status of one target, or of every target of a KPI, at
+    /// `evaluated_at` (the server clock when absent).
+    pub async fn get_target_status(
+        &self,
+        selector: TargetSelector,
+        evaluated_at: Option<DateTime<Utc>>,
+        as_of: Option<AsOf>,
+    ) -> Result<Vec<TargetAnswer>, ServiceError> {
+        let now = evaluated_at.unwrap_or_else(Utc::now);
+        let kpi_id = match &selector {
+            TargetSelector::Kpi(kpi_id) => {
+                crate::domain::kpi::validate_slug(kpi_id, "kpi_id")?;
+                kpi_id.clone()
+            }
+            TargetSelector::Target(target_id) => {
+                crate::domain::kpi::validate_slug(target_id, "target_id")?;
+                let catalog = match self.resolve_as_of(as_of).await? {
+                    Some(seq) if seq < self.log.head().seq => {
+                        let log = self.log.clone();
+                        tokio::task::spawn_blocking(move || catalog_as_of(&log, seq))
+                            .await
+                            .map_err(|_| StoreError::WriterStopped)??
+                    }
+                    _ => self.catalog.read().clone(),
+                };
+                catalog
+                    .target(target_id)
+                    .map(|t| t.definition.kpi_id.clone())
+                    .ok_or_else(|| {
+                        Rejection::not_found("target_id", format!("target '{target_id}'"))
+                    })?
+            }
+        };
+        let (catalog, aggregates) = self.models_at(as_of, &kpi_id).await?;
+        let answer = tokio::task::spawn_blocking(move || {
+            if catalog.get(&kpi_id).is_none() {
+                return Err(Rejection::not_found("kpi_id", format!("kpi '{kpi_id}'")));
+            }
+            let targets: Vec<TargetEntry> = match &selector {
+                TargetSelector::Kpi(_) => catalog.targets(Some(&kpi_id)).cloned().collect(),
+                TargetSelector::Target(id) => catalog.target(id).cloned().into_iter().collect(),
+            };
+            let judge = |aggregates: &crate::projection::Aggregates| {
+                targets
+                    .iter()
+                    .map(|target| analysis::target_status(aggregates, target, now))
+                    .collect::<Result<Vec<_>, _>>()
+            };
+            match aggregates {
+                Models::Current(view) => judge(&view.read()),
+                Models::Past(past) => judge(&past),
+            }
+        })
+        .await
+        .map_err(|_| StoreError::WriterStopped)??;
+        Ok(answer)
+    }
+
+    /// The catalog and aggregates to answer from: the current ones, or folds of the log up
+    /// to the as-of point for `kpi_id` (and a ratio's operands).
+    async fn models_at(
+        &self,
+        as_of: Option<AsOf>,
+        kpi_id: &str,
+    ) -> Result<(Catalog, Models), ServiceError> {
+        match self.resolve_as_of(as_of).await? {
+            Some(seq) if seq < self.log.head().seq => {
+                let mut kpi_ids = vec![kpi_id.to_owned()];
+                if let Some(ratio) = self
+                    .catalog
+                    .read()
+                    .get(kpi_id)
+                    .and_then(|entry| entry.definition.ratio.clone())
+                {
+                    kpi_ids.push(ratio.numerator_kpi_id);
+                    kpi_ids.push(ratio.denominator_kpi_id);
+                }
+                let log = self.log.clone();
+                let aggregates = self.aggregates.clone();
+                let (catalog, past) = tokio::task::spawn_blocking(move || {
+                    let ids: Vec<&str> = kpi_ids.iter().map(String::as_str).collect();
+                    Ok::<_, StoreError>((catalog_as_of(&log, seq)?, aggregates.as_of(seq, &ids)?))
+                })
+                .await
+                .map_err(|_| StoreError::WriterStopped)??;
+                Ok((catalog, Models::Past(Box::new(past))))
+            }
+            _ => Ok((
+                self.catalog.read().clone(),
+                Models::Current(self.aggregates.clone()),
+            )),
+        }
     }
 
     /// GetAggregates: the buckets of a KPI, now or as known at an earlier point of the log.

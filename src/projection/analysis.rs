@@ -1,0 +1,395 @@
+//! Answers computed from the aggregates: the trend of a KPI over its latest buckets and the
+//! status of a target. The statistics are `domain::trend`; the verdict rules are
+//! `domain::target_status`; this module picks the buckets they work on.
+
+use chrono::{DateTime, Months, TimeDelta, Utc};
+
+use super::aggregates::{AggregateQuery, Aggregates, AnsweredBucket, Fill, Labels};
+use crate::domain::calendar::{self, Bucket};
+use crate::domain::target_status::{Estimate, Progress, TargetState, Verdict};
+use crate::domain::trend::{self, Prediction, TrendMethod, TrendReport};
+use crate::domain::{Grain, KpiDefinition, KpiKind, Rejection, TargetEntry, TargetMode};
+
+/// Largest trend window and horizon, in buckets: enough for years of months or weeks of
+/// hours, while one request stays a bounded amount of work.
+pub const MAX_TREND_BUCKETS: u32 = 1000;
+
+/// A GetTrend question.
+#[derive(Debug, Clone, PartialEq)]
+pub struct TrendQuery {
+    /// The KPI.
+    pub kpi_id: String,
+    /// Bucket size.
+    pub grain: Grain,
+    /// Buckets in the window (2..=1000), the last one containing `evaluated_at`.
+    pub window: u32,
+    /// Forecast buckets after the window (0..=1000).
+    pub horizon: u32,
+    /// The time whose bucket ends the window.
+    pub evaluated_at: DateTime<Utc>,
+    /// Equality filter on declared dimensions.
+    pub filter: Labels,
+    /// Forecast method.
+    pub method: TrendMethod,
+}
+
+/// The answer to a GetTrend question.
+#[derive(Debug, Clone, PartialEq)]
+pub struct TrendAnswer {
+    /// The window's buckets, oldest first (empty ones included, with count 0).
+    pub buckets: Vec<AnsweredBucket>,
+    /// The statistics.
+    pub report: TrendReport,
+    /// The forecast buckets with their predictions.
+    pub forecast: Vec<(Bucket, Prediction)>,
+}
+
+/// The value a bucket stands for in a trend: its value, or 0 for an empty bucket of a kind
+/// whose empty bucket means zero (SUM, COUNT); an empty AVERAGE has no value.
+fn trend_value(kind: KpiKind, bucket: &AnsweredBucket) -> Option<f64> {
+    match (bucket.summary.count, kind) {
+        (0, KpiKind::Sum | KpiKind::Count) => Some(0.0),
+        _ => bucket.summary.value,
+    }
+}
+
+/// The buckets of one KPI over [from, to), one per bucket (empty ones included).
+fn window(
+    aggregates: &Aggregates,
+    kpi_id: &str,
+    grain: Grain,
+    from: DateTime<Utc>,
+    to: DateTime<Utc>,
+    filter: &Labels,
+) -> Result<Vec<AnsweredBucket>, Rejection> {
+    aggregates.query(&AggregateQuery {
+        kpi_id: kpi_id.to_owned(),
+        grain,
+        start: from,
+        end: to,
+        filter: filter.clone(),
+        group_by: Vec::new(),
+        fill: Fill::Absent,
+    })
+}
+
+/// Answers GetTrend.
+pub fn trend(aggregates: &Aggregates, query: &TrendQuery) -> Result<TrendAnswer, Rejection> {
+    if !(2..=MAX_TREND_BUCKETS).contains(&query.window) {
+        return Err(Rejection::invalid(
+            "window",
+            format!(
+                "must be within 2..={MAX_TREND_BUCKETS}, got {}",
+                query.window
+            ),
+        ));
+    }
+    if query.horizon > MAX_TREND_BUCKETS {
+        return Err(Rejection::invalid(
+            "horizon",
+            format!("at most {MAX_TREND_BUCKETS}, got {}", query.horizon),
+        ));
+    }
+    let (definition, _) = aggregates.definition(&query.kpi_id)?;
+    let (kind, tz) = (definition.kind, definition.timezone);
+    let last = calendar::bucket_of(query.grain, tz, query.evaluated_at);
+    let mut first = last;
+    for _ in 1..query.window {
+        first = calendar::previous_bucket(query.grain, tz, first);
+    }
+    let buckets = window(
+        aggregates,
+        &query.kpi_id,
+        query.grain,
+        first.start,
+        last.end,
+        &query.filter,
+    )?;
+    let values: Vec<Option<f64>> = buckets.iter().map(|b| trend_value(kind, b)).collect();
+    // The same bucket one year earlier: the bucket containing the latest's start minus
+    // twelve calendar months.
+    let year_ago = last
+        .start
+        .with_timezone(&tz)
+        .checked_sub_months(Months::new(12))
+        .map(|instant| calendar::bucket_of(query.grain, tz, instant.with_timezone(&Utc)))
+        .map(|bucket| {
+            window(
+                aggregates,
+                &query.kpi_id,
+                query.grain,
+                bucket.start,
+                bucket.end,
+                &query.filter,
+            )
+        })
+        .transpose()?
+        .and_then(|answer| answer.first().and_then(|b| trend_value(kind, b)));
+    let horizon = usize::try_from(query.horizon).unwrap_or(usize::MAX);
+    let report = trend::analyze_window(&values, year_ago, horizon, query.method);
+    let mut next = last;
+    let forecast = report
+        .forecast
+        .iter()
+        .map(|prediction| {
+            next = calendar::next_bucket(query.grain, tz, next);
+            (next, *prediction)
+        })
+        .collect();
+    Ok(TrendAnswer {
+        buckets,
+        report,
+        forecast,
+    })
+}
+
+/// The status of one LEVEL period.
+#[derive(Debug, Clone, PartialEq)]
+pub struct PeriodVerdict {
+    /// The period.
+    pub bucket: Bucket,
+    /// The KPI's value in it, if any.
+    pub actual: Option<f64>,
+    /// Its state.
+    pub state: TargetState,
+    /// Whether it contains the evaluation time.
+    pub current: bool,
+}
+
+/// The status of one target.
+#[derive(Debug, Clone, PartialEq)]
+pub struct TargetAnswer {
+    /// The target.
+    pub target: TargetEntry,
+    /// The verdict.
+    pub verdict: Verdict,
+    /// The KPI's value so far (cumulative sum, or the current period's level).
+    pub actual: Option<f64>,
+    /// Grain of `verdict.required_rate`.
+    pub rate_grain: Grain,
+    /// When the fitted line reaches the target, if it does.
+    pub estimated_reached_at: Option<DateTime<Utc>>,
+    /// LEVEL targets: every period so far.
+    pub periods: Vec<PeriodVerdict>,
+}
+
+/// A count as f64. Counts of measurements and periods stay far below 2^53, where every
+/// integer converts exactly, so this `as` loses nothing.
+fn exact_f64(count: impl TryInto<u64>) -> f64 {
+    let count: u64 = count.try_into().unwrap_or(u64::MAX);
+    #[allow(clippy::cast_precision_loss)]
+    let value = count as f64;
+    value
+}
+
+/// Fewest finished periods a least-squares projection is fitted to; with fewer the
+/// projection is the linear pace (actual / f).
+const MIN_PROJECTION_POINTS: usize = 3;
+
+/// Answers GetTargetStatus for one target at `now`.
+pub fn target_status(
+    aggregates: &Aggregates,
+    target: &TargetEntry,
+    now: DateTime<Utc>,
+) -> Result<TargetAnswer, Rejection> {
+    let (definition, _) = aggregates.definition(&target.definition.kpi_id)?;
+    match target.definition.mode {
+        TargetMode::Cumulative => cumulative(aggregates, definition, target, now),
+        TargetMode::Level => level(aggregates, definition, target, now),
+    }
+}
+
+fn progress(definition: &KpiDefinition, target: &TargetEntry, now: DateTime<Utc>) -> Progress {
+    let t = &target.definition;
+    Progress {
+        target: t.value,
+        direction: definition.direction,
+        tolerance: t.tolerance,
+        start: t.start,
+        deadline: t.deadline,
+        now,
+        actual: None,
+        forecast: None,
+        periods_left: 0.0,
+    }
+}
+
+fn estimate(prediction: &Prediction) -> Estimate {
+    Estimate {
+        value: prediction.value,
+        lower: prediction.interval.map(|i| i.lower),
+        upper: prediction.interval.map(|i| i.upper),
+    }
+}
+
+/// The time at fractional period index `x` of `periods` (x = 2.5 is the middle of the
+/// third period).
+fn time_at(periods: &[Bucket], x: f64) -> Option<DateTime<Utc>> {
+    if !(x.is_finite() && x >= 0.0) {
+        return None;
+    }
+    let index = x.floor();
+    let within = x - index;
+    // `index` is finite, non-negative and compared against the period count below.
+    #[allow(clippy::cast_possible_truncation, clippy::cast_sign_loss)]
+    let bucket = periods.get(index as usize)?;
+    let span = (bucket.end - bucket.start).num_milliseconds();
+    #[allow(clippy::cast_possible_truncation)]
+    let offset = (within * span as f64) as i64;
+    Some(bucket.start + TimeDelta::milliseconds(offset))
+}
+
+/// CUMULATIVE: the KPI summed over the window's periods (whole buckets of the period
+/// grain, or days) that started before `now`; projected by a least-squares line through the
+/// running total at the end of each finished period.
+fn cumulative(
+    aggregates: &Aggregates,
+    definition: &KpiDefinition,
+    target: &TargetEntry,
+    now: DateTime<Utc>,
+) -> Result<TargetAnswer, Rejection> {
+    let t = &target.definition;
+    let grain = t.period_grain.unwrap_or(Grain::Day);
+    let buckets = window(
+        aggregates,
+        &t.kpi_id,
+        grain,
+        t.start,
+        t.deadline,
+        &Labels::new(),
+    )?;
+    let periods: Vec<Bucket> = buckets.iter().map(|b| b.bucket).collect();
+    let contribution = |b: &AnsweredBucket| match definition.kind {
+        KpiKind::Count => exact_f64(b.summary.count),
+        _ => b.summary.sum.or(b.summary.value).unwrap_or(0.0),
+    };
+    let mut total = 0.0;
+    let mut points = Vec::new();
+    for (index, bucket) in buckets.iter().enumerate() {
+        if bucket.bucket.start >= now {
+            break;
+        }
+        total += contribution(bucket);
+        if bucket.bucket.end <= now {
+            points.push((exact_f64(index) + 1.0, total));
+        }
+    }
+    let finished = points.len();
+    let deadline_x = exact_f64(periods.len());
+    let projection = (finished >= MIN_PROJECTION_POINTS)
+        .then(|| trend::project_target(&points, deadline_x, t.value))
+        .flatten();
+    let started = periods.iter().filter(|p| p.start < now).count();
+    let mut progress = progress(definition, target, now);
+    progress.actual = Some(total);
+    progress.forecast = projection.map(|p| estimate(&p.at_deadline));
+    // Periods not started yet, plus the current one when it is under way.
+    progress.periods_left = exact_f64(periods.len() - started.min(periods.len()))
+        + if started > finished { 1.0 } else { 0.0 };
+    let verdict = progress.judge_cumulative(definition.timezone);
+    let estimated_reached_at = projection
+        .and_then(|p| p.reach_x)
+        .and_then(|x| time_at(&periods, x));
+    Ok(TargetAnswer {
+        target: target.clone(),
+        actual: Some(total),
+        verdict,
+        rate_grain: grain,
+        estimated_reached_at,
+        periods: Vec::new(),
+    })
+}
+
+/// LEVEL: every period of the window that started is judged on the KPI's value in it; the
+/// target's state is the current period's (after the deadline: ACHIEVED when every period
+/// met the target, MISSED otherwise).
+fn level(
+    aggregates: &Aggregates,
+    definition: &KpiDefinition,
+    target: &TargetEntry,
+    now: DateTime<Utc>,
+) -> Result<TargetAnswer, Rejection> {
+    let t = &target.definition;
+    let grain = t.period_grain.unwrap_or(Grain::Month);
+    let buckets = window(
+        aggregates,
+        &t.kpi_id,
+        grain,
+        t.start,
+        t.deadline,
+        &Labels::new(),
+    )?;
+    let progress_now = progress(definition, target, now);
+    let periods: Vec<PeriodVerdict> = buckets
+        .iter()
+        .filter(|b| b.bucket.start < now)
+        .map(|b| {
+            let finished = b.bucket.end <= now;
+            PeriodVerdict {
+                bucket: b.bucket,
+                actual: b.summary.value,
+                state: progress_now.judge_period(b.summary.value, finished),
+                current: b.bucket.contains(now),
+            }
+        })
+        .collect();
+    let current = periods.iter().find(|p| p.current).or(periods.last());
+    let actual = current.and_then(|p| p.actual);
+    let met = periods
+        .iter()
+        .filter(|p| matches!(p.state, TargetState::Achieved | TargetState::OnTrack))
+        .count();
+    let value = |x: Option<f64>| x.map_or_else(|| "no data".to_owned(), |v| format!("{v:.2}"));
+    let (state, reason) = if now >= t.deadline {
+        let all = periods.iter().all(|p| p.state == TargetState::Achieved) && !periods.is_empty();
+        (
+            if all {
+                TargetState::Achieved
+            } else {
+                TargetState::Missed
+            },
+            format!("{met} of {} periods met {}", periods.len(), t.value),
+        )
+    } else if let Some(current) = current {
+        (
+            current.state,
+            format!(
+                "current period at {} against {}; {met} of {} periods so far met it",
+                value(current.actual),
+                t.value,
+                periods.len()
+            ),
+        )
+    } else {
+        (
+            TargetState::OnTrack,
+            format!(
+                "not started: {} per period from {}",
+                t.value,
+                t.start.date_naive()
+            ),
+        )
+    };
+    let f = crate::domain::target_status::elapsed_fraction(t.start, t.deadline, now);
+    let verdict = Verdict {
+        state,
+        reason,
+        elapsed_fraction: f,
+        expected_now: t.value,
+        progress: actual.filter(|_| t.value != 0.0).map(|a| a / t.value),
+        projected: actual.map(|value| Estimate {
+            value,
+            lower: None,
+            upper: None,
+        }),
+        required_rate: None,
+    };
+    Ok(TargetAnswer {
+        target: target.clone(),
+        actual,
+        verdict,
+        rate_grain: grain,
+        estimated_reached_at: None,
+        periods,
+    })
+}
