@@ -14,6 +14,11 @@ pub const DEFAULT_DATA_DIR: &str = "./kpi-data";
 pub const DEFAULT_MAX_FUTURE_SKEW_SECS: u32 = 300;
 /// Default deduplication window of event ids, in hours of recorded time (SPEC: at least 24).
 pub const DEFAULT_DEDUP_WINDOW_HOURS: u32 = 24;
+/// Default most server streams (replays, watchers) open at once; each holds a task and a
+/// bounded buffer, so this bounds their memory.
+pub const DEFAULT_MAX_STREAMS: u32 = 1024;
+/// Default interval of checkpoints and heartbeats on idle streams, in milliseconds.
+pub const DEFAULT_HEARTBEAT_MS: u32 = 5000;
 
 /// Everything the server needs to start.
 #[derive(Debug, Clone, clap::Parser)]
@@ -46,6 +51,24 @@ pub struct Config {
         value_parser = clap::value_parser!(u32).range(1..=24 * 365)
     )]
     pub dedup_window_hours: u32,
+
+    /// Most server streams (ReplayEvents, WatchKpis) open at once; more get RESOURCE_EXHAUSTED.
+    #[arg(
+        long,
+        env = "KPI_MAX_STREAMS",
+        default_value_t = DEFAULT_MAX_STREAMS,
+        value_parser = clap::value_parser!(u32).range(1..)
+    )]
+    pub max_streams: u32,
+
+    /// How often an idle stream gets a checkpoint or heartbeat, in milliseconds.
+    #[arg(
+        long,
+        env = "KPI_HEARTBEAT_MS",
+        default_value_t = DEFAULT_HEARTBEAT_MS,
+        value_parser = clap::value_parser!(u32).range(10..)
+    )]
+    pub heartbeat_ms: u32,
 }
 
 impl Config {
@@ -58,12 +81,19 @@ impl Config {
             data_dir: data_dir.into(),
             max_future_skew_secs: DEFAULT_MAX_FUTURE_SKEW_SECS,
             dedup_window_hours: DEFAULT_DEDUP_WINDOW_HOURS,
+            max_streams: DEFAULT_MAX_STREAMS,
+            heartbeat_ms: DEFAULT_HEARTBEAT_MS,
         }
     }
 
     /// The allowed future skew of occurred_at.
     pub fn max_future_skew(&self) -> TimeDelta {
         TimeDelta::seconds(i64::from(self.max_future_skew_secs))
+    }
+
+    /// The interval of checkpoints and heartbeats on idle streams.
+    pub fn heartbeat(&self) -> std::time::Duration {
+        std::time::Duration::from_millis(u64::from(self.heartbeat_ms))
     }
 
     /// The deduplication window of event ids.

@@ -35,7 +35,7 @@ use tokio_util::sync::CancellationToken;
 
 pub use config::Config;
 
-use crate::service::KpiService;
+use crate::service::{KpiService, ServiceOptions};
 use crate::store::{EventLog, StoreError, StoreOptions};
 
 /// Directory of the event log (sled) inside the data directory.
@@ -121,10 +121,15 @@ pub async fn run(
     };
     let log_dir = config.data_dir.join(LOG_DIR);
     let snapshot_dir = config.data_dir.join(SNAPSHOT_DIR);
-    let max_future_skew = config.max_future_skew();
+    let service_options = ServiceOptions {
+        snapshot_dir,
+        max_future_skew: config.max_future_skew(),
+        max_streams: usize::try_from(config.max_streams).unwrap_or(usize::MAX),
+        heartbeat: config.heartbeat(),
+    };
     let (log, service) = tokio::task::spawn_blocking(move || {
         let log = EventLog::open(&log_dir, options)?;
-        let service = KpiService::new(log.clone(), snapshot_dir, max_future_skew)?;
+        let service = KpiService::new(log.clone(), service_options)?;
         Ok::<_, StoreError>((log, service))
     })
     .await?
@@ -142,6 +147,9 @@ pub async fn run(
         service.clone(),
         stop_snapshots.clone(),
     ));
+    let streams_stop = service.shutdown_token();
+    // Also ends them when this future is dropped without a shutdown (aborted).
+    let _stop_streams_on_drop = streams_stop.clone().drop_guard();
     let (routes, health) = api::routes(service.clone()).await?;
     if let Ok(address) = listener.local_addr() {
         tracing::info!(%address, "serving kpi.v1 over gRPC");
@@ -151,6 +159,8 @@ pub async fn run(
         .serve_with_incoming_shutdown(TcpListenerStream::new(listener), async move {
             shutdown.await;
             tracing::info!("shutting down: finishing running requests");
+            // Open streams would keep the server waiting forever: end them now.
+            streams_stop.cancel();
             for name in api::SERVICE_NAMES {
                 health
                     .set_service_status(name, tonic_health::ServingStatus::NotServing)

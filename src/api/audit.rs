@@ -1,22 +1,186 @@
 //! The kpi.v1.Audit service: the log itself, its digest and its verification.
 
+use std::collections::{HashMap, HashSet};
 use std::pin::Pin;
+use std::time::Duration;
 
 use chrono::TimeDelta;
 use prost::Message;
-use tokio::sync::mpsc;
+use tokio::sync::{mpsc, watch};
 use tokio_stream::Stream;
 use tokio_stream::wrappers::ReceiverStream;
+use tokio_util::sync::CancellationToken;
 use tonic::{Request, Response, Status};
 
+use crate::domain::Event;
+use crate::domain::kpi::validate_slug;
 use crate::proto::audit_server::Audit;
 use crate::proto::{self, from_proto, replay_events_request, to_proto};
 use crate::service::KpiService;
-use crate::store::StoredEvent;
+use crate::store::{EventLog, StoreError, StoredEvent};
 
 /// Envelopes a replay may have ready before the client reads them; the reading thread
 /// waits past this, so a slow auditor costs bounded memory.
 const REPLAY_BUFFER: usize = 256;
+
+/// Events a follower reads from the log per blocking read: bounds the memory of one read
+/// and lets a follower that catches up interleave with its sends.
+const REPLAY_CHUNK: u64 = 1024;
+
+type ReplayItem = Result<proto::ReplayEventsResponse, Status>;
+
+/// One ReplayEvents stream: reads the log from `next` up to the durable head, waits for the
+/// head to move (or sends a checkpoint when idle), and reads again. Catching up and
+/// following are one loop over the log, so the switch has no gap and no duplicate, and a
+/// slow client only slows its own reads.
+struct Follower {
+    log: EventLog,
+    head: watch::Receiver<u64>,
+    heartbeat: Duration,
+    shutdown: CancellationToken,
+    /// Only events about these KPIs, when set.
+    filter: Option<HashSet<String>>,
+    /// Target id -> KPI id of the TargetSet events seen, to place TargetRemoved events.
+    targets: HashMap<String, String>,
+    sender: mpsc::Sender<ReplayItem>,
+    /// The next seq to consider.
+    next: u64,
+    /// The last seq to send; `None` follows forever.
+    to_seq: Option<u64>,
+}
+
+impl Follower {
+    async fn run(mut self) {
+        loop {
+            let head = *self.head.borrow_and_update();
+            let end = self.to_seq.map_or(head, |to| to.min(head));
+            while self.next <= end {
+                let chunk_end = end.min(self.next.saturating_add(REPLAY_CHUNK - 1));
+                if !self.send_range(chunk_end).await {
+                    return;
+                }
+            }
+            if self.to_seq.is_some_and(|to| self.next > to) {
+                return;
+            }
+            tokio::select! {
+                () = self.shutdown.cancelled() => {
+                    let _ = self.sender.send(Err(Status::unavailable("the server is shutting down"))).await;
+                    return;
+                }
+                () = self.sender.closed() => return,
+                changed = self.head.changed() => {
+                    if changed.is_err() {
+                        return;
+                    }
+                }
+                () = tokio::time::sleep(self.heartbeat) => {
+                    let checkpoint = proto::ReplayEventsResponse {
+                        item: Some(proto::replay_events_response::Item::Checkpoint(proto::Checkpoint {
+                            // Everything up to here was sent or filtered out; never a
+                            // seq past the durable head.
+                            seq: (self.next - 1).min(*self.head.borrow()),
+                            at: Some(to_proto::timestamp(chrono::Utc::now())),
+                        })),
+                    };
+                    if self.sender.send(Ok(checkpoint)).await.is_err() {
+                        return;
+                    }
+                }
+            }
+        }
+    }
+
+    /// Reads `next..=to` from the log (off the executor), filters, and sends. False when the
+    /// stream is over (client gone or an error sent).
+    async fn send_range(&mut self, to: u64) -> bool {
+        let log = self.log.clone();
+        let from = self.next;
+        let filter = self.filter.clone();
+        let mut targets = std::mem::take(&mut self.targets);
+        let read = tokio::task::spawn_blocking(move || {
+            let mut events = Vec::new();
+            for stored in log.read(from, to) {
+                let stored = stored?;
+                if filter
+                    .as_ref()
+                    .is_none_or(|kpis| concerns(&log, &mut targets, kpis, &stored.event))
+                {
+                    events.push(stored);
+                }
+            }
+            Ok::<_, StoreError>((events, targets))
+        })
+        .await;
+        let events = match read {
+            Ok(Ok((events, targets))) => {
+                self.targets = targets;
+                events
+            }
+            Ok(Err(error)) => {
+                let _ = self
+                    .sender
+                    .send(Err(super::status::store_status(&error)))
+                    .await;
+                return false;
+            }
+            Err(error) => {
+                let _ = self
+                    .sender
+                    .send(Err(Status::internal(format!(
+                        "replay read failed: {error}"
+                    ))))
+                    .await;
+                return false;
+            }
+        };
+        for stored in events {
+            let item = envelope(stored).map(|event| proto::ReplayEventsResponse {
+                item: Some(proto::replay_events_response::Item::Event(event)),
+            });
+            let failed = item.is_err();
+            if self.sender.send(item).await.is_err() || failed {
+                return false;
+            }
+        }
+        self.next = to + 1;
+        true
+    }
+}
+
+/// Whether `event` is about one of `kpis`. A retraction is about the KPI of the measurement
+/// it withdraws; a target removal about the KPI of its target when this stream saw the
+/// target set (otherwise it is sent: an auditor gets too much rather than too little).
+fn concerns(
+    log: &EventLog,
+    targets: &mut HashMap<String, String>,
+    kpis: &HashSet<String>,
+    event: &Event,
+) -> bool {
+    match event {
+        Event::KpiDefined { definition } | Event::KpiUpdated { definition, .. } => {
+            kpis.contains(&definition.id)
+        }
+        Event::KpiRetired { kpi_id, .. } => kpis.contains(kpi_id),
+        Event::MeasurementRecorded(m) => kpis.contains(&m.kpi_id),
+        Event::TargetSet { target, .. } => {
+            targets.insert(target.id.clone(), target.kpi_id.clone());
+            kpis.contains(&target.kpi_id)
+        }
+        Event::TargetRemoved { target_id, .. } => {
+            targets.get(target_id).is_none_or(|kpi| kpis.contains(kpi))
+        }
+        Event::MeasurementRetracted { retracted_seq, .. } => {
+            match log.read(*retracted_seq, *retracted_seq).next() {
+                Some(Ok(stored)) => match stored.event {
+                    Event::MeasurementRecorded(m) => kpis.contains(&m.kpi_id),
+                    _ => true,
+                },
+                _ => true,
+            }
+        }
+    }
+}
 
 /// gRPC adapter of the audit reads.
 pub struct AuditApi {
@@ -56,12 +220,7 @@ impl Audit for AuditApi {
         request: Request<proto::ReplayEventsRequest>,
     ) -> Result<Response<Self::ReplayEventsStream>, Status> {
         let request = request.into_inner();
-        if request.follow {
-            return Err(super::not_yet("ReplayEvents with follow"));
-        }
-        if !request.kpi_ids.is_empty() {
-            return Err(super::not_yet("ReplayEvents with a kpi_ids filter"));
-        }
+        let permit = self.service.open_stream()?;
         let log = self.service.log().clone();
         let from_seq = match request.start {
             None => 1,
@@ -78,26 +237,32 @@ impl Audit for AuditApi {
                 before + 1
             }
         };
-        let head = log.head().seq;
-        let to_seq = match request.to_seq {
-            None | Some(0) => head,
-            Some(seq) => seq.min(head),
+        for (i, id) in request.kpi_ids.iter().enumerate() {
+            validate_slug(id, &format!("kpi_ids[{i}]"))?;
+        }
+        let filter = (!request.kpi_ids.is_empty())
+            .then(|| request.kpi_ids.into_iter().collect::<HashSet<String>>());
+        // Without follow, the replay ends at the head as it is now.
+        let to_seq = match (request.to_seq, request.follow) {
+            (Some(seq), _) if seq > 0 => Some(seq),
+            (_, false) => Some(log.head().seq),
+            _ => None,
         };
         let (sender, receiver) = mpsc::channel(REPLAY_BUFFER);
-        tokio::task::spawn_blocking(move || {
-            for stored in log.read(from_seq, to_seq) {
-                let item = stored
-                    .map_err(|e| super::status::store_status(&e))
-                    .and_then(envelope)
-                    .map(|event| proto::ReplayEventsResponse {
-                        item: Some(proto::replay_events_response::Item::Event(event)),
-                    });
-                let failed = item.is_err();
-                // A failed send means the client went away: stop reading.
-                if sender.blocking_send(item).is_err() || failed {
-                    break;
-                }
-            }
+        let follower = Follower {
+            log,
+            head: self.service.watch_head(),
+            heartbeat: self.service.heartbeat(),
+            shutdown: self.service.shutdown_token(),
+            filter,
+            targets: HashMap::new(),
+            sender,
+            next: from_seq,
+            to_seq,
+        };
+        tokio::spawn(async move {
+            let _permit = permit;
+            follower.run().await;
         });
         Ok(Response::new(Box::pin(ReceiverStream::new(receiver))))
     }

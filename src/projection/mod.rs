@@ -5,6 +5,7 @@
 pub mod aggregates;
 pub mod analysis;
 pub mod catalog;
+pub mod live;
 pub mod snapshot;
 
 use std::collections::BTreeSet;
@@ -24,6 +25,8 @@ pub struct ReadModels {
     pub catalog: Arc<CatalogView>,
     /// The aggregates.
     pub aggregates: Arc<AggregateView>,
+    /// The durable head, for followers.
+    pub head: Arc<live::HeadWatch>,
     /// What the start cost.
     pub restored: Restored,
 }
@@ -78,11 +81,15 @@ impl ReadModels {
             aggregates: RwLock::new(aggregates),
             log: reader,
         });
+        let head_watch = Arc::new(live::HeadWatch::new(head));
         log.add_listener(catalog.clone());
         log.add_listener(aggregates.clone());
+        // Last: followers woken by it find the read models current too.
+        log.add_listener(head_watch.clone());
         Ok(Self {
             catalog,
             aggregates,
+            head: head_watch,
             restored: Restored {
                 snapshot_seq,
                 replayed_events,

@@ -3,6 +3,10 @@
 
 use std::path::PathBuf;
 use std::sync::Arc;
+use std::time::Duration;
+
+use tokio::sync::{OwnedSemaphorePermit, Semaphore};
+use tokio_util::sync::CancellationToken;
 
 use chrono::{DateTime, TimeDelta, Utc};
 
@@ -58,7 +62,29 @@ pub struct KpiService {
     models: Arc<ReadModels>,
     snapshot_dir: PathBuf,
     max_future_skew: TimeDelta,
+    streams: Arc<Semaphore>,
+    max_streams: usize,
+    heartbeat: Duration,
+    shutdown: CancellationToken,
 }
+
+/// How the service behaves, from the configuration.
+#[derive(Debug, Clone)]
+pub struct ServiceOptions {
+    /// Where read-model snapshots go.
+    pub snapshot_dir: PathBuf,
+    /// How far in the future occurred_at may be.
+    pub max_future_skew: TimeDelta,
+    /// Most server streams open at once.
+    pub max_streams: usize,
+    /// Interval of checkpoints and heartbeats on idle streams.
+    pub heartbeat: Duration,
+}
+
+/// A place among the open server streams; freed when dropped (the stream ended or its
+/// client went away).
+#[derive(Debug)]
+pub struct StreamPermit(#[allow(dead_code)] OwnedSemaphorePermit);
 
 /// The measurement a retraction withdraws.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -98,20 +124,57 @@ pub enum AsOf {
 impl KpiService {
     /// Restores the read models from the snapshot in `snapshot_dir` and the tail of `log`
     /// (blocking), and serves from them.
-    pub fn new(
-        log: EventLog,
-        snapshot_dir: PathBuf,
-        max_future_skew: TimeDelta,
-    ) -> Result<Self, StoreError> {
-        let models = Arc::new(ReadModels::restore(&log, &snapshot_dir)?);
+    pub fn new(log: EventLog, options: ServiceOptions) -> Result<Self, StoreError> {
+        let models = Arc::new(ReadModels::restore(&log, &options.snapshot_dir)?);
         Ok(Self {
             log,
             catalog: models.catalog.clone(),
             aggregates: models.aggregates.clone(),
             models,
-            snapshot_dir,
-            max_future_skew,
+            snapshot_dir: options.snapshot_dir,
+            max_future_skew: options.max_future_skew,
+            streams: Arc::new(Semaphore::new(options.max_streams)),
+            max_streams: options.max_streams,
+            heartbeat: options.heartbeat,
+            shutdown: CancellationToken::new(),
         })
+    }
+
+    /// A place for one more server stream, or RESOURCE_EXHAUSTED past the limit.
+    pub fn open_stream(&self) -> Result<StreamPermit, ServiceError> {
+        self.streams
+            .clone()
+            .try_acquire_owned()
+            .map(StreamPermit)
+            .map_err(|_| {
+                Rejection::ResourceExhausted {
+                    field: "stream".into(),
+                    reason: "too many open streams on this server; retry later".into(),
+                }
+                .into()
+            })
+    }
+
+    /// Server streams currently open.
+    pub fn open_streams(&self) -> usize {
+        // The semaphore holds the free places.
+        self.max_streams
+            .saturating_sub(self.streams.available_permits())
+    }
+
+    /// A receiver of the durable head seq, for followers.
+    pub fn watch_head(&self) -> tokio::sync::watch::Receiver<u64> {
+        self.models.head.subscribe()
+    }
+
+    /// The interval of checkpoints and heartbeats on idle streams.
+    pub fn heartbeat(&self) -> Duration {
+        self.heartbeat
+    }
+
+    /// Cancelled when the server starts shutting down: open streams end with UNAVAILABLE.
+    pub fn shutdown_token(&self) -> CancellationToken {
+        self.shutdown.clone()
     }
 
     /// How the read models were restored at start.
