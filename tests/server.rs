@@ -4,10 +4,8 @@
 mod common;
 
 use common::TestServer;
-use kpi_service::proto;
 use prost::Message;
 use tokio_stream::StreamExt;
-use tonic::Code;
 use tonic_health::pb::health_check_response::ServingStatus;
 use tonic_health::pb::health_client::HealthClient;
 use tonic_reflection::pb::v1::server_reflection_client::ServerReflectionClient;
@@ -120,19 +118,6 @@ async fn reflection_lists_the_contract_and_health_reports_serving() {
             .status;
         assert_eq!(status, ServingStatus::Serving as i32, "{service:?}");
     }
-    server.stop().await;
-}
-
-#[tokio::test]
-async fn rpcs_of_later_milestones_answer_unimplemented() {
-    let dir = tempfile::tempdir().unwrap();
-    let server = TestServer::start(dir.path()).await;
-    let err = server
-        .query()
-        .watch_kpis(proto::WatchKpisRequest::default())
-        .await
-        .unwrap_err();
-    assert_eq!(err.code(), Code::Unimplemented);
     server.stop().await;
 }
 

@@ -6,8 +6,8 @@ pub mod catalog;
 pub mod ingest;
 pub mod query;
 pub mod status;
+pub mod watch;
 
-use tonic::Status;
 use tonic::service::Routes;
 
 use crate::proto::audit_server::AuditServer;
@@ -27,11 +27,6 @@ pub const SERVICE_NAMES: [&str; 4] = [
     "kpi.v1.Query",
     "kpi.v1.Audit",
 ];
-
-/// The status of an RPC whose implementation has not landed yet.
-pub fn not_yet(what: &str) -> Status {
-    Status::unimplemented(format!("{what} is not implemented yet"))
-}
 
 /// The kpi.v1 services, health and reflection, ready to serve. Returns the routes and the
 /// health reporter that marks them serving (and not serving during shutdown).

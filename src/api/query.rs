@@ -1,5 +1,4 @@
-//! The kpi.v1.Query service: aggregates, trends and target status; live watching answers
-//! UNIMPLEMENTED until it lands.
+//! The kpi.v1.Query service: aggregates, trends, target status and live watching.
 
 use std::pin::Pin;
 
@@ -8,6 +7,7 @@ use tonic::{Request, Response, Status};
 
 use chrono::Utc;
 
+use super::watch::{WatchFilter, Watcher};
 use crate::domain::Rejection;
 use crate::domain::aggregate::{self, Detail};
 use crate::domain::target_status::TargetState;
@@ -17,6 +17,10 @@ use crate::projection::{AggregateQuery, AnsweredBucket, Fill};
 use crate::proto::query_server::Query;
 use crate::proto::{self, as_of, from_proto, to_proto};
 use crate::service::{AsOf, KpiService, TargetSelector};
+
+/// Updates a watcher may have ready before its client reads them; past this the watcher
+/// stops reading the log (its backlog stays there, not in memory).
+const WATCH_BUFFER: usize = 256;
 
 /// gRPC adapter of the queries.
 pub struct QueryApi {
@@ -311,8 +315,36 @@ impl Query for QueryApi {
 
     async fn watch_kpis(
         &self,
-        _request: Request<proto::WatchKpisRequest>,
+        request: Request<proto::WatchKpisRequest>,
     ) -> Result<Response<Self::WatchKpisStream>, Status> {
-        Err(super::not_yet("WatchKpis"))
+        let request = request.into_inner();
+        let grain = from_proto::grain(request.grain, "grain")?
+            .ok_or_else(|| Rejection::invalid("grain", "required"))?;
+        for (i, id) in request.kpi_ids.iter().enumerate() {
+            crate::domain::kpi::validate_slug(id, &format!("kpi_ids[{i}]"))?;
+        }
+        let permit = self.service.open_stream()?;
+        let (sender, receiver) = tokio::sync::mpsc::channel(WATCH_BUFFER);
+        let watcher = Watcher {
+            service: self.service.clone(),
+            filter: WatchFilter {
+                kpi_ids: request.kpi_ids.into_iter().collect(),
+                grain,
+                labels: request.filter,
+            },
+            next: request.from_seq.max(1),
+            snapshot: request.from_seq == 0,
+            head: self.service.watch_head(),
+            heartbeat: self.service.heartbeat(),
+            shutdown: self.service.shutdown_token(),
+            sender,
+        };
+        tokio::spawn(async move {
+            let _permit = permit;
+            watcher.run().await;
+        });
+        Ok(Response::new(Box::pin(
+            tokio_stream::wrappers::ReceiverStream::new(receiver),
+        )))
     }
 }

@@ -373,6 +373,45 @@ impl Aggregates {
         Ok(answer)
     }
 
+    /// The label combinations of a measured KPI (none for RATIO or unknown KPIs).
+    pub fn series_of<'a>(&'a self, kpi_id: &str) -> impl Iterator<Item = &'a Labels> + 'a {
+        self.measured
+            .get(kpi_id)
+            .into_iter()
+            .flat_map(|kpi| kpi.series.keys())
+    }
+
+    /// Ids of the measured KPIs.
+    pub fn measured_kpis(&self) -> impl Iterator<Item = &str> {
+        self.measured.keys().map(String::as_str)
+    }
+
+    /// One bucket of one series of a measured KPI, as it is now; an empty bucket when
+    /// nothing is in it.
+    pub fn series_bucket(
+        &self,
+        kpi_id: &str,
+        labels: &Labels,
+        grain: Grain,
+        bucket: Bucket,
+    ) -> Option<AnsweredBucket> {
+        let kpi = self.measured.get(kpi_id)?;
+        let summary = kpi
+            .series
+            .get(labels)
+            .and_then(|series| series.grains[slot(grain)].get(&bucket.key()))
+            .map_or_else(
+                || empty_summary(kpi.definition.kind, Fill::Absent),
+                |state| Some(state.summary()),
+            )?;
+        Some(AnsweredBucket {
+            labels: labels.clone(),
+            bucket,
+            summary,
+            definition_version: kpi.version,
+        })
+    }
+
     /// The definition and version of a KPI, measured or RATIO.
     pub fn definition(&self, kpi_id: &str) -> Result<(&KpiDefinition, u64), Rejection> {
         if let Some(kpi) = self.measured.get(kpi_id) {

@@ -162,6 +162,11 @@ impl KpiService {
             .saturating_sub(self.streams.available_permits())
     }
 
+    /// The aggregate read model, for watchers.
+    pub fn aggregates(&self) -> &Arc<AggregateView> {
+        &self.aggregates
+    }
+
     /// A receiver of the durable head seq, for followers.
     pub fn watch_head(&self) -> tokio::sync::watch::Receiver<u64> {
         self.models.head.subscribe()

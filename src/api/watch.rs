@@ -1,0 +1,256 @@
+//! Query.WatchKpis: a snapshot of the current bucket of every watched series, then an
+//! update for every bucket that committed events change.
+//!
+//! A watcher follows the log like a ReplayEvents follower (see `api/audit.rs`): it reads
+//! the events after its position in chunks, collects the (KPI, series, bucket) keys they
+//! touch (latest wins), and sends each key's bucket as the projection has it now. Its
+//! memory is bounded by one chunk's keys however far behind it is: the backlog stays in
+//! the log, and a watcher that catches up gets the latest value of every bucket it missed.
+
+use std::collections::{BTreeMap, HashSet};
+use std::time::Duration;
+
+use chrono::Utc;
+use tokio::sync::{mpsc, watch};
+use tokio_util::sync::CancellationToken;
+use tonic::Status;
+
+use crate::domain::calendar::{self, Bucket};
+use crate::domain::{Event, Grain};
+use crate::projection::AnsweredBucket;
+use crate::projection::aggregates::Labels;
+use crate::proto::{self, watch_kpis_response::Item};
+use crate::service::KpiService;
+use crate::store::StoreError;
+
+/// Events a watcher reads per chunk; also the bound of its pending updates.
+const WATCH_CHUNK: u64 = 1024;
+
+type WatchItem = Result<proto::WatchKpisResponse, Status>;
+
+/// What a watcher watches.
+pub struct WatchFilter {
+    /// Only these KPIs; empty watches all.
+    pub kpi_ids: HashSet<String>,
+    /// The grain of the buckets sent.
+    pub grain: Grain,
+    /// Only series whose labels have these values.
+    pub labels: Labels,
+}
+
+impl WatchFilter {
+    fn wants(&self, kpi_id: &str, labels: &Labels) -> bool {
+        (self.kpi_ids.is_empty() || self.kpi_ids.contains(kpi_id))
+            && self.labels.iter().all(|(k, v)| labels.get(k) == Some(v))
+    }
+}
+
+/// A touched bucket waiting to be sent: the seq that last changed it and whether it is a
+/// revision of a past bucket.
+type Pending = BTreeMap<(String, Labels, i64), (Bucket, u64, bool)>;
+
+/// One WatchKpis stream.
+pub struct Watcher {
+    /// The service.
+    pub service: KpiService,
+    /// What to watch.
+    pub filter: WatchFilter,
+    /// The next seq to look at.
+    pub next: u64,
+    /// Whether to start with a snapshot.
+    pub snapshot: bool,
+    /// The durable head.
+    pub head: watch::Receiver<u64>,
+    /// Idle interval.
+    pub heartbeat: Duration,
+    /// Server shutdown.
+    pub shutdown: CancellationToken,
+    /// Where the items go.
+    pub sender: mpsc::Sender<WatchItem>,
+}
+
+fn bucket_update(
+    kpi_id: &str,
+    answered: &AnsweredBucket,
+    seq: u64,
+    revised: bool,
+) -> proto::BucketUpdate {
+    proto::BucketUpdate {
+        kpi_id: kpi_id.to_owned(),
+        bucket: Some(super::query::bucket(answered)),
+        seq,
+        revised,
+        targets: Vec::new(),
+    }
+}
+
+fn heartbeat(head_seq: u64) -> proto::Heartbeat {
+    proto::Heartbeat {
+        head_seq,
+        at: Some(crate::proto::to_proto::timestamp(Utc::now())),
+    }
+}
+
+impl Watcher {
+    async fn send(&self, item: Item) -> bool {
+        self.sender
+            .send(Ok(proto::WatchKpisResponse { item: Some(item) }))
+            .await
+            .is_ok()
+    }
+
+    /// Runs until the client goes away or the server shuts down.
+    pub async fn run(mut self) {
+        let head = *self.head.borrow_and_update();
+        if self.snapshot {
+            if !self.send_snapshot(head).await {
+                return;
+            }
+            self.next = head + 1;
+        }
+        loop {
+            let head = *self.head.borrow_and_update();
+            while self.next <= head {
+                let to = head.min(self.next.saturating_add(WATCH_CHUNK - 1));
+                if !self.send_changes(to).await {
+                    return;
+                }
+            }
+            tokio::select! {
+                () = self.shutdown.cancelled() => {
+                    let _ = self.sender.send(Err(Status::unavailable("the server is shutting down"))).await;
+                    return;
+                }
+                () = self.sender.closed() => return,
+                changed = self.head.changed() => {
+                    if changed.is_err() {
+                        return;
+                    }
+                }
+                () = tokio::time::sleep(self.heartbeat) => {
+                    let head_seq = (self.next - 1).min(*self.head.borrow());
+                    if !self.send(Item::Heartbeat(heartbeat(head_seq))).await {
+                        return;
+                    }
+                }
+            }
+        }
+    }
+
+    /// The current bucket of every watched series, then the end-of-snapshot marker.
+    async fn send_snapshot(&self, head: u64) -> bool {
+        let now = Utc::now();
+        let updates: Vec<proto::BucketUpdate> = {
+            let aggregates = self.service.aggregates().read();
+            let mut updates = Vec::new();
+            let kpis: Vec<String> = aggregates.measured_kpis().map(str::to_owned).collect();
+            for kpi_id in kpis {
+                let Ok((definition, _)) = aggregates.definition(&kpi_id) else {
+                    continue;
+                };
+                let current = calendar::bucket_of(self.filter.grain, definition.timezone, now);
+                for labels in aggregates.series_of(&kpi_id) {
+                    if !self.filter.wants(&kpi_id, labels) {
+                        continue;
+                    }
+                    if let Some(answered) =
+                        aggregates.series_bucket(&kpi_id, labels, self.filter.grain, current)
+                    {
+                        updates.push(bucket_update(&kpi_id, &answered, head, false));
+                    }
+                }
+            }
+            updates
+        };
+        for update in updates {
+            if !self.send(Item::Snapshot(update)).await {
+                return false;
+            }
+        }
+        self.send(Item::SnapshotComplete(heartbeat(head))).await
+    }
+
+    /// Reads `next..=to`, and sends the buckets those events changed.
+    async fn send_changes(&mut self, to: u64) -> bool {
+        let log = self.service.log().clone();
+        let from = self.next;
+        let touched = tokio::task::spawn_blocking(move || {
+            let mut touched = Vec::new();
+            for stored in log.read(from, to) {
+                let stored = stored?;
+                match stored.event {
+                    Event::MeasurementRecorded(m) => touched.push((stored.seq, m, false)),
+                    Event::MeasurementRetracted { retracted_seq, .. } => {
+                        if let Some(Ok(original)) = log.read(retracted_seq, retracted_seq).next()
+                            && let Event::MeasurementRecorded(m) = original.event
+                        {
+                            touched.push((stored.seq, m, true));
+                        }
+                    }
+                    _ => {}
+                }
+            }
+            Ok::<_, StoreError>(touched)
+        })
+        .await;
+        let touched = match touched {
+            Ok(Ok(touched)) => touched,
+            Ok(Err(error)) => {
+                let _ = self
+                    .sender
+                    .send(Err(super::status::store_status(&error)))
+                    .await;
+                return false;
+            }
+            Err(error) => {
+                let _ = self
+                    .sender
+                    .send(Err(Status::internal(format!("watch read failed: {error}"))))
+                    .await;
+                return false;
+            }
+        };
+        let now = Utc::now();
+        let updates: Vec<proto::BucketUpdate> = {
+            let aggregates = self.service.aggregates().read();
+            let mut pending = Pending::new();
+            for (seq, measurement, retraction) in touched {
+                if !self.filter.wants(&measurement.kpi_id, &measurement.labels) {
+                    continue;
+                }
+                let Ok((definition, _)) = aggregates.definition(&measurement.kpi_id) else {
+                    continue;
+                };
+                let bucket = calendar::bucket_of(
+                    self.filter.grain,
+                    definition.timezone,
+                    measurement.occurred_at,
+                );
+                let revised = retraction || bucket.end <= now;
+                let key = (
+                    measurement.kpi_id,
+                    measurement.labels,
+                    bucket.key().unix_seconds(),
+                );
+                let entry = pending.entry(key).or_insert((bucket, seq, revised));
+                entry.1 = seq;
+                entry.2 |= revised;
+            }
+            pending
+                .into_iter()
+                .filter_map(|((kpi_id, labels, _), (bucket, seq, revised))| {
+                    aggregates
+                        .series_bucket(&kpi_id, &labels, self.filter.grain, bucket)
+                        .map(|answered| bucket_update(&kpi_id, &answered, seq, revised))
+                })
+                .collect()
+        };
+        for update in updates {
+            if !self.send(Item::Update(update)).await {
+                return false;
+            }
+        }
+        self.next = to + 1;
+        true
+    }
+}
