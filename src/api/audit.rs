@@ -63,25 +63,21 @@ impl Follower {
             if self.to_seq.is_some_and(|to| self.next > to) {
                 return;
             }
-            tokio::select! {
-                () = self.shutdown.cancelled() => {
-                    let _ = self.sender.send(Err(Status::unavailable("the server is shutting down"))).await;
-                    return;
-                }
-                () = self.sender.closed() => return,
-                changed = self.head.changed() => {
-                    if changed.is_err() {
-                        return;
-                    }
-                }
-                () = tokio::time::sleep(self.heartbeat) => {
+            match super::wait_for_more(&mut self.head, self.heartbeat, &self.shutdown, &self.sender)
+                .await
+            {
+                super::Wake::HeadMoved => {}
+                super::Wake::Stop => return,
+                super::Wake::Idle => {
                     let checkpoint = proto::ReplayEventsResponse {
-                        item: Some(proto::replay_events_response::Item::Checkpoint(proto::Checkpoint {
-                            // Everything up to here was sent or filtered out; never a
-                            // seq past the durable head.
-                            seq: (self.next - 1).min(*self.head.borrow()),
-                            at: Some(to_proto::timestamp(chrono::Utc::now())),
-                        })),
+                        item: Some(proto::replay_events_response::Item::Checkpoint(
+                            proto::Checkpoint {
+                                // Everything up to here was sent or filtered out; never a
+                                // seq past the durable head.
+                                seq: (self.next - 1).min(*self.head.borrow()),
+                                at: Some(to_proto::timestamp(chrono::Utc::now())),
+                            },
+                        )),
                     };
                     if self.sender.send(Ok(checkpoint)).await.is_err() {
                         return;

@@ -116,18 +116,12 @@ impl Watcher {
                     return;
                 }
             }
-            tokio::select! {
-                () = self.shutdown.cancelled() => {
-                    let _ = self.sender.send(Err(Status::unavailable("the server is shutting down"))).await;
-                    return;
-                }
-                () = self.sender.closed() => return,
-                changed = self.head.changed() => {
-                    if changed.is_err() {
-                        return;
-                    }
-                }
-                () = tokio::time::sleep(self.heartbeat) => {
+            match super::wait_for_more(&mut self.head, self.heartbeat, &self.shutdown, &self.sender)
+                .await
+            {
+                super::Wake::HeadMoved => {}
+                super::Wake::Stop => return,
+                super::Wake::Idle => {
                     let head_seq = (self.next - 1).min(*self.head.borrow());
                     if !self.send(Item::Heartbeat(heartbeat(head_seq))).await {
                         return;

@@ -239,6 +239,25 @@ fn time_at(periods: &[Bucket], x: f64) -> Option<DateTime<Utc>> {
     Some(bucket.start + TimeDelta::milliseconds(offset))
 }
 
+/// The buckets of a target's KPI over its window, in its period grain (or `default`).
+fn periods_of(
+    aggregates: &Aggregates,
+    target: &TargetEntry,
+    default: Grain,
+) -> Result<(Grain, Vec<AnsweredBucket>), Rejection> {
+    let t = &target.definition;
+    let grain = t.period_grain.unwrap_or(default);
+    let buckets = window(
+        aggregates,
+        &t.kpi_id,
+        grain,
+        t.start,
+        t.deadline,
+        &Labels::new(),
+    )?;
+    Ok((grain, buckets))
+}
+
 /// CUMULATIVE: the KPI summed over the window's periods (whole buckets of the period
 /// grain, or days) that started before `now`; projected by a least-squares line through the
 /// running total at the end of each finished period.
@@ -249,15 +268,7 @@ fn cumulative(
     now: DateTime<Utc>,
 ) -> Result<TargetAnswer, Rejection> {
     let t = &target.definition;
-    let grain = t.period_grain.unwrap_or(Grain::Day);
-    let buckets = window(
-        aggregates,
-        &t.kpi_id,
-        grain,
-        t.start,
-        t.deadline,
-        &Labels::new(),
-    )?;
+    let (grain, buckets) = periods_of(aggregates, target, Grain::Day)?;
     let periods: Vec<Bucket> = buckets.iter().map(|b| b.bucket).collect();
     let contribution = |b: &AnsweredBucket| match definition.kind {
         KpiKind::Count => exact_f64(b.summary.count),
@@ -310,15 +321,7 @@ fn level(
     now: DateTime<Utc>,
 ) -> Result<TargetAnswer, Rejection> {
     let t = &target.definition;
-    let grain = t.period_grain.unwrap_or(Grain::Month);
-    let buckets = window(
-        aggregates,
-        &t.kpi_id,
-        grain,
-        t.start,
-        t.deadline,
-        &Labels::new(),
-    )?;
+    let (grain, buckets) = periods_of(aggregates, target, Grain::Month)?;
     let progress_now = progress(definition, target, now);
     let periods: Vec<PeriodVerdict> = buckets
         .iter()
