@@ -34,6 +34,30 @@ async fn a_watcher_sees_the_snapshot_then_new_late_and_retracted_changes() {
     let server = TestServer::start(dir.path()).await;
     server.define(kpi("revenue", KpiKind::Sum)).await;
     server.define(kpi("visits", KpiKind::Count)).await;
+    let ts = |at: chrono::DateTime<Utc>| {
+        Some(Timestamp {
+            seconds: at.timestamp(),
+            nanos: 0,
+        })
+    };
+    server
+        .catalog()
+        .set_target(proto::SetTargetRequest {
+            target: Some(proto::TargetDefinition {
+                id: "month_revenue".into(),
+                kpi_id: "revenue".into(),
+                name: "1000 this month".into(),
+                value: 1000.0,
+                start: ts(Utc::now() - TimeDelta::days(10)),
+                deadline: ts(Utc::now() + TimeDelta::days(20)),
+                mode: proto::TargetMode::Cumulative.into(),
+                period_grain: Grain::Day.into(),
+                tolerance: None,
+            }),
+            expected_version: None,
+        })
+        .await
+        .unwrap();
     server
         .record(vec![measurement("revenue", 10.0)])
         .await
@@ -55,6 +79,9 @@ async fn a_watcher_sees_the_snapshot_then_new_late_and_retracted_changes() {
     };
     assert_eq!(snapshot.kpi_id, "revenue");
     assert_eq!(snapshot.bucket.as_ref().unwrap().value, Some(10.0));
+    // The KPI's targets come with its buckets.
+    assert_eq!(snapshot.targets.len(), 1);
+    assert_eq!(snapshot.targets[0].actual, Some(10.0));
     let Item::SnapshotComplete(complete) = next_item(&mut stream).await else {
         panic!("end of snapshot");
     };
@@ -75,6 +102,7 @@ async fn a_watcher_sees_the_snapshot_then_new_late_and_retracted_changes() {
     assert_eq!(update.bucket.as_ref().unwrap().value, Some(15.0));
     assert_eq!(update.seq, new[0].seq);
     assert!(!update.revised);
+    assert_eq!(update.targets[0].actual, Some(15.0));
 
     // A late measurement for three days ago revises that day.
     let late_at = Utc::now() - TimeDelta::days(3);

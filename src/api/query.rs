@@ -217,7 +217,7 @@ fn target_state(state: TargetState) -> proto::TargetState {
 }
 
 /// The TargetStatus message of an answer.
-fn target_status(answer: &TargetAnswer) -> proto::TargetStatus {
+pub(crate) fn target_status(answer: &TargetAnswer) -> proto::TargetStatus {
     let verdict = &answer.verdict;
     proto::TargetStatus {
         target: Some(to_proto::target(&answer.target)),

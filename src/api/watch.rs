@@ -10,15 +10,15 @@
 use std::collections::{BTreeMap, HashSet};
 use std::time::Duration;
 
-use chrono::Utc;
+use chrono::{DateTime, Utc};
 use tokio::sync::{mpsc, watch};
 use tokio_util::sync::CancellationToken;
 use tonic::Status;
 
 use crate::domain::calendar::{self, Bucket};
-use crate::domain::{Event, Grain};
-use crate::projection::AnsweredBucket;
+use crate::domain::{Catalog, Event, Grain};
 use crate::projection::aggregates::Labels;
+use crate::projection::{Aggregates, AnsweredBucket, analysis};
 use crate::proto::{self, watch_kpis_response::Item};
 use crate::service::KpiService;
 use crate::store::StoreError;
@@ -74,14 +74,29 @@ fn bucket_update(
     answered: &AnsweredBucket,
     seq: u64,
     revised: bool,
+    targets: Vec<proto::TargetStatus>,
 ) -> proto::BucketUpdate {
     proto::BucketUpdate {
         kpi_id: kpi_id.to_owned(),
         bucket: Some(super::query::bucket(answered)),
         seq,
         revised,
-        targets: Vec::new(),
+        targets,
     }
+}
+
+/// The status of every target of `kpi_id` now, for the updates of that KPI.
+fn target_statuses(
+    catalog: &Catalog,
+    aggregates: &Aggregates,
+    kpi_id: &str,
+    now: DateTime<Utc>,
+) -> Vec<proto::TargetStatus> {
+    catalog
+        .targets(Some(kpi_id))
+        .filter_map(|target| analysis::target_status(aggregates, target, now).ok())
+        .map(|answer| super::query::target_status(&answer))
+        .collect()
 }
 
 fn heartbeat(head_seq: u64) -> proto::Heartbeat {
@@ -135,6 +150,7 @@ impl Watcher {
     async fn send_snapshot(&self, head: u64) -> bool {
         let now = Utc::now();
         let updates: Vec<proto::BucketUpdate> = {
+            let catalog = self.service.catalog().read();
             let aggregates = self.service.aggregates().read();
             let mut updates = Vec::new();
             let kpis: Vec<String> = aggregates.measured_kpis().map(str::to_owned).collect();
@@ -143,6 +159,7 @@ impl Watcher {
                     continue;
                 };
                 let current = calendar::bucket_of(self.filter.grain, definition.timezone, now);
+                let targets = target_statuses(&catalog, &aggregates, &kpi_id, now);
                 for labels in aggregates.series_of(&kpi_id) {
                     if !self.filter.wants(&kpi_id, labels) {
                         continue;
@@ -150,7 +167,13 @@ impl Watcher {
                     if let Some(answered) =
                         aggregates.series_bucket(&kpi_id, labels, self.filter.grain, current)
                     {
-                        updates.push(bucket_update(&kpi_id, &answered, head, false));
+                        updates.push(bucket_update(
+                            &kpi_id,
+                            &answered,
+                            head,
+                            false,
+                            targets.clone(),
+                        ));
                     }
                 }
             }
@@ -206,6 +229,7 @@ impl Watcher {
         };
         let now = Utc::now();
         let updates: Vec<proto::BucketUpdate> = {
+            let catalog = self.service.catalog().read();
             let aggregates = self.service.aggregates().read();
             let mut pending = Pending::new();
             for (seq, measurement, retraction) in touched {
@@ -230,12 +254,18 @@ impl Watcher {
                 entry.1 = seq;
                 entry.2 |= revised;
             }
+            // Target status once per KPI of the chunk, not once per bucket.
+            let mut statuses: BTreeMap<String, Vec<proto::TargetStatus>> = BTreeMap::new();
             pending
                 .into_iter()
                 .filter_map(|((kpi_id, labels, _), (bucket, seq, revised))| {
+                    let targets = statuses
+                        .entry(kpi_id.clone())
+                        .or_insert_with(|| target_statuses(&catalog, &aggregates, &kpi_id, now))
+                        .clone();
                     aggregates
                         .series_bucket(&kpi_id, &labels, self.filter.grain, bucket)
-                        .map(|answered| bucket_update(&kpi_id, &answered, seq, revised))
+                        .map(|answered| bucket_update(&kpi_id, &answered, seq, revised, targets))
                 })
                 .collect()
         };

@@ -162,6 +162,11 @@ impl KpiService {
             .saturating_sub(self.streams.available_permits())
     }
 
+    /// The catalog read model, for watchers.
+    pub fn catalog(&self) -> &Arc<CatalogView> {
+        &self.catalog
+    }
+
     /// The aggregate read model, for watchers.
     pub fn aggregates(&self) -> &Arc<AggregateView> {
         &self.aggregates
