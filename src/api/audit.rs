@@ -17,7 +17,7 @@ use crate::domain::kpi::validate_slug;
 use crate::proto::audit_server::Audit;
 use crate::proto::{self, from_proto, replay_events_request, to_proto};
 use crate::service::KpiService;
-use crate::store::{EventLog, StoreError, StoredEvent};
+use crate::store::{EventLog, StoredEvent};
 
 /// Envelopes a replay may have ready before the client reads them; the reading thread
 /// waits past this, so a slow auditor costs bounded memory.
@@ -94,7 +94,7 @@ impl Follower {
         let from = self.next;
         let filter = self.filter.clone();
         let mut targets = std::mem::take(&mut self.targets);
-        let read = tokio::task::spawn_blocking(move || {
+        let Some((events, targets)) = super::read_for_stream(&self.sender, move || {
             let mut events = Vec::new();
             for stored in log.read(from, to) {
                 let stored = stored?;
@@ -105,31 +105,13 @@ impl Follower {
                     events.push(stored);
                 }
             }
-            Ok::<_, StoreError>((events, targets))
+            Ok((events, targets))
         })
-        .await;
-        let events = match read {
-            Ok(Ok((events, targets))) => {
-                self.targets = targets;
-                events
-            }
-            Ok(Err(error)) => {
-                let _ = self
-                    .sender
-                    .send(Err(super::status::store_status(&error)))
-                    .await;
-                return false;
-            }
-            Err(error) => {
-                let _ = self
-                    .sender
-                    .send(Err(Status::internal(format!(
-                        "replay read failed: {error}"
-                    ))))
-                    .await;
-                return false;
-            }
+        .await
+        else {
+            return false;
         };
+        self.targets = targets;
         for stored in events {
             let item = envelope(stored).map(|event| proto::ReplayEventsResponse {
                 item: Some(proto::replay_events_response::Item::Event(event)),

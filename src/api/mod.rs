@@ -49,6 +49,21 @@ pub(crate) async fn wait_for_more<T>(
     }
 }
 
+/// Runs a blocking read of the log for a following stream off the executor. On failure
+/// the stream gets the error's status and `None` comes back: the stream is over.
+pub(crate) async fn read_for_stream<T: Send + 'static, R: Send + 'static>(
+    sender: &tokio::sync::mpsc::Sender<Result<T, tonic::Status>>,
+    read: impl FnOnce() -> Result<R, crate::store::StoreError> + Send + 'static,
+) -> Option<R> {
+    let status = match tokio::task::spawn_blocking(read).await {
+        Ok(Ok(value)) => return Some(value),
+        Ok(Err(error)) => status::store_status(&error),
+        Err(error) => tonic::Status::internal(format!("log read failed: {error}")),
+    };
+    let _ = sender.send(Err(status)).await;
+    None
+}
+
 /// Largest request message the server decodes. A full batch of 10,000 measurements with
 /// labels, subjects and event ids stays well below it; gRPC's default of 4 MiB does not.
 pub const MAX_DECODING_MESSAGE_SIZE: usize = 16 * 1024 * 1024;

@@ -21,7 +21,6 @@ use crate::projection::aggregates::Labels;
 use crate::projection::{Aggregates, AnsweredBucket, analysis};
 use crate::proto::{self, watch_kpis_response::Item};
 use crate::service::KpiService;
-use crate::store::StoreError;
 
 /// Events a watcher reads per chunk; also the bound of its pending updates.
 const WATCH_CHUNK: u64 = 1024;
@@ -191,7 +190,7 @@ impl Watcher {
     async fn send_changes(&mut self, to: u64) -> bool {
         let log = self.service.log().clone();
         let from = self.next;
-        let touched = tokio::task::spawn_blocking(move || {
+        let Some(touched) = super::read_for_stream(&self.sender, move || {
             let mut touched = Vec::new();
             for stored in log.read(from, to) {
                 let stored = stored?;
@@ -207,25 +206,11 @@ impl Watcher {
                     _ => {}
                 }
             }
-            Ok::<_, StoreError>(touched)
+            Ok(touched)
         })
-        .await;
-        let touched = match touched {
-            Ok(Ok(touched)) => touched,
-            Ok(Err(error)) => {
-                let _ = self
-                    .sender
-                    .send(Err(super::status::store_status(&error)))
-                    .await;
-                return false;
-            }
-            Err(error) => {
-                let _ = self
-                    .sender
-                    .send(Err(Status::internal(format!("watch read failed: {error}"))))
-                    .await;
-                return false;
-            }
+        .await
+        else {
+            return false;
         };
         let now = Utc::now();
         let updates: Vec<proto::BucketUpdate> = {
