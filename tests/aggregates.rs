@@ -6,7 +6,7 @@ mod common;
 use std::collections::BTreeMap;
 
 use chrono::{DateTime, TimeZone, Utc};
-use common::{TestServer, kpi, measurement};
+use common::{TestServer, buckets, kpi, measurement};
 use kpi_service::proto::{self, Grain, KpiKind, Measurement, RatioSettings, bucket::Detail};
 use prost_types::Timestamp;
 use tonic::Code;
@@ -47,18 +47,6 @@ fn request(
         end: ts(end),
         ..Default::default()
     }
-}
-
-async fn buckets(
-    server: &TestServer,
-    request: proto::GetAggregatesRequest,
-) -> Result<Vec<proto::Bucket>, tonic::Status> {
-    let mut stream = server.query().get_aggregates(request).await?.into_inner();
-    let mut buckets = Vec::new();
-    while let Some(response) = stream.message().await? {
-        buckets.push(response.bucket.expect("bucket"));
-    }
-    Ok(buckets)
 }
 
 fn start_of(bucket: &proto::Bucket) -> DateTime<Utc> {

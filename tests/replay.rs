@@ -173,6 +173,13 @@ async fn streams_are_limited_and_a_gone_client_frees_its_place() {
         .await
         .unwrap_err();
     assert_eq!(err.code(), Code::ResourceExhausted, "{err:?}");
+    let list = server.list_streams().await;
+    assert_eq!(list.max_streams, 1);
+    assert_eq!(list.streams.len(), 1, "{list:?}");
+    let open = &list.streams[0];
+    assert_eq!(open.kind(), proto::StreamKind::ReplayEvents);
+    assert!(open.peer.starts_with("127.0.0.1:"), "{open:?}");
+    assert_eq!(open.position_seq, 0, "nothing recorded, nothing read");
     drop(first);
     // The follower notices its client is gone and frees the place.
     let deadline = tokio::time::Instant::now() + PATIENCE;
@@ -188,6 +195,57 @@ async fn streams_are_limited_and_a_gone_client_frees_its_place() {
             }
             Err(status) => panic!("{status:?}"),
         }
+    }
+    server.stop().await;
+}
+
+#[tokio::test]
+async fn list_streams_shows_a_followers_position_and_forgets_it_when_its_client_goes() {
+    let dir = tempfile::tempdir().unwrap();
+    let server = TestServer::start(dir.path()).await;
+    server.define(kpi("revenue", KpiKind::Sum)).await;
+    server
+        .record(
+            (0..10)
+                .map(|i| measurement("revenue", f64::from(i)))
+                .collect(),
+        )
+        .await
+        .unwrap();
+    let head = server.log_info().await.head_seq;
+    let mut follower = server
+        .audit()
+        .replay_events(follow_from(1))
+        .await
+        .unwrap()
+        .into_inner();
+    for _ in 0..head {
+        follower.message().await.unwrap().expect("an event");
+    }
+    let deadline = tokio::time::Instant::now() + PATIENCE;
+    let stream = loop {
+        let list = server.list_streams().await;
+        assert_eq!(list.head_seq, head);
+        assert_eq!(list.streams.len(), 1, "{list:?}");
+        if list.streams[0].position_seq == head {
+            break list.streams[0].clone();
+        }
+        assert!(tokio::time::Instant::now() < deadline, "{list:?}");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    };
+    assert_eq!(stream.messages_sent, head);
+    assert_eq!(stream.pending_updates, 0);
+    drop(follower);
+    loop {
+        let list = server.list_streams().await;
+        if list.streams.is_empty() {
+            break;
+        }
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "never forgotten: {list:?}"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
     }
     server.stop().await;
 }

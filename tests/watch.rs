@@ -165,3 +165,179 @@ async fn a_watcher_sees_the_snapshot_then_new_late_and_retracted_changes() {
     drop(resumed);
     server.stop().await;
 }
+
+/// The open WatchKpis stream as Audit.ListStreams reports it.
+async fn watch_stream_info(server: &TestServer) -> (proto::StreamInfo, proto::ListStreamsResponse) {
+    let list = server.list_streams().await;
+    let watchers: Vec<_> = list
+        .streams
+        .iter()
+        .filter(|s| s.kind() == proto::StreamKind::WatchKpis)
+        .cloned()
+        .collect();
+    assert_eq!(watchers.len(), 1, "one watcher open: {list:?}");
+    (watchers[0].clone(), list)
+}
+
+#[tokio::test]
+async fn a_watcher_that_does_not_read_holds_bounded_updates_then_gets_every_bucket_it_missed() {
+    const EVENTS: u64 = 1_000_000;
+    const BATCH: u64 = 10_000;
+    // 10,000 hours x 2 channels: far more distinct buckets than a watcher may hold.
+    const HOURS: u64 = 10_000;
+    const BUCKETS: u64 = HOURS * 2;
+    let dir = tempfile::tempdir().unwrap();
+    let mut config = kpi_service::Config::with_data_dir(dir.path());
+    config.heartbeat_ms = 200;
+    let server = TestServer::start_with(config).await;
+    server.define(kpi("orders", KpiKind::Sum)).await;
+    let first_hour = (Utc::now() - TimeDelta::hours(HOURS as i64 + 2)).timestamp() / 3600 * 3600;
+
+    // The dashboard's connection buffers little (64 KiB windows), so the server must
+    // hold what the dashboard does not read.
+    let small_window = tonic::transport::Endpoint::from_shared(format!("http://{}", server.addr))
+        .unwrap()
+        .initial_stream_window_size(65_535)
+        .initial_connection_window_size(65_535)
+        .connect()
+        .await
+        .unwrap();
+    let mut stream = proto::query_client::QueryClient::new(small_window)
+        .watch_kpis(proto::WatchKpisRequest {
+            kpi_ids: vec!["orders".into()],
+            grain: Grain::Hour.into(),
+            ..Default::default()
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    let Item::SnapshotComplete(_) = next_item(&mut stream).await else {
+        panic!("an empty snapshot");
+    };
+
+    // 1,000,000 measurements while the watcher's client reads nothing. Measurement i goes
+    // to bucket i / 50 with value i % 7: every bucket changes 50 times in a row.
+    let t0 = std::time::Instant::now();
+    let mut ingest = server.ingest();
+    for first in (0..EVENTS).step_by(BATCH as usize) {
+        let measurements = (first..first + BATCH)
+            .map(|i| {
+                let bucket = i / (EVENTS / BUCKETS);
+                let channel = if bucket.is_multiple_of(2) {
+                    "web"
+                } else {
+                    "shop"
+                };
+                proto::Measurement {
+                    occurred_at: Some(Timestamp {
+                        seconds: first_hour + (bucket / 2) as i64 * 3600 + 60,
+                        nanos: 0,
+                    }),
+                    labels: [("channel".to_owned(), channel.to_owned())].into(),
+                    ..measurement("orders", (i % 7) as f64)
+                }
+            })
+            .collect();
+        ingest
+            .record(proto::RecordRequest { measurements })
+            .await
+            .expect("record");
+    }
+    let head = server.log_info().await.head_seq;
+    eprintln!("T recorded {:?}", t0.elapsed());
+
+    // The watcher is stuck behind its client, holding no more than its limit.
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let (stuck, list) = watch_stream_info(&server).await;
+    assert!(list.watch_pending_limit > 0 && list.watch_pending_limit <= 10_000);
+    assert!(
+        stuck.position_seq < head,
+        "the watcher must be behind while its client does not read: {stuck:?}, head {head}"
+    );
+    assert!(
+        stuck.max_pending_updates <= list.watch_pending_limit,
+        "pending updates {} over the limit {}",
+        stuck.max_pending_updates,
+        list.watch_pending_limit
+    );
+    assert!(stuck.max_pending_updates > 0);
+
+    // Now read everything: the latest update per bucket must be the bucket's final value.
+    let mut latest = std::collections::HashMap::new();
+    let mut updates = 0;
+    loop {
+        let response = tokio::time::timeout(PATIENCE, stream.message())
+            .await
+            .expect("an item in time")
+            .expect("stream ok")
+            .expect("stream open");
+        match response.item.expect("item") {
+            Item::Update(update) => {
+                let bucket = update.bucket.expect("bucket");
+                let key = (
+                    bucket.labels["channel"].clone(),
+                    bucket.start.expect("start").seconds,
+                );
+                latest.insert(key, (bucket.value, bucket.count, update.seq));
+                updates += 1;
+            }
+            Item::Heartbeat(beat) if beat.head_seq == head => break,
+            Item::Heartbeat(_) => {}
+            other => panic!("unexpected {other:?}"),
+        }
+    }
+    eprintln!("T caught up {:?} {updates}", t0.elapsed());
+    let (caught_up, _) = watch_stream_info(&server).await;
+    assert_eq!(caught_up.position_seq, head);
+    assert!(caught_up.max_pending_updates <= list.watch_pending_limit);
+    assert_eq!(caught_up.pending_updates, 0);
+
+    let expected = common::buckets(
+        &server,
+        proto::GetAggregatesRequest {
+            kpi_id: "orders".into(),
+            grain: Grain::Hour.into(),
+            start: Some(Timestamp {
+                seconds: first_hour,
+                nanos: 0,
+            }),
+            end: Some(Timestamp {
+                seconds: first_hour + HOURS as i64 * 3600,
+                nanos: 0,
+            }),
+            group_by: vec!["channel".into()],
+            ..Default::default()
+        },
+    )
+    .await
+    .unwrap();
+    assert_eq!(expected.len() as u64, BUCKETS);
+    assert_eq!(latest.len() as u64, BUCKETS, "every missed bucket arrives");
+    // Coalesced: far fewer updates than events.
+    assert!(
+        updates < EVENTS / 10,
+        "{updates} updates for {EVENTS} events"
+    );
+    for bucket in expected {
+        let key = (
+            bucket.labels["channel"].clone(),
+            bucket.start.expect("start").seconds,
+        );
+        let (value, count, seq) = latest[&key];
+        assert_eq!(
+            (value, count),
+            (bucket.value, bucket.count),
+            "bucket {key:?}"
+        );
+        assert_eq!(count, EVENTS / BUCKETS);
+        // Seq 1 defined the KPI; measurement i is seq i + 2, so bucket b last changed at
+        // seq 50 b + 51.
+        let bucket = (key.1 - first_hour) as u64 / 3600 * 2 + u64::from(key.0 == "shop");
+        assert_eq!(
+            seq,
+            bucket * (EVENTS / BUCKETS) + EVENTS / BUCKETS + 1,
+            "{key:?}"
+        );
+    }
+    server.stop().await;
+}

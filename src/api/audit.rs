@@ -12,11 +12,13 @@ use tokio_stream::wrappers::ReceiverStream;
 use tokio_util::sync::CancellationToken;
 use tonic::{Request, Response, Status};
 
+use super::follow::{self, LogCursor};
 use crate::domain::Event;
 use crate::domain::kpi::validate_slug;
 use crate::proto::audit_server::Audit;
 use crate::proto::{self, from_proto, replay_events_request, to_proto};
 use crate::service::KpiService;
+use crate::service::streams::{StreamHandle, StreamInfo, StreamKind};
 use crate::store::{EventLog, StoredEvent};
 
 /// Envelopes a replay may have ready before the client reads them; the reading thread
@@ -34,7 +36,8 @@ type ReplayItem = Result<proto::ReplayEventsResponse, Status>;
 /// following are one loop over the log, so the switch has no gap and no duplicate, and a
 /// slow client only slows its own reads.
 struct Follower {
-    log: EventLog,
+    /// Where the follower reads; taken while a read runs.
+    cursor: Option<LogCursor>,
     head: watch::Receiver<u64>,
     heartbeat: Duration,
     shutdown: CancellationToken,
@@ -47,6 +50,8 @@ struct Follower {
     next: u64,
     /// The last seq to send; `None` follows forever.
     to_seq: Option<u64>,
+    /// The stream's place among the open streams, where it reports its progress.
+    handle: StreamHandle,
 }
 
 impl Follower {
@@ -63,12 +68,17 @@ impl Follower {
             if self.to_seq.is_some_and(|to| self.next > to) {
                 return;
             }
-            match super::wait_for_more(&mut self.head, self.heartbeat, &self.shutdown, &self.sender)
-                .await
+            match follow::wait_for_more(
+                &mut self.head,
+                self.heartbeat,
+                &self.shutdown,
+                &self.sender,
+            )
+            .await
             {
-                super::Wake::HeadMoved => {}
-                super::Wake::Stop => return,
-                super::Wake::Idle => {
+                follow::Wake::HeadMoved => {}
+                follow::Wake::Stop => return,
+                follow::Wake::Idle => {
                     let checkpoint = proto::ReplayEventsResponse {
                         item: Some(proto::replay_events_response::Item::Checkpoint(
                             proto::Checkpoint {
@@ -82,6 +92,7 @@ impl Follower {
                     if self.sender.send(Ok(checkpoint)).await.is_err() {
                         return;
                     }
+                    self.handle.stats().sent_one();
                 }
             }
         }
@@ -90,28 +101,32 @@ impl Follower {
     /// Reads `next..=to` from the log (off the executor), filters, and sends. False when the
     /// stream is over (client gone or an error sent).
     async fn send_range(&mut self, to: u64) -> bool {
-        let log = self.log.clone();
         let from = self.next;
         let filter = self.filter.clone();
         let mut targets = std::mem::take(&mut self.targets);
-        let Some((events, targets)) = super::read_for_stream(&self.sender, move || {
+        let Some(mut cursor) = self.cursor.take() else {
+            return false;
+        };
+        let Some((events, targets, cursor)) = follow::read_for_stream(&self.sender, move || {
+            let log = cursor.log().clone();
             let mut events = Vec::new();
-            for stored in log.read(from, to) {
-                let stored = stored?;
+            cursor.read(from, to, |stored| {
                 if filter
                     .as_ref()
                     .is_none_or(|kpis| concerns(&log, &mut targets, kpis, &stored.event))
                 {
                     events.push(stored);
                 }
-            }
-            Ok((events, targets))
+                Ok(())
+            })?;
+            Ok((events, targets, cursor))
         })
         .await
         else {
             return false;
         };
         self.targets = targets;
+        self.cursor = Some(cursor);
         for stored in events {
             let item = envelope(stored).map(|event| proto::ReplayEventsResponse {
                 item: Some(proto::replay_events_response::Item::Event(event)),
@@ -120,8 +135,10 @@ impl Follower {
             if self.sender.send(item).await.is_err() || failed {
                 return false;
             }
+            self.handle.stats().sent_one();
         }
         self.next = to + 1;
+        self.handle.stats().set_position(to);
         true
     }
 }
@@ -197,8 +214,8 @@ impl Audit for AuditApi {
         &self,
         request: Request<proto::ReplayEventsRequest>,
     ) -> Result<Response<Self::ReplayEventsStream>, Status> {
+        let remote_addr = request.remote_addr();
         let request = request.into_inner();
-        let permit = self.service.open_stream()?;
         let log = self.service.log().clone();
         let from_seq = match request.start {
             None => 1,
@@ -226,9 +243,14 @@ impl Audit for AuditApi {
             (_, false) => Some(log.head().seq),
             _ => None,
         };
+        let handle = self.service.open_stream(
+            StreamKind::ReplayEvents,
+            remote_addr,
+            from_seq.saturating_sub(1),
+        )?;
         let (sender, receiver) = mpsc::channel(REPLAY_BUFFER);
         let follower = Follower {
-            log,
+            cursor: Some(LogCursor::new(log)),
             head: self.service.watch_head(),
             heartbeat: self.service.heartbeat(),
             shutdown: self.service.shutdown_token(),
@@ -237,11 +259,9 @@ impl Audit for AuditApi {
             sender,
             next: from_seq,
             to_seq,
+            handle,
         };
-        tokio::spawn(async move {
-            let _permit = permit;
-            follower.run().await;
-        });
+        tokio::spawn(follower.run());
         Ok(Response::new(Box::pin(ReceiverStream::new(receiver))))
     }
 
@@ -294,5 +314,34 @@ impl Audit for AuditApi {
             restored_snapshot_seq: restored.snapshot_seq,
             replayed_events: restored.replayed_events,
         }))
+    }
+
+    async fn list_streams(
+        &self,
+        _request: Request<proto::ListStreamsRequest>,
+    ) -> Result<Response<proto::ListStreamsResponse>, Status> {
+        let streams = self.service.streams();
+        Ok(Response::new(proto::ListStreamsResponse {
+            streams: streams.list().iter().map(stream_info).collect(),
+            head_seq: self.service.log().head().seq,
+            max_streams: u32::try_from(streams.limit()).unwrap_or(u32::MAX),
+            watch_pending_limit: super::watch::WATCH_PENDING_LIMIT as u64,
+        }))
+    }
+}
+
+fn stream_info(info: &StreamInfo) -> proto::StreamInfo {
+    proto::StreamInfo {
+        id: info.id,
+        kind: match info.kind {
+            StreamKind::WatchKpis => proto::StreamKind::WatchKpis,
+            StreamKind::ReplayEvents => proto::StreamKind::ReplayEvents,
+        } as i32,
+        peer: info.peer.map(|peer| peer.to_string()).unwrap_or_default(),
+        opened_at: Some(to_proto::timestamp(info.opened_at)),
+        position_seq: info.position,
+        messages_sent: info.sent,
+        pending_updates: info.pending,
+        max_pending_updates: info.max_pending,
     }
 }

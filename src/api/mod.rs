@@ -3,6 +3,7 @@
 
 pub mod audit;
 pub mod catalog;
+mod follow;
 pub mod ingest;
 pub mod query;
 pub mod status;
@@ -15,54 +16,6 @@ use crate::proto::ingest_server::IngestServer;
 use crate::proto::kpi_catalog_server::KpiCatalogServer;
 use crate::proto::query_server::QueryServer;
 use crate::service::KpiService;
-
-/// Why a following stream (ReplayEvents with follow, WatchKpis) woke up.
-pub(crate) enum Wake {
-    /// The durable head moved: read the new events.
-    HeadMoved,
-    /// Nothing happened for a heartbeat interval: send a checkpoint or heartbeat.
-    Idle,
-    /// The stream is over: the client went away, or the server is shutting down (an
-    /// UNAVAILABLE status has been sent).
-    Stop,
-}
-
-/// Waits until the head moves, the heartbeat interval passes, the client goes away or the
-/// server shuts down, whichever comes first.
-pub(crate) async fn wait_for_more<T>(
-    head: &mut tokio::sync::watch::Receiver<u64>,
-    heartbeat: std::time::Duration,
-    shutdown: &tokio_util::sync::CancellationToken,
-    sender: &tokio::sync::mpsc::Sender<Result<T, tonic::Status>>,
-) -> Wake {
-    tokio::select! {
-        () = shutdown.cancelled() => {
-            let _ = sender.send(Err(tonic::Status::unavailable("the server is shutting down"))).await;
-            Wake::Stop
-        }
-        () = sender.closed() => Wake::Stop,
-        changed = head.changed() => match changed {
-            Ok(()) => Wake::HeadMoved,
-            Err(_) => Wake::Stop,
-        },
-        () = tokio::time::sleep(heartbeat) => Wake::Idle,
-    }
-}
-
-/// Runs a blocking read of the log for a following stream off the executor. On failure
-/// the stream gets the error's status and `None` comes back: the stream is over.
-pub(crate) async fn read_for_stream<T: Send + 'static, R: Send + 'static>(
-    sender: &tokio::sync::mpsc::Sender<Result<T, tonic::Status>>,
-    read: impl FnOnce() -> Result<R, crate::store::StoreError> + Send + 'static,
-) -> Option<R> {
-    let status = match tokio::task::spawn_blocking(read).await {
-        Ok(Ok(value)) => return Some(value),
-        Ok(Err(error)) => status::store_status(&error),
-        Err(error) => tonic::Status::internal(format!("log read failed: {error}")),
-    };
-    let _ = sender.send(Err(status)).await;
-    None
-}
 
 /// Largest request message the server decodes. A full batch of 10,000 measurements with
 /// labels, subjects and event ids stays well below it; gRPC's default of 4 MiB does not.

@@ -16,6 +16,7 @@ use crate::projection::analysis::{TargetAnswer, TrendAnswer, TrendQuery};
 use crate::projection::{AggregateQuery, AnsweredBucket, Fill};
 use crate::proto::query_server::Query;
 use crate::proto::{self, as_of, from_proto, to_proto};
+use crate::service::streams::StreamKind;
 use crate::service::{AsOf, KpiService, TargetSelector};
 
 /// Updates a watcher may have ready before its client reads them; past this the watcher
@@ -317,32 +318,32 @@ impl Query for QueryApi {
         &self,
         request: Request<proto::WatchKpisRequest>,
     ) -> Result<Response<Self::WatchKpisStream>, Status> {
+        let remote_addr = request.remote_addr();
         let request = request.into_inner();
         let grain = from_proto::grain(request.grain, "grain")?
             .ok_or_else(|| Rejection::invalid("grain", "required"))?;
         for (i, id) in request.kpi_ids.iter().enumerate() {
             crate::domain::kpi::validate_slug(id, &format!("kpi_ids[{i}]"))?;
         }
-        let permit = self.service.open_stream()?;
+        let handle = self.service.open_stream(
+            StreamKind::WatchKpis,
+            remote_addr,
+            request.from_seq.saturating_sub(1),
+        )?;
         let (sender, receiver) = tokio::sync::mpsc::channel(WATCH_BUFFER);
-        let watcher = Watcher {
-            service: self.service.clone(),
-            filter: WatchFilter {
-                kpi_ids: request.kpi_ids.into_iter().collect(),
-                grain,
-                labels: request.filter,
-            },
-            next: request.from_seq.max(1),
-            snapshot: request.from_seq == 0,
-            head: self.service.watch_head(),
-            heartbeat: self.service.heartbeat(),
-            shutdown: self.service.shutdown_token(),
-            sender,
+        let filter = WatchFilter {
+            kpi_ids: request.kpi_ids.into_iter().collect(),
+            grain,
+            labels: request.filter,
         };
-        tokio::spawn(async move {
-            let _permit = permit;
-            watcher.run().await;
-        });
+        let watcher = Watcher::new(
+            self.service.clone(),
+            filter,
+            request.from_seq,
+            sender,
+            handle,
+        );
+        tokio::spawn(watcher.run());
         Ok(Response::new(Box::pin(
             tokio_stream::wrappers::ReceiverStream::new(receiver),
         )))

@@ -1,11 +1,14 @@
 //! Query.WatchKpis: a snapshot of the current bucket of every watched series, then an
 //! update for every bucket that committed events change.
 //!
-//! A watcher follows the log like a ReplayEvents follower (see `api/audit.rs`): it reads
-//! the events after its position in chunks, collects the (KPI, series, bucket) keys they
-//! touch (latest wins), and sends each key's bucket as the projection has it now. Its
-//! memory is bounded by one chunk's keys however far behind it is: the backlog stays in
-//! the log, and a watcher that catches up gets the latest value of every bucket it missed.
+//! A watcher follows the log like a ReplayEvents follower (see `api/audit.rs`): it takes
+//! the events after its position in chunks (from the shared live window near the head,
+//! from the log behind it), collects the (KPI, series, bucket) keys they touch (latest
+//! wins) and sends each key's bucket as the projection has it now. It sends whenever it
+//! has caught up with the head or holds [`WATCH_PENDING_LIMIT`] keys, so its memory is
+//! bounded however far behind it is: the backlog stays in the log, and a watcher that
+//! catches up gets the latest value of every bucket it missed, once per bucket when they
+//! fit under the limit.
 
 use std::collections::{BTreeMap, HashSet};
 use std::time::Duration;
@@ -15,15 +18,23 @@ use tokio::sync::{mpsc, watch};
 use tokio_util::sync::CancellationToken;
 use tonic::Status;
 
+use super::follow::{self, LogCursor};
 use crate::domain::calendar::{self, Bucket};
 use crate::domain::{Catalog, Event, Grain};
 use crate::projection::aggregates::Labels;
+use crate::projection::live::{Touch, WatcherGuard};
 use crate::projection::{Aggregates, AnsweredBucket, analysis};
 use crate::proto::{self, watch_kpis_response::Item};
 use crate::service::KpiService;
+use crate::service::streams::StreamHandle;
 
-/// Events a watcher reads per chunk; also the bound of its pending updates.
+/// Events a watcher reads per chunk.
 const WATCH_CHUNK: u64 = 1024;
+
+/// Most bucket updates a watcher collects before it sends them: a watcher behind the head
+/// coalesces across chunks (latest wins) up to this many distinct buckets, then sends
+/// them and waits for its client before reading further.
+pub const WATCH_PENDING_LIMIT: usize = 4096;
 
 type WatchItem = Result<proto::WatchKpisResponse, Status>;
 
@@ -50,22 +61,22 @@ type Pending = BTreeMap<(String, Labels, i64), (Bucket, u64, bool)>;
 
 /// One WatchKpis stream.
 pub struct Watcher {
-    /// The service.
-    pub service: KpiService,
-    /// What to watch.
-    pub filter: WatchFilter,
+    service: KpiService,
+    filter: WatchFilter,
     /// The next seq to look at.
-    pub next: u64,
+    next: u64,
     /// Whether to start with a snapshot.
-    pub snapshot: bool,
-    /// The durable head.
-    pub head: watch::Receiver<u64>,
-    /// Idle interval.
-    pub heartbeat: Duration,
-    /// Server shutdown.
-    pub shutdown: CancellationToken,
-    /// Where the items go.
-    pub sender: mpsc::Sender<WatchItem>,
+    snapshot: bool,
+    head: watch::Receiver<u64>,
+    heartbeat: Duration,
+    shutdown: CancellationToken,
+    sender: mpsc::Sender<WatchItem>,
+    /// The stream's place among the open streams, where it reports its progress.
+    handle: StreamHandle,
+    /// Where the watcher reads the log behind the live window; taken while a read runs.
+    cursor: Option<LogCursor>,
+    /// Keeps the live window filled while the watcher runs.
+    _live: WatcherGuard,
 }
 
 fn bucket_update(
@@ -106,11 +117,40 @@ fn heartbeat(head_seq: u64) -> proto::Heartbeat {
 }
 
 impl Watcher {
+    /// A watcher of `filter` from `from_seq` (0: start with a snapshot) that sends to
+    /// `sender` and reports through `handle`.
+    pub fn new(
+        service: KpiService,
+        filter: WatchFilter,
+        from_seq: u64,
+        sender: mpsc::Sender<WatchItem>,
+        handle: StreamHandle,
+    ) -> Self {
+        Self {
+            head: service.watch_head(),
+            heartbeat: service.heartbeat(),
+            shutdown: service.shutdown_token(),
+            _live: service.live().register_watcher(),
+            cursor: Some(LogCursor::new(service.log().clone())),
+            next: from_seq.max(1),
+            snapshot: from_seq == 0,
+            service,
+            filter,
+            sender,
+            handle,
+        }
+    }
+
     async fn send(&self, item: Item) -> bool {
-        self.sender
+        let sent = self
+            .sender
             .send(Ok(proto::WatchKpisResponse { item: Some(item) }))
             .await
-            .is_ok()
+            .is_ok();
+        if sent {
+            self.handle.stats().sent_one();
+        }
+        sent
     }
 
     /// Runs until the client goes away or the server shuts down.
@@ -121,21 +161,37 @@ impl Watcher {
                 return;
             }
             self.next = head + 1;
+            self.handle.stats().set_position(head);
         }
+        let mut pending = Pending::new();
         loop {
             let head = *self.head.borrow_and_update();
             while self.next <= head {
                 let to = head.min(self.next.saturating_add(WATCH_CHUNK - 1));
-                if !self.send_changes(to).await {
+                let Some(touched) = self.read(to).await else {
+                    return;
+                };
+                self.collect(&mut pending, touched);
+                self.next = to + 1;
+                self.handle.stats().set_pending(pending.len());
+                if pending.len() >= WATCH_PENDING_LIMIT && !self.flush(&mut pending).await {
                     return;
                 }
             }
-            match super::wait_for_more(&mut self.head, self.heartbeat, &self.shutdown, &self.sender)
-                .await
+            if !pending.is_empty() && !self.flush(&mut pending).await {
+                return;
+            }
+            match follow::wait_for_more(
+                &mut self.head,
+                self.heartbeat,
+                &self.shutdown,
+                &self.sender,
+            )
+            .await
             {
-                super::Wake::HeadMoved => {}
-                super::Wake::Stop => return,
-                super::Wake::Idle => {
+                follow::Wake::HeadMoved => {}
+                follow::Wake::Stop => return,
+                follow::Wake::Idle => {
                     let head_seq = (self.next - 1).min(*self.head.borrow());
                     if !self.send(Item::Heartbeat(heartbeat(head_seq))).await {
                         return;
@@ -186,62 +242,90 @@ impl Watcher {
         self.send(Item::SnapshotComplete(heartbeat(head))).await
     }
 
-    /// Reads `next..=to`, and sends the buckets those events changed.
-    async fn send_changes(&mut self, to: u64) -> bool {
-        let log = self.service.log().clone();
+    /// The measurements that `next..=to` records or retracts, from the live window when it
+    /// covers the range, else from the log. `None` when the stream is over.
+    async fn read(&mut self, to: u64) -> Option<Vec<(u64, Measured, bool)>> {
         let from = self.next;
-        let Some(touched) = super::read_for_stream(&self.sender, move || {
-            let mut touched = Vec::new();
-            for stored in log.read(from, to) {
-                let stored = stored?;
-                match stored.event {
-                    Event::MeasurementRecorded(m) => touched.push((stored.seq, m, false)),
-                    Event::MeasurementRetracted { retracted_seq, .. } => {
-                        if let Some(Ok(original)) = log.read(retracted_seq, retracted_seq).next()
-                            && let Event::MeasurementRecorded(m) = original.event
+        let mut touches = Vec::new();
+        let in_window = self.service.live().touches(from, to, &mut touches);
+        let needs_log = !in_window
+            || touches
+                .iter()
+                .any(|(_, touch)| matches!(touch, Touch::Retracted { .. }));
+        if !needs_log {
+            return Some(touches.into_iter().filter_map(resolved).collect());
+        }
+        let mut cursor = self.cursor.take()?;
+        let (touched, cursor) = follow::read_for_stream(&self.sender, move || {
+            if !in_window {
+                cursor.read(from, to, |stored| {
+                    touches.extend(Touch::of(&stored.event).map(|touch| (stored.seq, touch)));
+                    Ok(())
+                })?;
+            }
+            let log = cursor.log();
+            let mut touched = Vec::with_capacity(touches.len());
+            for (seq, touch) in touches {
+                match touch {
+                    Touch::Retracted { retracted_seq } => {
+                        if let Some(original) = log.read(retracted_seq, retracted_seq).next()
+                            && let Event::MeasurementRecorded(m) = original?.event
                         {
-                            touched.push((stored.seq, m, true));
+                            touched.push((
+                                seq,
+                                Measured {
+                                    kpi_id: m.kpi_id,
+                                    labels: m.labels,
+                                    occurred_at: m.occurred_at,
+                                },
+                                true,
+                            ));
                         }
                     }
-                    _ => {}
+                    recorded => touched.extend(resolved((seq, recorded))),
                 }
             }
-            Ok(touched)
+            Ok((touched, cursor))
         })
-        .await
-        else {
-            return false;
-        };
+        .await?;
+        self.cursor = Some(cursor);
+        Some(touched)
+    }
+
+    /// Adds the watched buckets of `touched` to `pending` (latest seq wins).
+    fn collect(&self, pending: &mut Pending, touched: Vec<(u64, Measured, bool)>) {
+        let now = Utc::now();
+        let aggregates = self.service.aggregates().read();
+        for (seq, measured, retraction) in touched {
+            if !self.filter.wants(&measured.kpi_id, &measured.labels) {
+                continue;
+            }
+            let Ok((definition, _)) = aggregates.definition(&measured.kpi_id) else {
+                continue;
+            };
+            let bucket =
+                calendar::bucket_of(self.filter.grain, definition.timezone, measured.occurred_at);
+            let revised = retraction || bucket.end <= now;
+            let key = (
+                measured.kpi_id,
+                measured.labels,
+                bucket.key().unix_seconds(),
+            );
+            let entry = pending.entry(key).or_insert((bucket, seq, revised));
+            entry.1 = seq;
+            entry.2 |= revised;
+        }
+    }
+
+    /// Sends the current value of every pending bucket; empties `pending`.
+    async fn flush(&self, pending: &mut Pending) -> bool {
         let now = Utc::now();
         let updates: Vec<proto::BucketUpdate> = {
             let catalog = self.service.catalog().read();
             let aggregates = self.service.aggregates().read();
-            let mut pending = Pending::new();
-            for (seq, measurement, retraction) in touched {
-                if !self.filter.wants(&measurement.kpi_id, &measurement.labels) {
-                    continue;
-                }
-                let Ok((definition, _)) = aggregates.definition(&measurement.kpi_id) else {
-                    continue;
-                };
-                let bucket = calendar::bucket_of(
-                    self.filter.grain,
-                    definition.timezone,
-                    measurement.occurred_at,
-                );
-                let revised = retraction || bucket.end <= now;
-                let key = (
-                    measurement.kpi_id,
-                    measurement.labels,
-                    bucket.key().unix_seconds(),
-                );
-                let entry = pending.entry(key).or_insert((bucket, seq, revised));
-                entry.1 = seq;
-                entry.2 |= revised;
-            }
-            // Target status once per KPI of the chunk, not once per bucket.
+            // Target status once per KPI of the flush, not once per bucket.
             let mut statuses: BTreeMap<String, Vec<proto::TargetStatus>> = BTreeMap::new();
-            pending
+            std::mem::take(pending)
                 .into_iter()
                 .filter_map(|((kpi_id, labels, _), (bucket, seq, revised))| {
                     let targets = statuses
@@ -254,12 +338,42 @@ impl Watcher {
                 })
                 .collect()
         };
+        let mut left = updates.len();
         for update in updates {
             if !self.send(Item::Update(update)).await {
                 return false;
             }
+            left -= 1;
+            self.handle.stats().set_pending(left);
         }
-        self.next = to + 1;
+        self.handle.stats().set_position(self.next - 1);
         true
+    }
+}
+
+/// The measurement a touch is about, as a watcher buckets it.
+struct Measured {
+    kpi_id: String,
+    labels: Labels,
+    occurred_at: DateTime<Utc>,
+}
+
+/// A recorded touch as (seq, measurement, not a retraction); retractions need the log.
+fn resolved((seq, touch): (u64, Touch)) -> Option<(u64, Measured, bool)> {
+    match touch {
+        Touch::Recorded {
+            kpi_id,
+            labels,
+            occurred_at,
+        } => Some((
+            seq,
+            Measured {
+                kpi_id,
+                labels,
+                occurred_at,
+            },
+            false,
+        )),
+        Touch::Retracted { .. } => None,
     }
 }

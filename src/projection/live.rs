@@ -1,38 +1,156 @@
-//! Live fan-out: the committed head seq as a `tokio::sync::watch` value, moved by the
-//! writer after each flush. Followers wait on it and then read the new events from the log,
-//! so a slow follower never makes the writer buffer anything, and catching up after a lag
-//! is the same code as following live (no gap, no duplicate at any switch).
+//! Live fan-out, moved by the log's committer after each flush:
+//! - the durable head seq as a `tokio::sync::watch` value; followers wait on it and then
+//!   read the new events, so a slow follower never makes the writer buffer anything, and
+//!   catching up after a lag is the same code as following live (no gap, no duplicate);
+//! - while WatchKpis streams are open, the (KPI, labels, occurred_at) of the latest
+//!   measurements and retractions in a bounded window, so a thousand watchers at the head
+//!   share one copy instead of each reading and decoding the same events from the log.
+//!   A watcher whose position fell out of the window reads the log instead.
 
+use std::collections::VecDeque;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex, PoisonError};
+
+use chrono::{DateTime, Utc};
 use tokio::sync::watch;
 
+use crate::domain::Event;
+use crate::projection::aggregates::Labels;
 use crate::store::{CommitListener, Committed};
 
-/// Publishes the durable head seq to every follower.
-#[derive(Debug)]
-pub struct HeadWatch {
-    head: watch::Sender<u64>,
+/// Touches kept in the window: at 10,000 events/s about three seconds of history, a few
+/// MiB of memory.
+const WINDOW: usize = 32_768;
+
+/// What a committed event changes, as a watcher needs it.
+#[derive(Debug, Clone, PartialEq)]
+pub enum Touch {
+    /// A measurement was recorded.
+    Recorded {
+        /// Its KPI.
+        kpi_id: String,
+        /// Its labels.
+        labels: Labels,
+        /// When it happened.
+        occurred_at: DateTime<Utc>,
+    },
+    /// The measurement at `retracted_seq` was withdrawn.
+    Retracted {
+        /// The seq of the withdrawn measurement.
+        retracted_seq: u64,
+    },
 }
 
-impl HeadWatch {
-    /// A watch starting at the log's current head.
+impl Touch {
+    /// What `event` touches, if it is a measurement or a retraction.
+    pub fn of(event: &Event) -> Option<Self> {
+        match event {
+            Event::MeasurementRecorded(m) => Some(Self::Recorded {
+                kpi_id: m.kpi_id.clone(),
+                labels: m.labels.clone(),
+                occurred_at: m.occurred_at,
+            }),
+            Event::MeasurementRetracted { retracted_seq, .. } => Some(Self::Retracted {
+                retracted_seq: *retracted_seq,
+            }),
+            _ => None,
+        }
+    }
+}
+
+/// The window: every touch of the seqs `from..` up to the head, in seq order.
+#[derive(Debug, Default)]
+struct Window {
+    /// First seq covered; `None` while no watcher is open.
+    from: Option<u64>,
+    touches: VecDeque<(u64, Touch)>,
+}
+
+/// Publishes the durable head and the recent touches.
+#[derive(Debug)]
+pub struct LiveFeed {
+    head: watch::Sender<u64>,
+    window: Mutex<Window>,
+    watchers: AtomicUsize,
+}
+
+/// A registered watcher; the window is kept while one exists.
+#[derive(Debug)]
+pub struct WatcherGuard(Arc<LiveFeed>);
+
+impl Drop for WatcherGuard {
+    fn drop(&mut self) {
+        self.0.watchers.fetch_sub(1, Ordering::Relaxed);
+    }
+}
+
+impl LiveFeed {
+    /// A feed starting at the log's current head.
     pub fn new(head: u64) -> Self {
         Self {
             head: watch::Sender::new(head),
+            window: Mutex::new(Window::default()),
+            watchers: AtomicUsize::new(0),
         }
     }
 
     /// A receiver that sees every later head (only the latest, which is all a follower
-    /// needs: it reads everything up to it from the log).
+    /// needs: it reads everything up to it).
     pub fn subscribe(&self) -> watch::Receiver<u64> {
         self.head.subscribe()
     }
+
+    /// Keeps the window filled while the guard lives (from the next commit on).
+    pub fn register_watcher(self: &Arc<Self>) -> WatcherGuard {
+        self.watchers.fetch_add(1, Ordering::Relaxed);
+        WatcherGuard(self.clone())
+    }
+
+    /// Appends the touches of `from..=to` (a range at or below the published head) to
+    /// `out`, when the window covers it; `false` (and `out` untouched) when it does not,
+    /// and the caller must read the log.
+    pub fn touches(&self, from: u64, to: u64, out: &mut Vec<(u64, Touch)>) -> bool {
+        let window = self.window.lock().unwrap_or_else(PoisonError::into_inner);
+        if window.from.is_none_or(|first| from < first) {
+            return false;
+        }
+        let start = window.touches.partition_point(|(seq, _)| *seq < from);
+        out.extend(
+            window
+                .touches
+                .range(start..)
+                .take_while(|(seq, _)| *seq <= to)
+                .cloned(),
+        );
+        true
+    }
 }
 
-impl CommitListener for HeadWatch {
+impl CommitListener for LiveFeed {
     fn committed(&self, events: &[Committed<'_>]) {
-        if let Some(last) = events.last() {
-            // `send_replace` never blocks and works without receivers.
-            self.head.send_replace(last.seq);
+        let (Some(first), Some(last)) = (events.first(), events.last()) else {
+            return;
+        };
+        {
+            let mut window = self.window.lock().unwrap_or_else(PoisonError::into_inner);
+            if self.watchers.load(Ordering::Relaxed) == 0 {
+                *window = Window::default();
+            } else {
+                window.from.get_or_insert(first.seq);
+                window.touches.extend(
+                    events
+                        .iter()
+                        .filter_map(|c| Touch::of(c.event).map(|touch| (c.seq, touch))),
+                );
+                while window.touches.len() > WINDOW {
+                    if let Some((seq, _)) = window.touches.pop_front() {
+                        window.from = Some(seq + 1);
+                    }
+                }
+            }
         }
+        // After the window, so a follower woken by the head finds its events there.
+        // `send_replace` never blocks and works without receivers.
+        self.head.send_replace(last.seq);
     }
 }

@@ -25,8 +25,8 @@ pub struct ReadModels {
     pub catalog: Arc<CatalogView>,
     /// The aggregates.
     pub aggregates: Arc<AggregateView>,
-    /// The durable head, for followers.
-    pub head: Arc<live::HeadWatch>,
+    /// The durable head and the recent touches, for followers and watchers.
+    pub live: Arc<live::LiveFeed>,
     /// What the start cost.
     pub restored: Restored,
 }
@@ -81,15 +81,15 @@ impl ReadModels {
             aggregates: RwLock::new(aggregates),
             log: reader,
         });
-        let head_watch = Arc::new(live::HeadWatch::new(head));
+        let live_feed = Arc::new(live::LiveFeed::new(head));
         log.add_listener(catalog.clone());
         log.add_listener(aggregates.clone());
         // Last: followers woken by it find the read models current too.
-        log.add_listener(head_watch.clone());
+        log.add_listener(live_feed.clone());
         Ok(Self {
             catalog,
             aggregates,
-            head: head_watch,
+            live: live_feed,
             restored: Restored {
                 snapshot_seq,
                 replayed_events,

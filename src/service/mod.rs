@@ -1,11 +1,12 @@
 //! The commands and reads of the service, free of gRPC: validate against the catalog,
 //! append to the log, answer from the read models. `api` is a thin layer over this.
 
+pub mod streams;
+
 use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::Duration;
 
-use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 use tokio_util::sync::CancellationToken;
 
 use chrono::{DateTime, TimeDelta, Utc};
@@ -19,6 +20,8 @@ use crate::projection::{
     AggregateQuery, AggregateView, AnsweredBucket, CatalogView, ReadModels, Restored,
     SnapshotError, catalog_as_of,
 };
+use streams::{StreamHandle, StreamKind, Streams};
+
 use crate::store::{AppendError, AppendRequest, EventLog, Outcome, StoreError};
 
 /// Most measurements in one Record call or RecordStream batch: large enough to amortise the
@@ -62,8 +65,7 @@ pub struct KpiService {
     models: Arc<ReadModels>,
     snapshot_dir: PathBuf,
     max_future_skew: TimeDelta,
-    streams: Arc<Semaphore>,
-    max_streams: usize,
+    streams: Arc<Streams>,
     heartbeat: Duration,
     shutdown: CancellationToken,
 }
@@ -80,11 +82,6 @@ pub struct ServiceOptions {
     /// Interval of checkpoints and heartbeats on idle streams.
     pub heartbeat: Duration,
 }
-
-/// A place among the open server streams; freed when dropped (the stream ended or its
-/// client went away).
-#[derive(Debug)]
-pub struct StreamPermit(#[allow(dead_code)] OwnedSemaphorePermit);
 
 /// The measurement a retraction withdraws.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -133,33 +130,26 @@ impl KpiService {
             models,
             snapshot_dir: options.snapshot_dir,
             max_future_skew: options.max_future_skew,
-            streams: Arc::new(Semaphore::new(options.max_streams)),
-            max_streams: options.max_streams,
+            streams: Streams::new(options.max_streams),
             heartbeat: options.heartbeat,
             shutdown: CancellationToken::new(),
         })
     }
 
-    /// A place for one more server stream, or RESOURCE_EXHAUSTED past the limit.
-    pub fn open_stream(&self) -> Result<StreamPermit, ServiceError> {
-        self.streams
-            .clone()
-            .try_acquire_owned()
-            .map(StreamPermit)
-            .map_err(|_| {
-                Rejection::ResourceExhausted {
-                    field: "stream".into(),
-                    reason: "too many open streams on this server; retry later".into(),
-                }
-                .into()
-            })
+    /// A place for one more server stream starting at `position`, or RESOURCE_EXHAUSTED
+    /// past the limit.
+    pub fn open_stream(
+        &self,
+        kind: StreamKind,
+        peer: Option<std::net::SocketAddr>,
+        position: u64,
+    ) -> Result<StreamHandle, ServiceError> {
+        Ok(self.streams.open(kind, peer, position)?)
     }
 
-    /// Server streams currently open.
-    pub fn open_streams(&self) -> usize {
-        // The semaphore holds the free places.
-        self.max_streams
-            .saturating_sub(self.streams.available_permits())
+    /// The open server streams and their limit.
+    pub fn streams(&self) -> &Streams {
+        &self.streams
     }
 
     /// The catalog read model, for watchers.
@@ -174,7 +164,12 @@ impl KpiService {
 
     /// A receiver of the durable head seq, for followers.
     pub fn watch_head(&self) -> tokio::sync::watch::Receiver<u64> {
-        self.models.head.subscribe()
+        self.models.live.subscribe()
+    }
+
+    /// The live feed: the durable head and the recent touches, for watchers.
+    pub fn live(&self) -> &Arc<crate::projection::live::LiveFeed> {
+        &self.models.live
     }
 
     /// The interval of checkpoints and heartbeats on idle streams.

@@ -593,20 +593,30 @@ fn finish(reply: Reply) -> Result<Vec<Outcome>, AppendError> {
     }
 }
 
+/// How long opening waits for a held directory lock. sled's background threads release
+/// it shortly after the last handle of a database is dropped, so a reopen in the same
+/// process right after a drop can see it held for a moment; another process holding it
+/// is reported after this wait.
+const LOCK_PATIENCE: std::time::Duration = std::time::Duration::from_secs(1);
+
 /// Opens sled in `dir`, telling a held lock apart from other I/O errors.
 fn open_db(dir: &Path) -> Result<sled::Db, StoreError> {
-    sled::Config::new()
-        .path(dir)
-        .open()
-        .map_err(|error| match error {
+    let deadline = std::time::Instant::now() + LOCK_PATIENCE;
+    loop {
+        match sled::Config::new().path(dir).open() {
+            Ok(db) => return Ok(db),
             // sled 0.34 reports a held directory lock only as this message.
-            sled::Error::Io(io) if io.to_string().contains("could not acquire lock") => {
-                StoreError::AlreadyInUse {
-                    path: dir.to_owned(),
+            Err(sled::Error::Io(io)) if io.to_string().contains("could not acquire lock") => {
+                if std::time::Instant::now() >= deadline {
+                    return Err(StoreError::AlreadyInUse {
+                        path: dir.to_owned(),
+                    });
                 }
+                std::thread::sleep(std::time::Duration::from_millis(20));
             }
-            other => StoreError::Sled(other),
-        })
+            Err(other) => return Err(StoreError::Sled(other)),
+        }
+    }
 }
 
 /// Writes the format version into a new database, or checks the one that is there.

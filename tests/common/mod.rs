@@ -168,6 +168,15 @@ impl TestServer {
             .map(|r| r.into_inner().results)
     }
 
+    /// The open server streams.
+    pub async fn list_streams(&self) -> proto::ListStreamsResponse {
+        self.audit()
+            .list_streams(proto::ListStreamsRequest {})
+            .await
+            .expect("ListStreams")
+            .into_inner()
+    }
+
     /// The log's head seq, head hash and event count.
     pub async fn log_info(&self) -> proto::GetLogInfoResponse {
         self.audit()
@@ -211,6 +220,19 @@ impl Drop for TestServer {
             let _ = shutdown.send(());
         }
     }
+}
+
+/// The buckets GetAggregates streams for `request`.
+pub async fn buckets(
+    server: &TestServer,
+    request: proto::GetAggregatesRequest,
+) -> Result<Vec<proto::Bucket>, tonic::Status> {
+    let mut stream = server.query().get_aggregates(request).await?.into_inner();
+    let mut buckets = Vec::new();
+    while let Some(response) = stream.message().await? {
+        buckets.push(response.bucket.expect("bucket"));
+    }
+    Ok(buckets)
 }
 
 /// A KPI definition with the given id and kind, UTC, one dimension `channel`.

@@ -1,0 +1,108 @@
+//! What the following streams (ReplayEvents with follow, WatchKpis) share: waiting for the
+//! durable head to move, and reading the log forward in chunks off the executor without
+//! decoding a segment twice.
+
+use crate::store::{EventLog, ReadEvents, StoreError, StoredEvent};
+
+/// Why a following stream (ReplayEvents with follow, WatchKpis) woke up.
+pub(crate) enum Wake {
+    /// The durable head moved: read the new events.
+    HeadMoved,
+    /// Nothing happened for a heartbeat interval: send a checkpoint or heartbeat.
+    Idle,
+    /// The stream is over: the client went away, or the server is shutting down (an
+    /// UNAVAILABLE status has been sent).
+    Stop,
+}
+
+/// Waits until the head moves, the heartbeat interval passes, the client goes away or the
+/// server shuts down, whichever comes first.
+pub(crate) async fn wait_for_more<T>(
+    head: &mut tokio::sync::watch::Receiver<u64>,
+    heartbeat: std::time::Duration,
+    shutdown: &tokio_util::sync::CancellationToken,
+    sender: &tokio::sync::mpsc::Sender<Result<T, tonic::Status>>,
+) -> Wake {
+    tokio::select! {
+        () = shutdown.cancelled() => {
+            let _ = sender.send(Err(tonic::Status::unavailable("the server is shutting down"))).await;
+            Wake::Stop
+        }
+        () = sender.closed() => Wake::Stop,
+        changed = head.changed() => match changed {
+            Ok(()) => Wake::HeadMoved,
+            Err(_) => Wake::Stop,
+        },
+        () = tokio::time::sleep(heartbeat) => Wake::Idle,
+    }
+}
+
+/// Runs a blocking read of the log for a following stream off the executor. On failure
+/// the stream gets the error's status and `None` comes back: the stream is over.
+pub(crate) async fn read_for_stream<T: Send + 'static, R: Send + 'static>(
+    sender: &tokio::sync::mpsc::Sender<Result<T, tonic::Status>>,
+    read: impl FnOnce() -> Result<R, crate::store::StoreError> + Send + 'static,
+) -> Option<R> {
+    let status = match tokio::task::spawn_blocking(read).await {
+        Ok(Ok(value)) => return Some(value),
+        Ok(Err(error)) => super::status::store_status(&error),
+        Err(error) => tonic::Status::internal(format!("log read failed: {error}")),
+    };
+    let _ = sender.send(Err(status)).await;
+    None
+}
+
+/// A forward reader of the log for one stream. Chunks that continue where the last one
+/// ended reuse the open iterator, so a segment holding several chunks is loaded, checked
+/// and decoded once, not once per chunk.
+pub(crate) struct LogCursor {
+    log: EventLog,
+    /// The open iterator and the seq it yields next.
+    open: Option<(ReadEvents, u64)>,
+}
+
+impl LogCursor {
+    /// A cursor over `log`, not yet reading.
+    pub(crate) fn new(log: EventLog) -> Self {
+        Self { log, open: None }
+    }
+
+    /// Calls `each` with the events `from..=to` (`to` at or below the durable head), in
+    /// order. Blocking.
+    pub(crate) fn read(
+        &mut self,
+        from: u64,
+        to: u64,
+        mut each: impl FnMut(StoredEvent) -> Result<(), StoreError>,
+    ) -> Result<(), StoreError> {
+        let (mut events, mut next) = match self.open.take() {
+            Some((events, next)) if next == from => (events, next),
+            // Up to the head as it is now, for the chunks after this one.
+            _ => (self.log.read(from, u64::MAX), from),
+        };
+        let mut reopened = false;
+        while next <= to {
+            match events.next() {
+                Some(stored) => {
+                    let stored = stored?;
+                    next = stored.seq + 1;
+                    each(stored)?;
+                }
+                // The iterator ended at the head it was opened at: once more up to the
+                // head now, which is at or past `to`.
+                None if !reopened => {
+                    events = self.log.read(next, u64::MAX);
+                    reopened = true;
+                }
+                None => break,
+            }
+        }
+        self.open = Some((events, next));
+        Ok(())
+    }
+
+    /// The log read.
+    pub(crate) fn log(&self) -> &EventLog {
+        &self.log
+    }
+}
