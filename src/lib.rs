@@ -12,6 +12,7 @@
 //! - [`api`]: the tonic services, health and reflection; the only module that knows tonic.
 //! - [`proto`]: the generated kpi.v1 code and its conversions to and from `domain`.
 //! - [`config`]: flags and environment.
+//! - [`workload`]: the seeded, reproducible workload of the benchmarks and `kpi-load`.
 //!
 //! [`run`] is the entry point: it takes a bound listener and a shutdown future, so tests
 //! start the real server on port 0 and stop it cleanly.
@@ -25,6 +26,7 @@ pub mod projection;
 pub mod proto;
 pub mod service;
 pub mod store;
+pub mod workload;
 
 use std::future::Future;
 use std::time::{Duration, Instant};
