@@ -13,6 +13,7 @@
 //! - [`proto`]: the generated kpi.v1 code and its conversions to and from `domain`.
 //! - [`config`]: flags and environment.
 //! - [`workload`]: the seeded, reproducible workload of the benchmarks and `kpi-load`.
+//! - [`load`]: the `kpi-load` scenarios, a gRPC *client* of a running server.
 //!
 //! [`run`] is the entry point: it takes a bound listener and a shutdown future, so tests
 //! start the real server on port 0 and stop it cleanly.
@@ -22,6 +23,7 @@
 pub mod api;
 pub mod config;
 pub mod domain;
+pub mod load;
 pub mod projection;
 pub mod proto;
 pub mod service;
