@@ -12,7 +12,7 @@ use std::collections::BTreeSet;
 use std::path::Path;
 use std::sync::{Arc, RwLock, RwLockReadGuard};
 
-pub use aggregates::{AggregateQuery, Aggregates, AnsweredBucket, Fill};
+pub use aggregates::{AggregateQuery, Aggregates, AnsweredBucket, Fill, Footprint};
 pub use catalog::CatalogView;
 pub use snapshot::{Snapshot, SnapshotError};
 
