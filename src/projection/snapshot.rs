@@ -20,7 +20,7 @@ use crate::store::{EventLog, Hash};
 pub const SNAPSHOT_FILE: &str = "projection.snapshot";
 /// Format of the snapshot file; a build reads only its own format (anything else is
 /// discarded and rebuilt, which is always correct, only slower).
-const FORMAT: u32 = 2;
+const FORMAT: u32 = 3;
 
 /// What a snapshot holds.
 #[derive(Debug, Clone, Serialize, Deserialize)]
