@@ -6,6 +6,9 @@
 //! Writing one sled key per id would cut durable ingest by about twenty times (SPEC,
 //! Durability and consistency), so there is none.
 //!
+//! A projection snapshot keeps the index's entries up to its seq ([`DedupEntries`]), so a
+//! restart inserts those and reads only the log's tail instead of the whole window.
+//!
 //! Callers hash and copy their ids ([`EventIdKey`]) on their own threads, so the single
 //! writer only probes and moves. Memory grows with the number of ids recorded within the
 //! window (roughly 100 bytes per id), the price of answering a retry with the original seq.
@@ -16,6 +19,7 @@ use std::hash::{BuildHasher, BuildHasherDefault, Hash, Hasher};
 use std::sync::Arc;
 
 use chrono::{DateTime, TimeDelta, Utc};
+use serde::{Deserialize, Serialize};
 
 /// Hashes event ids with one per-process random key (SipHash, so clients cannot choose
 /// colliding ids). Cheap to clone; all clones hash alike.
@@ -91,6 +95,37 @@ pub struct DedupIndex {
     by_time: VecDeque<Entry>,
 }
 
+/// The entries of a [`DedupIndex`] up to a seq, as a snapshot stores them: per recorded
+/// time (Unix seconds and nanoseconds; a committed group shares one), the ids and their
+/// seqs in commit order.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct DedupEntries {
+    /// The window of the index they come from, in seconds: they hold every id recorded
+    /// within it, so they can seed an index with this window or a shorter one only.
+    window_seconds: i64,
+    groups: Vec<(RecordedAt, Vec<(String, u64)>)>,
+}
+
+/// A recorded time as Unix seconds and nanoseconds.
+type RecordedAt = (i64, u32);
+
+impl DedupEntries {
+    /// Number of ids.
+    pub fn len(&self) -> usize {
+        self.groups.iter().map(|group| group.1.len()).sum()
+    }
+
+    /// Whether there is none.
+    pub fn is_empty(&self) -> bool {
+        self.groups.is_empty()
+    }
+
+    /// Whether they hold every id an index with `window` needs.
+    pub fn cover(&self, window: TimeDelta) -> bool {
+        window.num_seconds() <= self.window_seconds
+    }
+}
+
 #[derive(Debug)]
 struct Entry {
     recorded_at: DateTime<Utc>,
@@ -164,6 +199,47 @@ impl DedupIndex {
     /// Ids remembered.
     pub fn len(&self) -> usize {
         self.by_id.len()
+    }
+
+    /// The remembered ids recorded at or before `seq`, in commit order.
+    pub fn entries_up_to(&self, seq: u64) -> DedupEntries {
+        let mut entries = DedupEntries {
+            window_seconds: self.window.num_seconds(),
+            groups: Vec::new(),
+        };
+        for entry in self.by_time.iter().take_while(|entry| entry.seq <= seq) {
+            let at = (
+                entry.recorded_at.timestamp(),
+                entry.recorded_at.timestamp_subsec_nanos(),
+            );
+            if entries.groups.last().is_none_or(|group| group.0 != at) {
+                entries.groups.push((at, Vec::new()));
+            }
+            if let Some(group) = entries.groups.last_mut() {
+                group.1.push((entry.key.event_id.to_string(), entry.seq));
+            }
+        }
+        entries
+    }
+
+    /// Inserts entries taken by [`DedupIndex::entries_up_to`] (before anything newer),
+    /// leaving out those recorded before `cutoff`.
+    pub fn insert_entries(&mut self, entries: DedupEntries, cutoff: Option<DateTime<Utc>>) {
+        let count = entries.groups.iter().map(|group| group.1.len()).sum();
+        self.by_id.reserve(count);
+        self.by_time.reserve(count);
+        for ((seconds, nanos), ids) in entries.groups {
+            let Some(recorded_at) = DateTime::from_timestamp(seconds, nanos) else {
+                continue;
+            };
+            if cutoff.is_some_and(|cutoff| recorded_at < cutoff) {
+                continue;
+            }
+            for (event_id, seq) in ids {
+                let key = self.hasher.key(&event_id);
+                self.insert(key, seq, recorded_at);
+            }
+        }
     }
 }
 
