@@ -220,9 +220,10 @@ impl Repr {
     fn full(&self) -> std::borrow::Cow<'_, Self> {
         use std::borrow::Cow;
         match *self {
-            Self::Empty(kind) => Cow::Owned(Self::full_empty(kind).unwrap_or_else(|| {
-                unreachable!("no bucket state of RATIO is ever made")
-            })),
+            Self::Empty(kind) => Cow::Owned(
+                Self::full_empty(kind)
+                    .unwrap_or_else(|| unreachable!("no bucket state of RATIO is ever made")),
+            ),
             Self::One(kind, value) => {
                 let mut full = Self::full_empty(kind)
                     .unwrap_or_else(|| unreachable!("no bucket state of RATIO is ever made"));
@@ -758,9 +759,17 @@ mod tests {
             assert_eq!(compact.count(), 1);
             let mut merged = full(&[5.0]);
             merged.merge(&compact).unwrap();
-            assert_eq!(merged.summary(), full(&[5.0, 3.0]).summary(), "{kind:?} merge");
+            assert_eq!(
+                merged.summary(),
+                full(&[5.0, 3.0]).summary(),
+                "{kind:?} merge"
+            );
             compact.record(observation(4.0)).unwrap();
-            assert_eq!(compact.summary(), full(&[3.0, 4.0]).summary(), "{kind:?} two");
+            assert_eq!(
+                compact.summary(),
+                full(&[3.0, 4.0]).summary(),
+                "{kind:?} two"
+            );
         }
         // A refused score leaves the bucket empty.
         let mut nps = BucketState::new(KpiKind::Nps).unwrap();
