@@ -50,6 +50,11 @@ fn main() {
         || std::env::temp_dir().join(format!("kpi-restart-{events}")),
         PathBuf::from,
     );
+    // The start's own log lines (snapshot discarded, dedup seed ignored, timings).
+    tracing_subscriber::fmt()
+        .with_env_filter(tracing_subscriber::EnvFilter::new("kpi_service=info"))
+        .with_writer(std::io::stderr)
+        .init();
     match std::env::var("KPI_RESTART_PHASE").as_deref() {
         Ok("cold") => cold(&dir),
         Ok("warm") => warm(&dir),
