@@ -21,7 +21,7 @@ use crate::store::{DedupEntries, EventLog, Hash};
 pub const SNAPSHOT_FILE: &str = "projection.snapshot";
 /// Format of the snapshot file; a build reads only its own format (anything else is
 /// discarded and rebuilt, which is always correct, only slower).
-const FORMAT: u32 = 3;
+const FORMAT: u32 = 4;
 
 /// What a snapshot holds.
 #[derive(Debug, Clone, Serialize, Deserialize)]

@@ -249,45 +249,43 @@ impl DedupIndex {
     pub fn entries_up_to(&self, seq: u64) -> DedupEntries {
         let mut entries = DedupEntries {
             window_seconds: self.window.num_seconds(),
-            groups: Vec::new(),
+            ..DedupEntries::default()
         };
         let end = self.first + widen(self.ids.len());
-        for (run, (recorded_at, from)) in self.times.iter().enumerate() {
+        'runs: for (run, (recorded_at, from)) in self.times.iter().enumerate() {
             let to = self.times.get(run + 1).map_or(end, |(_, next)| *next);
             let at = (
                 recorded_at.timestamp(),
                 recorded_at.timestamp_subsec_nanos(),
             );
-            let ids: Vec<(String, u64)> = (*from..to)
-                .map(|number| (number, self.ids[self.index(number)].seq))
-                .take_while(|(_, id_seq)| *id_seq <= seq)
-                .map(|(number, id_seq)| {
-                    let id = String::from_utf8_lossy(self.id_bytes(number)).into_owned();
-                    (id, id_seq)
-                })
-                .collect();
-            let complete = ids.len() == usize::try_from(to - from).unwrap_or(usize::MAX);
-            if !ids.is_empty() {
-                entries.groups.push((at, ids));
-            }
-            if !complete {
-                break;
+            for number in *from..to {
+                let id = self.ids[self.index(number)];
+                if id.seq > seq {
+                    break 'runs;
+                }
+                if number == *from {
+                    entries.runs.push((at, 0));
+                }
+                if let Some(run) = entries.runs.last_mut() {
+                    run.1 += 1;
+                }
+                entries
+                    .ids
+                    .push_str(&String::from_utf8_lossy(self.id_bytes(number)));
+                entries.ends.push(widen(entries.ids.len()));
+                entries.seqs.push(id.seq);
             }
         }
         entries
     }
 
     /// Inserts entries taken by [`DedupIndex::entries_up_to`] (before anything newer),
-    /// leaving out those recorded before `cutoff`.
+    /// leaving out those recorded before `cutoff`. Entries that do not fit together (a
+    /// damaged snapshot decodes to anything) are left out too.
     pub fn insert_entries(&mut self, entries: DedupEntries, cutoff: Option<DateTime<Utc>>) {
         let count = entries.len();
-        let bytes: usize = entries
-            .groups
-            .iter()
-            .flat_map(|group| group.1.iter().map(|(id, _)| id.len()))
-            .sum();
         self.ids.reserve(count);
-        self.bytes.reserve(bytes);
+        self.bytes.reserve(entries.ids.len());
         let Self {
             table,
             bytes,
@@ -308,16 +306,26 @@ impl DedupIndex {
                 n,
             ))
         });
-        for ((seconds, nanos), group) in entries.groups {
-            let Some(recorded_at) = DateTime::from_timestamp(seconds, nanos) else {
-                continue;
-            };
-            if cutoff.is_some_and(|cutoff| recorded_at < cutoff) {
-                continue;
-            }
-            for (event_id, seq) in group {
-                let hash = self.hasher.hash_bytes(event_id.as_bytes());
-                self.insert_hashed(hash, &event_id, seq, recorded_at);
+        let mut next = 0usize;
+        let mut start = 0usize;
+        for ((seconds, nanos), run) in entries.runs {
+            let recorded_at = DateTime::from_timestamp(seconds, nanos);
+            let keep = recorded_at.filter(|at| cutoff.is_none_or(|cutoff| *at >= cutoff));
+            for _ in 0..run {
+                let (Some(&end), Some(&seq)) = (entries.ends.get(next), entries.seqs.get(next))
+                else {
+                    return;
+                };
+                next += 1;
+                let end = usize::try_from(end).unwrap_or(usize::MAX);
+                let Some(event_id) = entries.ids.get(start..end) else {
+                    return;
+                };
+                start = end;
+                if let Some(recorded_at) = keep {
+                    let hash = self.hasher.hash_bytes(event_id.as_bytes());
+                    self.insert_hashed(hash, event_id, seq, recorded_at);
+                }
             }
         }
     }
@@ -352,29 +360,31 @@ fn widen(len: usize) -> u64 {
     u64::try_from(len).unwrap_or(u64::MAX)
 }
 
-/// The entries of a [`DedupIndex`] up to a seq, as a snapshot stores them: per recorded
-/// time (Unix seconds and nanoseconds; a committed group shares one), the ids and their
-/// seqs in commit order.
+/// The entries of a [`DedupIndex`] up to a seq, as a snapshot stores them: the ids back to
+/// back in one string (no allocation per id when it is decoded), the end of each and its
+/// seq, and per recorded time (Unix seconds and nanoseconds; a committed group shares one)
+/// the number of ids recorded then, all in commit order.
 #[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
 pub struct DedupEntries {
     /// The window of the index they come from, in seconds: they hold every id recorded
     /// within it, so they can seed an index with this window or a shorter one only.
     window_seconds: i64,
-    groups: Vec<(RecordedAt, Vec<(String, u64)>)>,
+    ids: String,
+    /// End of each id in `ids`.
+    ends: Vec<u64>,
+    seqs: Vec<u64>,
+    runs: Vec<(RecordedAt, u64)>,
 }
-
-/// A recorded time as Unix seconds and nanoseconds.
-type RecordedAt = (i64, u32);
 
 impl DedupEntries {
     /// Number of ids.
     pub fn len(&self) -> usize {
-        self.groups.iter().map(|group| group.1.len()).sum()
+        self.seqs.len()
     }
 
     /// Whether there is none.
     pub fn is_empty(&self) -> bool {
-        self.groups.is_empty()
+        self.seqs.is_empty()
     }
 
     /// Whether they hold every id an index with `window` needs.
@@ -382,6 +392,9 @@ impl DedupEntries {
         window.num_seconds() <= self.window_seconds
     }
 }
+
+/// A recorded time as Unix seconds and nanoseconds.
+type RecordedAt = (i64, u32);
 
 #[cfg(test)]
 mod tests {
