@@ -40,7 +40,7 @@ use tonic::transport::server::TcpIncoming;
 pub use config::Config;
 
 use crate::service::{KpiService, ServiceOptions};
-use crate::store::{EventLog, StoreError, StoreOptions};
+use crate::store::{StoreError, StoreOptions};
 
 /// Directory of the event log (sled) inside the data directory.
 pub const LOG_DIR: &str = "log";
@@ -132,8 +132,8 @@ pub async fn run(
         heartbeat: config.heartbeat(),
     };
     let (log, service) = tokio::task::spawn_blocking(move || {
-        let log = EventLog::open(&log_dir, options)?;
-        let service = KpiService::new(log.clone(), service_options)?;
+        let (log, models) = projection::open(&log_dir, &service_options.snapshot_dir, options)?;
+        let service = KpiService::with_models(log.clone(), models, service_options);
         Ok::<_, StoreError>((log, service))
     })
     .await?

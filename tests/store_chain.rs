@@ -9,7 +9,7 @@ use chrono::{TimeZone, Utc};
 use common::store::{append, measurement_at, read};
 use kpi_service::domain::Event;
 use kpi_service::store::{
-    AppendRequest, EventLog, SEGMENTS_TREE, StoreError, StoreOptions, StoredEvent,
+    AppendRequest, DedupSeed, EventLog, SEGMENTS_TREE, StoreError, StoreOptions, StoredEvent,
 };
 use prost::Message;
 use sha2::{Digest, Sha256};
@@ -320,4 +320,64 @@ fn handles_and_read_iterators_cross_threads() {
     let log = EventLog::open(dir.path(), StoreOptions::default()).unwrap();
     send_and_sync(&log);
     send(&log.read(1, 10));
+}
+
+#[test]
+fn a_dedup_seed_is_taken_only_when_it_belongs_to_the_log() {
+    let dir = tempfile::tempdir().unwrap();
+    let events = three_segments(dir.path());
+    let log = EventLog::open(dir.path(), StoreOptions::default()).unwrap();
+    // A snapshot at seq 6: ids of seqs 1..=6 in the seed, 7..=9 read from the log.
+    let entries = log.dedup_entries(6);
+    assert_eq!(entries.len(), 6);
+    log.close().unwrap();
+    let seed = |hash| DedupSeed {
+        seq: 6,
+        hash,
+        entries: entries.clone(),
+    };
+    let mut wrong = events[5].hash;
+    wrong[0] ^= 1;
+    let ids = |log: &EventLog| {
+        (0..3)
+            .flat_map(|request| (0..3).map(move |index| format!("order-{request}-{index}")))
+            .map(|id| log.find_event_id(&id))
+            .collect::<Vec<_>>()
+    };
+    let all: Vec<_> = (1..=9).map(Some).collect();
+    for (seed, why) in [
+        (seed(events[5].hash), "matching"),
+        (seed(wrong), "another log's hash"),
+        (
+            DedupSeed {
+                seq: 42,
+                ..seed(events[5].hash)
+            },
+            "past the head",
+        ),
+    ] {
+        let log = EventLog::open_seeded(dir.path(), StoreOptions::default(), Some(seed)).unwrap();
+        assert_eq!(ids(&log), all, "{why}");
+        log.close().unwrap();
+    }
+    // A seed taken with a shorter window than the current one may lack ids, so the open
+    // reads the whole window instead; the answers are the same.
+    let short = StoreOptions {
+        dedup_window: chrono::TimeDelta::hours(1),
+        ..StoreOptions::default()
+    };
+    let log = EventLog::open(dir.path(), short).unwrap();
+    let short_entries = log.dedup_entries(6);
+    log.close().unwrap();
+    let log = EventLog::open_seeded(
+        dir.path(),
+        StoreOptions::default(),
+        Some(DedupSeed {
+            entries: short_entries,
+            ..seed(events[5].hash)
+        }),
+    )
+    .unwrap();
+    assert_eq!(ids(&log), all);
+    log.close().unwrap();
 }

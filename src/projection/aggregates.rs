@@ -412,6 +412,23 @@ impl Aggregates {
         })
     }
 
+    /// What the aggregates hold, for memory accounting (restart benchmark, logs).
+    pub fn footprint(&self) -> Footprint {
+        let mut footprint = Footprint {
+            kpis: self.measured.len() + self.ratios.len(),
+            ..Footprint::default()
+        };
+        for kpi in self.measured.values() {
+            footprint.series += kpi.series.len();
+            for series in kpi.series.values() {
+                for (slot, buckets) in series.grains.iter().enumerate() {
+                    footprint.buckets[slot] += buckets.len();
+                }
+            }
+        }
+        footprint
+    }
+
     /// The definition and version of a KPI, measured or RATIO.
     pub fn definition(&self, kpi_id: &str) -> Result<(&KpiDefinition, u64), Rejection> {
         if let Some(kpi) = self.measured.get(kpi_id) {
@@ -483,6 +500,17 @@ impl Aggregates {
             })
             .collect())
     }
+}
+
+/// Counts of what [`Aggregates`] holds.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct Footprint {
+    /// KPIs, measured and RATIO.
+    pub kpis: usize,
+    /// Series (label combinations) over all KPIs.
+    pub series: usize,
+    /// Bucket states per grain, in the order of [`Grain::ALL`].
+    pub buckets: [usize; 6],
 }
 
 /// A merged bucket: its summary, and its sum when it can be a ratio operand.

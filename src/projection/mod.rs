@@ -12,12 +12,14 @@ use std::collections::BTreeSet;
 use std::path::Path;
 use std::sync::{Arc, RwLock, RwLockReadGuard};
 
-pub use aggregates::{AggregateQuery, Aggregates, AnsweredBucket, Fill};
+pub use aggregates::{AggregateQuery, Aggregates, AnsweredBucket, Fill, Footprint};
 pub use catalog::CatalogView;
 pub use snapshot::{Snapshot, SnapshotError};
 
 use crate::domain::{Catalog, Event, Measurement};
-use crate::store::{CommitListener, Committed, EventLog, LogReader, StoreError};
+use crate::store::{
+    CommitListener, Committed, DedupSeed, EventLog, LogReader, StoreError, StoreOptions,
+};
 
 /// The read models of the service and how they were restored.
 pub struct ReadModels {
@@ -38,6 +40,12 @@ pub struct Restored {
     pub snapshot_seq: u64,
     /// Events of the log's tail folded in after the snapshot.
     pub replayed_events: u64,
+    /// Time to read and decode the snapshot file ([`open`] only).
+    pub snapshot_load: std::time::Duration,
+    /// Time to open the log, with its dedup index ([`open`] only).
+    pub log_open: std::time::Duration,
+    /// Time to check the snapshot and fold the tail ([`open`] only).
+    pub models: std::time::Duration,
 }
 
 impl ReadModels {
@@ -45,7 +53,17 @@ impl ReadModels {
     /// tail after it in one pass, and registers the models for committed events. Call
     /// before the first append, so no event is missed.
     pub fn restore(log: &EventLog, snapshot_dir: &Path) -> Result<Self, StoreError> {
-        let (mut catalog, mut aggregates, snapshot_seq) = match snapshot::read(snapshot_dir, log) {
+        Self::restore_from(log, snapshot::load(snapshot_dir))
+    }
+
+    /// [`ReadModels::restore`] from a snapshot already loaded (not yet checked against
+    /// `log`), or the error that made it unusable.
+    pub fn restore_from(
+        log: &EventLog,
+        loaded: Result<Option<Snapshot>, SnapshotError>,
+    ) -> Result<Self, StoreError> {
+        let checked = loaded.and_then(|loaded| loaded.map(|s| snapshot::check(s, log)).transpose());
+        let (mut catalog, mut aggregates, snapshot_seq) = match checked {
             Ok(Some(snapshot)) => (snapshot.catalog, snapshot.aggregates, snapshot.seq),
             Ok(None) => (Catalog::default(), Aggregates::default(), 0),
             Err(error) => {
@@ -93,6 +111,7 @@ impl ReadModels {
             restored: Restored {
                 snapshot_seq,
                 replayed_events,
+                ..Restored::default()
             },
         })
     }
@@ -130,9 +149,47 @@ impl ReadModels {
                 }
             }
         };
-        snapshot::write(snapshot_dir, &Snapshot::new(seq, hash, catalog, aggregates))?;
+        let dedup = log.dedup_entries(seq);
+        snapshot::write(
+            snapshot_dir,
+            &Snapshot::new(seq, hash, catalog, aggregates, dedup),
+        )?;
         Ok(seq)
     }
+}
+
+/// Opens the event log in `log_dir` and restores the read models, using the snapshot in
+/// `snapshot_dir` for both: the log takes its dedup index entries from it (and reads only
+/// the tail for the rest), the read models their state. What `run` does before serving.
+pub fn open(
+    log_dir: &Path,
+    snapshot_dir: &Path,
+    options: StoreOptions,
+) -> Result<(EventLog, ReadModels), StoreError> {
+    let started = std::time::Instant::now();
+    let mut loaded = snapshot::load(snapshot_dir);
+    let loaded_after = started.elapsed();
+    let seed = match &mut loaded {
+        Ok(Some(snapshot)) => Some(DedupSeed {
+            seq: snapshot.seq,
+            hash: snapshot.hash,
+            entries: std::mem::take(&mut snapshot.dedup),
+        }),
+        _ => None,
+    };
+    let log = EventLog::open_seeded(log_dir, options, seed)?;
+    let opened_after = started.elapsed();
+    let mut models = ReadModels::restore_from(&log, loaded)?;
+    models.restored.snapshot_load = loaded_after;
+    models.restored.log_open = opened_after - loaded_after;
+    models.restored.models = started.elapsed() - opened_after;
+    tracing::info!(
+        snapshot_load_ms = loaded_after.as_millis(),
+        log_open_ms = models.restored.log_open.as_millis(),
+        models_ms = models.restored.models.as_millis(),
+        "started from the snapshot and the log"
+    );
+    Ok((log, models))
 }
 
 /// The aggregate read model, shared by request handlers and kept current by the writer.

@@ -1,5 +1,6 @@
 //! Snapshots of the read models: the catalog and the aggregates with the seq they cover
-//! and the chain hash at that seq, in one file written atomically (temporary file, fsync,
+//! and the chain hash at that seq, plus the log's dedup index entries up to that seq (so a
+//! restart reads neither the whole log nor its dedup window), in one file written atomically (temporary file, fsync,
 //! rename, fsync of the directory), so a restart replays only the log's tail.
 //!
 //! A snapshot that is missing, unreadable, of another format, or that does not match the
@@ -14,13 +15,13 @@ use serde::{Deserialize, Serialize};
 
 use crate::domain::Catalog;
 use crate::projection::Aggregates;
-use crate::store::{EventLog, Hash};
+use crate::store::{DedupEntries, EventLog, Hash};
 
 /// File name of the snapshot inside the snapshot directory.
 pub const SNAPSHOT_FILE: &str = "projection.snapshot";
 /// Format of the snapshot file; a build reads only its own format (anything else is
 /// discarded and rebuilt, which is always correct, only slower).
-const FORMAT: u32 = 2;
+const FORMAT: u32 = 4;
 
 /// What a snapshot holds.
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -34,18 +35,27 @@ pub struct Snapshot {
     pub catalog: Catalog,
     /// The aggregates at `seq`.
     pub aggregates: Aggregates,
+    /// The event log's dedup index entries up to `seq`.
+    pub dedup: DedupEntries,
 }
 
 impl Snapshot {
     /// A snapshot of read models that cover exactly up to `seq`, with `hash` the chain hash
     /// there.
-    pub fn new(seq: u64, hash: Hash, catalog: Catalog, aggregates: Aggregates) -> Self {
+    pub fn new(
+        seq: u64,
+        hash: Hash,
+        catalog: Catalog,
+        aggregates: Aggregates,
+        dedup: DedupEntries,
+    ) -> Self {
         Self {
             format: FORMAT,
             seq,
             hash,
             catalog,
             aggregates,
+            dedup,
         }
     }
 }
@@ -109,20 +119,39 @@ pub fn write(dir: &Path, snapshot: &Snapshot) -> Result<u64, SnapshotError> {
 /// Reads the snapshot in `dir` and checks that it belongs to `log`. `Ok(None)` when there
 /// is none.
 pub fn read(dir: &Path, log: &EventLog) -> Result<Option<Snapshot>, SnapshotError> {
+    match load(dir)? {
+        Some(snapshot) => check(snapshot, log).map(Some),
+        None => Ok(None),
+    }
+}
+
+/// Reads and decodes the snapshot in `dir`, not yet checked against a log. `Ok(None)` when
+/// there is none.
+pub fn load(dir: &Path) -> Result<Option<Snapshot>, SnapshotError> {
     let path = dir.join(SNAPSHOT_FILE);
     let bytes = match fs::read(&path) {
         Ok(bytes) => bytes,
         Err(error) if error.kind() == std::io::ErrorKind::NotFound => return Ok(None),
         Err(error) => return Err(io_error(&path)(error)),
     };
+    // The format comes first: another build's layout is refused before decoding it.
+    let (format, _): (u32, usize) =
+        bincode::serde::decode_from_slice(&bytes, bincode::config::standard())
+            .map_err(|e| SnapshotError::Decode(e.to_string()))?;
+    if format != FORMAT {
+        return Err(SnapshotError::Format { found: format });
+    }
     let (mut snapshot, _): (Snapshot, usize) =
         bincode::serde::decode_from_slice(&bytes, bincode::config::standard())
             .map_err(|e| SnapshotError::Decode(e.to_string()))?;
-    if snapshot.format != FORMAT {
-        return Err(SnapshotError::Format {
-            found: snapshot.format,
-        });
-    }
+    drop(bytes);
+    snapshot.aggregates.restore_calendars();
+    Ok(Some(snapshot))
+}
+
+/// Checks that `snapshot` belongs to `log`: not past its head, the same chain hash at its
+/// seq.
+pub fn check(snapshot: Snapshot, log: &EventLog) -> Result<Snapshot, SnapshotError> {
     let head = log.head();
     if snapshot.seq > head.seq {
         return Err(SnapshotError::Mismatch {
@@ -155,6 +184,5 @@ pub fn read(dir: &Path, log: &EventLog) -> Result<Option<Snapshot>, SnapshotErro
             reason: "the chain hash differs".into(),
         });
     }
-    snapshot.aggregates.restore_calendars();
-    Ok(Some(snapshot))
+    Ok(snapshot)
 }

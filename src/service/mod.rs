@@ -122,8 +122,15 @@ impl KpiService {
     /// Restores the read models from the snapshot in `snapshot_dir` and the tail of `log`
     /// (blocking), and serves from them.
     pub fn new(log: EventLog, options: ServiceOptions) -> Result<Self, StoreError> {
-        let models = Arc::new(ReadModels::restore(&log, &options.snapshot_dir)?);
-        Ok(Self {
+        let models = ReadModels::restore(&log, &options.snapshot_dir)?;
+        Ok(Self::with_models(log, models, options))
+    }
+
+    /// Serves from read models already restored from `log` (see
+    /// [`crate::projection::open`]).
+    pub fn with_models(log: EventLog, models: ReadModels, options: ServiceOptions) -> Self {
+        let models = Arc::new(models);
+        Self {
             log,
             catalog: models.catalog.clone(),
             aggregates: models.aggregates.clone(),
@@ -133,7 +140,7 @@ impl KpiService {
             streams: Streams::new(options.max_streams),
             heartbeat: options.heartbeat,
             shutdown: CancellationToken::new(),
-        })
+        }
     }
 
     /// A place for one more server stream starting at `position`, or RESOURCE_EXHAUSTED

@@ -74,6 +74,7 @@ use tokio::sync::{mpsc, oneshot};
 use crate::domain::Event;
 
 pub use chain::{GENESIS_HASH, Hash};
+pub use dedup::DedupEntries;
 pub use error::{AppendError, StoreError};
 pub use reader::ReadEvents;
 
@@ -311,16 +312,47 @@ impl EventLog {
     /// tail of the chain, rebuilds the dedup index from the segments inside the window,
     /// and starts the writer thread.
     pub fn open(dir: &Path, options: StoreOptions) -> Result<Self, StoreError> {
+        Self::open_seeded(dir, options, None)
+    }
+
+    /// [`EventLog::open`] with the dedup index's entries up to a seq taken from a snapshot:
+    /// when the seed's hash is the log's hash at its seq, its ids are taken and only the
+    /// log after it is read; otherwise (another log, a damaged one) the seed is ignored and
+    /// the whole window is read.
+    pub fn open_seeded(
+        dir: &Path,
+        options: StoreOptions,
+        seed: Option<DedupSeed>,
+    ) -> Result<Self, StoreError> {
         let db = open_db(dir)?;
         check_format(&db, dir)?;
         let segments = db.open_tree(SEGMENTS_TREE)?;
         let head = reader::load_head(&segments)?;
         let mut dedup = DedupIndex::new(options.dedup_window);
-        reader::rebuild_dedup(&segments, &head, &mut dedup)?;
+        let mut after_seq = 0;
+        if let Some(seed) = seed {
+            let covered = if seed.entries.cover(options.dedup_window) {
+                seed_matches(&segments, &head, &seed)
+            } else {
+                Err("it was taken with a shorter dedup window".into())
+            };
+            match covered {
+                Ok(()) => {
+                    let cutoff = head.recorded_at.and_then(|at| dedup.cutoff(at));
+                    dedup.insert_entries(seed.entries, cutoff);
+                    after_seq = seed.seq;
+                }
+                Err(reason) => {
+                    tracing::warn!(seq = seed.seq, %reason, "dedup seed ignored; reading the whole window");
+                }
+            }
+        }
+        reader::rebuild_dedup(&segments, &head, &mut dedup, after_seq)?;
         tracing::info!(
             dir = %dir.display(),
             head_seq = head.seq,
             dedup_ids = dedup.len(),
+            seeded_up_to = after_seq,
             "event log opened"
         );
 
@@ -474,6 +506,11 @@ impl EventLog {
         verify::verify(&self.tree()?, &head)
     }
 
+    /// The dedup index's entries recorded at or before `seq`, for a snapshot at `seq`.
+    pub fn dedup_entries(&self, seq: u64) -> DedupEntries {
+        lock(&self.inner.shared.dedup).entries_up_to(seq)
+    }
+
     /// Counters of the writer since open.
     pub fn stats(&self) -> StoreStats {
         let shared = &self.inner.shared;
@@ -575,6 +612,29 @@ impl Drop for Inner {
         if let Err(error) = self.close() {
             tracing::error!(%error, "closing the event log failed");
         }
+    }
+}
+
+/// Dedup index entries from a snapshot, for [`EventLog::open_seeded`].
+#[derive(Debug, Clone)]
+pub struct DedupSeed {
+    /// The entries cover the log up to this seq.
+    pub seq: u64,
+    /// The chain hash at `seq`, to recognise the log they belong to.
+    pub hash: Hash,
+    /// The entries, from [`EventLog::dedup_entries`].
+    pub entries: DedupEntries,
+}
+
+/// Whether `seed` belongs to the log in `tree`: not past its head, same hash at its seq.
+fn seed_matches(tree: &sled::Tree, head: &LogHead, seed: &DedupSeed) -> Result<(), String> {
+    if seed.seq > head.seq {
+        return Err(format!("the log ends at seq {}", head.seq));
+    }
+    match reader::hash_at(tree, seed.seq) {
+        Ok(hash) if hash == seed.hash => Ok(()),
+        Ok(_) => Err("the chain hash differs".into()),
+        Err(error) => Err(error.to_string()),
     }
 }
 

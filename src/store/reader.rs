@@ -258,8 +258,28 @@ pub fn seq_at(tree: &sled::Tree, head_seq: u64, at: DateTime<Utc>) -> Result<u64
     Ok(found)
 }
 
+/// The chain hash after `seq` (which must be at most the head), recomputed from its
+/// segment.
+pub fn hash_at(tree: &sled::Tree, seq: u64) -> Result<Hash, StoreError> {
+    if seq == 0 {
+        return Ok(GENESIS_HASH);
+    }
+    let segment = segment_containing(tree, seq)?;
+    let index = usize::try_from(seq - segment.first_seq())
+        .unwrap_or_else(|_| unreachable!("a segment holds fewer than usize::MAX records"));
+    segment
+        .hashes()
+        .get(index)
+        .copied()
+        .ok_or_else(|| StoreError::Corrupt {
+            seq,
+            reason: "no segment holds this seq".into(),
+        })
+}
+
 /// Fills `dedup` with the event_ids recorded within its window before the head's
-/// recorded_at, scanning only the segments that can hold such events.
+/// recorded_at and after `after_seq` (the ids up to it come from a snapshot), scanning
+/// only the segments that can hold such events.
 ///
 /// A damaged record or segment is skipped with a warning instead of failing the open:
 /// damage behind the tail is for `verify` to report, and the service stays available.
@@ -267,12 +287,16 @@ pub fn rebuild_dedup(
     tree: &sled::Tree,
     head: &LogHead,
     dedup: &mut DedupIndex,
+    after_seq: u64,
 ) -> Result<(), StoreError> {
     let Some(head_recorded_at) = head.recorded_at else {
         return Ok(());
     };
+    if after_seq >= head.seq {
+        return Ok(());
+    }
     let cutoff = dedup.cutoff(head_recorded_at);
-    let start = match cutoff {
+    let window_start = match cutoff {
         Some(cutoff) => match last_segment_where(tree, head.seq, |first| first < cutoff) {
             Ok(segment) => segment.map_or(1, |segment| segment.first_seq()),
             Err(error @ StoreError::Sled(_)) => return Err(error),
@@ -282,6 +306,15 @@ pub fn rebuild_dedup(
             }
         },
         None => 1,
+    };
+    let start = if after_seq >= window_start {
+        match segment_containing(tree, after_seq + 1) {
+            Ok(segment) => segment.first_seq(),
+            Err(error @ StoreError::Sled(_)) => return Err(error),
+            Err(_) => window_start,
+        }
+    } else {
+        window_start
     };
     for item in tree.range(segment_key(start)..) {
         let (key, value) = item?;
@@ -295,7 +328,7 @@ pub fn rebuild_dedup(
                 continue;
             }
         };
-        for (seq, record) in segment.records() {
+        for (seq, record) in segment.records().filter(|(seq, _)| *seq > after_seq) {
             match decode_header(seq, record) {
                 Ok((at, Some(event_id))) if cutoff.is_none_or(|cutoff| at >= cutoff) => {
                     let key = dedup.hasher().key(&event_id);

@@ -142,85 +142,114 @@ pub enum Retracted {
 }
 
 /// The aggregate state of one bucket of one series, for every kind except RATIO.
+///
+/// A projection keeps millions of these (two years of HOUR buckets are about one bucket
+/// per measurement for a sparse series), so the value is 16 bytes: an empty bucket and a
+/// bucket holding one measurement of a kind whose state depends only on the value (SUM,
+/// AVERAGE, MIN, MAX, NPS, CSAT, PERCENTILE) are stored inline as that value, a COUNT is
+/// its counter, and every other state is boxed. Every operation behaves exactly as on the
+/// kind's full state: the inline forms stand for "the empty state" and "the empty state
+/// after recording this value", and are turned into that full state before anything else
+/// is done with them.
 #[derive(Debug, Clone, Serialize, Deserialize)]
-pub enum BucketState {
-    /// SUM.
-    Sum(SumState),
+pub struct BucketState(Repr);
+
+/// How a [`BucketState`] is stored; see there.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+enum Repr {
+    /// No measurement yet (every kind but COUNT).
+    Empty(KpiKind),
+    /// Exactly one measurement of a kind in [`value_only`], with this value.
+    One(KpiKind, f64),
     /// COUNT.
     Count(CountState),
+    /// SUM.
+    Sum(Box<SumState>),
     /// AVERAGE.
-    Average(AverageState),
+    Average(Box<AverageState>),
     /// MIN.
-    Min(MinState),
+    Min(Box<MinState>),
     /// MAX.
-    Max(MaxState),
+    Max(Box<MaxState>),
     /// LAST.
-    Last(LastState),
+    Last(Box<LastState>),
     /// NPS.
-    Nps(NpsState),
+    Nps(Box<NpsState>),
     /// CSAT.
-    Csat(CsatState),
+    Csat(Box<CsatState>),
     /// PERCENTILE.
-    Percentile(PercentileState),
+    Percentile(Box<PercentileState>),
     /// DISTINCT.
-    Distinct(DistinctState),
+    Distinct(Box<DistinctState>),
 }
 
-impl BucketState {
-    /// The empty bucket of `kind` (the monoid's identity); `None` for RATIO, which has no
-    /// measurements of its own (see [`ratio_summary`]).
-    pub fn new(kind: KpiKind) -> Option<Self> {
+/// Whether the state of `kind` after one measurement depends on its value only (not on
+/// occurred_at, seq or subject), so that the value can stand for the state.
+fn value_only(kind: KpiKind) -> bool {
+    matches!(
+        kind,
+        KpiKind::Sum
+            | KpiKind::Average
+            | KpiKind::Min
+            | KpiKind::Max
+            | KpiKind::Nps
+            | KpiKind::Csat
+            | KpiKind::Percentile
+    )
+}
+
+impl Repr {
+    /// The full empty state of `kind`; `None` for RATIO.
+    fn full_empty(kind: KpiKind) -> Option<Self> {
         Some(match kind {
-            KpiKind::Sum => Self::Sum(SumState::default()),
+            KpiKind::Sum => Self::Sum(Box::default()),
             KpiKind::Count => Self::Count(CountState::default()),
-            KpiKind::Average => Self::Average(AverageState::default()),
-            KpiKind::Min => Self::Min(MinState::default()),
-            KpiKind::Max => Self::Max(MaxState::default()),
-            KpiKind::Last => Self::Last(LastState::default()),
-            KpiKind::Nps => Self::Nps(NpsState::default()),
-            KpiKind::Csat => Self::Csat(CsatState::default()),
-            KpiKind::Percentile => Self::Percentile(PercentileState::default()),
-            KpiKind::Distinct => Self::Distinct(DistinctState::default()),
+            KpiKind::Average => Self::Average(Box::default()),
+            KpiKind::Min => Self::Min(Box::default()),
+            KpiKind::Max => Self::Max(Box::default()),
+            KpiKind::Last => Self::Last(Box::default()),
+            KpiKind::Nps => Self::Nps(Box::default()),
+            KpiKind::Csat => Self::Csat(Box::default()),
+            KpiKind::Percentile => Self::Percentile(Box::default()),
+            KpiKind::Distinct => Self::Distinct(Box::default()),
             KpiKind::Ratio => return None,
         })
     }
 
-    /// The kind this state aggregates.
-    pub fn kind(&self) -> KpiKind {
-        match self {
-            Self::Sum(_) => KpiKind::Sum,
-            Self::Count(_) => KpiKind::Count,
-            Self::Average(_) => KpiKind::Average,
-            Self::Min(_) => KpiKind::Min,
-            Self::Max(_) => KpiKind::Max,
-            Self::Last(_) => KpiKind::Last,
-            Self::Nps(_) => KpiKind::Nps,
-            Self::Csat(_) => KpiKind::Csat,
-            Self::Percentile(_) => KpiKind::Percentile,
-            Self::Distinct(_) => KpiKind::Distinct,
+    /// The full state this one stands for (itself when it is full already).
+    fn full(&self) -> std::borrow::Cow<'_, Self> {
+        use std::borrow::Cow;
+        match *self {
+            Self::Empty(kind) => Cow::Owned(
+                Self::full_empty(kind)
+                    .unwrap_or_else(|| unreachable!("no bucket state of RATIO is ever made")),
+            ),
+            Self::One(kind, value) => {
+                let mut full = Self::full_empty(kind)
+                    .unwrap_or_else(|| unreachable!("no bucket state of RATIO is ever made"));
+                // One is only made from a value this kind accepted.
+                let _ = full.record_full(Observation {
+                    value,
+                    occurred_at: DateTime::UNIX_EPOCH,
+                    seq: 0,
+                    subject: None,
+                });
+                Cow::Owned(full)
+            }
+            _ => Cow::Borrowed(self),
         }
     }
 
-    /// Number of measurements in the bucket.
-    pub fn count(&self) -> u64 {
-        match self {
-            Self::Sum(s) => s.count(),
-            Self::Count(s) => s.count(),
-            Self::Average(s) => s.count(),
-            Self::Min(s) => s.count(),
-            Self::Max(s) => s.count(),
-            Self::Last(s) => s.count(),
-            Self::Nps(s) => s.count(),
-            Self::Csat(s) => s.count(),
-            Self::Percentile(s) => s.count(),
-            Self::Distinct(s) => s.count(),
+    /// Replaces an inline form by the full state it stands for.
+    fn make_full(&mut self) {
+        if matches!(self, Self::Empty(_) | Self::One(..)) {
+            *self = self.full().into_owned();
         }
     }
 
-    /// Applies one measurement. Only NPS and CSAT can refuse (a value that is not a score);
-    /// the bucket is then unchanged.
+    /// `record` on a full state.
     #[inline]
-    pub fn record(&mut self, observation: Observation<'_>) -> Result<(), AggregateError> {
+    fn record_full(&mut self, observation: Observation<'_>) -> Result<(), AggregateError> {
         let value = observation.value;
         match self {
             Self::Sum(s) => s.record(value),
@@ -233,8 +262,78 @@ impl BucketState {
             Self::Csat(s) => return s.record(value),
             Self::Percentile(s) => s.record(value),
             Self::Distinct(s) => s.record(observation.subject),
+            Self::Empty(_) | Self::One(..) => {
+                unreachable!("record_full is called on full states only")
+            }
         }
         Ok(())
+    }
+}
+
+impl BucketState {
+    /// The empty bucket of `kind` (the monoid's identity); `None` for RATIO, which has no
+    /// measurements of its own (see [`ratio_summary`]).
+    pub fn new(kind: KpiKind) -> Option<Self> {
+        match kind {
+            KpiKind::Ratio => None,
+            KpiKind::Count => Repr::full_empty(kind).map(Self),
+            _ => Some(Self(Repr::Empty(kind))),
+        }
+    }
+
+    /// The kind this state aggregates.
+    pub fn kind(&self) -> KpiKind {
+        match &self.0 {
+            Repr::Empty(kind) | Repr::One(kind, _) => *kind,
+            Repr::Sum(_) => KpiKind::Sum,
+            Repr::Count(_) => KpiKind::Count,
+            Repr::Average(_) => KpiKind::Average,
+            Repr::Min(_) => KpiKind::Min,
+            Repr::Max(_) => KpiKind::Max,
+            Repr::Last(_) => KpiKind::Last,
+            Repr::Nps(_) => KpiKind::Nps,
+            Repr::Csat(_) => KpiKind::Csat,
+            Repr::Percentile(_) => KpiKind::Percentile,
+            Repr::Distinct(_) => KpiKind::Distinct,
+        }
+    }
+
+    /// Number of measurements in the bucket.
+    pub fn count(&self) -> u64 {
+        match &self.0 {
+            Repr::Empty(_) => 0,
+            Repr::One(..) => 1,
+            Repr::Sum(s) => s.count(),
+            Repr::Count(s) => s.count(),
+            Repr::Average(s) => s.count(),
+            Repr::Min(s) => s.count(),
+            Repr::Max(s) => s.count(),
+            Repr::Last(s) => s.count(),
+            Repr::Nps(s) => s.count(),
+            Repr::Csat(s) => s.count(),
+            Repr::Percentile(s) => s.count(),
+            Repr::Distinct(s) => s.count(),
+        }
+    }
+
+    /// Applies one measurement. Only NPS and CSAT can refuse (a value that is not a score);
+    /// the bucket is then unchanged.
+    #[inline]
+    pub fn record(&mut self, observation: Observation<'_>) -> Result<(), AggregateError> {
+        if let Repr::Empty(kind) = self.0
+            && value_only(kind)
+        {
+            // The same check the full state would make, without building it.
+            match kind {
+                KpiKind::Nps => NpsState::default().record(observation.value)?,
+                KpiKind::Csat => CsatState::default().record(observation.value)?,
+                _ => {}
+            }
+            self.0 = Repr::One(kind, observation.value);
+            return Ok(());
+        }
+        self.0.make_full();
+        self.0.record_full(observation)
     }
 
     /// Removes one previously recorded measurement's contribution.
@@ -246,19 +345,20 @@ impl BucketState {
     ///   [`AggregateError::NeedsRecompute`].
     /// - PERCENTILE, DISTINCT: always [`AggregateError::NeedsRecompute`].
     ///
-    /// On every error the bucket is unchanged.
+    /// On every error the bucket is unchanged (it may be stored in its full form).
     pub fn retract(&mut self, observation: Observation<'_>) -> Result<Retracted, AggregateError> {
         let value = observation.value;
-        match self {
-            Self::Sum(s) => s.retract(value),
-            Self::Count(s) => s.retract(),
-            Self::Average(s) => s.retract(value),
-            Self::Min(s) => s.retract(value),
-            Self::Max(s) => s.retract(value),
-            Self::Last(s) => s.retract(observation.occurred_at, observation.seq),
-            Self::Nps(s) => s.retract(value),
-            Self::Csat(s) => s.retract(value),
-            Self::Percentile(_) | Self::Distinct(_) => {
+        self.0.make_full();
+        match &mut self.0 {
+            Repr::Sum(s) => s.retract(value),
+            Repr::Count(s) => s.retract(),
+            Repr::Average(s) => s.retract(value),
+            Repr::Min(s) => s.retract(value),
+            Repr::Max(s) => s.retract(value),
+            Repr::Last(s) => s.retract(observation.occurred_at, observation.seq),
+            Repr::Nps(s) => s.retract(value),
+            Repr::Csat(s) => s.retract(value),
+            Repr::Percentile(_) | Repr::Distinct(_) | Repr::Empty(_) | Repr::One(..) => {
                 if self.count() == 0 {
                     Err(AggregateError::NothingToRetract { kind: self.kind() })
                 } else {
@@ -271,49 +371,51 @@ impl BucketState {
     /// Merges another bucket of the same kind into this one (associative, with
     /// [`BucketState::new`] as identity). Refuses buckets of another kind, unchanged.
     pub fn merge(&mut self, other: &Self) -> Result<(), AggregateError> {
-        match (self, other) {
-            (Self::Sum(a), Self::Sum(b)) => a.merge(b),
-            (Self::Count(a), Self::Count(b)) => a.merge(b),
-            (Self::Average(a), Self::Average(b)) => a.merge(b),
-            (Self::Min(a), Self::Min(b)) => a.merge(b),
-            (Self::Max(a), Self::Max(b)) => a.merge(b),
-            (Self::Last(a), Self::Last(b)) => a.merge(b),
-            (Self::Nps(a), Self::Nps(b)) => a.merge(b),
-            (Self::Csat(a), Self::Csat(b)) => a.merge(b),
-            (Self::Percentile(a), Self::Percentile(b)) => a.merge(b)?,
-            (Self::Distinct(a), Self::Distinct(b)) => a.merge(b),
-            (ours, theirs) => {
-                return Err(AggregateError::KindMismatch {
-                    ours: ours.kind(),
-                    theirs: theirs.kind(),
-                });
-            }
+        let (ours, theirs) = (self.kind(), other.kind());
+        if ours != theirs {
+            return Err(AggregateError::KindMismatch { ours, theirs });
+        }
+        let other = other.0.full();
+        self.0.make_full();
+        match (&mut self.0, other.as_ref()) {
+            (Repr::Sum(a), Repr::Sum(b)) => a.merge(b),
+            (Repr::Count(a), Repr::Count(b)) => a.merge(b),
+            (Repr::Average(a), Repr::Average(b)) => a.merge(b),
+            (Repr::Min(a), Repr::Min(b)) => a.merge(b),
+            (Repr::Max(a), Repr::Max(b)) => a.merge(b),
+            (Repr::Last(a), Repr::Last(b)) => a.merge(b),
+            (Repr::Nps(a), Repr::Nps(b)) => a.merge(b),
+            (Repr::Csat(a), Repr::Csat(b)) => a.merge(b),
+            (Repr::Percentile(a), Repr::Percentile(b)) => a.merge(b)?,
+            (Repr::Distinct(a), Repr::Distinct(b)) => a.merge(b),
+            _ => unreachable!("both states are full and of the same kind"),
         }
         Ok(())
     }
 
     /// What the bucket reports to a query.
     pub fn summary(&self) -> Summary {
-        match self {
-            Self::Sum(s) => s.summary(),
-            Self::Count(s) => s.summary(),
-            Self::Average(s) => s.summary(),
-            Self::Min(s) => s.summary(),
-            Self::Max(s) => s.summary(),
-            Self::Last(s) => s.summary(),
-            Self::Nps(s) => s.summary(),
-            Self::Csat(s) => s.summary(),
-            Self::Percentile(s) => s.summary(),
-            Self::Distinct(s) => s.summary(),
+        match self.0.full().as_ref() {
+            Repr::Sum(s) => s.summary(),
+            Repr::Count(s) => s.summary(),
+            Repr::Average(s) => s.summary(),
+            Repr::Min(s) => s.summary(),
+            Repr::Max(s) => s.summary(),
+            Repr::Last(s) => s.summary(),
+            Repr::Nps(s) => s.summary(),
+            Repr::Csat(s) => s.summary(),
+            Repr::Percentile(s) => s.summary(),
+            Repr::Distinct(s) => s.summary(),
+            Repr::Empty(_) | Repr::One(..) => unreachable!("full() is a full state"),
         }
     }
 
     /// The bucket as a RATIO numerator or denominator: its sum (SUM) or its count (COUNT).
     /// `None` for other kinds, which a ratio cannot use (`KpiKind::is_summable`).
     pub fn ratio_operand(&self) -> Option<RatioOperand> {
-        match self {
-            Self::Sum(s) => Some(s.ratio_operand()),
-            Self::Count(s) => Some(s.ratio_operand()),
+        match self.0.full().as_ref() {
+            Repr::Sum(s) => Some(s.ratio_operand()),
+            Repr::Count(s) => Some(s.ratio_operand()),
             _ => None,
         }
     }
@@ -639,6 +741,43 @@ mod tests {
     }
 
     #[test]
+    fn the_inline_forms_answer_as_the_full_states() {
+        // An empty bucket and a one-measurement bucket are stored inline; every answer
+        // must be that of the full state, also after a second measurement or a merge.
+        for kind in KpiKind::MEASURED {
+            let full = |values: &[f64]| {
+                let mut state = Repr::full_empty(kind).unwrap();
+                for &value in values {
+                    state.record_full(observation(value)).unwrap();
+                }
+                BucketState(state)
+            };
+            let mut compact = BucketState::new(kind).unwrap();
+            assert_eq!(compact.summary(), full(&[]).summary(), "{kind:?} empty");
+            compact.record(observation(3.0)).unwrap();
+            assert_eq!(compact.summary(), full(&[3.0]).summary(), "{kind:?} one");
+            assert_eq!(compact.count(), 1);
+            let mut merged = full(&[5.0]);
+            merged.merge(&compact).unwrap();
+            assert_eq!(
+                merged.summary(),
+                full(&[5.0, 3.0]).summary(),
+                "{kind:?} merge"
+            );
+            compact.record(observation(4.0)).unwrap();
+            assert_eq!(
+                compact.summary(),
+                full(&[3.0, 4.0]).summary(),
+                "{kind:?} two"
+            );
+        }
+        // A refused score leaves the bucket empty.
+        let mut nps = BucketState::new(KpiKind::Nps).unwrap();
+        assert!(nps.record(observation(11.0)).is_err());
+        assert_eq!(nps.count(), 0);
+    }
+
+    #[test]
     fn states_can_be_shared_between_threads() {
         // Projections keep buckets behind locks read by many tasks.
         fn assert_send_sync<T: Send + Sync>() {}
@@ -648,8 +787,8 @@ mod tests {
 
     #[test]
     fn common_states_stay_small() {
-        // Every bucket of every grain holds one of these: keep the enum within two cache
-        // lines. The largest inline variant is NPS's 11 counters.
-        assert!(std::mem::size_of::<BucketState>() <= 96);
+        // Every bucket of every grain holds one of these: 16 bytes, the inline forms being
+        // a kind and a value or a counter, and everything larger boxed.
+        assert_eq!(std::mem::size_of::<BucketState>(), 16);
     }
 }
