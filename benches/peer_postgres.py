@@ -63,8 +63,10 @@ from zoneinfo import ZoneInfo
 REPO_ROOT = Path(__file__).resolve().parent.parent
 
 # A fixed default end keeps runs reproducible; it must not lie in the future, since
-# kpi-server rejects measurements more than a few minutes ahead of its clock.
-DEFAULT_END = "2026-11-01T00:00:00Z"
+# kpi-server rejects measurements more than a few minutes ahead of its clock. It is
+# midnight of 1 November 2026 in Europe/Amsterdam (the workload's usual zone), so the 24
+# monthly buckets before it are whole months of data (November 2024 to October 2026).
+DEFAULT_END = "2026-10-31T23:00:00Z"
 
 # Targets from issue 6: ingest at least 5x PostgreSQL's rate, queries at least 50x faster.
 INGEST_TARGET_RATIO = 5.0
@@ -94,11 +96,12 @@ class BenchError(RuntimeError):
 def parse_args(argv: list[str]) -> argparse.Namespace:
     parser = argparse.ArgumentParser(
         prog="benches/peer_postgres.py",
-        description=__doc__.split("\n\n")[0],
+        description=__doc__,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
         epilog=(
-            "Example: python3 benches/peer_postgres.py --measurements 1000000 "
-            "--kpis 1000 --seed 1. See the module docstring (or BENCHMARKS.md) for what "
-            "is measured."
+            "example: python3 benches/peer_postgres.py --measurements 1000000\n"
+            "         python3 benches/peer_postgres.py --kpi-bin-dir ../target/release --side both\n"
+            "Progress goes to stderr; stdout gets the table and one JSON line."
         ),
     )
     workload = parser.add_argument_group("workload (the same on both sides)")
@@ -163,7 +166,7 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
 def parse_rfc3339(text: str) -> dt.datetime:
     value = dt.datetime.fromisoformat(text.replace("Z", "+00:00"))
     if value.tzinfo is None:
-        raise SystemExit(f"--end needs an offset or Z: {text}")
+        raise SystemExit(f"RFC 3339 time needs an offset or Z: {text}")
     return value.astimezone(dt.timezone.utc)
 
 
@@ -177,7 +180,7 @@ def ensure_python_module(module: str, pip_spec: str) -> None:
         importlib.import_module(module)
     except ImportError:
         log(f"installing {pip_spec} with pip")
-        subprocess.run([sys.executable, "-m", "pip", "install", "--quiet", pip_spec], check=True)
+        subprocess.run([sys.executable, "-m", "pip", "install", "--quiet", pip_spec], check=True, stdout=sys.stderr)
         importlib.invalidate_caches()
         importlib.import_module(module)
 
@@ -203,8 +206,8 @@ def find_pg_bin_dir(explicit: Path | None) -> Path:
     if not found:
         log("no PostgreSQL server binaries found: apt-get install -y postgresql")
         env = dict(os.environ, DEBIAN_FRONTEND="noninteractive")
-        subprocess.run(["apt-get", "update"], check=True, env=env)
-        subprocess.run(["apt-get", "install", "-y", "postgresql"], check=True, env=env)
+        subprocess.run(["apt-get", "update"], check=True, env=env, stdout=sys.stderr)
+        subprocess.run(["apt-get", "install", "-y", "postgresql"], check=True, env=env, stdout=sys.stderr)
         found = candidates()
         if not found:
             raise BenchError("apt-get installed postgresql but no initdb was found under /usr/lib/postgresql")
@@ -328,15 +331,18 @@ def choose_query_kpi(kpis_csv: Path, wanted: str | None) -> tuple[str, str]:
 
 
 def month_range(end: dt.datetime, timezone: str, months: int) -> tuple[dt.datetime, dt.datetime]:
-    """The `months` whole local months before `end` (the month containing end is excluded
-    unless end is its first instant), as UTC instants."""
+    """`[start, stop)` of `months` local months in `timezone` that end with the month
+    containing the last millisecond before `end`, as UTC instants: the range `kpi-load
+    query` asks for."""
     zone = ZoneInfo(timezone)
-    local = end.astimezone(zone)
-    year, month = local.year, local.month
-    stop_local = dt.datetime(year, month, 1, tzinfo=zone)
-    index = year * 12 + (month - 1) - months
-    start_local = dt.datetime(index // 12, index % 12 + 1, 1, tzinfo=zone)
-    return start_local.astimezone(dt.timezone.utc), stop_local.astimezone(dt.timezone.utc)
+    last = (end - dt.timedelta(milliseconds=1)).astimezone(zone)
+    after = last.year * 12 + last.month  # month index of the month after `last`
+    first = after - months
+
+    def local_month_start(index: int) -> dt.datetime:
+        return dt.datetime(index // 12, index % 12 + 1, 1, tzinfo=zone).astimezone(dt.timezone.utc)
+
+    return local_month_start(first), local_month_start(after)
 
 
 def rfc3339(value: dt.datetime) -> str:
@@ -358,7 +364,7 @@ def kpi_binaries(args: argparse.Namespace) -> Path:
             log("building kpi-server and kpi-load (release)")
             subprocess.run(
                 ["cargo", "build", "--release", "--bin", "kpi-server", "--bin", "kpi-load"],
-                cwd=REPO_ROOT, check=True,
+                cwd=REPO_ROOT, check=True, stdout=sys.stderr,
             )
     for name in ("kpi-server", "kpi-load"):
         if not (bin_dir / name).exists():
@@ -471,6 +477,14 @@ def run_ours(args: argparse.Namespace, bin_dir: Path, workload: Workload, work: 
     )
     sys.stderr.write(stdout)
     result.query = last_json_line(stdout, "query")
+    # Both sides must ask the same range; kpi-load reports the one it asked.
+    asked = (result.query.get("range_start"), result.query.get("range_end"))
+    if None not in asked:
+        asked_range = tuple(parse_rfc3339(text) for text in asked)
+        if asked_range != (workload.query_start, workload.query_end):
+            log(f"WARNING: kpi-load query asked [{asked[0]}, {asked[1]}), not [{rfc3339(workload.query_start)}, "
+                f"{rfc3339(workload.query_end)}); PostgreSQL and the agreement check follow kpi-load")
+            workload.query_start, workload.query_end = asked_range
 
     log("reading kpi-server's buckets for the agreement check")
     client = AggregatesClient(work / "stubs", work / "stubs.log")
@@ -497,7 +511,8 @@ def cluster_user() -> str | None:
         pwd.getpwnam("postgres")
     except KeyError:
         log("creating system user postgres for the private cluster")
-        subprocess.run(["useradd", "--system", "--no-create-home", "--shell", "/usr/sbin/nologin", "postgres"], check=True)
+        subprocess.run(["useradd", "--system", "--no-create-home", "--shell", "/usr/sbin/nologin", "postgres"],
+                       check=True, stdout=sys.stderr)
     return "postgres"
 
 
