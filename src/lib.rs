@@ -30,8 +30,8 @@ use std::future::Future;
 use std::time::{Duration, Instant};
 
 use tokio::net::TcpListener;
-use tokio_stream::wrappers::TcpListenerStream;
 use tokio_util::sync::CancellationToken;
+use tonic::transport::server::TcpIncoming;
 
 pub use config::Config;
 
@@ -154,9 +154,14 @@ pub async fn run(
     if let Ok(address) = listener.local_addr() {
         tracing::info!(%address, "serving kpi.v1 over gRPC");
     }
+    // TCP_NODELAY on every accepted connection: without it Nagle's algorithm holds the
+    // last small frame of a response (a stream's trailers, a batch acknowledgement) until
+    // the client's delayed ACK, about 40 ms on Linux, so every GetAggregates call took
+    // ~44 ms instead of ~0.2 ms. tonic sets it only for listeners it binds itself.
+    let incoming = TcpIncoming::from(listener).with_nodelay(Some(true));
     let served = tonic::transport::Server::builder()
         .add_routes(routes)
-        .serve_with_incoming_shutdown(TcpListenerStream::new(listener), async move {
+        .serve_with_incoming_shutdown(incoming, async move {
             shutdown.await;
             tracing::info!("shutting down: finishing running requests");
             // Open streams would keep the server waiting forever: end them now.
