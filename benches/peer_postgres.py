@@ -456,6 +456,7 @@ class AggregatesClient:
 def run_ours(args: argparse.Namespace, bin_dir: Path, workload: Workload, work: Path,
              cleanup: contextlib.ExitStack) -> SideResult:
     result = SideResult("kpi-service")
+    result.info["loadavg_start"] = os.getloadavg()
     kpi_load = str(bin_dir / "kpi-load")
     data_dir = work / "kpi-data"
     server = KpiServer(bin_dir / "kpi-server", data_dir, work / "kpi-server.log")
@@ -494,6 +495,7 @@ def run_ours(args: argparse.Namespace, bin_dir: Path, workload: Workload, work: 
     server.stop()
     result.disk_bytes = directory_bytes(data_dir)
     result.disk_detail = {"data_dir_bytes": result.disk_bytes}
+    result.info["loadavg_end"] = os.getloadavg()
     return result
 
 
@@ -710,6 +712,7 @@ def run_pg(args: argparse.Namespace, workload: Workload, work: Path, cleanup: co
     import psycopg  # noqa: PLC0415
 
     result = SideResult("PostgreSQL")
+    loadavg_start = os.getloadavg()
     bin_dir = find_pg_bin_dir(args.pg_bin_dir)
     cluster = PostgresCluster(bin_dir, work / "pg", args)
     cleanup.callback(cluster.stop)
@@ -725,7 +728,8 @@ def run_pg(args: argparse.Namespace, workload: Workload, work: Path, cleanup: co
         for statement in pg_index_statements(args.pg_index):
             conn.execute(statement)
     result.info = {"server_version": version, "settings": settings, "load": args.pg_load,
-                   "indexes": pg_index_statements(args.pg_index), "bin_dir": str(bin_dir)}
+                   "indexes": pg_index_statements(args.pg_index), "bin_dir": str(bin_dir),
+                   "loadavg_start": loadavg_start}
     log(f"PostgreSQL {version}; {settings}")
 
     rows = None
@@ -776,6 +780,7 @@ def run_pg(args: argparse.Namespace, workload: Workload, work: Path, cleanup: co
     result.query = {"scenario": "query", "requests": len(latencies), "seconds": seconds,
                     "requests_per_s": len(latencies) / seconds, **latency_summary(latencies)}
     cluster.stop()
+    result.info["loadavg_end"] = os.getloadavg()
     return result
 
 
@@ -815,6 +820,10 @@ def fmt(value: float | int | None, digits: int = 0) -> str:
     if value is None or (isinstance(value, float) and math.isnan(value)):
         return "-"
     return f"{value:,.{digits}f}"
+
+
+def fmt_loadavg(values: tuple[float, float, float]) -> str:
+    return " ".join(f"{value:.1f}" for value in values)
 
 
 def report(args: argparse.Namespace, workload: Workload, ours: SideResult | None, pg: SideResult | None,
@@ -868,6 +877,11 @@ def report(args: argparse.Namespace, workload: Workload, ours: SideResult | None
             verdict = "  met" if value >= goal else "  MISSED"
         ratio_text = f"{value:,.1f}x" if value is not None else "-"
         print(f"  {label:{width}}  {our_text:>14}  {pg_text:>14}  {ratio_text:>8}  {target}{verdict}")
+    for side in (ours, pg):
+        if side is not None:
+            # Other work on the machine skews every figure; say how busy it was.
+            print(f"  {side.name}: load average (1/5/15 min) before {fmt_loadavg(side.info['loadavg_start'])}, "
+                  f"after {fmt_loadavg(side.info['loadavg_end'])}")
     if ours is not None:
         print(f"  kpi-service: data directory {fmt(ours.disk_bytes)} bytes after SIGTERM")
     if pg is not None:
@@ -895,7 +909,8 @@ def report(args: argparse.Namespace, workload: Workload, ours: SideResult | None
         "query_kpi": workload.query_kpi, "query_timezone": workload.query_timezone,
         "query_start": rfc3339(workload.query_start), "query_end": rfc3339(workload.query_end),
         "machine": {"cpus": os.cpu_count(), "kernel": platform.release()},
-        "ours": None if ours is None else {"ingest": ours.ingest, "query": ours.query, "disk_bytes": ours.disk_bytes,
+        "ours": None if ours is None else {"ingest": ours.ingest, "query": ours.query, "info": ours.info,
+                                            "disk_bytes": ours.disk_bytes,
                                             "disk_bytes_per_measurement": per_item(ours)},
         "postgres": None if pg is None else {"version": pg_version, "info": pg.info, "ingest": pg.ingest,
                                               "query": pg.query, "disk": pg.disk_detail,
