@@ -495,6 +495,10 @@ def run_ours(args: argparse.Namespace, bin_dir: Path, workload: Workload, work: 
     server.stop()
     result.disk_bytes = directory_bytes(data_dir)
     result.disk_detail = {"data_dir_bytes": result.disk_bytes}
+    # The split tells the event log (the source of truth) from the projection snapshot.
+    for child in sorted(data_dir.iterdir()):
+        if child.is_dir():
+            result.disk_detail[f"{child.name}_bytes"] = directory_bytes(child)
     result.info["loadavg_end"] = os.getloadavg()
     return result
 
@@ -883,7 +887,9 @@ def report(args: argparse.Namespace, workload: Workload, ours: SideResult | None
             print(f"  {side.name}: load average (1/5/15 min) before {fmt_loadavg(side.info['loadavg_start'])}, "
                   f"after {fmt_loadavg(side.info['loadavg_end'])}")
     if ours is not None:
-        print(f"  kpi-service: data directory {fmt(ours.disk_bytes)} bytes after SIGTERM")
+        parts = ", ".join(f"{key.removesuffix('_bytes')} {fmt(value)}" for key, value in ours.disk_detail.items()
+                          if key != "data_dir_bytes")
+        print(f"  kpi-service: data directory {fmt(ours.disk_bytes)} bytes after SIGTERM ({parts})")
     if pg is not None:
         disk = pg.disk_detail
         print(f"  PostgreSQL: pg_total_relation_size {fmt(disk['total_relation_bytes'])} bytes "
@@ -910,7 +916,7 @@ def report(args: argparse.Namespace, workload: Workload, ours: SideResult | None
         "query_start": rfc3339(workload.query_start), "query_end": rfc3339(workload.query_end),
         "machine": {"cpus": os.cpu_count(), "kernel": platform.release()},
         "ours": None if ours is None else {"ingest": ours.ingest, "query": ours.query, "info": ours.info,
-                                            "disk_bytes": ours.disk_bytes,
+                                            "disk_bytes": ours.disk_bytes, "disk": ours.disk_detail,
                                             "disk_bytes_per_measurement": per_item(ours)},
         "postgres": None if pg is None else {"version": pg_version, "info": pg.info, "ingest": pg.ingest,
                                               "query": pg.query, "disk": pg.disk_detail,
@@ -947,7 +953,7 @@ def main(argv: list[str]) -> int:
             cleanup.callback(shutil.rmtree, work, ignore_errors=True)
         try:
             bin_dir = None
-            if args.side in ("both", "ours"):
+            if args.side in ("both", "ours") or args.data_dir is None:
                 bin_dir = kpi_binaries(args)
             if args.side in ("both", "pg"):
                 ensure_python_module("psycopg", "psycopg[binary]")
