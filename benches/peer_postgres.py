@@ -362,10 +362,12 @@ def kpi_binaries(args: argparse.Namespace) -> Path:
         bin_dir = target / "release"
         if not args.skip_build:
             log("building kpi-server and kpi-load (release)")
-            subprocess.run(
+            built = subprocess.run(
                 ["cargo", "build", "--release", "--bin", "kpi-server", "--bin", "kpi-load"],
-                cwd=REPO_ROOT, check=True, stdout=sys.stderr,
+                cwd=REPO_ROOT, stdout=sys.stderr,
             )
+            if built.returncode != 0:
+                raise BenchError("cargo build failed (a checkout without kpi-load can use --kpi-bin-dir)")
     for name in ("kpi-server", "kpi-load"):
         if not (bin_dir / name).exists():
             raise BenchError(f"no {name} in {bin_dir} (build it, or pass --kpi-bin-dir)")
@@ -870,8 +872,11 @@ def report(args: argparse.Namespace, workload: Workload, ours: SideResult | None
     ]
     width = max(len(r[0]) for r in rows)
     print(title)
+    answered = (ours or pg).buckets if (ours or pg) else {}
+    rows_in_range = sum(count for _sum, count in answered.values())
     print(f"  query: {workload.query_kpi} ({workload.query_timezone}), [{rfc3339(workload.query_start)}, "
-          f"{rfc3339(workload.query_end)}), {args.query_requests} requests, {args.query_concurrency} in flight; "
+          f"{rfc3339(workload.query_end)}), {rows_in_range:,} measurements in range, "
+          f"{args.query_requests} requests, {args.query_concurrency} in flight; "
           f"ingest: batches of {args.batch}, {args.producers} producers")
     print(f"  {'':{width}}  {'kpi-service':>14}  {'PostgreSQL':>14}  {'ratio':>8}  target")
     for label, our_text, pg_text, value, target in rows:
@@ -914,6 +919,7 @@ def report(args: argparse.Namespace, workload: Workload, ours: SideResult | None
         "query_requests": args.query_requests, "query_concurrency": args.query_concurrency,
         "query_kpi": workload.query_kpi, "query_timezone": workload.query_timezone,
         "query_start": rfc3339(workload.query_start), "query_end": rfc3339(workload.query_end),
+        "query_measurements_in_range": rows_in_range,
         "machine": {"cpus": os.cpu_count(), "kernel": platform.release()},
         "ours": None if ours is None else {"ingest": ours.ingest, "query": ours.query, "info": ours.info,
                                             "disk_bytes": ours.disk_bytes, "disk": ours.disk_detail,
@@ -985,7 +991,7 @@ def main(argv: list[str]) -> int:
                 print("!" * 78, file=sys.stderr)
                 return 2
             return 0
-        except BenchError as error:
+        except (BenchError, subprocess.CalledProcessError) as error:
             log(f"error: {error}")
             if not args.keep:
                 log("rerun with --keep to inspect the logs")
