@@ -10,7 +10,8 @@
 //! catches up gets the latest value of every bucket it missed, once per bucket when they
 //! fit under the limit.
 
-use std::collections::{BTreeMap, HashSet};
+use std::collections::{BTreeMap, HashMap, HashSet};
+use std::sync::Arc;
 use std::time::Duration;
 
 use chrono::{DateTime, Utc};
@@ -19,7 +20,9 @@ use tokio_util::sync::CancellationToken;
 use tonic::Status;
 
 use super::follow::{self, LogCursor};
-use crate::domain::calendar::{self, Bucket};
+use chrono_tz::Tz;
+
+use crate::domain::calendar::{self, Bucket, Calendar};
 use crate::domain::{Catalog, Event, Grain};
 use crate::projection::aggregates::Labels;
 use crate::projection::live::{Touch, WatcherGuard};
@@ -57,7 +60,7 @@ impl WatchFilter {
 
 /// A touched bucket waiting to be sent: the seq that last changed it and whether it is a
 /// revision of a past bucket.
-type Pending = BTreeMap<(String, Labels, i64), (Bucket, u64, bool)>;
+type Pending = BTreeMap<(Arc<str>, Arc<Labels>, i64), (Bucket, u64, bool)>;
 
 /// One WatchKpis stream.
 pub struct Watcher {
@@ -75,6 +78,8 @@ pub struct Watcher {
     handle: StreamHandle,
     /// Where the watcher reads the log behind the live window; taken while a read runs.
     cursor: Option<LogCursor>,
+    /// Bucket lookups per timezone of the watched KPIs.
+    calendars: HashMap<Tz, Calendar>,
     /// Keeps the live window filled while the watcher runs.
     _live: WatcherGuard,
 }
@@ -132,6 +137,7 @@ impl Watcher {
             shutdown: service.shutdown_token(),
             _live: service.live().register_watcher(),
             cursor: Some(LogCursor::new(service.log().clone())),
+            calendars: HashMap::new(),
             next: from_seq.max(1),
             snapshot: from_seq == 0,
             service,
@@ -247,7 +253,16 @@ impl Watcher {
     async fn read(&mut self, to: u64) -> Option<Vec<(u64, Measured, bool)>> {
         let from = self.next;
         let mut touches = Vec::new();
-        let in_window = self.service.live().touches(from, to, &mut touches);
+        let filter = &self.filter;
+        let in_window = self.service.live().touches(
+            from,
+            to,
+            |touch| match touch {
+                Touch::Recorded { kpi_id, labels, .. } => filter.wants(kpi_id, labels),
+                Touch::Retracted { .. } => true,
+            },
+            &mut touches,
+        );
         let needs_log = !in_window
             || touches
                 .iter()
@@ -274,8 +289,8 @@ impl Watcher {
                             touched.push((
                                 seq,
                                 Measured {
-                                    kpi_id: m.kpi_id,
-                                    labels: m.labels,
+                                    kpi_id: m.kpi_id.into(),
+                                    labels: Arc::new(m.labels),
                                     occurred_at: m.occurred_at,
                                 },
                                 true,
@@ -293,9 +308,10 @@ impl Watcher {
     }
 
     /// Adds the watched buckets of `touched` to `pending` (latest seq wins).
-    fn collect(&self, pending: &mut Pending, touched: Vec<(u64, Measured, bool)>) {
+    fn collect(&mut self, pending: &mut Pending, touched: Vec<(u64, Measured, bool)>) {
         let now = Utc::now();
         let aggregates = self.service.aggregates().read();
+        let calendars = &mut self.calendars;
         for (seq, measured, retraction) in touched {
             if !self.filter.wants(&measured.kpi_id, &measured.labels) {
                 continue;
@@ -303,8 +319,10 @@ impl Watcher {
             let Ok((definition, _)) = aggregates.definition(&measured.kpi_id) else {
                 continue;
             };
-            let bucket =
-                calendar::bucket_of(self.filter.grain, definition.timezone, measured.occurred_at);
+            let bucket = calendars
+                .entry(definition.timezone)
+                .or_insert_with(|| Calendar::new(definition.timezone))
+                .bucket_of(self.filter.grain, measured.occurred_at);
             let revised = retraction || bucket.end <= now;
             let key = (
                 measured.kpi_id,
@@ -324,7 +342,7 @@ impl Watcher {
             let catalog = self.service.catalog().read();
             let aggregates = self.service.aggregates().read();
             // Target status once per KPI of the flush, not once per bucket.
-            let mut statuses: BTreeMap<String, Vec<proto::TargetStatus>> = BTreeMap::new();
+            let mut statuses: BTreeMap<Arc<str>, Vec<proto::TargetStatus>> = BTreeMap::new();
             std::mem::take(pending)
                 .into_iter()
                 .filter_map(|((kpi_id, labels, _), (bucket, seq, revised))| {
@@ -353,8 +371,8 @@ impl Watcher {
 
 /// The measurement a touch is about, as a watcher buckets it.
 struct Measured {
-    kpi_id: String,
-    labels: Labels,
+    kpi_id: Arc<str>,
+    labels: Arc<Labels>,
     occurred_at: DateTime<Utc>,
 }
 

@@ -7,7 +7,7 @@
 //!   share one copy instead of each reading and decoding the same events from the log.
 //!   A watcher whose position fell out of the window reads the log instead.
 
-use std::collections::VecDeque;
+use std::collections::{HashMap, VecDeque};
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, PoisonError};
 
@@ -28,9 +28,9 @@ pub enum Touch {
     /// A measurement was recorded.
     Recorded {
         /// Its KPI.
-        kpi_id: String,
+        kpi_id: Arc<str>,
         /// Its labels.
-        labels: Labels,
+        labels: Arc<Labels>,
         /// When it happened.
         occurred_at: DateTime<Utc>,
     },
@@ -46,8 +46,8 @@ impl Touch {
     pub fn of(event: &Event) -> Option<Self> {
         match event {
             Event::MeasurementRecorded(m) => Some(Self::Recorded {
-                kpi_id: m.kpi_id.clone(),
-                labels: m.labels.clone(),
+                kpi_id: m.kpi_id.as_str().into(),
+                labels: Arc::new(m.labels.clone()),
                 occurred_at: m.occurred_at,
             }),
             Event::MeasurementRetracted { retracted_seq, .. } => Some(Self::Retracted {
@@ -106,10 +106,16 @@ impl LiveFeed {
         WatcherGuard(self.clone())
     }
 
-    /// Appends the touches of `from..=to` (a range at or below the published head) to
-    /// `out`, when the window covers it; `false` (and `out` untouched) when it does not,
-    /// and the caller must read the log.
-    pub fn touches(&self, from: u64, to: u64, out: &mut Vec<(u64, Touch)>) -> bool {
+    /// Appends the touches of `from..=to` (a range at or below the published head) that
+    /// `wanted` accepts to `out`, when the window covers the range; `false` (and `out`
+    /// untouched) when it does not, and the caller must read the log.
+    pub fn touches(
+        &self,
+        from: u64,
+        to: u64,
+        wanted: impl Fn(&Touch) -> bool,
+        out: &mut Vec<(u64, Touch)>,
+    ) -> bool {
         let window = self.window.lock().unwrap_or_else(PoisonError::into_inner);
         if window.from.is_none_or(|first| from < first) {
             return false;
@@ -120,10 +126,50 @@ impl LiveFeed {
                 .touches
                 .range(start..)
                 .take_while(|(seq, _)| *seq <= to)
+                .filter(|(_, touch)| wanted(touch))
                 .cloned(),
         );
         true
     }
+}
+
+/// The touches of one committed group, in seq order, with the measurements of one series
+/// in one second folded into the last of them: every calendar bucket (whole seconds in
+/// every timezone) that one touches, the last touches too, so watchers lose nothing and a
+/// batch of measurements "now" costs them one touch per series. Measurements of one series
+/// share their KPI id and labels.
+fn group_touches(events: &[Committed<'_>]) -> Vec<(u64, Touch)> {
+    type Series<'a> = (&'a str, &'a Labels);
+    let mut shared: HashMap<Series<'_>, (Arc<str>, Arc<Labels>)> = HashMap::new();
+    // (series, second) -> index in `touches`.
+    let mut folded: HashMap<(Series<'_>, i64), usize> = HashMap::new();
+    let mut touches: Vec<Option<(u64, Touch)>> = Vec::new();
+    for committed in events {
+        match committed.event {
+            Event::MeasurementRecorded(m) => {
+                let series = (m.kpi_id.as_str(), &m.labels);
+                let second = m.occurred_at.timestamp();
+                if let Some(&earlier) = folded.get(&(series, second)) {
+                    touches[earlier] = None;
+                }
+                folded.insert((series, second), touches.len());
+                let (kpi_id, labels) = shared
+                    .entry(series)
+                    .or_insert_with(|| (m.kpi_id.as_str().into(), Arc::new(m.labels.clone())))
+                    .clone();
+                touches.push(Some((
+                    committed.seq,
+                    Touch::Recorded {
+                        kpi_id,
+                        labels,
+                        occurred_at: m.occurred_at,
+                    },
+                )));
+            }
+            event => touches.extend(Touch::of(event).map(|touch| Some((committed.seq, touch)))),
+        }
+    }
+    touches.into_iter().flatten().collect()
 }
 
 impl CommitListener for LiveFeed {
@@ -137,11 +183,7 @@ impl CommitListener for LiveFeed {
                 *window = Window::default();
             } else {
                 window.from.get_or_insert(first.seq);
-                window.touches.extend(
-                    events
-                        .iter()
-                        .filter_map(|c| Touch::of(c.event).map(|touch| (c.seq, touch))),
-                );
+                window.touches.extend(group_touches(events));
                 while window.touches.len() > WINDOW {
                     if let Some((seq, _)) = window.touches.pop_front() {
                         window.from = Some(seq + 1);
