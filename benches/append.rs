@@ -1,7 +1,8 @@
 //! Durable append throughput of the event log: one append (= one group commit, one
 //! fsync) of 1, 100 and 1000 measurements, and four threads appending 1000-measurement
 //! batches at once so that group commit shares flushes. After the benches (in bench mode
-//! only) it appends 1,000,000 measurements and prints the bytes per event on disk.
+//! only) it appends 1,000,000 measurements and prints the bytes per event on disk. Also the
+//! SHA-256 chain over 1000 records alone.
 //!
 //! Run: `cargo bench --bench append`
 
@@ -13,7 +14,7 @@ use std::time::{Duration, Instant};
 use chrono::{TimeZone, Utc};
 use criterion::{BatchSize, Criterion, Throughput, criterion_group};
 use kpi_service::domain::{Event, Measurement};
-use kpi_service::store::{AppendRequest, EventLog, Outcome, StoreOptions};
+use kpi_service::store::{AppendRequest, EventLog, GENESIS_HASH, Outcome, StoreOptions, next_hash};
 
 /// A realistic measurement: a 16-character KPI id, one label, and an event_id on every
 /// other one (ids are unique per run, so none is a duplicate).
@@ -186,7 +187,26 @@ fn disk_usage() {
     );
 }
 
-criterion_group!(benches, durable_append, concurrent_append);
+/// The SHA-256 chain over 1000 records of the stored size (131 bytes): what the writer adds
+/// per segment and every reader recomputes.
+fn chain_hash(c: &mut Criterion) {
+    let records: Vec<Vec<u8>> = (0..1000_u32).map(|i| vec![(i % 251) as u8; 131]).collect();
+    let mut group = c.benchmark_group("chain_hash");
+    group.throughput(Throughput::Elements(1000));
+    group.bench_function("1000_records_of_131_bytes", |b| {
+        b.iter(|| {
+            records
+                .iter()
+                .enumerate()
+                .fold(GENESIS_HASH, |prev, (seq, record)| {
+                    next_hash(&prev, seq as u64 + 1, std::hint::black_box(record))
+                })
+        });
+    });
+    group.finish();
+}
+
+criterion_group!(benches, durable_append, concurrent_append, chain_hash);
 
 fn main() {
     benches();

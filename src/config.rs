@@ -19,6 +19,8 @@ pub const DEFAULT_DEDUP_WINDOW_HOURS: u32 = 24;
 pub const DEFAULT_MAX_STREAMS: u32 = 1024;
 /// Default interval of checkpoints and heartbeats on idle streams, in milliseconds.
 pub const DEFAULT_HEARTBEAT_MS: u32 = 5000;
+/// Default number of new events that makes a read-model snapshot due.
+pub const DEFAULT_SNAPSHOT_EVERY_EVENTS: u64 = 1_000_000;
 
 /// Everything the server needs to start.
 #[derive(Debug, Clone, clap::Parser)]
@@ -69,6 +71,18 @@ pub struct Config {
         value_parser = clap::value_parser!(u32).range(10..)
     )]
     pub heartbeat_ms: u32,
+
+    /// How many new events make a read-model snapshot due (also every 5 minutes when any
+    /// arrived). A restart after a crash replays at most about this many events; each
+    /// snapshot costs time in proportion to the whole state, so a large state under heavy
+    /// ingest wants a larger value.
+    #[arg(
+        long,
+        env = "KPI_SNAPSHOT_EVERY_EVENTS",
+        default_value_t = DEFAULT_SNAPSHOT_EVERY_EVENTS,
+        value_parser = clap::value_parser!(u64).range(1..)
+    )]
+    pub snapshot_every_events: u64,
 }
 
 impl Config {
@@ -83,6 +97,7 @@ impl Config {
             dedup_window_hours: DEFAULT_DEDUP_WINDOW_HOURS,
             max_streams: DEFAULT_MAX_STREAMS,
             heartbeat_ms: DEFAULT_HEARTBEAT_MS,
+            snapshot_every_events: DEFAULT_SNAPSHOT_EVERY_EVENTS,
         }
     }
 

@@ -46,20 +46,24 @@ use crate::store::{StoreError, StoreOptions};
 pub const LOG_DIR: &str = "log";
 /// Directory of the read-model snapshots inside the data directory.
 pub const SNAPSHOT_DIR: &str = "snapshots";
-/// How many new events make a snapshot due: a restart then replays at most about this
-/// many (about a second of work).
-const SNAPSHOT_EVERY_EVENTS: u64 = 1_000_000;
-/// How long new events may wait for a snapshot when fewer than `SNAPSHOT_EVERY_EVENTS`
+/// How long new events may wait for a snapshot when fewer than `--snapshot-every-events`
 /// arrive.
 const SNAPSHOT_EVERY: Duration = Duration::from_secs(300);
 /// How often the snapshot task looks at the head.
 const SNAPSHOT_CHECK: Duration = Duration::from_secs(5);
 
-/// Writes a snapshot of the read models when enough events or time have passed, until
-/// `stop` is cancelled.
-async fn snapshot_periodically(service: KpiService, stop: CancellationToken) {
+/// A snapshot costs time in proportion to the whole state (it is cloned, then encoded and
+/// written on a blocking thread); after one took `d`, the next waits at least this many
+/// times `d`, so snapshots never take more than about a tenth of the machine however large
+/// the state and however fast events arrive.
+const SNAPSHOT_COST_SHARE: u32 = 10;
+
+/// Writes a snapshot of the read models when enough events (`every_events`) or time have
+/// passed, until `stop` is cancelled.
+async fn snapshot_periodically(service: KpiService, every_events: u64, stop: CancellationToken) {
     let mut covered = service.restored().snapshot_seq;
     let mut last = Instant::now();
+    let mut last_cost = Duration::ZERO;
     let mut ticks = tokio::time::interval(SNAPSHOT_CHECK);
     loop {
         tokio::select! {
@@ -67,15 +71,23 @@ async fn snapshot_periodically(service: KpiService, stop: CancellationToken) {
             _ = ticks.tick() => {}
         }
         let head = service.log().head().seq;
-        let due = head >= covered + SNAPSHOT_EVERY_EVENTS
-            || (head > covered && last.elapsed() >= SNAPSHOT_EVERY);
+        let since = last.elapsed();
+        let due = (head >= covered.saturating_add(every_events)
+            && since >= last_cost * SNAPSHOT_COST_SHARE)
+            || (head > covered && since >= SNAPSHOT_EVERY);
         if !due {
             continue;
         }
         let writer = service.clone();
+        let started = Instant::now();
         match tokio::task::spawn_blocking(move || writer.snapshot()).await {
             Ok(Ok(seq)) => {
-                tracing::info!(seq, "read models snapshotted");
+                last_cost = started.elapsed();
+                tracing::info!(
+                    seq,
+                    seconds = last_cost.as_secs_f64(),
+                    "read models snapshotted"
+                );
                 covered = seq;
             }
             Ok(Err(error)) => tracing::warn!(%error, "snapshot failed; will retry"),
@@ -149,6 +161,7 @@ pub async fn run(
     let _stop_snapshots_on_drop = stop_snapshots.clone().drop_guard();
     let snapshots = tokio::spawn(snapshot_periodically(
         service.clone(),
+        config.snapshot_every_events,
         stop_snapshots.clone(),
     ));
     let streams_stop = service.shutdown_token();

@@ -73,7 +73,7 @@ use tokio::sync::{mpsc, oneshot};
 
 use crate::domain::Event;
 
-pub use chain::{GENESIS_HASH, Hash};
+pub use chain::{GENESIS_HASH, Hash, next_hash};
 pub use dedup::DedupEntries;
 pub use error::{AppendError, StoreError};
 pub use reader::ReadEvents;
