@@ -68,32 +68,23 @@ impl Follower {
             if self.to_seq.is_some_and(|to| self.next > to) {
                 return;
             }
-            match follow::wait_for_more(
-                &mut self.head,
-                self.heartbeat,
-                &self.shutdown,
-                &self.sender,
-            )
-            .await
-            {
-                follow::Wake::HeadMoved => {}
-                follow::Wake::Stop => return,
-                follow::Wake::Idle => {
-                    let checkpoint = proto::ReplayEventsResponse {
-                        item: Some(proto::replay_events_response::Item::Checkpoint(
-                            proto::Checkpoint {
-                                // Everything up to here was sent or filtered out; never a
-                                // seq past the durable head.
-                                seq: (self.next - 1).min(*self.head.borrow()),
-                                at: Some(to_proto::timestamp(chrono::Utc::now())),
-                            },
-                        )),
-                    };
-                    if self.sender.send(Ok(checkpoint)).await.is_err() {
-                        return;
-                    }
-                    self.handle.stats().sent_one();
-                }
+            let mut waiting = follow::Waiting {
+                head: &mut self.head,
+                heartbeat: self.heartbeat,
+                shutdown: &self.shutdown,
+                sender: &self.sender,
+                stats: self.handle.stats(),
+            };
+            let checkpoint = |seq| proto::ReplayEventsResponse {
+                item: Some(proto::replay_events_response::Item::Checkpoint(
+                    proto::Checkpoint {
+                        seq,
+                        at: Some(to_proto::timestamp(chrono::Utc::now())),
+                    },
+                )),
+            };
+            if !waiting.for_more(self.next - 1, checkpoint).await {
+                return;
             }
         }
     }

@@ -2,38 +2,49 @@
 //! durable head to move, and reading the log forward in chunks off the executor without
 //! decoding a segment twice.
 
+use crate::service::streams::StreamStats;
 use crate::store::{EventLog, ReadEvents, StoreError, StoredEvent};
 
-/// Why a following stream (ReplayEvents with follow, WatchKpis) woke up.
-pub(crate) enum Wake {
-    /// The durable head moved: read the new events.
-    HeadMoved,
-    /// Nothing happened for a heartbeat interval: send a checkpoint or heartbeat.
-    Idle,
-    /// The stream is over: the client went away, or the server is shutting down (an
-    /// UNAVAILABLE status has been sent).
-    Stop,
+/// What a following stream waits with: the durable head, its idle interval, the server's
+/// shutdown, and where its messages go.
+pub(crate) struct Waiting<'a, T> {
+    /// The durable head.
+    pub head: &'a mut tokio::sync::watch::Receiver<u64>,
+    /// How long the stream may be idle before it gets a checkpoint or heartbeat.
+    pub heartbeat: std::time::Duration,
+    /// Cancelled when the server shuts down.
+    pub shutdown: &'a tokio_util::sync::CancellationToken,
+    /// The stream's messages.
+    pub sender: &'a tokio::sync::mpsc::Sender<Result<T, tonic::Status>>,
+    /// Where the stream reports the messages it sends.
+    pub stats: &'a StreamStats,
 }
 
-/// Waits until the head moves, the heartbeat interval passes, the client goes away or the
-/// server shuts down, whichever comes first.
-pub(crate) async fn wait_for_more<T>(
-    head: &mut tokio::sync::watch::Receiver<u64>,
-    heartbeat: std::time::Duration,
-    shutdown: &tokio_util::sync::CancellationToken,
-    sender: &tokio::sync::mpsc::Sender<Result<T, tonic::Status>>,
-) -> Wake {
-    tokio::select! {
-        () = shutdown.cancelled() => {
-            let _ = sender.send(Err(tonic::Status::unavailable("the server is shutting down"))).await;
-            Wake::Stop
+impl<T> Waiting<'_, T> {
+    /// Waits until the head moves (true: read the new events). When the heartbeat
+    /// interval passes first, sends `beat(seq)`, where `seq` is `position` (everything up
+    /// to it was sent or filtered out) but never past the durable head, and waits again.
+    /// False when the stream is over: the client went away, or the server is shutting down
+    /// (the stream then got UNAVAILABLE).
+    pub(crate) async fn for_more(&mut self, position: u64, beat: impl Fn(u64) -> T) -> bool {
+        loop {
+            tokio::select! {
+                () = self.shutdown.cancelled() => {
+                    let unavailable = tonic::Status::unavailable("the server is shutting down");
+                    let _ = self.sender.send(Err(unavailable)).await;
+                    return false;
+                }
+                () = self.sender.closed() => return false,
+                changed = self.head.changed() => return changed.is_ok(),
+                () = tokio::time::sleep(self.heartbeat) => {
+                    let seq = position.min(*self.head.borrow());
+                    if self.sender.send(Ok(beat(seq))).await.is_err() {
+                        return false;
+                    }
+                    self.stats.sent_one();
+                }
+            }
         }
-        () = sender.closed() => Wake::Stop,
-        changed = head.changed() => match changed {
-            Ok(()) => Wake::HeadMoved,
-            Err(_) => Wake::Stop,
-        },
-        () = tokio::time::sleep(heartbeat) => Wake::Idle,
     }
 }
 

@@ -187,22 +187,18 @@ impl Watcher {
             if !pending.is_empty() && !self.flush(&mut pending).await {
                 return;
             }
-            match follow::wait_for_more(
-                &mut self.head,
-                self.heartbeat,
-                &self.shutdown,
-                &self.sender,
-            )
-            .await
-            {
-                follow::Wake::HeadMoved => {}
-                follow::Wake::Stop => return,
-                follow::Wake::Idle => {
-                    let head_seq = (self.next - 1).min(*self.head.borrow());
-                    if !self.send(Item::Heartbeat(heartbeat(head_seq))).await {
-                        return;
-                    }
-                }
+            let mut waiting = follow::Waiting {
+                head: &mut self.head,
+                heartbeat: self.heartbeat,
+                shutdown: &self.shutdown,
+                sender: &self.sender,
+                stats: self.handle.stats(),
+            };
+            let beat = |seq| proto::WatchKpisResponse {
+                item: Some(Item::Heartbeat(heartbeat(seq))),
+            };
+            if !waiting.for_more(self.next - 1, beat).await {
+                return;
             }
         }
     }
