@@ -152,7 +152,7 @@ impl ReadModels {
         let dedup = log.dedup_entries(seq);
         snapshot::write(
             snapshot_dir,
-            &Snapshot::new(seq, hash, catalog, aggregates, dedup),
+            &mut Snapshot::new(seq, hash, catalog, aggregates, dedup),
         )?;
         Ok(seq)
     }

@@ -21,7 +21,10 @@ use crate::store::{DedupEntries, EventLog, Hash};
 pub const SNAPSHOT_FILE: &str = "projection.snapshot";
 /// Format of the snapshot file; a build reads only its own format (anything else is
 /// discarded and rebuilt, which is always correct, only slower).
-const FORMAT: u32 = 4;
+const FORMAT: u32 = 5;
+
+/// Parts the measured KPIs' buckets are stored in, so a restart decodes them on every core.
+const MEASURED_PARTS: usize = 16;
 
 /// What a snapshot holds.
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -35,6 +38,9 @@ pub struct Snapshot {
     pub catalog: Catalog,
     /// The aggregates at `seq`.
     pub aggregates: Aggregates,
+    /// The measured KPIs of `aggregates`, encoded in parts (see
+    /// [`Aggregates::encode_measured`]); filled only while the snapshot is written or read.
+    measured: Vec<Vec<u8>>,
     /// The event log's dedup index entries up to `seq`.
     pub dedup: DedupEntries,
 }
@@ -55,6 +61,7 @@ impl Snapshot {
             hash,
             catalog,
             aggregates,
+            measured: Vec::new(),
             dedup,
         }
     }
@@ -98,10 +105,15 @@ fn io_error(path: &Path) -> impl FnOnce(std::io::Error) -> SnapshotError + '_ {
 }
 
 /// Writes `snapshot` into `dir` atomically: a reader sees the old file or the new one.
-pub fn write(dir: &Path, snapshot: &Snapshot) -> Result<u64, SnapshotError> {
+pub fn write(dir: &Path, snapshot: &mut Snapshot) -> Result<u64, SnapshotError> {
     fs::create_dir_all(dir).map_err(io_error(dir))?;
-    let bytes = bincode::serde::encode_to_vec(snapshot, bincode::config::standard())
+    snapshot.measured = snapshot
+        .aggregates
+        .encode_measured(MEASURED_PARTS)
+        .map_err(SnapshotError::Decode)?;
+    let bytes = bincode::serde::encode_to_vec(&*snapshot, bincode::config::standard())
         .map_err(|e| SnapshotError::Decode(e.to_string()))?;
+    snapshot.measured = Vec::new();
     let path = dir.join(SNAPSHOT_FILE);
     let temporary = dir.join(format!("{SNAPSHOT_FILE}.tmp"));
     let mut file = fs::File::create(&temporary).map_err(io_error(&temporary))?;
@@ -145,7 +157,12 @@ pub fn load(dir: &Path) -> Result<Option<Snapshot>, SnapshotError> {
         bincode::serde::decode_from_slice(&bytes, bincode::config::standard())
             .map_err(|e| SnapshotError::Decode(e.to_string()))?;
     drop(bytes);
-    snapshot.aggregates.restore_calendars();
+    let threads = std::thread::available_parallelism().map_or(1, std::num::NonZero::get);
+    let measured = std::mem::take(&mut snapshot.measured);
+    snapshot
+        .aggregates
+        .decode_measured(&measured, threads)
+        .map_err(SnapshotError::Decode)?;
     Ok(Some(snapshot))
 }
 
