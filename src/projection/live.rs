@@ -196,3 +196,123 @@ impl CommitListener for LiveFeed {
         self.head.send_replace(last.seq);
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use chrono::{TimeDelta, TimeZone};
+
+    use super::*;
+    use crate::domain::Measurement;
+
+    fn recorded(kpi_id: &str, channel: &str, occurred_at: DateTime<Utc>) -> Event {
+        Event::MeasurementRecorded(Measurement {
+            kpi_id: kpi_id.into(),
+            value: 1.0,
+            occurred_at,
+            labels: Labels::from([("channel".into(), channel.into())]),
+            subject: None,
+            event_id: None,
+        })
+    }
+
+    fn touched(touch: &Touch) -> (&str, &str, DateTime<Utc>) {
+        match touch {
+            Touch::Recorded {
+                kpi_id,
+                labels,
+                occurred_at,
+            } => (kpi_id, labels["channel"].as_str(), *occurred_at),
+            Touch::Retracted { .. } => panic!("a recorded touch"),
+        }
+    }
+
+    #[test]
+    fn a_series_measurements_within_one_second_of_a_group_fold_into_the_last() {
+        let t = Utc.with_ymd_and_hms(2026, 3, 29, 0, 59, 59).unwrap();
+        let events = [
+            recorded("orders", "web", t),
+            recorded("orders", "shop", t),
+            recorded("orders", "web", t + TimeDelta::milliseconds(500)),
+            recorded("visits", "web", t + TimeDelta::milliseconds(600)),
+            // The next second may be another bucket (here the next hour and day).
+            recorded("orders", "web", t + TimeDelta::seconds(1)),
+            // Another second of the same hour: buckets of sub-hour timezone offsets (India,
+            // Nepal) split hours, so only the second is safe to fold on.
+            recorded("orders", "web", t + TimeDelta::seconds(2)),
+            Event::MeasurementRetracted {
+                retracted_seq: 1,
+                reason: "test".into(),
+            },
+        ];
+        let committed: Vec<Committed<'_>> = events
+            .iter()
+            .zip(10..)
+            .map(|(event, seq)| Committed {
+                seq,
+                recorded_at: t,
+                event,
+            })
+            .collect();
+        let touches = group_touches(&committed);
+        let seqs: Vec<u64> = touches.iter().map(|(seq, _)| *seq).collect();
+        assert_eq!(seqs, [11, 12, 13, 14, 15, 16]);
+        assert_eq!(touched(&touches[0].1), ("orders", "shop", t));
+        assert_eq!(
+            touched(&touches[1].1),
+            ("orders", "web", t + TimeDelta::milliseconds(500))
+        );
+        assert_eq!(
+            touched(&touches[2].1),
+            ("visits", "web", t + TimeDelta::milliseconds(600))
+        );
+        assert_eq!(
+            touched(&touches[3].1),
+            ("orders", "web", t + TimeDelta::seconds(1))
+        );
+        assert_eq!(
+            touched(&touches[4].1),
+            ("orders", "web", t + TimeDelta::seconds(2))
+        );
+        assert_eq!(touches[5].1, Touch::Retracted { retracted_seq: 1 });
+    }
+
+    #[test]
+    fn the_window_serves_only_what_it_covers_and_only_while_watchers_are_open() {
+        let feed = Arc::new(LiveFeed::new(0));
+        let t = Utc.with_ymd_and_hms(2026, 3, 29, 0, 0, 0).unwrap();
+        let event = recorded("orders", "web", t);
+        let commit = |seq| {
+            feed.committed(&[Committed {
+                seq,
+                recorded_at: t,
+                event: &event,
+            }]);
+        };
+        let mut out = Vec::new();
+        commit(1);
+        assert!(
+            !feed.touches(1, 1, |_| true, &mut out),
+            "no watcher, no window"
+        );
+        let guard = feed.register_watcher();
+        commit(2);
+        commit(3);
+        assert!(
+            !feed.touches(1, 3, |_| true, &mut out),
+            "seq 1 came before the window"
+        );
+        assert!(out.is_empty());
+        assert!(feed.touches(2, 3, |_| true, &mut out));
+        assert_eq!(out.iter().map(|(seq, _)| *seq).collect::<Vec<_>>(), [2, 3]);
+        out.clear();
+        assert!(feed.touches(3, 3, |_| false, &mut out));
+        assert!(out.is_empty(), "filtered under the lock");
+        assert_eq!(*feed.subscribe().borrow(), 3);
+        drop(guard);
+        commit(4);
+        assert!(
+            !feed.touches(4, 4, |_| true, &mut out),
+            "emptied without watchers"
+        );
+    }
+}

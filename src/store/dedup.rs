@@ -130,6 +130,27 @@ impl DedupIndex {
     }
 
     /// The bytes of id number `number` (which must be remembered).
+    /// The table of id numbers, and the hash of an id by its number, which the table needs
+    /// when it grows.
+    fn table_and_rehash(&mut self) -> (&mut hashbrown::HashTable<u64>, impl Fn(&u64) -> u64) {
+        let Self {
+            table,
+            bytes,
+            ids,
+            first,
+            first_start,
+            bytes_dropped,
+            hasher,
+            ..
+        } = self;
+        let (bytes, ids, hasher) = (&*bytes, &*ids, &*hasher);
+        let (first, first_start, bytes_dropped) = (*first, *first_start, *bytes_dropped);
+        let rehash = move |&n: &u64| {
+            hasher.hash_bytes(id_bytes(bytes, ids, first, first_start, bytes_dropped, n))
+        };
+        (table, rehash)
+    }
+
     fn id_bytes(&self, number: u64) -> &[u8] {
         id_bytes(
             &self.bytes,
@@ -183,26 +204,8 @@ impl DedupIndex {
         self.bytes.extend_from_slice(event_id.as_bytes());
         let end = self.bytes_dropped + widen(self.bytes.len());
         self.ids.push_back(Id { seq, end });
-        let Self {
-            table,
-            bytes,
-            ids,
-            first,
-            first_start,
-            bytes_dropped,
-            hasher,
-            ..
-        } = self;
-        table.insert_unique(hash, number, |&n| {
-            hasher.hash_bytes(id_bytes(
-                bytes,
-                ids,
-                *first,
-                *first_start,
-                *bytes_dropped,
-                n,
-            ))
-        });
+        let (table, rehash) = self.table_and_rehash();
+        table.insert_unique(hash, number, rehash);
     }
 
     /// Forgets every id recorded before `now - window`: an id recorded at `t` is a
@@ -286,26 +289,8 @@ impl DedupIndex {
         let count = entries.len();
         self.ids.reserve(count);
         self.bytes.reserve(entries.ids.len());
-        let Self {
-            table,
-            bytes,
-            ids,
-            first,
-            first_start,
-            bytes_dropped,
-            hasher,
-            ..
-        } = self;
-        table.reserve(count, |&n| {
-            hasher.hash_bytes(id_bytes(
-                bytes,
-                ids,
-                *first,
-                *first_start,
-                *bytes_dropped,
-                n,
-            ))
-        });
+        let (table, rehash) = self.table_and_rehash();
+        table.reserve(count, rehash);
         let mut next = 0usize;
         let mut start = 0usize;
         for ((seconds, nanos), run) in entries.runs {
