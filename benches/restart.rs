@@ -271,8 +271,9 @@ fn start(name: &str, dir: &Path) -> KpiService {
     let restored = service.restored();
     let footprint = service.aggregates().read().footprint();
     println!(
-        "  snapshot read+decode {:.2} s, log open with dedup index {:.2} s, read models \
-         (snapshot at {}, {} replayed) {:.2} s; {:.2} s in all; {}",
+        "  snapshot read+decode done after {:.2} s, log open with dedup index done after \
+         {:.2} s (side by side), read models (snapshot at {}, {} replayed) {:.2} s; {:.2} s \
+         in all; {}",
         restored.snapshot_load.as_secs_f64(),
         restored.log_open.as_secs_f64(),
         restored.snapshot_seq,

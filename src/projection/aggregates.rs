@@ -20,6 +20,7 @@ use crate::domain::aggregate::{
 };
 use crate::domain::calendar::{self, Bucket, BucketKey, Calendar};
 use crate::domain::{Event, Grain, KpiDefinition, KpiKind, Measurement, Rejection};
+use crate::projection::buckets::BucketMap;
 
 /// Most series (label combinations) one KPI may have. Each series keeps buckets for six
 /// grains, so an unbounded label (a user id as a label value) would grow memory without
@@ -81,7 +82,7 @@ pub struct AnsweredBucket {
 /// The buckets of one series of a measured KPI, per grain.
 #[derive(Debug, Clone, Default, Serialize, Deserialize)]
 struct Series {
-    grains: [BTreeMap<BucketKey, BucketState>; 6],
+    grains: [BucketMap; 6],
 }
 
 /// What the projection keeps of one KPI.
@@ -119,9 +120,7 @@ impl KpiAggregates {
         let observation = Observation::of(measurement, seq);
         for (slot, grain) in Grain::ALL.into_iter().enumerate() {
             let key = calendar.bucket_of(grain, measurement.occurred_at).key();
-            let state = series.grains[slot]
-                .entry(key)
-                .or_insert_with(|| empty.clone());
+            let state = series.grains[slot].get_or_insert_with(key, || empty.clone());
             // Stored measurements were validated against this kind; a score outside its
             // range can only come from a definition changed since, which rebuilds.
             let _ = state.record(observation);
@@ -206,9 +205,9 @@ impl Aggregates {
 
     /// Decodes parts written by [`Aggregates::encode_measured`] on up to `threads`
     /// threads into this (otherwise decoded) model, and makes the KPIs' calendars.
-    pub fn decode_measured(&mut self, parts: &[Vec<u8>], threads: usize) -> Result<(), String> {
+    pub fn decode_measured(&mut self, parts: &[&[u8]], threads: usize) -> Result<(), String> {
         type Part = Vec<(String, KpiAggregates)>;
-        let decode = |bytes: &Vec<u8>| -> Result<Part, String> {
+        let decode = |bytes: &&[u8]| -> Result<Part, String> {
             bincode::serde::decode_from_slice(bytes, bincode::config::standard())
                 .map(|(part, _)| part)
                 .map_err(|e| e.to_string())
@@ -525,7 +524,7 @@ impl Aggregates {
                 .filter_map(|key| labels.get(key).map(|value| (key.clone(), value.clone())))
                 .collect();
             let group = groups.entry(group_labels).or_default();
-            for (key, state) in series.grains[slot].range(first..) {
+            for (key, state) in series.grains[slot].range_from(first) {
                 if key.start() >= query.end {
                     break;
                 }

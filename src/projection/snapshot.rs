@@ -3,8 +3,12 @@
 //! restart reads neither the whole log nor its dedup window), in one file written atomically (temporary file, fsync,
 //! rename, fsync of the directory), so a restart replays only the log's tail.
 //!
-//! A snapshot that is missing, unreadable, of another format, or that does not match the
-//! log (its hash differs from the log's hash at its seq, or it is ahead of the log) is
+//! The file is the bincode encoding of [`Snapshot`], then the measured KPIs' buckets in
+//! [`MEASURED_PARTS`] parts (bincode each, decoded straight from the file's bytes on all
+//! cores), then a CRC-32 of everything before it, little-endian.
+//!
+//! A snapshot that is missing, unreadable, damaged (its checksum differs), of another
+//! format, or that does not match the log (its hash differs from the log's hash at its seq, or it is ahead of the log) is
 //! discarded with a warning and the read models are rebuilt from the whole log.
 
 use std::fs;
@@ -20,8 +24,10 @@ use crate::store::{DedupEntries, EventLog, Hash};
 /// File name of the snapshot inside the snapshot directory.
 pub const SNAPSHOT_FILE: &str = "projection.snapshot";
 /// Format of the snapshot file; a build reads only its own format (anything else is
-/// discarded and rebuilt, which is always correct, only slower).
-const FORMAT: u32 = 5;
+/// discarded and rebuilt, which is always correct, only slower). Format 6: the parts follow
+/// the encoded snapshot as raw bytes, a checksum ends the file, and buckets are stored as
+/// sequences (`projection::buckets`).
+const FORMAT: u32 = 6;
 
 /// Parts the measured KPIs' buckets are stored in, so a restart decodes them on every core.
 const MEASURED_PARTS: usize = 16;
@@ -36,13 +42,13 @@ pub struct Snapshot {
     pub hash: Hash,
     /// The catalog at `seq`.
     pub catalog: Catalog,
-    /// The aggregates at `seq`.
+    /// The aggregates at `seq`; their measured KPIs are stored after the snapshot in parts
+    /// (see [`Aggregates::encode_measured`]).
     pub aggregates: Aggregates,
-    /// The measured KPIs of `aggregates`, encoded in parts (see
-    /// [`Aggregates::encode_measured`]); filled only while the snapshot is written or read.
-    measured: Vec<Vec<u8>>,
     /// The event log's dedup index entries up to `seq`.
     pub dedup: DedupEntries,
+    /// Byte length of each part of the measured KPIs after the snapshot in the file.
+    parts: Vec<u64>,
 }
 
 impl Snapshot {
@@ -61,8 +67,8 @@ impl Snapshot {
             hash,
             catalog,
             aggregates,
-            measured: Vec::new(),
             dedup,
+            parts: Vec::new(),
         }
     }
 }
@@ -105,19 +111,28 @@ fn io_error(path: &Path) -> impl FnOnce(std::io::Error) -> SnapshotError + '_ {
 }
 
 /// Writes `snapshot` into `dir` atomically: a reader sees the old file or the new one.
+/// Returns the file's size.
 pub fn write(dir: &Path, snapshot: &mut Snapshot) -> Result<u64, SnapshotError> {
     fs::create_dir_all(dir).map_err(io_error(dir))?;
-    snapshot.measured = snapshot
+    let parts = snapshot
         .aggregates
         .encode_measured(MEASURED_PARTS)
         .map_err(SnapshotError::Decode)?;
-    let bytes = bincode::serde::encode_to_vec(&*snapshot, bincode::config::standard())
+    snapshot.parts = parts.iter().map(|part| widen(part.len())).collect();
+    let head = bincode::serde::encode_to_vec(&*snapshot, bincode::config::standard())
         .map_err(|e| SnapshotError::Decode(e.to_string()))?;
-    snapshot.measured = Vec::new();
     let path = dir.join(SNAPSHOT_FILE);
     let temporary = dir.join(format!("{SNAPSHOT_FILE}.tmp"));
     let mut file = fs::File::create(&temporary).map_err(io_error(&temporary))?;
-    file.write_all(&bytes).map_err(io_error(&temporary))?;
+    let mut checksum = crc32fast::Hasher::new();
+    let mut size = 0;
+    for piece in std::iter::once(&head).chain(&parts) {
+        checksum.update(piece);
+        file.write_all(piece).map_err(io_error(&temporary))?;
+        size += widen(piece.len());
+    }
+    file.write_all(&checksum.finalize().to_le_bytes())
+        .map_err(io_error(&temporary))?;
     file.sync_all().map_err(io_error(&temporary))?;
     drop(file);
     fs::rename(&temporary, &path).map_err(io_error(&path))?;
@@ -125,7 +140,15 @@ pub fn write(dir: &Path, snapshot: &mut Snapshot) -> Result<u64, SnapshotError> 
     fs::File::open(dir)
         .and_then(|d| d.sync_all())
         .map_err(io_error(dir))?;
-    Ok(u64::try_from(bytes.len()).unwrap_or(u64::MAX))
+    Ok(size + CHECKSUM_BYTES)
+}
+
+/// Bytes of the checksum at the end of the file.
+const CHECKSUM_BYTES: u64 = 4;
+
+/// A length as u64 (usize is at most 64 bits on every supported target).
+fn widen(len: usize) -> u64 {
+    u64::try_from(len).unwrap_or(u64::MAX)
 }
 
 /// Reads the snapshot in `dir` and checks that it belongs to `log`. `Ok(None)` when there
@@ -140,30 +163,85 @@ pub fn read(dir: &Path, log: &EventLog) -> Result<Option<Snapshot>, SnapshotErro
 /// Reads and decodes the snapshot in `dir`, not yet checked against a log. `Ok(None)` when
 /// there is none.
 pub fn load(dir: &Path) -> Result<Option<Snapshot>, SnapshotError> {
+    load_undecoded(dir)?.map(Undecoded::decode).transpose()
+}
+
+/// A snapshot read and checked, decoded but for its measured KPIs' buckets (the bulk of
+/// it), which [`Undecoded::decode`] decodes, on other threads while the log opens.
+pub struct Undecoded {
+    /// The snapshot without its measured KPIs.
+    pub snapshot: Snapshot,
+    /// The file's bytes.
+    file: Vec<u8>,
+    /// Where the encoded snapshot ends and the parts begin in `file`.
+    parts_at: usize,
+}
+
+/// Reads the snapshot in `dir`, checks its checksum and format, and decodes all but its
+/// measured KPIs' buckets. `Ok(None)` when there is none.
+pub fn load_undecoded(dir: &Path) -> Result<Option<Undecoded>, SnapshotError> {
     let path = dir.join(SNAPSHOT_FILE);
-    let bytes = match fs::read(&path) {
+    let file = match fs::read(&path) {
         Ok(bytes) => bytes,
         Err(error) if error.kind() == std::io::ErrorKind::NotFound => return Ok(None),
         Err(error) => return Err(io_error(&path)(error)),
     };
-    // The format comes first: another build's layout is refused before decoding it.
+    let damaged = |what: &str| SnapshotError::Decode(format!("damaged snapshot: {what}"));
+    let content_len = file
+        .len()
+        .checked_sub(4)
+        .ok_or_else(|| damaged("shorter than its checksum"))?;
+    let (content, stored) = file.split_at(content_len);
+    let stored: [u8; 4] = stored.try_into().map_err(|_| damaged("no checksum"))?;
+    // The format comes first: another build's layout is refused before anything else.
     let (format, _): (u32, usize) =
-        bincode::serde::decode_from_slice(&bytes, bincode::config::standard())
+        bincode::serde::decode_from_slice(content, bincode::config::standard())
             .map_err(|e| SnapshotError::Decode(e.to_string()))?;
     if format != FORMAT {
         return Err(SnapshotError::Format { found: format });
     }
-    let (mut snapshot, _): (Snapshot, usize) =
-        bincode::serde::decode_from_slice(&bytes, bincode::config::standard())
+    if crc32fast::hash(content) != u32::from_le_bytes(stored) {
+        return Err(damaged("checksum mismatch"));
+    }
+    let (snapshot, parts_at): (Snapshot, usize) =
+        bincode::serde::decode_from_slice(content, bincode::config::standard())
             .map_err(|e| SnapshotError::Decode(e.to_string()))?;
-    drop(bytes);
-    let threads = std::thread::available_parallelism().map_or(1, std::num::NonZero::get);
-    let measured = std::mem::take(&mut snapshot.measured);
-    snapshot
-        .aggregates
-        .decode_measured(&measured, threads)
-        .map_err(SnapshotError::Decode)?;
-    Ok(Some(snapshot))
+    Ok(Some(Undecoded {
+        snapshot,
+        file,
+        parts_at,
+    }))
+}
+
+impl Undecoded {
+    /// Decodes the measured KPIs' buckets, their parts on all cores, and completes the
+    /// snapshot.
+    pub fn decode(self) -> Result<Snapshot, SnapshotError> {
+        let Undecoded {
+            mut snapshot,
+            file,
+            parts_at,
+        } = self;
+        let content = &file[..file.len() - 4];
+        let mut parts = Vec::with_capacity(snapshot.parts.len());
+        let mut start = parts_at;
+        for &len in &snapshot.parts {
+            let part = usize::try_from(len)
+                .ok()
+                .and_then(|len| content.get(start..start.checked_add(len)?))
+                .ok_or_else(|| {
+                    SnapshotError::Decode("a part of the buckets runs past the file".into())
+                })?;
+            start += part.len();
+            parts.push(part);
+        }
+        let threads = std::thread::available_parallelism().map_or(1, std::num::NonZero::get);
+        snapshot
+            .aggregates
+            .decode_measured(&parts, threads)
+            .map_err(SnapshotError::Decode)?;
+        Ok(snapshot)
+    }
 }
 
 /// Checks that `snapshot` belongs to `log`: not past its head, the same chain hash at its
