@@ -9,8 +9,14 @@
 //! 24 bytes in a sorted vector, chunks fill completely when buckets arrive in time order
 //! (a full last chunk is followed by a new one instead of being split), and a late bucket
 //! moves at most one chunk's entries.
+//!
+//! Chunks are shared (`Arc`) and copied on write: cloning a map (a snapshot clones the whole
+//! read model under its lock) copies only the chunk pointers, and a chunk is copied when it
+//! is next changed while a clone still holds it, so writers are never held up by a copy of
+//! everything.
 
 use std::fmt;
+use std::sync::Arc;
 
 use serde::de::{SeqAccess, Visitor};
 use serde::ser::SerializeSeq;
@@ -32,7 +38,7 @@ type Entry = (BucketKey, BucketState);
 /// entries, and every key of a chunk is below every key of the next one.
 #[derive(Debug, Clone, Default)]
 pub struct BucketMap {
-    chunks: Vec<Vec<Entry>>,
+    chunks: Vec<Arc<Vec<Entry>>>,
     len: usize,
 }
 
@@ -74,7 +80,7 @@ impl BucketMap {
     pub fn get_mut(&mut self, key: &BucketKey) -> Option<&mut BucketState> {
         let (index, position) = self.locate(*key)?;
         let position = position.ok()?;
-        Some(&mut self.chunks[index][position].1)
+        Some(&mut Arc::make_mut(&mut self.chunks[index])[position].1)
     }
 
     /// The state of bucket `key`, inserted from `new` when the bucket is not held yet.
@@ -84,15 +90,15 @@ impl BucketMap {
         new: impl FnOnce() -> BucketState,
     ) -> &mut BucketState {
         let Some((index, position)) = self.locate(key) else {
-            self.chunks.push(vec![(key, new())]);
+            self.chunks.push(Arc::new(vec![(key, new())]));
             self.len = 1;
-            return &mut self.chunks[0][0].1;
+            return &mut Arc::make_mut(&mut self.chunks[0])[0].1;
         };
         let (index, position) = match position {
             Ok(position) => (index, position),
             Err(position) => self.insert_at(index, position, (key, new())),
         };
-        &mut self.chunks[index][position].1
+        &mut Arc::make_mut(&mut self.chunks[index])[position].1
     }
 
     /// Inserts `entry` at `position` of chunk `index`, splitting a full chunk; returns
@@ -100,25 +106,24 @@ impl BucketMap {
     fn insert_at(&mut self, index: usize, position: usize, entry: Entry) -> (usize, usize) {
         self.len += 1;
         let last = index + 1 == self.chunks.len();
-        let chunk = &mut self.chunks[index];
-        if chunk.len() < CHUNK {
-            chunk.insert(position, entry);
+        if self.chunks[index].len() < CHUNK {
+            Arc::make_mut(&mut self.chunks[index]).insert(position, entry);
             return (index, position);
         }
         if position == CHUNK && last {
             // Past the end of the last chunk: buckets arriving in time order fill chunks
             // completely and start the next one.
-            self.chunks.push(vec![entry]);
+            self.chunks.push(Arc::new(vec![entry]));
             return (index + 1, 0);
         }
-        let upper = chunk.split_off(CHUNK / 2);
-        self.chunks.insert(index + 1, upper);
+        let upper = Arc::make_mut(&mut self.chunks[index]).split_off(CHUNK / 2);
+        self.chunks.insert(index + 1, Arc::new(upper));
         let (index, position) = if position <= CHUNK / 2 {
             (index, position)
         } else {
             (index + 1, position - CHUNK / 2)
         };
-        self.chunks[index].insert(position, entry);
+        Arc::make_mut(&mut self.chunks[index]).insert(position, entry);
         (index, position)
     }
 
@@ -126,7 +131,7 @@ impl BucketMap {
     pub fn remove(&mut self, key: &BucketKey) -> Option<BucketState> {
         let (index, position) = self.locate(*key)?;
         let position = position.ok()?;
-        let (_, state) = self.chunks[index].remove(position);
+        let (_, state) = Arc::make_mut(&mut self.chunks[index]).remove(position);
         if self.chunks[index].is_empty() {
             self.chunks.remove(index);
         }
@@ -145,13 +150,13 @@ impl BucketMap {
             .get(index..)
             .unwrap_or_default()
             .iter()
-            .flatten()
+            .flat_map(|chunk| chunk.iter())
             .skip(skip)
     }
 
     /// Every bucket, in key order.
     pub fn iter(&self) -> impl Iterator<Item = &Entry> {
-        self.chunks.iter().flatten()
+        self.chunks.iter().flat_map(|chunk| chunk.iter())
     }
 
     /// Appends a bucket whose key is above every key held (decoding a stored map), with
@@ -162,14 +167,14 @@ impl BucketMap {
                 return Err(entry.0);
             }
             if last.len() < CHUNK {
-                last.push(entry);
+                Arc::make_mut(last).push(entry);
                 self.len += 1;
                 return Ok(());
             }
         }
         let mut chunk = Vec::with_capacity(coming.clamp(1, CHUNK));
         chunk.push(entry);
-        self.chunks.push(chunk);
+        self.chunks.push(Arc::new(chunk));
         self.len += 1;
         Ok(())
     }
@@ -256,7 +261,7 @@ mod tests {
         let mut len = 0;
         for chunk in &map.chunks {
             assert!(!chunk.is_empty() && chunk.len() <= CHUNK);
-            for (k, _) in chunk {
+            for (k, _) in chunk.iter() {
                 assert!(previous < Some(*k), "keys in order");
                 previous = Some(*k);
             }
@@ -305,6 +310,26 @@ mod tests {
             bincode::serde::decode_from_slice(&bytes, bincode::config::standard());
         let error = decoded.expect_err("keys out of order").to_string();
         assert!(error.contains("not above"), "{error}");
+    }
+
+    #[test]
+    fn a_clone_keeps_its_buckets_while_the_original_changes() {
+        let mut map = BucketMap::default();
+        for k in 0..3 * CHUNK as i64 {
+            map.get_or_insert_with(key(k), || state(1));
+        }
+        let before = contents(&map);
+        let clone = map.clone();
+        *map.get_mut(&key(5)).expect("held") = state(7);
+        map.get_or_insert_with(key(-1), || state(2));
+        map.remove(&key(CHUNK as i64 + 3));
+        assert_eq!(contents(&clone), before);
+        // Only the chunks that changed were copied.
+        assert!(Arc::ptr_eq(
+            &map.chunks[map.chunks.len() - 1],
+            &clone.chunks[2]
+        ));
+        assert_eq!(map.get(&key(5)).map(BucketState::count), Some(7));
     }
 
     /// One operation of the model test.

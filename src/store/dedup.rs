@@ -194,9 +194,13 @@ impl DedupIndex {
 
     /// [`DedupIndex::insert`] of an id hashed with [`DedupIndex::hasher`].
     fn insert_hashed(&mut self, hash: u64, event_id: &str, seq: u64, recorded_at: DateTime<Utc>) {
-        if self.find(hash, event_id).is_some() {
-            return;
+        if self.find(hash, event_id).is_none() {
+            self.insert_new(hash, event_id, seq, recorded_at);
         }
+    }
+
+    /// Remembers an id known not to be remembered yet.
+    fn insert_new(&mut self, hash: u64, event_id: &str, seq: u64, recorded_at: DateTime<Utc>) {
         let number = self.first + widen(self.ids.len());
         if self.times.back().is_none_or(|(at, _)| *at != recorded_at) {
             self.times.push_back((recorded_at, number));
@@ -283,8 +287,10 @@ impl DedupIndex {
     }
 
     /// Inserts entries taken by [`DedupIndex::entries_up_to`] (before anything newer),
-    /// leaving out those recorded before `cutoff`. Entries that do not fit together (a
-    /// damaged snapshot decodes to anything) are left out too.
+    /// leaving out those recorded before `cutoff`. Entries that do not fit together are
+    /// left out too. They come from an index, so no id is among them twice, and the
+    /// snapshot holding them is checksummed: each is inserted without looking it up first
+    /// (a restart inserts millions).
     pub fn insert_entries(&mut self, entries: DedupEntries, cutoff: Option<DateTime<Utc>>) {
         let count = entries.len();
         self.ids.reserve(count);
@@ -309,7 +315,7 @@ impl DedupIndex {
                 start = end;
                 if let Some(recorded_at) = keep {
                     let hash = self.hasher.hash_bytes(event_id.as_bytes());
-                    self.insert_hashed(hash, event_id, seq, recorded_at);
+                    self.insert_new(hash, event_id, seq, recorded_at);
                 }
             }
         }
