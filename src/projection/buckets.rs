@@ -26,31 +26,50 @@ use crate::domain::aggregate::BucketState;
 use crate::domain::calendar::BucketKey;
 
 /// Most entries of one chunk: an insert into a chunk moves at most this many 24-byte
-/// entries (6 KiB), and the chunk directory of two years of hours has about 70 entries.
+/// entries (6 KiB), and the chunk directory of two years of hours has about 10 entries.
 pub const CHUNK: usize = 256;
+
+/// Most entries of the owned tail before they move into the chunks: a clone copies at most
+/// this many per map, and a measurement of "now" finds its bucket one memory access away.
+pub const TAIL: usize = 32;
 
 /// One bucket: its key and state.
 type Entry = (BucketKey, BucketState);
 
 /// The buckets of one series at one grain, ordered by key.
 ///
+/// The newest buckets lie in an owned tail, the older ones in shared chunks. A measurement
+/// close to now (most of them) touches only the tail, whose buffer the map points to
+/// directly; a late one goes to its chunk.
+///
 /// Architecture invariant: every chunk is non-empty and sorted, holds at most [`CHUNK`]
-/// entries, and every key of a chunk is below every key of the next one.
+/// entries, and every key of a chunk is below every key of the next one; `sealed_last` is
+/// the last chunk's last key; the tail is sorted, holds at most [`TAIL`] entries, and
+/// every tail key is above `sealed_last`.
 #[derive(Debug, Clone, Default)]
 pub struct BucketMap {
     chunks: Vec<Arc<Vec<Entry>>>,
-    len: usize,
+    /// The largest key in `chunks`, kept here so that finding a tail bucket reads no chunk.
+    sealed_last: Option<BucketKey>,
+    tail: Vec<Entry>,
+}
+
+/// Where a key is or would be inserted (`Err`: not present, the insert position).
+#[derive(Debug, Clone, Copy)]
+enum Place {
+    Tail(Result<usize, usize>),
+    Chunk(usize, Result<usize, usize>),
 }
 
 impl BucketMap {
     /// Number of buckets.
     pub fn len(&self) -> usize {
-        self.len
+        self.chunks.iter().map(|chunk| chunk.len()).sum::<usize>() + self.tail.len()
     }
 
     /// Whether no bucket is held.
     pub fn is_empty(&self) -> bool {
-        self.len == 0
+        self.chunks.is_empty() && self.tail.is_empty()
     }
 
     /// The chunk that holds `key` if any chunk does: the last one whose first key is at
@@ -61,26 +80,41 @@ impl BucketMap {
             .saturating_sub(1)
     }
 
-    /// Where `key` is or would be: its chunk, and its position there (`Err`: not present,
-    /// the insert position).
-    fn locate(&self, key: BucketKey) -> Option<(usize, Result<usize, usize>)> {
+    /// Where `key` is or would be.
+    fn locate(&self, key: BucketKey) -> Place {
+        if self.sealed_last.is_none_or(|sealed| key > sealed) {
+            // Most measurements arrive close to now: their bucket is the last one or a new
+            // one after it, found without a search.
+            let position = match self.tail.last() {
+                Some((last, _)) if key > *last => Err(self.tail.len()),
+                Some((last, _)) if key == *last => Ok(self.tail.len() - 1),
+                _ => self.tail.binary_search_by_key(&key, |(k, _)| *k),
+            };
+            return Place::Tail(position);
+        }
         let index = self.chunk_of(key);
-        let chunk = self.chunks.get(index)?;
-        Some((index, chunk.binary_search_by_key(&key, |(k, _)| *k)))
+        let position = self.chunks[index].binary_search_by_key(&key, |(k, _)| *k);
+        Place::Chunk(index, position)
     }
 
     /// The state of bucket `key`.
     pub fn get(&self, key: &BucketKey) -> Option<&BucketState> {
-        let (index, position) = self.locate(*key)?;
-        let position = position.ok()?;
-        Some(&self.chunks[index][position].1)
+        match self.locate(*key) {
+            Place::Tail(Ok(position)) => Some(&self.tail[position].1),
+            Place::Chunk(index, Ok(position)) => Some(&self.chunks[index][position].1),
+            Place::Tail(Err(_)) | Place::Chunk(_, Err(_)) => None,
+        }
     }
 
     /// The state of bucket `key`, to change it.
     pub fn get_mut(&mut self, key: &BucketKey) -> Option<&mut BucketState> {
-        let (index, position) = self.locate(*key)?;
-        let position = position.ok()?;
-        Some(&mut Arc::make_mut(&mut self.chunks[index])[position].1)
+        match self.locate(*key) {
+            Place::Tail(Ok(position)) => Some(&mut self.tail[position].1),
+            Place::Chunk(index, Ok(position)) => {
+                Some(&mut Arc::make_mut(&mut self.chunks[index])[position].1)
+            }
+            Place::Tail(Err(_)) | Place::Chunk(_, Err(_)) => None,
+        }
     }
 
     /// The state of bucket `key`, inserted from `new` when the bucket is not held yet.
@@ -89,32 +123,60 @@ impl BucketMap {
         key: BucketKey,
         new: impl FnOnce() -> BucketState,
     ) -> &mut BucketState {
-        let Some((index, position)) = self.locate(key) else {
-            self.chunks.push(Arc::new(vec![(key, new())]));
-            self.len = 1;
-            return &mut Arc::make_mut(&mut self.chunks[0])[0].1;
+        let mut place = self.locate(key);
+        if matches!(place, Place::Tail(Err(_))) && self.tail.len() == TAIL {
+            self.seal_tail();
+            place = self.locate(key);
+        }
+        let place = match place {
+            Place::Tail(Err(position)) => {
+                self.tail.insert(position, (key, new()));
+                Place::Tail(Ok(position))
+            }
+            Place::Chunk(index, Err(position)) => {
+                let (index, position) = self.insert_at(index, position, (key, new()));
+                Place::Chunk(index, Ok(position))
+            }
+            found => found,
         };
-        let (index, position) = match position {
-            Ok(position) => (index, position),
-            Err(position) => self.insert_at(index, position, (key, new())),
+        match place {
+            Place::Tail(Ok(position)) => &mut self.tail[position].1,
+            Place::Chunk(index, Ok(position)) => {
+                &mut Arc::make_mut(&mut self.chunks[index])[position].1
+            }
+            Place::Tail(Err(_)) | Place::Chunk(_, Err(_)) => {
+                unreachable!("the bucket was inserted above")
+            }
+        }
+    }
+
+    /// Moves the tail's entries to the end of the chunks: the last chunk is filled up,
+    /// the rest starts a new one.
+    fn seal_tail(&mut self) {
+        let Some((last_key, _)) = self.tail.last() else {
+            return;
         };
-        &mut Arc::make_mut(&mut self.chunks[index])[position].1
+        self.sealed_last = Some(*last_key);
+        let mut entries = std::mem::take(&mut self.tail).into_iter();
+        if let Some(last) = self.chunks.last_mut()
+            && last.len() < CHUNK
+        {
+            let room = CHUNK - last.len();
+            Arc::make_mut(last).extend(entries.by_ref().take(room));
+        }
+        let rest: Vec<Entry> = entries.collect();
+        if !rest.is_empty() {
+            self.chunks.push(Arc::new(rest));
+        }
+        self.tail = Vec::with_capacity(TAIL);
     }
 
     /// Inserts `entry` at `position` of chunk `index`, splitting a full chunk; returns
     /// where the entry ended up.
     fn insert_at(&mut self, index: usize, position: usize, entry: Entry) -> (usize, usize) {
-        self.len += 1;
-        let last = index + 1 == self.chunks.len();
         if self.chunks[index].len() < CHUNK {
             Arc::make_mut(&mut self.chunks[index]).insert(position, entry);
             return (index, position);
-        }
-        if position == CHUNK && last {
-            // Past the end of the last chunk: buckets arriving in time order fill chunks
-            // completely and start the next one.
-            self.chunks.push(Arc::new(vec![entry]));
-            return (index + 1, 0);
         }
         let upper = Arc::make_mut(&mut self.chunks[index]).split_off(CHUNK / 2);
         self.chunks.insert(index + 1, Arc::new(upper));
@@ -129,14 +191,22 @@ impl BucketMap {
 
     /// Takes bucket `key` out.
     pub fn remove(&mut self, key: &BucketKey) -> Option<BucketState> {
-        let (index, position) = self.locate(*key)?;
-        let position = position.ok()?;
-        let (_, state) = Arc::make_mut(&mut self.chunks[index]).remove(position);
-        if self.chunks[index].is_empty() {
-            self.chunks.remove(index);
+        match self.locate(*key) {
+            Place::Tail(Ok(position)) => Some(self.tail.remove(position).1),
+            Place::Chunk(index, Ok(position)) => {
+                let (_, state) = Arc::make_mut(&mut self.chunks[index]).remove(position);
+                if self.chunks[index].is_empty() {
+                    self.chunks.remove(index);
+                }
+                self.sealed_last = self
+                    .chunks
+                    .last()
+                    .and_then(|chunk| chunk.last())
+                    .map(|(key, _)| *key);
+                Some(state)
+            }
+            Place::Tail(Err(_)) | Place::Chunk(_, Err(_)) => None,
         }
-        self.len -= 1;
-        Some(state)
     }
 
     /// The buckets from key `first` on, in key order.
@@ -146,36 +216,40 @@ impl BucketMap {
             .chunks
             .get(index)
             .map_or(0, |chunk| chunk.partition_point(|(key, _)| *key < first));
+        let tail_skip = self.tail.partition_point(|(key, _)| *key < first);
         self.chunks
             .get(index..)
             .unwrap_or_default()
             .iter()
             .flat_map(|chunk| chunk.iter())
             .skip(skip)
+            .chain(&self.tail[tail_skip..])
     }
 
     /// Every bucket, in key order.
     pub fn iter(&self) -> impl Iterator<Item = &Entry> {
-        self.chunks.iter().flat_map(|chunk| chunk.iter())
+        self.chunks
+            .iter()
+            .flat_map(|chunk| chunk.iter())
+            .chain(&self.tail)
     }
 
     /// Appends a bucket whose key is above every key held (decoding a stored map), with
     /// `coming` more (this one included) expected: a new chunk is sized for them.
     fn push_last(&mut self, entry: Entry, coming: usize) -> Result<(), BucketKey> {
-        if let Some(last) = self.chunks.last_mut() {
-            if last.last().is_some_and(|(key, _)| *key >= entry.0) {
-                return Err(entry.0);
-            }
-            if last.len() < CHUNK {
-                Arc::make_mut(last).push(entry);
-                self.len += 1;
-                return Ok(());
-            }
+        if self.sealed_last.is_some_and(|last| last >= entry.0) {
+            return Err(entry.0);
+        }
+        self.sealed_last = Some(entry.0);
+        if let Some(last) = self.chunks.last_mut()
+            && last.len() < CHUNK
+        {
+            Arc::make_mut(last).push(entry);
+            return Ok(());
         }
         let mut chunk = Vec::with_capacity(coming.clamp(1, CHUNK));
         chunk.push(entry);
         self.chunks.push(Arc::new(chunk));
-        self.len += 1;
         Ok(())
     }
 }
@@ -183,7 +257,7 @@ impl BucketMap {
 /// Stored as the sequence of (key, state) in key order.
 impl Serialize for BucketMap {
     fn serialize<S: Serializer>(&self, serializer: S) -> Result<S::Ok, S::Error> {
-        let mut seq = serializer.serialize_seq(Some(self.len))?;
+        let mut seq = serializer.serialize_seq(Some(self.len()))?;
         for entry in self.iter() {
             seq.serialize_element(entry)?;
         }
@@ -267,6 +341,16 @@ mod tests {
             }
             len += chunk.len();
         }
+        assert_eq!(
+            previous, map.sealed_last,
+            "sealed_last is the last chunk key"
+        );
+        assert!(map.tail.len() <= TAIL);
+        for (k, _) in &map.tail {
+            assert!(previous < Some(*k), "tail keys in order, above the chunks");
+            previous = Some(*k);
+        }
+        len += map.tail.len();
         assert_eq!(len, map.len());
     }
 
@@ -283,8 +367,12 @@ mod tests {
             *map.get_or_insert_with(key(k), || state(0)) = state(1);
         }
         check_invariant(&map);
+        // The last TAIL buckets are in the tail; the chunks before the last one are full.
+        assert_eq!(map.tail.len(), TAIL);
         assert_eq!(map.chunks.len(), 10);
-        assert!(map.chunks.iter().all(|chunk| chunk.len() == CHUNK));
+        let (last, full) = map.chunks.split_last().expect("chunks");
+        assert!(full.iter().all(|chunk| chunk.len() == CHUNK));
+        assert_eq!(last.len(), CHUNK - TAIL);
     }
 
     #[test]

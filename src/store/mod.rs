@@ -78,7 +78,7 @@ pub use dedup::DedupEntries;
 pub use error::{AppendError, StoreError};
 pub use reader::ReadEvents;
 
-use commit::Committer;
+use commit::{Committer, Publisher};
 use dedup::{DedupIndex, EventIdHasher};
 use writer::{PreparedEvents, Reply, WriteRequest, Writer};
 
@@ -98,6 +98,9 @@ const QUEUE_CAPACITY: usize = 1024;
 /// Applied groups waiting for the committer. Small: groups waiting here are written but
 /// not durable, and while it is full the writer lets requests gather into larger groups.
 const PIPELINE_DEPTH: usize = 2;
+/// Batches of durable groups waiting for the publisher (the read models). Small: their
+/// callers wait, and while it is full the committer lets groups gather into larger flushes.
+const PUBLISH_DEPTH: usize = 2;
 
 /// Requests of at most this many events are prepared (encoded) on the calling async task;
 /// larger ones on the blocking pool, so an async task never spends more than about 50 µs
@@ -370,7 +373,9 @@ impl EventLog {
         });
         let (sender, receiver) = mpsc::channel(QUEUE_CAPACITY);
         let (applied_sender, applied_receiver) = std::sync::mpsc::sync_channel(PIPELINE_DEPTH);
-        let committer = Committer::new(db, Arc::clone(&shared));
+        let (durable_sender, durable_receiver) = std::sync::mpsc::sync_channel(PUBLISH_DEPTH);
+        let committer = Committer::new(db, Arc::clone(&shared), durable_sender);
+        let publisher = Publisher::new(Arc::clone(&shared));
         let writer = Writer::new(
             segments,
             Arc::clone(&shared),
@@ -384,17 +389,21 @@ impl EventLog {
                 .spawn(run)
                 .map_err(StoreError::Spawn)
         };
+        let publisher = spawn(
+            "kpi-log-publish",
+            Box::new(move || publisher.run(durable_receiver)),
+        )?;
+        // If a later stage cannot start, the earlier ones end when their channels close.
         let committer = spawn(
             "kpi-log-commit",
             Box::new(move || committer.run(applied_receiver)),
         )?;
-        // If the writer cannot start, the committer ends when its channel closes.
         let writer = spawn("kpi-log-writer", Box::new(move || writer.run(receiver)))?;
         Ok(Self {
             inner: Arc::new(Inner {
                 shared,
                 sender: Mutex::new(Some(sender)),
-                threads: Mutex::new(vec![writer, committer]),
+                threads: Mutex::new(vec![writer, committer, publisher]),
             }),
         })
     }
@@ -589,7 +598,7 @@ impl std::fmt::Debug for EventLog {
 impl Inner {
     fn close(&self) -> Result<(), StoreError> {
         // Dropping the last sender lets the writer drain the queue and end; its end lets
-        // the committer finish the groups in flight and end.
+        // the committer finish the groups in flight and end, and its end the publisher.
         drop(lock(&self.sender).take());
         let threads = std::mem::take(&mut *lock(&self.threads));
         let mut panicked = false;
