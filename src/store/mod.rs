@@ -668,11 +668,20 @@ fn finish(reply: Reply) -> Result<Vec<Outcome>, AppendError> {
 /// is reported after this wait.
 const LOCK_PATIENCE: std::time::Duration = std::time::Duration::from_secs(1);
 
+/// sled's own cache of tree pages. Its default (1 GiB) filled with the segments a long
+/// ingest had written, which nothing reads again soon: the read models answer queries, and
+/// followers far behind read through the operating system's page cache.
+const SLED_CACHE_BYTES: u64 = 64 * 1024 * 1024;
+
 /// Opens sled in `dir`, telling a held lock apart from other I/O errors.
 fn open_db(dir: &Path) -> Result<sled::Db, StoreError> {
     let deadline = std::time::Instant::now() + LOCK_PATIENCE;
     loop {
-        match sled::Config::new().path(dir).open() {
+        match sled::Config::new()
+            .path(dir)
+            .cache_capacity(SLED_CACHE_BYTES)
+            .open()
+        {
             Ok(db) => return Ok(db),
             // sled 0.34 reports a held directory lock only as this message.
             Err(sled::Error::Io(io)) if io.to_string().contains("could not acquire lock") => {
