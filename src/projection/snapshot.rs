@@ -20,8 +20,10 @@ use crate::store::{DedupEntries, EventLog, Hash};
 /// File name of the snapshot inside the snapshot directory.
 pub const SNAPSHOT_FILE: &str = "projection.snapshot";
 /// Format of the snapshot file; a build reads only its own format (anything else is
-/// discarded and rebuilt, which is always correct, only slower).
-const FORMAT: u32 = 5;
+/// discarded and rebuilt, which is always correct, only slower). 6: a PERCENTILE bucket
+/// is stored as its exact values (up to 128) or as its sketch, where 5 always stored a
+/// sketch.
+const FORMAT: u32 = 6;
 
 /// Parts the measured KPIs' buckets are stored in, so a restart decodes them on every core.
 const MEASURED_PARTS: usize = 16;
