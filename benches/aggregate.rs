@@ -1,6 +1,7 @@
 //! Cost of the bucket states: `record` per kind (one state, and the six states one
 //! measurement updates, one per grain), `merge` of two buckets of 1000 measurements, and
-//! `summary` of such a bucket.
+//! `summary` of such a bucket; and PERCENTILE buckets of a few values (most DAY and WEEK
+//! buckets), which keep their values exactly.
 //!
 //! Run: `cargo bench --bench aggregate`
 
@@ -164,12 +165,37 @@ fn summary(c: &mut Criterion) {
     group.finish();
 }
 
+/// PERCENTILE buckets of a few values: recording 3, 24 and 128 reply times into a new
+/// bucket (per bucket, the allocation included), merging two buckets of 24 (a DAY into a
+/// WEEK), and the summary of a bucket of 24.
+fn percentile_small(c: &mut Criterion) {
+    let kind = KpiKind::Percentile;
+    let mut group = c.benchmark_group("percentile_small");
+    for n in [3, 24, 128] {
+        let batch = inputs(kind, n, 8);
+        group.bench_function(format!("record_{n}"), |b| {
+            b.iter(|| state_of(kind, black_box(&batch)));
+        });
+    }
+    let left = state_of(kind, &inputs(kind, 24, 9));
+    let right = state_of(kind, &inputs(kind, 24, 10));
+    group.bench_function("merge_24", |b| {
+        b.iter_batched_ref(
+            || left.clone(),
+            |target| target.merge(black_box(&right)).unwrap(),
+            BatchSize::SmallInput,
+        );
+    });
+    group.bench_function("summary_24", |b| b.iter(|| black_box(&left).summary()));
+    group.finish();
+}
+
 criterion_group! {
     name = benches;
     config = Criterion::default()
         .warm_up_time(Duration::from_secs(1))
         .measurement_time(Duration::from_secs(3));
-    targets = record, record_six_grains, merge, summary
+    targets = record, record_six_grains, merge, summary, percentile_small
 }
 
 fn main() {

@@ -25,8 +25,9 @@ use crate::store::{DedupEntries, EventLog, Hash};
 pub const SNAPSHOT_FILE: &str = "projection.snapshot";
 /// Format of the snapshot file; a build reads only its own format (anything else is
 /// discarded and rebuilt, which is always correct, only slower). Format 6: the parts follow
-/// the encoded snapshot as raw bytes, a checksum ends the file, and buckets are stored as
-/// sequences (`projection::buckets`).
+/// the encoded snapshot as raw bytes, a checksum ends the file, buckets are stored as
+/// sequences (`projection::buckets`), and a PERCENTILE bucket is stored as its exact values
+/// (up to 128) or as its sketch, where 5 always stored a sketch.
 const FORMAT: u32 = 6;
 
 /// Parts the measured KPIs' buckets are stored in, so a restart decodes them on every core.

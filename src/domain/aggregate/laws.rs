@@ -3,7 +3,8 @@
 //! whole list, retraction undoes recording, and the sketches stay within their error.
 //!
 //! Exact equality is required where the state is made of integers or of values chosen
-//! from the input (COUNT, MIN, MAX, LAST, NPS, CSAT, the sketches' bins and registers).
+//! from the input (COUNT, MIN, MAX, LAST, NPS, CSAT, PERCENTILE's exact values, the
+//! sketches' bins and registers).
 //! Sums and variances are compared within a tolerance: floating-point addition is not
 //! associative, so adding the same numbers grouped differently (which is what a merge
 //! does) rounds at different places. Compensated summation makes the error about one
@@ -234,10 +235,10 @@ proptest! {
 
     /// Recording a measurement and retracting it gives back the bucket (exact kinds), or
     /// flags what it cannot restore; retracting any recorded measurement equals the
-    /// bucket rebuilt without it.
+    /// bucket rebuilt without it. Up to 160 measurements: PERCENTILE in both forms.
     #[test]
     fn retract_undoes_record(
-        raws in prop::collection::vec(raw(), 0..120),
+        raws in prop::collection::vec(raw(), 0..160),
         extra in raw(),
         pick in any::<prop::sample::Index>(),
     ) {
@@ -267,8 +268,9 @@ proptest! {
         }
     }
 
-    /// PERCENTILE quantiles are within 1% of the exact value of the same rank; DISTINCT is
-    /// within 2% (+1 for a hash collision) of the exact number of subjects.
+    /// PERCENTILE quantiles are within 1% of the exact value of the same rank, and that
+    /// value itself up to [`PERCENTILE_EXACT_LIMIT`] values; DISTINCT is within 2% (+1 for a
+    /// hash collision) of the exact number of subjects.
     #[test]
     fn sketches_stay_within_their_error(raws in prop::collection::vec(raw(), 1..400)) {
         let observations = concrete(KpiKind::Percentile, &raws);
@@ -280,6 +282,9 @@ proptest! {
         };
         for (q, estimate) in [(0.5, detail.p50), (0.9, detail.p90), (0.95, detail.p95), (0.99, detail.p99)] {
             let exact = exact_quantile(&sorted, q);
+            if sorted.len() <= PERCENTILE_EXACT_LIMIT {
+                prop_assert_eq!(estimate, exact, "q={}", q);
+            }
             let bound = PERCENTILE_RELATIVE_ERROR * exact.abs() * (1.0 + 1e-9) + PERCENTILE_MIN_MAGNITUDE;
             prop_assert!((estimate - exact).abs() <= bound, "q={} exact={} estimate={}", q, exact, estimate);
         }
@@ -308,6 +313,14 @@ fn check_retraction(
 ) -> Result<(), TestCaseError> {
     match (kind, state.retract(o.observation())) {
         (_, Ok(Retracted::Exact)) => same_summary(kind, expected, &state.summary(), tolerance),
+        (KpiKind::Percentile, Err(AggregateError::NeedsRecompute { .. }))
+            if recorded.count <= u64::try_from(PERCENTILE_EXACT_LIMIT).unwrap() =>
+        {
+            Err(TestCaseError::fail(format!(
+                "a PERCENTILE bucket of {} values is exact and must retract exactly",
+                recorded.count
+            )))
+        }
         (KpiKind::Sum | KpiKind::Average, Ok(Retracted::MinMaxStale)) => {
             let mut stale = expected.clone();
             stale.min = None;

@@ -5,8 +5,9 @@
 //! [`BucketState::merge`] combines two buckets, so a month is the merge of its days and a
 //! group-by rollup the merge of its series, without rescanning events. A measurement is
 //! applied with [`BucketState::record`]; a retraction with [`BucketState::retract`], which
-//! is exact for COUNT, SUM, AVERAGE, NPS and CSAT and asks for a rebuild from the log where
-//! the state cannot subtract ([`AggregateError::NeedsRecompute`]).
+//! is exact for COUNT, SUM, AVERAGE, NPS, CSAT and PERCENTILE buckets of at most
+//! [`PERCENTILE_EXACT_LIMIT`] values, and asks for a rebuild from the log where the state
+//! cannot subtract ([`AggregateError::NeedsRecompute`]).
 //!
 //! | kind       | state                                    | merge                 |
 //! |------------|------------------------------------------|-----------------------|
@@ -16,7 +17,7 @@
 //! | MIN, MAX   | count, extreme                           | exact                 |
 //! | LAST       | count, value, occurred_at, seq           | exact                 |
 //! | NPS, CSAT  | histogram of scores                      | exact                 |
-//! | PERCENTILE | DDSketch (α = 1%) + Neumaier sum         | exact bins            |
+//! | PERCENTILE | ≤ 128 values, then DDSketch (α = 1%)     | exact values or bins  |
 //! | DISTINCT   | count + HyperLogLog++ (p = 14)           | exact registers       |
 //!
 //! RATIO has no state of its own: its bucket is [`ratio_summary`] of its numerator's and
@@ -41,7 +42,8 @@ pub use order::{ExtremeState, LastState, MaxState, MinState};
 pub use scores::{CSAT_HIGHEST, CSAT_LOWEST, CsatState, NPS_HIGHEST, NPS_LOWEST, NpsState};
 pub use sketches::{
     DISTINCT_PRECISION, DISTINCT_REGISTER_WIDTH, DISTINCT_STANDARD_ERROR, DistinctState,
-    PERCENTILE_MAX_BINS, PERCENTILE_MIN_MAGNITUDE, PERCENTILE_RELATIVE_ERROR, PercentileState,
+    PERCENTILE_EXACT_LIMIT, PERCENTILE_MAX_BINS, PERCENTILE_MIN_MAGNITUDE,
+    PERCENTILE_RELATIVE_ERROR, PercentileState,
 };
 
 use super::{KpiKind, Measurement};
@@ -343,7 +345,9 @@ impl BucketState {
     ///   value was at a bound (min/max then need a rebuild).
     /// - MIN, MAX, LAST: exact when the measurement is not the reported one, else
     ///   [`AggregateError::NeedsRecompute`].
-    /// - PERCENTILE, DISTINCT: always [`AggregateError::NeedsRecompute`].
+    /// - PERCENTILE: exact while the bucket holds at most [`PERCENTILE_EXACT_LIMIT`]
+    ///   values, else (a sketch) [`AggregateError::NeedsRecompute`].
+    /// - DISTINCT: always [`AggregateError::NeedsRecompute`].
     ///
     /// On every error the bucket is unchanged (it may be stored in its full form).
     pub fn retract(&mut self, observation: Observation<'_>) -> Result<Retracted, AggregateError> {
@@ -358,7 +362,8 @@ impl BucketState {
             Repr::Last(s) => s.retract(observation.occurred_at, observation.seq),
             Repr::Nps(s) => s.retract(value),
             Repr::Csat(s) => s.retract(value),
-            Repr::Percentile(_) | Repr::Distinct(_) | Repr::Empty(_) | Repr::One(..) => {
+            Repr::Percentile(s) => s.retract(value),
+            Repr::Distinct(_) | Repr::Empty(_) | Repr::One(..) => {
                 if self.count() == 0 {
                     Err(AggregateError::NothingToRetract { kind: self.kind() })
                 } else {
@@ -709,19 +714,41 @@ mod tests {
 
     #[test]
     fn sketches_ask_for_a_rebuild_on_retraction() {
-        for kind in [KpiKind::Percentile, KpiKind::Distinct] {
-            let mut state = BucketState::new(kind).unwrap();
-            assert_eq!(
-                state.retract(observation(1.0)),
-                Err(AggregateError::NothingToRetract { kind })
-            );
-            state.record(observation(1.0)).unwrap();
-            assert_eq!(
-                state.retract(observation(1.0)),
-                Err(AggregateError::NeedsRecompute { kind })
-            );
-            assert_eq!(state.count(), 1);
+        let kind = KpiKind::Distinct;
+        let mut state = BucketState::new(kind).unwrap();
+        assert_eq!(
+            state.retract(observation(1.0)),
+            Err(AggregateError::NothingToRetract { kind })
+        );
+        state.record(observation(1.0)).unwrap();
+        assert_eq!(
+            state.retract(observation(1.0)),
+            Err(AggregateError::NeedsRecompute { kind })
+        );
+        assert_eq!(state.count(), 1);
+
+        // PERCENTILE takes values back exactly until it becomes a sketch.
+        let kind = KpiKind::Percentile;
+        let mut state = BucketState::new(kind).unwrap();
+        assert_eq!(
+            state.retract(observation(1.0)),
+            Err(AggregateError::NothingToRetract { kind })
+        );
+        state.record(observation(1.0)).unwrap();
+        assert_eq!(state.retract(observation(1.0)), Ok(Retracted::Exact));
+        assert_eq!(state.count(), 0);
+        assert_eq!(state.summary(), BucketState::new(kind).unwrap().summary());
+        for i in 0..=PERCENTILE_EXACT_LIMIT {
+            state
+                .record(observation(f64::from(u32::try_from(i).unwrap())))
+                .unwrap();
         }
+        let before = state.summary();
+        assert_eq!(
+            state.retract(observation(1.0)),
+            Err(AggregateError::NeedsRecompute { kind })
+        );
+        assert_eq!(state.summary(), before);
     }
 
     #[test]
