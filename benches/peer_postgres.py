@@ -1,14 +1,22 @@
 #!/usr/bin/env python3
-"""Peer comparison: kpi-service against "a table in PostgreSQL plus GROUP BY".
+"""Peer comparison: kpi-service against raw sled and "a table in PostgreSQL plus GROUP BY".
 
-One run measures both sides on the same generated data and prints both sides and the
-ratios, as a table and as one JSON line:
+One run measures the three sides on the same generated data, one after the other (each
+alone on the machine), and prints every side and the ratios, as a table and as one JSON
+line:
 
   kpi-service  `kpi-load generate` writes the workload as CSV; a fresh `kpi-server`
                (release build, empty data directory, durable defaults) gets the same
                measurements from `kpi-load ingest` (batches of --batch, --producers
                streams); `kpi-load query` asks GetAggregates for 24 monthly buckets of
                one SUM KPI, --query-requests times with --query-concurrency in flight.
+  raw sled     after kpi-server has stopped and before PostgreSQL starts: `kpi-load sled`
+               writes the same measurements into a fresh sled database (one key per
+               measurement, its protobuf encoding as the value, an apply_batch and a
+               flush per --batch, from --producers threads), the most direct durable
+               code on the store the service uses; then it answers the same 24 monthly
+               buckets by a full scan decoding every value, --sled-queries times, one
+               at a time (no index: the baseline writes no code beyond the scan).
   PostgreSQL   a private cluster (initdb into a temp dir, 127.0.0.1 only, fsync=on,
                synchronous_commit=on) with one table
                  measurements(kpi_id, occurred_at, value, channel, subject)
@@ -22,17 +30,21 @@ ratios, as a table and as one JSON line:
                by pgbench (C client, prepared statement, after a warm-up) with the same
                concurrency and request count.
 
-Both answers are compared bucket by bucket (count exact, sum within 1e-6 relative);
-a disagreement is reported loudly and the script exits with status 2.
+The answers are compared bucket by bucket with kpi-service's (count exact, sum within
+1e-6 relative); a disagreement is reported loudly and the script exits with status 2.
+Ratios are written so that above 1 means kpi-service does better: throughput
+ours/other, latency and disk other/ours.
 
 The script installs what it lacks: PostgreSQL server binaries (apt-get) when none are
 found, and the Python packages psycopg (PostgreSQL client) and grpcio-tools (to read
 kpi-server's answer through stubs generated from proto/ at run time) with pip. Run as
 root, the cluster belongs to the `postgres` user (created when missing). Everything
-lives in one temporary directory, removed at the end unless --keep; kpi-server and
+lives in one temporary directory, removed at the end unless --keep (the sled database
+is removed as soon as it is measured, to leave the disk to PostgreSQL); kpi-server and
 PostgreSQL are stopped on exit, also after Ctrl-C or an error.
 
-Not part of CI. Figures and caveats: BENCHMARKS.md, "Peer comparison: PostgreSQL".
+Not part of CI. Figures and caveats: BENCHMARKS.md, "Peer comparison: raw sled and
+PostgreSQL".
 """
 
 from __future__ import annotations
@@ -100,11 +112,11 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
         formatter_class=argparse.RawDescriptionHelpFormatter,
         epilog=(
             "example: python3 benches/peer_postgres.py --measurements 1000000\n"
-            "         python3 benches/peer_postgres.py --kpi-bin-dir ../target/release --side both\n"
+            "         python3 benches/peer_postgres.py --kpi-bin-dir ../target/release --side ours\n"
             "Progress goes to stderr; stdout gets the table and one JSON line."
         ),
     )
-    workload = parser.add_argument_group("workload (the same on both sides)")
+    workload = parser.add_argument_group("workload (the same on every side)")
     workload.add_argument("--measurements", type=int, default=10_000_000,
                           help="measurements to generate and load (default %(default)s)")
     workload.add_argument("--kpis", type=int, default=1000,
@@ -114,15 +126,20 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
                           help="end of the generated time range, RFC 3339 (default %(default)s); "
                                "the query asks the 24 whole months before it, in the KPI's timezone")
     workload.add_argument("--producers", type=int, default=4,
-                          help="concurrent ingest streams / COPY connections (default %(default)s)")
+                          help="concurrent ingest streams / sled writer threads / COPY connections "
+                               "(default %(default)s)")
     workload.add_argument("--batch", type=int, default=1000,
-                          help="measurements per acknowledged batch / COPY transaction (default %(default)s)")
+                          help="measurements per acknowledged batch / sled flush / COPY transaction "
+                               "(default %(default)s)")
     workload.add_argument("--query-requests", type=int, default=10_000,
-                          help="aggregate queries per side (default %(default)s)")
+                          help="aggregate queries of kpi-service and PostgreSQL (default %(default)s)")
     workload.add_argument("--query-concurrency", type=int, default=4,
                           help="queries in flight (default %(default)s)")
     workload.add_argument("--query-kpi", default=None,
                           help="KPI to query (default: the first SUM KPI, preferring one named revenue)")
+    workload.add_argument("--sled-queries", type=int, default=3,
+                          help="full scans timed on the raw sled side, one at a time; each reads "
+                               "every measurement (default %(default)s)")
 
     pg = parser.add_argument_group("PostgreSQL")
     pg.add_argument("--pg-bin-dir", type=Path, default=None,
@@ -140,14 +157,16 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
                          "load, so the query is an index-only scan (default %(default)s)")
 
     run = parser.add_argument_group("run")
-    run.add_argument("--side", choices=["both", "ours", "pg"], default="both",
-                     help="measure both sides (default), or only one")
+    run.add_argument("--side", choices=["all", "both", "ours", "sled", "pg"], default="all",
+                     help="all: kpi-service, raw sled and PostgreSQL (default); both: kpi-service "
+                          "and PostgreSQL; or only one side")
     run.add_argument("--data-dir", type=Path, default=None,
                      help="use kpis.csv and measurements.csv from this directory instead of "
                           "`kpi-load generate` (only with --side pg)")
     run.add_argument("--kpi-bin-dir", type=Path, default=None,
                      help="directory holding kpi-server and kpi-load (skips the build); "
-                          "e.g. another worktree's target/release")
+                          "e.g. another worktree's target/release (the raw sled side needs a "
+                          "kpi-load with the sled scenario)")
     run.add_argument("--skip-build", action="store_true",
                      help="do not run cargo build; use the binaries already in the target dir")
     run.add_argument("--keep", action="store_true", help="keep the temporary directory")
@@ -156,10 +175,12 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     args = parser.parse_args(argv)
     if args.data_dir is not None and args.side != "pg":
         parser.error("--data-dir only with --side pg: kpi-load ingest generates its own data")
-    for name in ("measurements", "kpis", "producers", "batch", "query_requests", "query_concurrency"):
+    for name in ("measurements", "kpis", "producers", "batch", "query_requests", "query_concurrency",
+                 "sled_queries"):
         if getattr(args, name) <= 0:
             parser.error(f"--{name.replace('_', '-')} must be positive")
     args.end_time = parse_rfc3339(args.end)
+    args.sides = {"all": ("ours", "sled", "pg"), "both": ("ours", "pg")}.get(args.side, (args.side,))
     return args
 
 
@@ -506,6 +527,42 @@ def run_ours(args: argparse.Namespace, bin_dir: Path, workload: Workload, work: 
 
 
 # ----------------------------------------------------------------------------------------
+# Raw sled side: kpi-load sled, no server
+# ----------------------------------------------------------------------------------------
+
+
+def run_sled(args: argparse.Namespace, bin_dir: Path, workload: Workload, work: Path) -> SideResult:
+    result = SideResult("raw sled")
+    result.info["loadavg_start"] = os.getloadavg()
+    data_dir = work / "sled-data"
+    stdout = run_logged(
+        [str(bin_dir / "kpi-load"), "sled", "--data-dir", str(data_dir), "--producers", str(args.producers),
+         "--batch", str(args.batch), "--queries", str(args.sled_queries), "--kpi", workload.query_kpi,
+         "--grain", "MONTH", "--buckets", str(QUERY_BUCKETS), *workload_flags(args)],
+        work / "kpi-load.log", "kpi-load sled",
+    )
+    sys.stderr.write(stdout)
+    result.ingest = last_json_line(stdout, "sled")
+    result.query = last_json_line(stdout, "sled_query")
+    result.disk_bytes = result.ingest["disk_bytes"]
+    result.disk_detail = {"data_dir_bytes": result.disk_bytes}
+    asked = (parse_rfc3339(result.query["range_start"]), parse_rfc3339(result.query["range_end"]))
+    if asked != (workload.query_start, workload.query_end):
+        log(f"WARNING: kpi-load sled summed [{rfc3339(asked[0])}, {rfc3339(asked[1])}), not "
+            f"[{rfc3339(workload.query_start)}, {rfc3339(workload.query_end)}); the agreement check will show it")
+    result.buckets = {int(parse_rfc3339(bucket["start"]).timestamp()): (float(bucket["sum"]), int(bucket["count"]))
+                      for bucket in result.query["answer"]}
+    result.info["keys"] = result.ingest["keys"]
+    result.info["open_seconds"] = result.query["open_seconds"]
+    # The answer is kept in `buckets`; the JSON summary need not carry it twice.
+    del result.query["answer"]
+    if not args.keep:
+        shutil.rmtree(data_dir, ignore_errors=True)
+    result.info["loadavg_end"] = os.getloadavg()
+    return result
+
+
+# ----------------------------------------------------------------------------------------
 # PostgreSQL side
 # ----------------------------------------------------------------------------------------
 
@@ -795,25 +852,34 @@ def run_pg(args: argparse.Namespace, workload: Workload, work: Path, cleanup: co
 # ----------------------------------------------------------------------------------------
 
 
-def compare_buckets(ours: dict[int, tuple[float, int]], theirs: dict[int, tuple[float, int]]) -> list[str]:
+def compare_buckets(first: SideResult, second: SideResult) -> list[str]:
+    ours, theirs = first.buckets, second.buckets
+    a, b = first.name, second.name
     problems = []
     for start in sorted(set(ours) | set(theirs)):
         when = dt.datetime.fromtimestamp(start, dt.timezone.utc).isoformat()
         if start not in ours:
-            problems.append(f"bucket {when}: only PostgreSQL has it {theirs[start]}")
+            problems.append(f"bucket {when}: only {b} has it {theirs[start]}")
             continue
         if start not in theirs:
-            problems.append(f"bucket {when}: only kpi-service has it {ours[start]}")
+            problems.append(f"bucket {when}: only {a} has it {ours[start]}")
             continue
-        (our_sum, our_count), (pg_sum, pg_count) = ours[start], theirs[start]
-        if our_count != pg_count:
-            problems.append(f"bucket {when}: count {our_count} (kpi-service) vs {pg_count} (PostgreSQL)")
-        scale = max(abs(our_sum), abs(pg_sum), 1e-12)
-        if abs(our_sum - pg_sum) > SUM_RELATIVE_TOLERANCE * scale:
-            problems.append(f"bucket {when}: sum {our_sum!r} (kpi-service) vs {pg_sum!r} (PostgreSQL)")
+        (our_sum, our_count), (their_sum, their_count) = ours[start], theirs[start]
+        if our_count != their_count:
+            problems.append(f"bucket {when}: count {our_count} ({a}) vs {their_count} ({b})")
+        scale = max(abs(our_sum), abs(their_sum), 1e-12)
+        if abs(our_sum - their_sum) > SUM_RELATIVE_TOLERANCE * scale:
+            problems.append(f"bucket {when}: sum {our_sum!r} ({a}) vs {their_sum!r} ({b})")
     if not ours and not theirs:
-        problems.append("neither side returned a bucket: the query range holds no data")
+        problems.append(f"neither {a} nor {b} returned a bucket: the query range holds no data")
     return problems
+
+
+def compare_sides(sides: list[SideResult]) -> list[str] | None:
+    """Every side's answer against the first's (kpi-service's when it ran); None with one side."""
+    if len(sides) < 2:
+        return None
+    return [problem for other in sides[1:] for problem in compare_buckets(sides[0], other)]
 
 
 def ratio(numerator: float | None, denominator: float | None) -> float | None:
@@ -832,8 +898,8 @@ def fmt_loadavg(values: tuple[float, float, float]) -> str:
     return " ".join(f"{value:.1f}" for value in values)
 
 
-def report(args: argparse.Namespace, workload: Workload, ours: SideResult | None, pg: SideResult | None,
-           problems: list[str] | None) -> dict:
+def report(args: argparse.Namespace, workload: Workload, ours: SideResult | None, sled: SideResult | None,
+           pg: SideResult | None, problems: list[str] | None) -> dict:
     def get(side: SideResult | None, part: str, key: str) -> float | None:
         if side is None:
             return None
@@ -846,47 +912,79 @@ def report(args: argparse.Namespace, workload: Workload, ours: SideResult | None
         items = get(side, "ingest", "items")
         return side.disk_bytes / items if items else None
 
-    ingest_ratio = ratio(get(ours, "ingest", "items_per_s"), get(pg, "ingest", "items_per_s"))
-    p50_ratio = ratio(get(pg, "query", "p50_us"), get(ours, "query", "p50_us"))
-    p99_ratio = ratio(get(pg, "query", "p99_us"), get(ours, "query", "p99_us"))
-    disk_ratio = ratio(per_item(pg), per_item(ours))
+    # Every ratio is "how many times better kpi-service does": throughput ours/other,
+    # latency and disk other/ours.
+    def faster(other: SideResult | None, part: str, key: str) -> float | None:
+        return ratio(get(ours, part, key), get(other, part, key))
+
+    def quicker(other: SideResult | None, part: str, key: str) -> float | None:
+        return ratio(get(other, part, key), get(ours, part, key))
+
+    def smaller(other: SideResult | None) -> float | None:
+        return ratio(per_item(other), per_item(ours))
+
+    ingest_ratio = faster(pg, "ingest", "items_per_s")
+    p50_ratio = quicker(pg, "query", "p50_us")
+    p99_ratio = quicker(pg, "query", "p99_us")
+    disk_ratio = smaller(pg)
+    sled_ingest_ratio = faster(sled, "ingest", "items_per_s")
+    sled_p50_ratio = quicker(sled, "query", "p50_us")
+    sled_p99_ratio = quicker(sled, "query", "p99_us")
+    sled_disk_ratio = smaller(sled)
 
     pg_version = pg.info.get("server_version") if pg else None
-    loaded = get(ours, "ingest", "items") or get(pg, "ingest", "items")
+    loaded = get(ours, "ingest", "items") or get(sled, "ingest", "items") or get(pg, "ingest", "items")
     workload_text = (f"{int(loaded):,} measurements" if loaded else f"{args.measurements:,} measurements")
     workload_text += f" from {args.data_dir}" if args.data_dir else f", {args.kpis} KPIs, seed {args.seed}"
-    title = f"Peer comparison: kpi-service vs PostgreSQL {pg_version or ''}".rstrip() + f" -- {workload_text}"
+    names = [name for side, name in ((ours, "kpi-service"), (sled, "raw sled"), (pg, f"PostgreSQL {pg_version}"))
+             if side is not None]
+    title = f"Peer comparison: {' vs '.join(names)} -- {workload_text}"
+
+    def cells(part: str, key: str, digits: int = 0) -> tuple[str, str, str]:
+        return tuple(fmt(get(side, part, key), digits) for side in (ours, sled, pg))
+
+    query_target = f"PG/ours >= {QUERY_TARGET_RATIO:g}x"
     rows = [
-        ("ingest, measurements/s (durable)", fmt(get(ours, "ingest", "items_per_s")),
-         fmt(get(pg, "ingest", "items_per_s")), ingest_ratio, f"ours/PG >= {INGEST_TARGET_RATIO:g}x"),
-        (f"ingest batch latency p50, us", fmt(get(ours, "ingest", "p50_us")), fmt(get(pg, "ingest", "p50_us")), None, ""),
-        (f"ingest batch latency p99, us", fmt(get(ours, "ingest", "p99_us")), fmt(get(pg, "ingest", "p99_us")), None, ""),
-        (f"query p50 ({QUERY_BUCKETS} monthly buckets), us", fmt(get(ours, "query", "p50_us"), 1),
-         fmt(get(pg, "query", "p50_us"), 1), p50_ratio, f"PG/ours >= {QUERY_TARGET_RATIO:g}x"),
-        ("query p90, us", fmt(get(ours, "query", "p90_us"), 1), fmt(get(pg, "query", "p90_us"), 1),
-         ratio(get(pg, "query", "p90_us"), get(ours, "query", "p90_us")), ""),
-        ("query p99, us", fmt(get(ours, "query", "p99_us"), 1), fmt(get(pg, "query", "p99_us"), 1), p99_ratio,
-         f"PG/ours >= {QUERY_TARGET_RATIO:g}x"),
-        ("query max, us", fmt(get(ours, "query", "max_us"), 1), fmt(get(pg, "query", "max_us"), 1), None, ""),
-        ("disk bytes per measurement", fmt(per_item(ours), 1), fmt(per_item(pg), 1), disk_ratio, "PG/ours"),
+        ("ingest, measurements/s (durable)", *cells("ingest", "items_per_s"), sled_ingest_ratio, ingest_ratio,
+         f"ours/PG >= {INGEST_TARGET_RATIO:g}x"),
+        ("ingest batch latency p50, us", *cells("ingest", "p50_us"), None, None, ""),
+        ("ingest batch latency p99, us", *cells("ingest", "p99_us"), None, None, ""),
+        (f"query p50 ({QUERY_BUCKETS} monthly buckets), us", *cells("query", "p50_us", 1), sled_p50_ratio, p50_ratio,
+         query_target),
+        ("query p90, us", *cells("query", "p90_us", 1), quicker(sled, "query", "p90_us"),
+         quicker(pg, "query", "p90_us"), ""),
+        ("query p99, us", *cells("query", "p99_us", 1), sled_p99_ratio, p99_ratio, query_target),
+        ("query max, us", *cells("query", "max_us", 1), None, None, ""),
+        ("disk bytes per measurement", fmt(per_item(ours), 1), fmt(per_item(sled), 1), fmt(per_item(pg), 1),
+         sled_disk_ratio, disk_ratio, ""),
     ]
     width = max(len(r[0]) for r in rows)
     print(title)
-    answered = (ours or pg).buckets if (ours or pg) else {}
+    answered = next((side.buckets for side in (ours, sled, pg) if side is not None), {})
     rows_in_range = sum(count for _sum, count in answered.values())
     print(f"  query: {workload.query_kpi} ({workload.query_timezone}), [{rfc3339(workload.query_start)}, "
           f"{rfc3339(workload.query_end)}), {rows_in_range:,} measurements in range, "
-          f"{args.query_requests} requests, {args.query_concurrency} in flight; "
-          f"ingest: batches of {args.batch}, {args.producers} producers")
-    print(f"  {'':{width}}  {'kpi-service':>14}  {'PostgreSQL':>14}  {'ratio':>8}  target")
-    for label, our_text, pg_text, value, target in rows:
+          f"{args.query_requests} requests, {args.query_concurrency} in flight"
+          + (f" (raw sled: {args.sled_queries} full scans, one at a time)" if sled else "")
+          + f"; ingest: batches of {args.batch}, {args.producers} producers")
+    print("  ratios: above 1 means kpi-service does better (throughput ours/other, latency and disk other/ours)")
+
+    def ratio_text(value: float | None) -> str:
+        if value is None:
+            return "-"
+        # Two decimals below 10x: the sled ratios of ingest lie around 1.
+        return f"{value:,.2f}x" if value < 10 else f"{value:,.1f}x"
+
+    print(f"  {'':{width}}  {'kpi-service':>14}  {'raw sled':>14}  {'PostgreSQL':>14}  {'vs sled':>9}  "
+          f"{'vs PG':>9}  target (vs PG)")
+    for label, our_text, sled_text, pg_text, vs_sled, vs_pg, target in rows:
         verdict = ""
-        if value is not None and target.startswith(("ours/PG >=", "PG/ours >=")):
+        if vs_pg is not None and target:
             goal = INGEST_TARGET_RATIO if target.startswith("ours/PG") else QUERY_TARGET_RATIO
-            verdict = "  met" if value >= goal else "  MISSED"
-        ratio_text = f"{value:,.1f}x" if value is not None else "-"
-        print(f"  {label:{width}}  {our_text:>14}  {pg_text:>14}  {ratio_text:>8}  {target}{verdict}")
-    for side in (ours, pg):
+            verdict = "  met" if vs_pg >= goal else "  MISSED"
+        print(f"  {label:{width}}  {our_text:>14}  {sled_text:>14}  {pg_text:>14}  {ratio_text(vs_sled):>9}  "
+              f"{ratio_text(vs_pg):>9}  {target}{verdict}")
+    for side in (ours, sled, pg):
         if side is not None:
             # Other work on the machine skews every figure; say how busy it was.
             print(f"  {side.name}: load average (1/5/15 min) before {fmt_loadavg(side.info['loadavg_start'])}, "
@@ -895,6 +993,9 @@ def report(args: argparse.Namespace, workload: Workload, ours: SideResult | None
         parts = ", ".join(f"{key.removesuffix('_bytes')} {fmt(value)}" for key, value in ours.disk_detail.items()
                           if key != "data_dir_bytes")
         print(f"  kpi-service: data directory {fmt(ours.disk_bytes)} bytes after SIGTERM ({parts})")
+    if sled is not None:
+        print(f"  raw sled: data directory {fmt(sled.disk_bytes)} bytes after close, {fmt(sled.info['keys'])} keys; "
+              f"reopen {sled.info['open_seconds']:.3f} s; each query a full scan of every key")
     if pg is not None:
         disk = pg.disk_detail
         print(f"  PostgreSQL: pg_total_relation_size {fmt(disk['total_relation_bytes'])} bytes "
@@ -905,18 +1006,21 @@ def report(args: argparse.Namespace, workload: Workload, ours: SideResult | None
         for statement in pg.info["indexes"]:
             print(f"  PostgreSQL: {statement}")
         print("  PostgreSQL settings: " + ", ".join(f"{k}={v}" for k, v in pg.info["settings"].items()))
+    sides = [side for side in (ours, sled, pg) if side is not None]
     if problems is None:
         print("  agreement: not checked (one side only)")
     elif problems:
         print(f"  agreement: MISMATCH in {len(problems)} place(s), see stderr")
     else:
-        print(f"  agreement: {len(ours.buckets)} buckets, counts equal, sums within {SUM_RELATIVE_TOLERANCE:g} relative")
+        print(f"  agreement: {len(sides[0].buckets)} buckets, {' = '.join(side.name for side in sides)}: counts "
+              f"equal, sums within {SUM_RELATIVE_TOLERANCE:g} relative")
 
     summary = {
         "scenario": "peer_postgres",
         "measurements": args.measurements, "kpis": args.kpis, "seed": args.seed, "end": args.end,
         "producers": args.producers, "batch": args.batch,
         "query_requests": args.query_requests, "query_concurrency": args.query_concurrency,
+        "sled_queries": args.sled_queries,
         "query_kpi": workload.query_kpi, "query_timezone": workload.query_timezone,
         "query_start": rfc3339(workload.query_start), "query_end": rfc3339(workload.query_end),
         "query_measurements_in_range": rows_in_range,
@@ -924,12 +1028,18 @@ def report(args: argparse.Namespace, workload: Workload, ours: SideResult | None
         "ours": None if ours is None else {"ingest": ours.ingest, "query": ours.query, "info": ours.info,
                                             "disk_bytes": ours.disk_bytes, "disk": ours.disk_detail,
                                             "disk_bytes_per_measurement": per_item(ours)},
+        "sled": None if sled is None else {"ingest": sled.ingest, "query": sled.query, "info": sled.info,
+                                            "disk_bytes": sled.disk_bytes,
+                                            "disk_bytes_per_measurement": per_item(sled)},
         "postgres": None if pg is None else {"version": pg_version, "info": pg.info, "ingest": pg.ingest,
                                               "query": pg.query, "disk": pg.disk_detail,
                                               "disk_bytes_per_measurement": per_item(pg)},
         "ratios": {"ingest_ours_over_pg": ingest_ratio, "query_p50_pg_over_ours": p50_ratio,
-                   "query_p99_pg_over_ours": p99_ratio, "disk_pg_over_ours": disk_ratio},
-        "agreement": None if problems is None else {"ok": not problems, "problems": problems},
+                   "query_p99_pg_over_ours": p99_ratio, "disk_pg_over_ours": disk_ratio,
+                   "ingest_ours_over_sled": sled_ingest_ratio, "query_p50_sled_over_ours": sled_p50_ratio,
+                   "query_p99_sled_over_ours": sled_p99_ratio, "disk_sled_over_ours": sled_disk_ratio},
+        "agreement": None if problems is None else {"ok": not problems, "sides": [side.name for side in sides],
+                                                    "problems": problems},
     }
     print(json.dumps(summary, separators=(",", ":")))
     sys.stdout.flush()
@@ -959,9 +1069,9 @@ def main(argv: list[str]) -> int:
             cleanup.callback(shutil.rmtree, work, ignore_errors=True)
         try:
             bin_dir = None
-            if args.side in ("both", "ours") or args.data_dir is None:
+            if "ours" in args.sides or "sled" in args.sides or args.data_dir is None:
                 bin_dir = kpi_binaries(args)
-            if args.side in ("both", "pg"):
+            if "pg" in args.sides:
                 ensure_python_module("psycopg", "psycopg[binary]")
                 find_pg_bin_dir(args.pg_bin_dir)
 
@@ -979,13 +1089,16 @@ def main(argv: list[str]) -> int:
             workload = Workload(data, kpi_id, timezone, start, end)
             log(f"query KPI {kpi_id} ({timezone}), range [{rfc3339(start)}, {rfc3339(end)})")
 
-            ours = run_ours(args, bin_dir, workload, work, cleanup) if args.side in ("both", "ours") else None
-            pg = run_pg(args, workload, work, cleanup) if args.side in ("both", "pg") else None
-            problems = compare_buckets(ours.buckets, pg.buckets) if ours and pg else None
-            report(args, workload, ours, pg, problems)
+            # One side at a time, each alone on the machine: kpi-server is stopped before
+            # the sled side starts, and PostgreSQL starts after the sled side has ended.
+            ours = run_ours(args, bin_dir, workload, work, cleanup) if "ours" in args.sides else None
+            sled = run_sled(args, bin_dir, workload, work) if "sled" in args.sides else None
+            pg = run_pg(args, workload, work, cleanup) if "pg" in args.sides else None
+            problems = compare_sides([side for side in (ours, sled, pg) if side is not None])
+            report(args, workload, ours, sled, pg, problems)
             if problems:
                 print("\n" + "!" * 78, file=sys.stderr)
-                print("MISMATCH: kpi-service and PostgreSQL disagree on the aggregate:", file=sys.stderr)
+                print("MISMATCH: the sides disagree on the aggregate:", file=sys.stderr)
                 for problem in problems:
                     print(f"  {problem}", file=sys.stderr)
                 print("!" * 78, file=sys.stderr)

@@ -8,7 +8,11 @@ use std::sync::Arc;
 use chrono::{DurationRound, TimeDelta, Utc};
 use common::TestServer;
 use indicatif::ProgressBar;
-use kpi_service::load::{self, GrainArg, IngestOptions, QueryOptions, RecordOptions, WatchOptions};
+use kpi_service::load::{
+    self, GrainArg, IngestOptions, LoadError, QueryOptions, RawSledOptions, RecordOptions,
+    WatchOptions,
+};
+use kpi_service::proto;
 use kpi_service::workload::{Workload, WorkloadConfig};
 
 fn workload(measurements: u64) -> Arc<Workload> {
@@ -66,6 +70,8 @@ async fn every_scenario_runs_against_the_real_server() {
         5003
     );
     assert_eq!(server.log_info().await.head_seq, head);
+
+    raw_sled_agrees_with_the_server(&server, &workload).await;
 
     // Query: one latency per request, at most 24 monthly buckets each.
     let options = QueryOptions {
@@ -141,6 +147,132 @@ async fn every_scenario_runs_against_the_real_server() {
         assert_eq!(extra("record_errors"), 0);
     }
     server.stop().await;
+}
+
+/// The `sled` scenario on the workload the server was fed: every measurement is one key
+/// holding its protobuf encoding, and the full-scan query finds the monthly buckets
+/// GetAggregates answers for the same range.
+async fn raw_sled_agrees_with_the_server(server: &TestServer, workload: &Arc<Workload>) {
+    let dir = tempfile::tempdir().unwrap();
+    let db_dir = dir.path().join("db");
+    let options = RawSledOptions {
+        data_dir: db_dir.clone(),
+        producers: 3,
+        batch: 100,
+        queries: 2,
+        kpi: "revenue_001".into(),
+        grain: GrainArg::Month,
+        buckets: 24,
+    };
+    let run = {
+        let (workload, options) = (Arc::clone(workload), options.clone());
+        tokio::task::spawn_blocking(move || {
+            load::raw_sled(&workload, &options, &ProgressBar::hidden())
+        })
+    };
+    let reports = run.await.unwrap().unwrap();
+    assert_eq!(reports.len(), 2);
+    let (ingest, query) = (&reports[0], &reports[1]);
+    let extra = |report: &load::Report, key: &str| {
+        report
+            .extra
+            .iter()
+            .find(|(k, _)| *k == key)
+            .unwrap_or_else(|| panic!("no {key} in {}", report.table()))
+            .1
+            .clone()
+    };
+
+    assert_eq!(ingest.scenario, "sled");
+    assert_eq!(ingest.items, 5003, "{}", ingest.table());
+    assert_eq!(ingest.ops, 51);
+    assert_eq!(ingest.latencies.count(), 51);
+    assert_eq!(extra(ingest, "keys"), 5003);
+    let per_measurement = extra(ingest, "disk_bytes_per_measurement")
+        .as_f64()
+        .unwrap();
+    assert!(per_measurement > 20.0, "{}", ingest.table());
+    let json: serde_json::Value = serde_json::from_str(&ingest.json_line()).unwrap();
+    assert_eq!(json["scenario"], "sled");
+    assert_eq!(json["items"], 5003);
+
+    // The database itself, opened again: key i is measurement i, encoded by prost.
+    let db = open_when_released(&db_dir);
+    let tree = db.open_tree("measurements").unwrap();
+    assert_eq!(tree.len(), 5003);
+    for index in [0_u64, 1, 2500, 5002] {
+        let value = tree.get(index.to_be_bytes()).unwrap().unwrap();
+        let stored = <proto::Measurement as prost::Message>::decode(value.as_ref()).unwrap();
+        assert_eq!(stored, workload.measurement(index), "key {index}");
+    }
+    drop(tree);
+    drop(db);
+
+    assert_eq!(query.scenario, "sled_query");
+    assert_eq!(query.ops, 2);
+    assert_eq!(query.latencies.count(), 2);
+    assert_eq!(query.items, 2 * 5003);
+    assert_eq!(extra(query, "rows_per_query"), 5003);
+    let answer = extra(query, "answer");
+    let answer = answer.as_array().unwrap();
+    let parse = |key: &str| {
+        chrono::DateTime::parse_from_rfc3339(extra(query, key).as_str().unwrap())
+            .unwrap()
+            .with_timezone(&Utc)
+    };
+    let request = proto::GetAggregatesRequest {
+        kpi_id: "revenue_001".into(),
+        grain: proto::Grain::Month.into(),
+        start: Some(kpi_service::workload::timestamp(parse("range_start"))),
+        end: Some(kpi_service::workload::timestamp(parse("range_end"))),
+        fill: proto::Fill::None.into(),
+        ..proto::GetAggregatesRequest::default()
+    };
+    let served = common::buckets(server, request).await.unwrap();
+    assert!(served.len() >= 20, "{served:?}");
+    assert_eq!(answer.len(), served.len(), "{}", query.table());
+    let mut in_range = 0;
+    for (ours, theirs) in answer.iter().zip(&served) {
+        let start = chrono::DateTime::parse_from_rfc3339(ours["start"].as_str().unwrap()).unwrap();
+        assert_eq!(start.timestamp(), theirs.start.unwrap().seconds, "{ours}");
+        assert_eq!(ours["count"], theirs.count, "{ours}");
+        let (sum, served_sum) = (ours["sum"].as_f64().unwrap(), theirs.sum.unwrap());
+        assert!(
+            (sum - served_sum).abs() <= 1e-9 * served_sum.abs().max(1.0),
+            "{ours} vs {served_sum}"
+        );
+        in_range += theirs.count;
+    }
+    assert_eq!(extra(query, "measurements_in_range"), in_range);
+
+    // A second run into the same directory is refused: its figures would not be a fresh
+    // database's.
+    let workload = Arc::clone(workload);
+    let again = tokio::task::spawn_blocking(move || {
+        load::raw_sled(&workload, &options, &ProgressBar::hidden())
+    })
+    .await
+    .unwrap();
+    assert!(
+        matches!(&again, Err(LoadError::Invalid(message)) if message.contains("not empty")),
+        "{again:?}"
+    );
+}
+
+/// Opens the sled database in `dir`, waiting while the scenario's closed handles still hold
+/// its lock (sled's background threads release it a moment after the last drop).
+fn open_when_released(dir: &std::path::Path) -> sled::Db {
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+    loop {
+        match sled::open(dir) {
+            Ok(db) => return db,
+            Err(error) if std::time::Instant::now() < deadline => {
+                assert!(error.to_string().contains("lock"), "{error}");
+                std::thread::sleep(std::time::Duration::from_millis(20));
+            }
+            Err(error) => panic!("{error}"),
+        }
+    }
 }
 
 #[test]

@@ -1,5 +1,6 @@
 //! `kpi-load`: drives a running kpi-server over gRPC with a reproducible workload and
-//! reports throughput and latency (a table on stdout, then one JSON object per line).
+//! reports throughput and latency (a table on stdout, then one JSON object per line); its
+//! `sled` scenario writes the same workload into raw sled instead, as a baseline.
 //! The scenarios live in `kpi_service::load`; this file parses flags and prints.
 
 use std::path::PathBuf;
@@ -8,12 +9,14 @@ use std::sync::Arc;
 
 use clap::{Parser, Subcommand};
 use kpi_service::load::{
-    self, IngestOptions, LoadError, QueryOptions, RecordOptions, Report, WatchOptions, WorkloadArgs,
+    self, IngestOptions, LoadError, QueryOptions, RawSledOptions, RecordOptions, Report,
+    WatchOptions, WorkloadArgs,
 };
 use kpi_service::workload::Workload;
 
 /// Load generator for kpi-server: defines the article's KPIs, streams seeded measurements,
-/// and measures ingest, unary record, query and live-watch performance over gRPC.
+/// and measures ingest, unary record, query and live-watch performance over gRPC; `sled`
+/// measures the same workload written into raw sled, as a baseline.
 #[derive(Debug, Parser)]
 #[command(name = "kpi-load", version)]
 struct Cli {
@@ -73,6 +76,15 @@ enum Command {
         workload: WorkloadArgs,
         #[command(flatten)]
         options: WatchOptions,
+    },
+    /// Baseline without a server: write the ingest workload into a fresh sled database
+    /// (one key per measurement, protobuf value, apply_batch + flush per batch from several
+    /// threads), then time full scans that sum one KPI per bucket as the query scenario asks.
+    Sled {
+        #[command(flatten)]
+        workload: WorkloadArgs,
+        #[command(flatten)]
+        options: RawSledOptions,
     },
 }
 
@@ -147,6 +159,15 @@ async fn run(cli: Cli) -> Result<Vec<Report>, LoadError> {
             let workload = workload(&args)?;
             let progress = load::progress_bar(quiet, None, "watch");
             load::watch(addr, workload, &options, &progress).await
+        }
+        Command::Sled {
+            workload: args,
+            options,
+        } => {
+            let workload = workload(&args)?;
+            let progress = load::progress_bar(quiet, Some(workload.len()), "sled");
+            tokio::task::spawn_blocking(move || load::raw_sled(&workload, &options, &progress))
+                .await?
         }
     }
 }

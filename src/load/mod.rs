@@ -5,15 +5,20 @@
 //! function taking the server address, the workload and its options, and returning
 //! [`Report`]s: the binary `src/bin/kpi-load.rs` only parses flags and prints, and the
 //! integration test `tests/load_tool.rs` calls the same functions against a test server.
+//! The exceptions need no server: `generate` writes CSV files, and `sled` (blocking,
+//! [`raw_sled`]) writes the same workload straight into a sled database and scans it, the
+//! baseline of the peer comparison.
 //!
 //! This is a *client* of the server: it uses the generated tonic clients and nothing of
-//! the server's internals except the workload, the calendar (to compute a query's range)
-//! and the protobuf conversions.
+//! the server's internals except the workload, the calendar (to compute a query's range
+//! and, for `sled`, its buckets) and the protobuf conversions. The `sled` scenario uses
+//! sled directly, not the server's store.
 
 mod args;
 mod generate;
 mod ingest;
 mod query;
+mod raw_sled;
 mod record;
 mod report;
 mod watch;
@@ -32,6 +37,7 @@ pub use args::{GrainArg, WorkloadArgs};
 pub use generate::generate;
 pub use ingest::{IngestOptions, ingest};
 pub use query::{QueryOptions, query};
+pub use raw_sled::{RawSledOptions, raw_sled};
 pub use record::{RecordOptions, record};
 pub use report::{Latencies, Report};
 pub use watch::{WatchOptions, watch};
@@ -75,6 +81,17 @@ pub enum LoadError {
     /// A task of the scenario panicked.
     #[error("scenario task: {0}")]
     Task(#[from] tokio::task::JoinError),
+    /// A thread of the scenario panicked.
+    #[error("{0} thread panicked")]
+    ThreadPanicked(&'static str),
+    /// The raw-sled scenario's database failed.
+    #[error("sled database {path}: {source}")]
+    Sled {
+        /// The database's directory.
+        path: String,
+        /// What went wrong.
+        source: sled::Error,
+    },
 }
 
 /// A new HTTP/2 connection to `addr` (each call opens its own TCP connection).

@@ -6,6 +6,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Instant;
 
 use chrono::{DateTime, TimeDelta, Utc};
+use chrono_tz::Tz;
 use indicatif::ProgressBar;
 use serde_json::Value;
 
@@ -74,13 +75,29 @@ async fn range(
         .unwrap_or_default();
     let tz = parse_timezone(&timezone, "timezone")
         .map_err(|rejection| LoadError::Invalid(rejection.to_string()))?;
-    let grain = Grain::from(options.grain);
+    Ok(latest_buckets(
+        options.grain.into(),
+        tz,
+        end,
+        options.buckets,
+    ))
+}
+
+/// `[start, end)` of the `buckets` buckets of `grain` in `tz` that end with the one
+/// containing the last instant before `end` (at least one bucket). Shared with the raw-sled
+/// scenario, so both ask for the same range.
+pub(super) fn latest_buckets(
+    grain: Grain,
+    tz: Tz,
+    end: DateTime<Utc>,
+    buckets: u32,
+) -> (DateTime<Utc>, DateTime<Utc>) {
     let last = bucket_of(grain, tz, end - TimeDelta::milliseconds(1));
     let mut first = last;
-    for _ in 1..options.buckets.max(1) {
+    for _ in 1..buckets.max(1) {
         first = previous_bucket(grain, tz, first);
     }
-    Ok((first.start, last.end))
+    (first.start, last.end)
 }
 
 /// Runs `requests` GetAggregates calls from `concurrency` callers; items are the buckets

@@ -68,7 +68,8 @@ fn micros(nanos: u64) -> f64 {
 /// The result of one scenario run.
 #[derive(Debug, Clone)]
 pub struct Report {
-    /// The scenario: `ingest`, `record`, `query`, `watch`, `generate`, `setup`.
+    /// The scenario: `ingest`, `record`, `query`, `watch`, `generate`, `setup`, `sled`,
+    /// `sled_query`.
     pub scenario: &'static str,
     /// The options that shaped the run (producers, batch, ...), in print order.
     pub params: Vec<(&'static str, Value)>,
@@ -178,7 +179,18 @@ impl Report {
             self.latencies.count()
         );
         for (key, value) in &self.extra {
-            let _ = writeln!(out, "  {key:<14} {value}");
+            match value {
+                // A list (such as the buckets of an answer) reads better one item a line.
+                Value::Array(items) => {
+                    let _ = writeln!(out, "  {key:<14} {} items", items.len());
+                    for item in items {
+                        let _ = writeln!(out, "  {:<14}   {item}", "");
+                    }
+                }
+                _ => {
+                    let _ = writeln!(out, "  {key:<14} {value}");
+                }
+            }
         }
         out
     }
