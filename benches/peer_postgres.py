@@ -1060,6 +1060,8 @@ def main(argv: list[str]) -> int:
     # SIGTERM unwinds like Ctrl-C, so the servers are stopped and the temp dir removed.
     signal.signal(signal.SIGTERM, raise_keyboard_interrupt)
     with contextlib.ExitStack() as cleanup:
+        if args.work_dir is not None:
+            args.work_dir.mkdir(parents=True, exist_ok=True)
         work = Path(tempfile.mkdtemp(prefix="kpi-peer-pg-", dir=args.work_dir))
         # The cluster's user (postgres) must reach its directory inside.
         os.chmod(work, 0o755)
