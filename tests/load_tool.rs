@@ -9,8 +9,8 @@ use chrono::{DurationRound, TimeDelta, Utc};
 use common::TestServer;
 use indicatif::ProgressBar;
 use kpi_service::load::{
-    self, GrainArg, IngestOptions, LoadError, QueryOptions, RawSledOptions, RecordOptions,
-    WatchOptions,
+    self, AggregateQuestion, GrainArg, IngestOptions, LoadError, QueryOptions, RawSledOptions,
+    RecordOptions, WatchOptions,
 };
 use kpi_service::proto;
 use kpi_service::workload::{Workload, WorkloadConfig};
@@ -77,9 +77,11 @@ async fn every_scenario_runs_against_the_real_server() {
     let options = QueryOptions {
         concurrency: 2,
         requests: 20,
-        kpi: "revenue_001".into(),
-        grain: GrainArg::Month,
-        buckets: 24,
+        question: AggregateQuestion {
+            kpi: "revenue_001".into(),
+            grain: GrainArg::Month,
+            buckets: 24,
+        },
         connections: 2,
     };
     let report = load::query(&addr, Arc::clone(&workload), &options, &hidden)
@@ -160,9 +162,11 @@ async fn raw_sled_agrees_with_the_server(server: &TestServer, workload: &Arc<Wor
         producers: 3,
         batch: 100,
         queries: 2,
-        kpi: "revenue_001".into(),
-        grain: GrainArg::Month,
-        buckets: 24,
+        question: AggregateQuestion {
+            kpi: "revenue_001".into(),
+            grain: GrainArg::Month,
+            buckets: 24,
+        },
     };
     let run = {
         let (workload, options) = (Arc::clone(workload), options.clone());

@@ -36,7 +36,7 @@ use crate::workload::{Workload, WorkloadError};
 pub use args::{GrainArg, WorkloadArgs};
 pub use generate::generate;
 pub use ingest::{IngestOptions, ingest};
-pub use query::{QueryOptions, query};
+pub use query::{AggregateQuestion, QueryOptions, query};
 pub use raw_sled::{RawSledOptions, raw_sled};
 pub use record::{RecordOptions, record};
 pub use report::{Latencies, Report};

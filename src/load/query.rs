@@ -18,15 +18,10 @@ use crate::proto::query_client::QueryClient;
 use crate::proto::{self, GetAggregatesRequest, to_proto};
 use crate::workload::Workload;
 
-/// Options of the query scenario.
+/// The question of the query scenarios (GetAggregates and the raw-sled scan): the latest
+/// buckets of one KPI up to the workload's end.
 #[derive(Debug, Clone, clap::Args)]
-pub struct QueryOptions {
-    /// Concurrent callers.
-    #[arg(long, default_value_t = 1)]
-    pub concurrency: usize,
-    /// Calls in total.
-    #[arg(long, default_value_t = 10_000)]
-    pub requests: u64,
+pub struct AggregateQuestion {
     /// The KPI to query.
     #[arg(long, default_value = "revenue_001")]
     pub kpi: String,
@@ -36,6 +31,34 @@ pub struct QueryOptions {
     /// Number of buckets: the one containing the workload's end and those before it.
     #[arg(long, default_value_t = 24)]
     pub buckets: u32,
+}
+
+impl AggregateQuestion {
+    /// The question's fields for a report's parameters.
+    pub(super) fn params(&self) -> [(&'static str, Value); 3] {
+        [
+            ("kpi", Value::from(self.kpi.clone())),
+            (
+                "grain",
+                Value::from(format!("{:?}", self.grain).to_uppercase()),
+            ),
+            ("buckets", Value::from(self.buckets)),
+        ]
+    }
+}
+
+/// Options of the query scenario.
+#[derive(Debug, Clone, clap::Args)]
+pub struct QueryOptions {
+    /// Concurrent callers.
+    #[arg(long, default_value_t = 1)]
+    pub concurrency: usize,
+    /// Calls in total.
+    #[arg(long, default_value_t = 10_000)]
+    pub requests: u64,
+    /// What each call asks.
+    #[command(flatten)]
+    pub question: AggregateQuestion,
     /// HTTP/2 connections the callers share (round-robin).
     #[arg(long, default_value_t = 4)]
     pub connections: usize,
@@ -60,11 +83,11 @@ async fn range(
 ) -> Result<(DateTime<Utc>, DateTime<Utc>), LoadError> {
     let kpi = KpiCatalogClient::new(connect(addr).await?)
         .get_kpi(proto::GetKpiRequest {
-            kpi_id: options.kpi.clone(),
+            kpi_id: options.question.kpi.clone(),
         })
         .await
         .map_err(|status| LoadError::Rpc {
-            call: format!("GetKpi {}", options.kpi),
+            call: format!("GetKpi {}", options.question.kpi),
             status,
         })?
         .into_inner();
@@ -76,10 +99,10 @@ async fn range(
     let tz = parse_timezone(&timezone, "timezone")
         .map_err(|rejection| LoadError::Invalid(rejection.to_string()))?;
     Ok(latest_buckets(
-        options.grain.into(),
+        options.question.grain.into(),
         tz,
         end,
-        options.buckets,
+        options.question.buckets,
     ))
 }
 
@@ -113,8 +136,8 @@ pub async fn query(
     }
     let (start, end) = range(addr, options, workload.end()).await?;
     let request = GetAggregatesRequest {
-        kpi_id: options.kpi.clone(),
-        grain: to_proto::grain(options.grain.into()).into(),
+        kpi_id: options.question.kpi.clone(),
+        grain: to_proto::grain(options.question.grain.into()).into(),
         start: Some(to_proto::timestamp(start)),
         end: Some(to_proto::timestamp(end)),
         ..GetAggregatesRequest::default()
@@ -185,13 +208,10 @@ pub async fn query(
         params: vec![
             ("concurrency", Value::from(options.concurrency)),
             ("requests", Value::from(options.requests)),
-            ("kpi", Value::from(options.kpi.clone())),
-            (
-                "grain",
-                Value::from(format!("{:?}", options.grain).to_uppercase()),
-            ),
-            ("buckets", Value::from(options.buckets)),
-        ],
+        ]
+        .into_iter()
+        .chain(options.question.params())
+        .collect(),
         items: total.buckets,
         ops: total.calls,
         elapsed,

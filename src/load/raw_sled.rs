@@ -40,8 +40,8 @@ use indicatif::ProgressBar;
 use prost::Message;
 use serde_json::Value;
 
-use super::query::latest_buckets;
-use super::{GrainArg, Latencies, LoadError, Report};
+use super::query::{AggregateQuestion, latest_buckets};
+use super::{Latencies, LoadError, Report};
 use crate::domain::Grain;
 use crate::domain::calendar::{BucketKey, Calendar};
 use crate::domain::kpi::parse_timezone;
@@ -73,15 +73,9 @@ pub struct RawSledOptions {
     /// Full scans to time for the query part (each reads every key); 0 skips it.
     #[arg(long, default_value_t = 3)]
     pub queries: u32,
-    /// The KPI the query sums.
-    #[arg(long, default_value = "revenue_001")]
-    pub kpi: String,
-    /// Bucket grain of the query.
-    #[arg(long, value_enum, ignore_case = true, default_value = "MONTH")]
-    pub grain: GrainArg,
-    /// Number of buckets: the one containing the workload's end and those before it.
-    #[arg(long, default_value_t = 24)]
-    pub buckets: u32,
+    /// What the query asks (as the query scenario).
+    #[command(flatten)]
+    pub question: AggregateQuestion,
 }
 
 /// One bucket of the query's answer.
@@ -118,9 +112,12 @@ pub fn raw_sled(
         let kpi = workload
             .kpis()
             .iter()
-            .find(|kpi| kpi.id == options.kpi)
+            .find(|kpi| kpi.id == options.question.kpi)
             .ok_or_else(|| {
-                LoadError::Invalid(format!("kpi {} is not in the workload", options.kpi))
+                LoadError::Invalid(format!(
+                    "kpi {} is not in the workload",
+                    options.question.kpi
+                ))
             })?;
         let tz = parse_timezone(kpi.timezone, "timezone")
             .map_err(|rejection| LoadError::Invalid(rejection.to_string()))?;
@@ -258,8 +255,8 @@ fn query(
     tz: chrono_tz::Tz,
     open_seconds: f64,
 ) -> Result<Report, LoadError> {
-    let grain = Grain::from(options.grain);
-    let (start, end) = latest_buckets(grain, tz, workload.end(), options.buckets);
+    let grain = Grain::from(options.question.grain);
+    let (start, end) = latest_buckets(grain, tz, workload.end(), options.question.buckets);
     let mut latencies = Latencies::new();
     let mut rows = 0_u64;
     let mut answer: Option<Scan> = None;
@@ -269,7 +266,7 @@ fn query(
         let scan = scan(
             tree,
             dir,
-            &options.kpi,
+            &options.question.kpi,
             grain,
             Calendar::new(tz),
             (start, end),
@@ -302,15 +299,10 @@ fn query(
         .collect();
     Ok(Report {
         scenario: "sled_query",
-        params: vec![
-            ("queries", Value::from(options.queries)),
-            ("kpi", Value::from(options.kpi.clone())),
-            (
-                "grain",
-                Value::from(format!("{:?}", options.grain).to_uppercase()),
-            ),
-            ("buckets", Value::from(options.buckets)),
-        ],
+        params: vec![("queries", Value::from(options.queries))]
+            .into_iter()
+            .chain(options.question.params())
+            .collect(),
         items: rows,
         ops: u64::from(options.queries),
         elapsed,

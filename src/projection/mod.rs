@@ -41,10 +41,10 @@ pub struct Restored {
     pub snapshot_seq: u64,
     /// Events of the log's tail folded in after the snapshot.
     pub replayed_events: u64,
-    /// Time to read and decode the snapshot file ([`open`] only; the log opens meanwhile).
+    /// Time from the start until the snapshot file is read and decoded ([`open`] only).
     pub snapshot_load: std::time::Duration,
-    /// Time from the start to the log open, with its dedup index ([`open`] only; it starts
-    /// once the snapshot's dedup entries are read, and overlaps the buckets' decoding).
+    /// Time from the start until the log is open with its dedup index ([`open`] only; the
+    /// open starts once the snapshot's dedup entries are read, beside the buckets' decoding).
     pub log_open: std::time::Duration,
     /// Time to check the snapshot and fold the tail ([`open`] only).
     pub models: std::time::Duration,
