@@ -768,9 +768,9 @@ async fn restarts_replay_only_the_log_tail_and_answer_the_same() {
     assert_eq!(info.head_seq, head + 10);
     assert_eq!(answers(&server).await, before_kill);
 
-    // A damaged snapshot is discarded: the whole log is replayed, the answers hold. A
-    // flipped bit among the buckets would still decode (to other values): the checksum
-    // catches it.
+    // A damaged snapshot is discarded: the whole log is replayed, the answers hold. (That
+    // every single flipped bit is refused, by the checksum, is the unit test
+    // `projection::snapshot::tests::every_flipped_bit_is_refused`.)
     let snapshot = dir.path().join("snapshots").join("projection.snapshot");
     type Damage = fn(&mut Vec<u8>);
     let damages: [(&str, Damage); 2] = [
