@@ -442,9 +442,7 @@ async fn as_of_answers_from_the_events_known_then() {
     let by_seq = buckets(
         &server,
         proto::GetAggregatesRequest {
-            as_of: Some(proto::AsOf {
-                point: Some(proto::as_of::Point::Seq(known_seq)),
-            }),
+            as_of: common::as_of_seq(known_seq),
             ..october()
         },
     )
@@ -824,5 +822,187 @@ async fn label_combinations_per_kpi_are_limited() {
         .record(vec![labelled(at("clicks", 1.0, when), "c7")])
         .await
         .unwrap();
+    server.stop().await;
+}
+
+#[tokio::test]
+async fn as_of_beyond_the_head_is_out_of_range_in_every_rpc() {
+    let dir = tempfile::tempdir().unwrap();
+    let server = TestServer::start(dir.path()).await;
+    server.define(kpi("signups", KpiKind::Count)).await;
+    server
+        .record(vec![at("signups", 1.0, utc(2026, 10, 5, 9, 0))])
+        .await
+        .unwrap();
+    let head = server.log_info().await.head_seq;
+    let tomorrow = Utc::now() + chrono::TimeDelta::days(1);
+    let beyond = [
+        (
+            proto::as_of::Point::Seq(1_000_000_000_000),
+            "as_of.seq",
+            format!("head seq {head}"),
+        ),
+        (
+            proto::as_of::Point::RecordedAt(ts(tomorrow).unwrap()),
+            "as_of.recorded_at",
+            "server's clock".to_owned(),
+        ),
+    ];
+    for (point, field, names) in beyond {
+        let as_of = Some(proto::AsOf { point: Some(point) });
+        let aggregates = buckets(
+            &server,
+            proto::GetAggregatesRequest {
+                as_of,
+                ..request(
+                    "signups",
+                    Grain::Month,
+                    utc(2026, 10, 1, 0, 0),
+                    utc(2026, 11, 1, 0, 0),
+                )
+            },
+        )
+        .await
+        .expect_err("GetAggregates");
+        let trend = server
+            .query()
+            .get_trend(proto::GetTrendRequest {
+                kpi_id: "signups".into(),
+                grain: Grain::Day.into(),
+                window: 7,
+                as_of,
+                ..Default::default()
+            })
+            .await
+            .expect_err("GetTrend");
+        let status = server
+            .query()
+            .get_target_status(proto::GetTargetStatusRequest {
+                selector: Some(proto::get_target_status_request::Selector::KpiId(
+                    "signups".into(),
+                )),
+                as_of,
+                ..Default::default()
+            })
+            .await
+            .expect_err("GetTargetStatus");
+        let targets = server
+            .catalog()
+            .list_targets(proto::ListTargetsRequest {
+                as_of,
+                ..Default::default()
+            })
+            .await
+            .expect_err("ListTargets");
+        for refused in [aggregates, trend, status, targets] {
+            assert_eq!(refused.code(), Code::OutOfRange, "{refused:?}");
+            assert!(refused.message().contains(&names), "{refused:?}");
+            assert_eq!(common::bad_request_field(&refused).as_deref(), Some(field));
+        }
+    }
+    // The head itself is the current answer.
+    let at_head = buckets(
+        &server,
+        proto::GetAggregatesRequest {
+            as_of: common::as_of_seq(head),
+            ..request(
+                "signups",
+                Grain::Month,
+                utc(2026, 10, 1, 0, 0),
+                utc(2026, 11, 1, 0, 0),
+            )
+        },
+    )
+    .await
+    .unwrap();
+    assert_eq!(at_head[0].value, Some(1.0));
+    server.stop().await;
+}
+
+#[tokio::test]
+async fn a_change_that_rewrites_history_needs_consent_and_as_of_keeps_the_old_answer() {
+    let dir = tempfile::tempdir().unwrap();
+    let server = TestServer::start(dir.path()).await;
+    let mut amounts = kpi("amounts", KpiKind::Sum);
+    amounts.dimensions = vec!["channel".into(), "region".into()];
+    server.define(amounts.clone()).await;
+    let recorded = server
+        .record(vec![
+            labelled(at("amounts", 10.0, utc(2026, 10, 5, 9, 0)), "web"),
+            labelled(at("amounts", 30.0, utc(2026, 10, 5, 10, 0)), "web"),
+        ])
+        .await
+        .unwrap();
+    let before = recorded.last().unwrap().seq;
+    let update = |definition: proto::KpiDefinition, recompute_history: bool| {
+        let mut catalog = server.catalog();
+        async move {
+            catalog
+                .update_kpi(proto::UpdateKpiRequest {
+                    definition: Some(definition),
+                    expected_version: None,
+                    recompute_history,
+                })
+                .await
+        }
+    };
+    let mut average = amounts.clone();
+    average.kind = KpiKind::Average.into();
+    let refused = update(average.clone(), false)
+        .await
+        .expect_err("needs consent");
+    assert_eq!(refused.code(), Code::FailedPrecondition, "{refused:?}");
+    assert!(
+        refused.message().contains("recompute_history"),
+        "{refused:?}"
+    );
+    let mut zoned = amounts.clone();
+    zoned.timezone = "Europe/Amsterdam".into();
+    let refused = update(zoned, false).await.expect_err("needs consent");
+    assert_eq!(refused.code(), Code::FailedPrecondition, "{refused:?}");
+    // Dropping a dimension the stored measurements use is never allowed; an unused one is.
+    let mut no_channel = amounts.clone();
+    no_channel.dimensions = vec!["region".into()];
+    let refused = update(no_channel, true).await.expect_err("used dimension");
+    assert_eq!(refused.code(), Code::FailedPrecondition, "{refused:?}");
+    assert!(refused.message().contains("channel"), "{refused:?}");
+    let mut no_region = amounts.clone();
+    no_region.dimensions = vec!["channel".into()];
+    update(no_region, false)
+        .await
+        .expect("unused dimension dropped");
+
+    let october = || {
+        request(
+            "amounts",
+            Grain::Month,
+            utc(2026, 10, 1, 0, 0),
+            utc(2026, 11, 1, 0, 0),
+        )
+    };
+    assert_eq!(
+        buckets(&server, october()).await.unwrap()[0].value,
+        Some(40.0)
+    );
+    average.dimensions = vec!["channel".into()];
+    update(average, true).await.expect("consented");
+    assert_eq!(
+        buckets(&server, october()).await.unwrap()[0].value,
+        Some(20.0)
+    );
+    let old = buckets(
+        &server,
+        proto::GetAggregatesRequest {
+            as_of: common::as_of_seq(before),
+            ..october()
+        },
+    )
+    .await
+    .unwrap();
+    assert_eq!(
+        old[0].value,
+        Some(40.0),
+        "as of before the change: still a SUM"
+    );
     server.stop().await;
 }

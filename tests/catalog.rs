@@ -17,6 +17,7 @@ async fn update(
         .update_kpi(proto::UpdateKpiRequest {
             definition: Some(definition),
             expected_version,
+            recompute_history: false,
         })
         .await
         .map(|r| r.into_inner().kpi.expect("kpi"))
@@ -167,6 +168,7 @@ async fn concurrent_updates_of_one_version_let_exactly_one_win() {
                 .update_kpi(proto::UpdateKpiRequest {
                     definition: Some(definition),
                     expected_version: Some(1),
+                    ..Default::default()
                 })
                 .await
         }));
@@ -345,7 +347,7 @@ async fn list_pages_through_kpis_in_id_order() {
     };
     let first = list(&server, 2, "", false).await;
     assert_eq!(ids(&first), ["a", "c"]);
-    assert_eq!(first.next_page_token, "c");
+    assert!(!first.next_page_token.is_empty());
     let second = list(&server, 2, &first.next_page_token, false).await;
     assert_eq!(ids(&second), ["d", "e"]);
     assert_eq!(second.next_page_token, "");
@@ -362,6 +364,31 @@ async fn list_pages_through_kpis_in_id_order() {
         .await
         .unwrap_err();
     assert_eq!(err.code(), Code::InvalidArgument);
+    assert_eq!(bad_request_field(&err).as_deref(), Some("page_size"));
+
+    // Tokens are opaque: an id, a made-up string or a damaged token is INVALID_ARGUMENT.
+    let mut damaged = first.next_page_token.clone().into_bytes();
+    let last = damaged.len() - 1;
+    damaged[last] = if damaged[last] == b'A' { b'B' } else { b'A' };
+    let damaged = String::from_utf8(damaged).unwrap();
+    for token in ["c", "not-a-token!!", "AAAA", damaged.as_str()] {
+        let err = server
+            .catalog()
+            .list_kpis(proto::ListKpisRequest {
+                page_token: token.into(),
+                ..Default::default()
+            })
+            .await
+            .expect_err(token);
+        assert_eq!(err.code(), Code::InvalidArgument, "{token}: {err:?}");
+        assert_eq!(bad_request_field(&err).as_deref(), Some("page_token"));
+    }
+    // A token stays valid across a restart.
+    let dir_path = server.data_dir.clone();
+    server.stop().await;
+    let server = TestServer::start(&dir_path).await;
+    let again = list(&server, 2, &first.next_page_token, false).await;
+    assert_eq!(ids(&again), ["d", "e"]);
     server.stop().await;
 }
 

@@ -318,3 +318,133 @@ async fn verify_log_reports_a_damaged_segment_and_earlier_reads_still_work() {
     assert_eq!(seqs, (1..damaged_first).collect::<Vec<_>>());
     server.stop().await;
 }
+
+/// The seqs a replay without follow sends.
+async fn replayed_seqs(
+    server: &TestServer,
+    request: proto::ReplayEventsRequest,
+) -> Result<Vec<u64>, tonic::Status> {
+    let mut stream = server.audit().replay_events(request).await?.into_inner();
+    let mut seqs = Vec::new();
+    while let Some(item) = tokio::time::timeout(PATIENCE, stream.message())
+        .await
+        .expect("replay ends by itself")?
+    {
+        if let Some(Item::Event(envelope)) = item.item {
+            seqs.push(envelope.seq);
+        }
+    }
+    Ok(seqs)
+}
+
+#[tokio::test]
+async fn replay_ranges_and_kpi_ids_are_checked() {
+    let dir = tempfile::tempdir().unwrap();
+    let server = TestServer::start(dir.path()).await;
+    server.define(kpi("clicks", KpiKind::Count)).await;
+    server
+        .record((0..4).map(|_| measurement("clicks", 1.0)).collect())
+        .await
+        .unwrap();
+    let head = server.log_info().await.head_seq;
+    assert_eq!(head, 5);
+    let from = |seq: u64| proto::ReplayEventsRequest {
+        start: Some(Start::FromSeq(seq)),
+        ..Default::default()
+    };
+
+    // A typo in a KPI id is NOT_FOUND, not an empty replay.
+    let status = replayed_seqs(
+        &server,
+        proto::ReplayEventsRequest {
+            kpi_ids: vec!["clicks".into(), "clickz".into()],
+            ..Default::default()
+        },
+    )
+    .await
+    .expect_err("unknown kpi");
+    assert_eq!(status.code(), Code::NotFound, "{status:?}");
+    assert!(status.message().contains("clickz"), "{status:?}");
+
+    // from_seq after to_seq is INVALID_ARGUMENT naming to_seq.
+    let status = replayed_seqs(
+        &server,
+        proto::ReplayEventsRequest {
+            to_seq: Some(2),
+            ..from(4)
+        },
+    )
+    .await
+    .expect_err("empty range");
+    assert_eq!(status.code(), Code::InvalidArgument, "{status:?}");
+    assert_eq!(
+        common::bad_request_field(&status).as_deref(),
+        Some("to_seq")
+    );
+
+    // Past the head without follow: OUT_OF_RANGE naming the head; head + 1 is an empty
+    // replay (nothing new yet), and with follow a later seq waits for it.
+    let status = replayed_seqs(&server, from(head + 2))
+        .await
+        .expect_err("past the head");
+    assert_eq!(status.code(), Code::OutOfRange, "{status:?}");
+    assert!(
+        status.message().contains(&format!("head seq {head}")),
+        "{status:?}"
+    );
+    assert_eq!(
+        replayed_seqs(&server, from(head + 1)).await.unwrap(),
+        Vec::<u64>::new()
+    );
+    let tomorrow = chrono::Utc::now() + chrono::TimeDelta::days(1);
+    let status = replayed_seqs(
+        &server,
+        proto::ReplayEventsRequest {
+            start: Some(Start::FromRecordedAt(prost_types::Timestamp {
+                seconds: tomorrow.timestamp(),
+                nanos: 0,
+            })),
+            ..Default::default()
+        },
+    )
+    .await
+    .expect_err("a time not reached yet");
+    assert_eq!(status.code(), Code::OutOfRange, "{status:?}");
+
+    // Without follow a to_seq beyond the head ends at the head, at once.
+    assert_eq!(
+        replayed_seqs(
+            &server,
+            proto::ReplayEventsRequest {
+                to_seq: Some(head + 100),
+                ..from(3)
+            },
+        )
+        .await
+        .unwrap(),
+        vec![3, 4, 5]
+    );
+    // With follow, a start past the head is where the follower begins.
+    let mut stream = server
+        .audit()
+        .replay_events(follow_from(head + 2))
+        .await
+        .unwrap()
+        .into_inner();
+    server
+        .record((0..2).map(|_| measurement("clicks", 1.0)).collect())
+        .await
+        .unwrap();
+    loop {
+        let item = tokio::time::timeout(PATIENCE, stream.message())
+            .await
+            .expect("in time")
+            .unwrap()
+            .expect("open");
+        if let Some(Item::Event(envelope)) = item.item {
+            assert_eq!(envelope.seq, head + 2);
+            break;
+        }
+    }
+    server.stop().await;
+}

@@ -474,3 +474,245 @@ async fn bad_status_requests_name_the_field() {
     assert!(err.message().starts_with("kpi_id"), "{}", err.message());
     server.stop().await;
 }
+
+/// An instant given in Amsterdam's local time.
+fn amsterdam(y: i32, m: u32, d: u32, h: u32) -> DateTime<Utc> {
+    chrono_tz::Europe::Amsterdam
+        .with_ymd_and_hms(y, m, d, h, 0, 0)
+        .single()
+        .expect("unambiguous local time")
+        .with_timezone(&Utc)
+}
+
+#[tokio::test]
+async fn the_period_starting_at_the_evaluation_time_is_current_for_every_grain() {
+    let dir = tempfile::tempdir().unwrap();
+    let server = TestServer::start(dir.path()).await;
+    // The issue's own example: LEVEL per month from January, evaluated at 1 March 00:00 UTC.
+    server.define(kpi("conversion_pct", KpiKind::Average)).await;
+    set_target(
+        &server,
+        proto::TargetDefinition {
+            id: "monthly".into(),
+            kpi_id: "conversion_pct".into(),
+            name: "3 % every month".into(),
+            value: 3.0,
+            start: ts(midnight(2026, 1, 1)),
+            deadline: ts(midnight(2027, 1, 1)),
+            mode: TargetMode::Level.into(),
+            period_grain: Grain::Month.into(),
+            tolerance: None,
+        },
+    )
+    .await;
+    server
+        .record(vec![
+            at("conversion_pct", 2.0, day(2026, 1, 15)),
+            at("conversion_pct", 70.0, day(2026, 2, 15)),
+        ])
+        .await
+        .unwrap();
+    let march = one_status(&server, "monthly", midnight(2026, 3, 1)).await;
+    assert_eq!(march.periods.len(), 3, "{:?}", march.periods);
+    let current: Vec<bool> = march.periods.iter().map(|p| p.current).collect();
+    assert_eq!(current, [false, false, true]);
+    assert_eq!(march.periods[2].start, ts(midnight(2026, 3, 1)));
+    assert_eq!(march.periods[2].actual, None);
+    assert_eq!(march.state(), TargetState::AtRisk, "{}", march.reason);
+    assert!(march.reason.contains("no data"), "{}", march.reason);
+    assert!(!march.reason.contains("70"), "{}", march.reason);
+
+    // Every grain in a zone with DST: (grain, first period, second period), local starts.
+    let grains = [
+        (
+            Grain::Hour,
+            amsterdam(2026, 1, 5, 10),
+            amsterdam(2026, 1, 5, 11),
+        ),
+        (
+            Grain::Day,
+            amsterdam(2026, 1, 5, 0),
+            amsterdam(2026, 1, 6, 0),
+        ),
+        (
+            Grain::Week,
+            amsterdam(2026, 1, 5, 0),
+            amsterdam(2026, 1, 12, 0),
+        ),
+        (
+            Grain::Month,
+            amsterdam(2026, 3, 1, 0),
+            amsterdam(2026, 4, 1, 0),
+        ),
+        (
+            Grain::Quarter,
+            amsterdam(2026, 1, 1, 0),
+            amsterdam(2026, 4, 1, 0),
+        ),
+        (
+            Grain::Year,
+            amsterdam(2026, 1, 1, 0),
+            amsterdam(2027, 1, 1, 0),
+        ),
+    ];
+    for (grain, first, second) in grains {
+        let name = format!("{grain:?}").to_lowercase();
+        let kpi_id = format!("orders_{name}");
+        server
+            .define(proto::KpiDefinition {
+                timezone: "Europe/Amsterdam".into(),
+                ..kpi(&kpi_id, KpiKind::Count)
+            })
+            .await;
+        set_target(
+            &server,
+            proto::TargetDefinition {
+                id: format!("level_{name}"),
+                kpi_id: kpi_id.clone(),
+                name: "one order per period".into(),
+                value: 1.0,
+                start: ts(first),
+                deadline: ts(second + (second - first) * 5),
+                mode: TargetMode::Level.into(),
+                period_grain: grain.into(),
+                tolerance: None,
+            },
+        )
+        .await;
+        server
+            .record(vec![at(
+                &kpi_id,
+                1.0,
+                first + chrono::TimeDelta::minutes(1),
+            )])
+            .await
+            .unwrap();
+        let target = format!("level_{name}");
+        let at_boundary = one_status(&server, &target, second).await;
+        assert_eq!(
+            at_boundary.periods.len(),
+            2,
+            "{grain:?}: {:?}",
+            at_boundary.periods
+        );
+        assert!(!at_boundary.periods[0].current, "{grain:?}");
+        assert_eq!(
+            at_boundary.periods[0].state(),
+            TargetState::Achieved,
+            "{grain:?}"
+        );
+        assert!(at_boundary.periods[1].current, "{grain:?}");
+        assert_eq!(at_boundary.periods[1].start, ts(second), "{grain:?}");
+        assert_eq!(at_boundary.state(), TargetState::AtRisk, "{grain:?}");
+        let just_before =
+            one_status(&server, &target, second - chrono::TimeDelta::seconds(1)).await;
+        assert_eq!(just_before.periods.len(), 1, "{grain:?}");
+        assert!(just_before.periods[0].current, "{grain:?}");
+        assert_eq!(just_before.state(), TargetState::OnTrack, "{grain:?}");
+    }
+    server.stop().await;
+}
+
+#[tokio::test]
+async fn both_modes_follow_one_rule_at_the_start_instant() {
+    let dir = tempfile::tempdir().unwrap();
+    let server = TestServer::start(dir.path()).await;
+    server.define(kpi("signups", KpiKind::Count)).await;
+    let start = midnight(2026, 1, 1);
+    for (id, mode) in [
+        ("cumulative", TargetMode::Cumulative),
+        ("level", TargetMode::Level),
+    ] {
+        set_target(
+            &server,
+            proto::TargetDefinition {
+                id: id.into(),
+                kpi_id: "signups".into(),
+                name: id.into(),
+                value: 50.0,
+                start: ts(start),
+                deadline: ts(midnight(2026, 7, 1)),
+                mode: mode.into(),
+                period_grain: Grain::Month.into(),
+                tolerance: None,
+            },
+        )
+        .await;
+    }
+    for id in ["cumulative", "level"] {
+        let before = one_status(&server, id, start - chrono::TimeDelta::seconds(1)).await;
+        assert_eq!(
+            before.state(),
+            TargetState::OnTrack,
+            "{id}: {}",
+            before.reason
+        );
+        assert!(
+            before.reason.starts_with("not started"),
+            "{id}: {}",
+            before.reason
+        );
+        assert!(before.periods.is_empty(), "{id}");
+        let at_start = one_status(&server, id, start).await;
+        assert_eq!(
+            at_start.state(),
+            TargetState::AtRisk,
+            "{id}: {}",
+            at_start.reason
+        );
+        assert!(
+            at_start.reason.contains("no data"),
+            "{id}: {}",
+            at_start.reason
+        );
+        assert_eq!(at_start.elapsed_fraction, 0.0);
+    }
+    let level = one_status(&server, "level", start).await;
+    assert_eq!(level.periods.len(), 1);
+    assert!(level.periods[0].current);
+    server.stop().await;
+}
+
+#[tokio::test]
+async fn projections_never_fall_below_a_running_total_and_end_at_the_final_actual() {
+    let dir = tempfile::tempdir().unwrap();
+    let server = TestServer::start(dir.path()).await;
+    server.define(kpi("wins", KpiKind::Count)).await;
+    set_target(&server, fifty("wins")).await;
+    // Nothing in the three finished months, one win in the current one: the least-squares
+    // line through the running totals 0, 0, 0 ends at 0, below what is already reached.
+    customers_per_month(&server, "wins", &[0, 0, 0, 1]).await;
+    let status = one_status(&server, "wins_h1", midnight(2026, 4, 20)).await;
+    assert_eq!(status.actual, Some(1.0));
+    let projected = status.projected.expect("projected");
+    assert!(projected >= 1.0, "projected {projected} below the actual 1");
+    let interval = status.projected_interval.expect("interval");
+    assert!(interval.lower >= 1.0, "{interval:?}");
+    assert!(
+        status.reason.contains("projected 1 of 50"),
+        "{}",
+        status.reason
+    );
+    // After the deadline the projection is the final actual.
+    customers_per_month(&server, "wins", &[0, 2, 1, 0, 4, 1]).await;
+    let after = one_status(&server, "wins_h1", midnight(2026, 8, 1)).await;
+    assert_eq!(after.state(), TargetState::Missed);
+    assert_eq!(after.actual, Some(9.0));
+    assert_eq!(after.projected, Some(9.0));
+    assert_eq!(after.projected_interval, None);
+    server.stop().await;
+}
+
+#[tokio::test]
+async fn estimated_reach_times_are_whole_seconds() {
+    let dir = tempfile::tempdir().unwrap();
+    let server = TestServer::start(dir.path()).await;
+    server.define(kpi("steady", KpiKind::Count)).await;
+    set_target(&server, fifty("steady")).await;
+    // 7, 9, 11 a month: the line reaches 50 at a fraction of a month.
+    customers_per_month(&server, "steady", &[7, 9, 11]).await;
+    let status = one_status(&server, "steady_h1", midnight(2026, 4, 1)).await;
+    let reached = status.estimated_reached_at.expect("the line reaches 50");
+    assert_eq!(reached.nanos, 0, "{reached:?}");
+    server.stop().await;
+}

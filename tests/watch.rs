@@ -28,6 +28,20 @@ async fn next_item(stream: &mut Streaming<proto::WatchKpisResponse>) -> Item {
     }
 }
 
+/// A WatchKpis stream of DAY buckets of `kpi_ids` (empty: all KPIs).
+async fn watch_days(server: &TestServer, kpi_ids: &[&str]) -> Streaming<proto::WatchKpisResponse> {
+    server
+        .query()
+        .watch_kpis(proto::WatchKpisRequest {
+            kpi_ids: kpi_ids.iter().map(|id| (*id).to_owned()).collect(),
+            grain: Grain::Day.into(),
+            ..Default::default()
+        })
+        .await
+        .expect("watch")
+        .into_inner()
+}
+
 #[tokio::test]
 async fn a_watcher_sees_the_snapshot_then_new_late_and_retracted_changes() {
     let dir = tempfile::tempdir().unwrap();
@@ -64,16 +78,7 @@ async fn a_watcher_sees_the_snapshot_then_new_late_and_retracted_changes() {
         .unwrap();
     let head = server.log_info().await.head_seq;
 
-    let mut stream = server
-        .query()
-        .watch_kpis(proto::WatchKpisRequest {
-            kpi_ids: vec!["revenue".into()],
-            grain: Grain::Day.into(),
-            ..Default::default()
-        })
-        .await
-        .unwrap()
-        .into_inner();
+    let mut stream = watch_days(&server, &["revenue"]).await;
     let Item::Snapshot(snapshot) = next_item(&mut stream).await else {
         panic!("snapshot first");
     };
@@ -336,5 +341,126 @@ async fn a_watcher_that_does_not_read_holds_bounded_updates_then_gets_every_buck
             "{key:?}"
         );
     }
+    server.stop().await;
+}
+
+/// A RATIO KPI of two operands, orders / visitors in percent, without dimensions.
+async fn define_conversion(server: &TestServer) {
+    let mut orders = kpi("orders", KpiKind::Count);
+    orders.dimensions = vec![];
+    let mut visitors = kpi("visitors", KpiKind::Count);
+    visitors.dimensions = vec![];
+    server.define(orders).await;
+    server.define(visitors).await;
+    let mut conversion = kpi("conversion", KpiKind::Ratio);
+    conversion.dimensions = vec![];
+    conversion.ratio = Some(proto::RatioSettings {
+        numerator_kpi_id: "orders".into(),
+        denominator_kpi_id: "visitors".into(),
+        scale: Some(100.0),
+    });
+    server.define(conversion).await;
+}
+
+#[tokio::test]
+async fn a_ratio_kpi_is_watched_through_both_operands() {
+    let dir = tempfile::tempdir().unwrap();
+    let server = TestServer::start(dir.path()).await;
+    define_conversion(&server).await;
+    let mut batch = vec![measurement("orders", 1.0)];
+    batch.extend((0..4).map(|_| measurement("visitors", 1.0)));
+    server.record(batch).await.unwrap();
+
+    let mut stream = watch_days(&server, &["conversion"]).await;
+    let Item::Snapshot(snapshot) = next_item(&mut stream).await else {
+        panic!("the ratio's bucket in the snapshot");
+    };
+    assert_eq!(snapshot.kpi_id, "conversion");
+    let bucket = snapshot.bucket.expect("bucket");
+    assert_eq!(bucket.value, Some(25.0));
+    let Some(proto::bucket::Detail::Ratio(detail)) = bucket.detail else {
+        panic!("ratio detail");
+    };
+    assert_eq!((detail.numerator_count, detail.denominator_count), (1, 4));
+    assert_eq!(bucket.count, 5, "count is both operands' measurements");
+    assert!(matches!(
+        next_item(&mut stream).await,
+        Item::SnapshotComplete(_)
+    ));
+
+    // One more order: the numerator moves the ratio to 50.
+    let order = server
+        .record(vec![measurement("orders", 1.0)])
+        .await
+        .unwrap();
+    let Item::Update(update) = next_item(&mut stream).await else {
+        panic!("an update for the order");
+    };
+    assert_eq!(update.kpi_id, "conversion");
+    assert_eq!(update.bucket.as_ref().unwrap().value, Some(50.0));
+    assert_eq!(update.seq, order[0].seq);
+    assert!(!update.revised);
+
+    // One more visitor: the denominator moves it to 40.
+    let visit = server
+        .record(vec![measurement("visitors", 1.0)])
+        .await
+        .unwrap();
+    let Item::Update(update) = next_item(&mut stream).await else {
+        panic!("an update for the visit");
+    };
+    assert_eq!(update.bucket.as_ref().unwrap().value, Some(40.0));
+    assert_eq!(update.seq, visit[0].seq);
+    server.stop().await;
+}
+
+#[tokio::test]
+async fn watching_everything_includes_ratio_kpis() {
+    let dir = tempfile::tempdir().unwrap();
+    let server = TestServer::start(dir.path()).await;
+    define_conversion(&server).await;
+    let mut stream = watch_days(&server, &[]).await;
+    assert!(matches!(
+        next_item(&mut stream).await,
+        Item::SnapshotComplete(_)
+    ));
+    let mut batch = vec![measurement("orders", 1.0)];
+    batch.extend((0..2).map(|_| measurement("visitors", 1.0)));
+    server.record(batch).await.unwrap();
+    let mut seen = std::collections::BTreeMap::new();
+    while seen.len() < 3 {
+        let Item::Update(update) = next_item(&mut stream).await else {
+            panic!("updates only");
+        };
+        seen.insert(update.kpi_id.clone(), update.bucket.unwrap().value);
+    }
+    assert_eq!(seen["orders"], Some(1.0));
+    assert_eq!(seen["visitors"], Some(2.0));
+    assert_eq!(seen["conversion"], Some(50.0));
+    server.stop().await;
+}
+
+#[tokio::test]
+async fn watching_an_unknown_kpi_is_not_found() {
+    let dir = tempfile::tempdir().unwrap();
+    let server = TestServer::start(dir.path()).await;
+    server.define(kpi("revenue", KpiKind::Sum)).await;
+    let status = server
+        .query()
+        .watch_kpis(proto::WatchKpisRequest {
+            kpi_ids: vec!["revenue".into(), "never_defined".into()],
+            grain: Grain::Day.into(),
+            ..Default::default()
+        })
+        .await
+        .expect_err("a typo is refused");
+    assert_eq!(status.code(), Code::NotFound, "{status:?}");
+    assert!(status.message().contains("never_defined"), "{status:?}");
+    assert_eq!(
+        common::bad_request_field(&status).as_deref(),
+        Some("kpi_ids[1]")
+    );
+    // Nothing was left open.
+    assert!(server.list_streams().await.streams.is_empty());
     server.stop().await;
 }

@@ -13,8 +13,7 @@ use tokio_util::sync::CancellationToken;
 use tonic::{Request, Response, Status};
 
 use super::follow::{self, LogCursor};
-use crate::domain::Event;
-use crate::domain::kpi::validate_slug;
+use crate::domain::{Event, Rejection, rfc3339};
 use crate::proto::audit_server::Audit;
 use crate::proto::{self, from_proto, replay_events_request, to_proto};
 use crate::service::KpiService;
@@ -208,31 +207,58 @@ impl Audit for AuditApi {
         let remote_addr = request.remote_addr();
         let request = request.into_inner();
         let log = self.service.log().clone();
+        let head = log.head();
         let from_seq = match request.start {
             None => 1,
-            Some(replay_events_request::Start::FromSeq(seq)) => seq.max(1),
+            Some(replay_events_request::Start::FromSeq(seq)) => {
+                if !request.follow && seq > head.seq + 1 {
+                    return Err(Rejection::out_of_range(
+                        "from_seq",
+                        format!(
+                            "seq {seq} is beyond the log's head seq {} (follow to wait for it)",
+                            head.seq
+                        ),
+                    )
+                    .into());
+                }
+                seq.max(1)
+            }
             Some(replay_events_request::Start::FromRecordedAt(at)) => {
                 let at = from_proto::timestamp(&at, "from_recorded_at")?;
-                let log = log.clone();
+                let now = chrono::Utc::now();
+                if !request.follow && at > now {
+                    return Err(Rejection::out_of_range(
+                        "from_recorded_at",
+                        format!(
+                            "{} is later than the server's clock ({}) (follow to wait for it)",
+                            rfc3339(at),
+                            rfc3339(now)
+                        ),
+                    )
+                    .into());
+                }
                 // The first event recorded at or after `at` follows the last one before it.
-                let before =
-                    tokio::task::spawn_blocking(move || log.seq_at(at - TimeDelta::nanoseconds(1)))
-                        .await
-                        .map_err(|e| Status::internal(format!("replay lookup failed: {e}")))?
-                        .map_err(|e| super::status::store_status(&e))?;
+                let before = self.service.seq_at(at - TimeDelta::nanoseconds(1)).await?;
                 before + 1
             }
         };
-        for (i, id) in request.kpi_ids.iter().enumerate() {
-            validate_slug(id, &format!("kpi_ids[{i}]"))?;
+        let to_seq = request.to_seq.filter(|seq| *seq > 0);
+        if let Some(to) = to_seq
+            && to < from_seq
+        {
+            return Err(Rejection::invalid(
+                "to_seq",
+                format!("{to} is before the first seq to send ({from_seq})"),
+            )
+            .into());
         }
+        self.service.check_known_kpis(&request.kpi_ids, "kpi_ids")?;
         let filter = (!request.kpi_ids.is_empty())
             .then(|| request.kpi_ids.into_iter().collect::<HashSet<String>>());
-        // Without follow, the replay ends at the head as it is now.
-        let to_seq = match (request.to_seq, request.follow) {
-            (Some(seq), _) if seq > 0 => Some(seq),
-            (_, false) => Some(log.head().seq),
-            _ => None,
+        // Without follow, the replay ends at the head as it is now (or at to_seq before it).
+        let to_seq = match (to_seq, request.follow) {
+            (to, true) => to,
+            (to, false) => Some(to.map_or(head.seq, |to| to.min(head.seq))),
         };
         let handle = self.service.open_stream(
             StreamKind::ReplayEvents,
@@ -260,11 +286,7 @@ impl Audit for AuditApi {
         &self,
         _request: Request<proto::VerifyLogRequest>,
     ) -> Result<Response<proto::VerifyLogResponse>, Status> {
-        let log = self.service.log().clone();
-        let verification = tokio::task::spawn_blocking(move || log.verify())
-            .await
-            .map_err(|e| Status::internal(format!("verification failed: {e}")))?
-            .map_err(|e| super::status::store_status(&e))?;
+        let verification = self.service.verify_log().await?;
         let mut response = proto::VerifyLogResponse {
             ok: verification.result.is_ok(),
             checked_events: verification.checked_events,

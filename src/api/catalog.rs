@@ -53,7 +53,11 @@ impl KpiCatalog for CatalogApi {
         let definition = definition(request.definition)?;
         let entry = self
             .service
-            .update_kpi(definition, request.expected_version)
+            .update_kpi(
+                definition,
+                request.expected_version,
+                request.recompute_history,
+            )
             .await?;
         Ok(Response::new(proto::UpdateKpiResponse {
             kpi: Some(to_proto::kpi(&entry)),
@@ -79,20 +83,23 @@ impl KpiCatalog for CatalogApi {
             0 => DEFAULT_PAGE_SIZE,
             n if n <= MAX_PAGE_SIZE => n,
             n => {
-                return Err(Status::invalid_argument(format!(
-                    "page_size: at most {MAX_PAGE_SIZE}, got {n}"
-                )));
+                return Err(Rejection::invalid(
+                    "page_size",
+                    format!("at most {MAX_PAGE_SIZE}, got {n}"),
+                )
+                .into());
             }
         };
-        // The page token is the last id of the previous page: ids are stable and ordered,
-        // so a page never repeats or skips a KPI defined between calls.
+        // The page token carries the last id of the previous page: ids are stable and
+        // ordered, so a page never repeats or skips a KPI defined between calls.
+        let after = from_proto::page_token(&request.page_token, "page_token")?;
         let (page, more) = self.service.list_kpis(
-            &request.page_token,
+            &after,
             usize::try_from(page_size).unwrap_or(usize::MAX),
             request.include_retired,
         );
         let next_page_token = match (more, page.last()) {
-            (true, Some(last)) => last.definition.id.clone(),
+            (true, Some(last)) => to_proto::page_token(&last.definition.id),
             _ => String::new(),
         };
         Ok(Response::new(proto::ListKpisResponse {

@@ -95,6 +95,8 @@ pub fn bucket(answered: &AnsweredBucket) -> proto::Bucket {
             numerator: d.numerator,
             denominator: d.denominator,
             scale: d.scale,
+            numerator_count: d.numerator_count,
+            denominator_count: d.denominator_count,
         }),
         Detail::Nps(d) => P::Nps(proto::NpsDetail {
             histogram: d.histogram.to_vec(),
@@ -322,9 +324,7 @@ impl Query for QueryApi {
         let request = request.into_inner();
         let grain = from_proto::grain(request.grain, "grain")?
             .ok_or_else(|| Rejection::invalid("grain", "required"))?;
-        for (i, id) in request.kpi_ids.iter().enumerate() {
-            crate::domain::kpi::validate_slug(id, &format!("kpi_ids[{i}]"))?;
-        }
+        self.service.check_known_kpis(&request.kpi_ids, "kpi_ids")?;
         let handle = self.service.open_stream(
             StreamKind::WatchKpis,
             remote_addr,

@@ -22,6 +22,10 @@ impl From<ServiceError> for Status {
             ServiceError::Rejected(rejection) => rejection_status(&rejection),
             ServiceError::Contended => Status::aborted(error.to_string()),
             ServiceError::Store(error) => store_status(&error),
+            ServiceError::TaskFailed(reason) => {
+                tracing::error!(%reason, "a request's task failed");
+                Status::internal("internal error; see the server log")
+            }
         }
     }
 }
@@ -49,6 +53,11 @@ pub fn rejection_status(rejection: &Rejection) -> Status {
             Code::FailedPrecondition,
             message,
             ErrorDetails::with_precondition_failure_violation("STATE", field, reason),
+        ),
+        Rejection::OutOfRange { field, reason } => Status::with_error_details(
+            Code::OutOfRange,
+            message,
+            ErrorDetails::with_bad_request_violation(field, reason),
         ),
         Rejection::ResourceExhausted { field, reason } => Status::with_error_details(
             Code::ResourceExhausted,

@@ -52,9 +52,57 @@ pub struct WatchFilter {
 }
 
 impl WatchFilter {
+    fn wants_kpi(&self, kpi_id: &str) -> bool {
+        self.kpi_ids.is_empty() || self.kpi_ids.contains(kpi_id)
+    }
+
+    fn wants_labels(&self, labels: &Labels) -> bool {
+        self.labels.iter().all(|(k, v)| labels.get(k) == Some(v))
+    }
+
     fn wants(&self, kpi_id: &str, labels: &Labels) -> bool {
-        (self.kpi_ids.is_empty() || self.kpi_ids.contains(kpi_id))
-            && self.labels.iter().all(|(k, v)| labels.get(k) == Some(v))
+        self.wants_kpi(kpi_id) && self.wants_labels(labels)
+    }
+}
+
+/// A watched RATIO KPI: its id and its dimensions.
+type WatchedRatio = (Arc<str>, Vec<String>);
+
+/// The watched RATIO KPIs by operand: a measurement of an operand changes the bucket of
+/// the ratio's series that its labels, restricted to the ratio's dimensions, name.
+#[derive(Default)]
+struct WatchedRatios {
+    /// Operand KPI id -> (ratio KPI id, the ratio's dimensions).
+    by_operand: HashMap<String, Vec<WatchedRatio>>,
+    /// The catalog's last definition change when this was built.
+    built_at: Option<u64>,
+}
+
+impl WatchedRatios {
+    /// Builds the index again when definitions changed since it was built.
+    fn refresh(&mut self, filter: &WatchFilter, aggregates: &Aggregates, definitions_seq: u64) {
+        if self.built_at == Some(definitions_seq) {
+            return;
+        }
+        self.by_operand.clear();
+        for (id, definition) in aggregates.ratio_kpis() {
+            let Some(ratio) = definition.ratio.as_ref().filter(|_| filter.wants_kpi(id)) else {
+                continue;
+            };
+            let watched: WatchedRatio = (id.into(), definition.dimensions.clone());
+            for operand in [&ratio.numerator_kpi_id, &ratio.denominator_kpi_id] {
+                self.by_operand
+                    .entry(operand.clone())
+                    .or_default()
+                    .push(watched.clone());
+            }
+        }
+        self.built_at = Some(definitions_seq);
+    }
+
+    /// The watched ratios over `operand`.
+    fn over(&self, operand: &str) -> &[WatchedRatio] {
+        self.by_operand.get(operand).map_or(&[], Vec::as_slice)
     }
 }
 
@@ -80,6 +128,8 @@ pub struct Watcher {
     cursor: Option<LogCursor>,
     /// Bucket lookups per timezone of the watched KPIs.
     calendars: HashMap<Tz, Calendar>,
+    /// The watched RATIO KPIs, found through their operands' measurements.
+    ratios: WatchedRatios,
     /// Keeps the live window filled while the watcher runs.
     _live: WatcherGuard,
 }
@@ -138,6 +188,7 @@ impl Watcher {
             _live: service.live().register_watcher(),
             cursor: Some(LogCursor::new(service.log().clone())),
             calendars: HashMap::new(),
+            ratios: WatchedRatios::default(),
             next: from_seq.max(1),
             snapshot: from_seq == 0,
             service,
@@ -210,20 +261,31 @@ impl Watcher {
             let catalog = self.service.catalog().read();
             let aggregates = self.service.aggregates().read();
             let mut updates = Vec::new();
-            let kpis: Vec<String> = aggregates.measured_kpis().map(str::to_owned).collect();
+            let kpis: Vec<String> = aggregates
+                .measured_kpis()
+                .chain(aggregates.ratio_kpis().map(|(id, _)| id))
+                .filter(|id| self.filter.wants_kpi(id))
+                .map(str::to_owned)
+                .collect();
             for kpi_id in kpis {
                 let Ok((definition, _)) = aggregates.definition(&kpi_id) else {
                     continue;
                 };
-                let current = calendar::bucket_of(self.filter.grain, definition.timezone, now);
+                let grain = self.filter.grain;
+                let current = calendar::bucket_of(grain, definition.timezone, now);
                 let targets = target_statuses(&catalog, &aggregates, &kpi_id, now);
-                for labels in aggregates.series_of(&kpi_id) {
-                    if !self.filter.wants(&kpi_id, labels) {
-                        continue;
-                    }
-                    if let Some(answered) =
-                        aggregates.series_bucket(&kpi_id, labels, self.filter.grain, current)
-                    {
+                let buckets: Vec<AnsweredBucket> = if definition.ratio.is_some() {
+                    aggregates.ratio_series_buckets(&kpi_id, grain, current)
+                } else {
+                    aggregates
+                        .series_of(&kpi_id)
+                        .filter_map(|labels| {
+                            aggregates.series_bucket(&kpi_id, labels, grain, current)
+                        })
+                        .collect()
+                };
+                for answered in buckets {
+                    if self.filter.wants_labels(&answered.labels) {
                         updates.push(bucket_update(
                             &kpi_id,
                             &answered,
@@ -246,15 +308,23 @@ impl Watcher {
 
     /// The measurements that `next..=to` records or retracts, from the live window when it
     /// covers the range, else from the log. `None` when the stream is over.
-    async fn read(&mut self, to: u64) -> Option<Vec<(u64, Measured, bool)>> {
+    async fn read(&mut self, to: u64) -> Option<Vec<(u64, Measured)>> {
         let from = self.next;
         let mut touches = Vec::new();
-        let filter = &self.filter;
+        {
+            let definitions_seq = self.service.catalog().read().last_definition_seq();
+            let aggregates = self.service.aggregates().read();
+            self.ratios
+                .refresh(&self.filter, &aggregates, definitions_seq);
+        }
+        let (filter, ratios) = (&self.filter, &self.ratios);
         let in_window = self.service.live().touches(
             from,
             to,
             |touch| match touch {
-                Touch::Recorded { kpi_id, labels, .. } => filter.wants(kpi_id, labels),
+                Touch::Recorded { kpi_id, labels, .. } => {
+                    filter.wants(kpi_id, labels) || !ratios.over(kpi_id).is_empty()
+                }
                 Touch::Retracted { .. } => true,
             },
             &mut touches,
@@ -288,8 +358,8 @@ impl Watcher {
                                     kpi_id: m.kpi_id.into(),
                                     labels: Arc::new(m.labels),
                                     occurred_at: m.occurred_at,
+                                    retraction: true,
                                 },
-                                true,
                             ));
                         }
                     }
@@ -304,30 +374,46 @@ impl Watcher {
     }
 
     /// Adds the watched buckets of `touched` to `pending` (latest seq wins).
-    fn collect(&mut self, pending: &mut Pending, touched: Vec<(u64, Measured, bool)>) {
+    fn collect(&mut self, pending: &mut Pending, touched: Vec<(u64, Measured)>) {
         let now = Utc::now();
         let aggregates = self.service.aggregates().read();
         let calendars = &mut self.calendars;
-        for (seq, measured, retraction) in touched {
-            if !self.filter.wants(&measured.kpi_id, &measured.labels) {
-                continue;
-            }
-            let Ok((definition, _)) = aggregates.definition(&measured.kpi_id) else {
-                continue;
+        let grain = self.filter.grain;
+        let mut add = |kpi_id: Arc<str>, labels: Arc<Labels>, seq: u64, measured: &Measured| {
+            let Ok((definition, _)) = aggregates.definition(&kpi_id) else {
+                return;
             };
             let bucket = calendars
                 .entry(definition.timezone)
                 .or_insert_with(|| Calendar::new(definition.timezone))
-                .bucket_of(self.filter.grain, measured.occurred_at);
-            let revised = retraction || bucket.end <= now;
-            let key = (
-                measured.kpi_id,
-                measured.labels,
-                bucket.key().unix_seconds(),
-            );
+                .bucket_of(grain, measured.occurred_at);
+            let revised = measured.retraction || bucket.end <= now;
+            let key = (kpi_id, labels, bucket.key().unix_seconds());
             let entry = pending.entry(key).or_insert((bucket, seq, revised));
             entry.1 = seq;
             entry.2 |= revised;
+        };
+        for (seq, measured) in touched {
+            if self.filter.wants(&measured.kpi_id, &measured.labels) {
+                add(
+                    measured.kpi_id.clone(),
+                    measured.labels.clone(),
+                    seq,
+                    &measured,
+                );
+            }
+            // A ratio's series: the operand's labels restricted to the ratio's dimensions.
+            for (ratio_id, dimensions) in self.ratios.over(&measured.kpi_id) {
+                let labels: Labels = measured
+                    .labels
+                    .iter()
+                    .filter(|(key, _)| dimensions.contains(key))
+                    .map(|(key, value)| (key.clone(), value.clone()))
+                    .collect();
+                if self.filter.wants_labels(&labels) {
+                    add(ratio_id.clone(), Arc::new(labels), seq, &measured);
+                }
+            }
         }
     }
 
@@ -370,10 +456,12 @@ struct Measured {
     kpi_id: Arc<str>,
     labels: Arc<Labels>,
     occurred_at: DateTime<Utc>,
+    /// Whether the touch withdrew it (a retraction) rather than recorded it.
+    retraction: bool,
 }
 
-/// A recorded touch as (seq, measurement, not a retraction); retractions need the log.
-fn resolved((seq, touch): (u64, Touch)) -> Option<(u64, Measured, bool)> {
+/// A recorded touch as (seq, measurement); retractions need the log.
+fn resolved((seq, touch): (u64, Touch)) -> Option<(u64, Measured)> {
     match touch {
         Touch::Recorded {
             kpi_id,
@@ -385,8 +473,8 @@ fn resolved((seq, touch): (u64, Touch)) -> Option<(u64, Measured, bool)> {
                 kpi_id,
                 labels,
                 occurred_at,
+                retraction: false,
             },
-            false,
         )),
         Touch::Retracted { .. } => None,
     }

@@ -41,6 +41,26 @@ pub struct TargetEntry {
     pub seq: u64,
 }
 
+/// What the log holds of a KPI, for [`Catalog::decide_update`].
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct StoredUse {
+    /// The KPI (or, for a RATIO, one of its operands) has measurements.
+    pub measured: bool,
+    /// The label keys its stored measurements use.
+    pub dimensions: Vec<String>,
+}
+
+/// The conditions of an UpdateKpi.
+#[derive(Debug, Clone, Copy)]
+pub struct UpdateRules<'a> {
+    /// Optimistic concurrency: the version the client read.
+    pub expected_version: Option<u64>,
+    /// What the log holds of the KPI.
+    pub stored: &'a StoredUse,
+    /// The client agrees that past buckets are recomputed (a new kind or timezone).
+    pub recompute_history: bool,
+}
+
 /// Every KPI ever defined, by id, and the targets in force.
 #[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
 pub struct Catalog {
@@ -174,15 +194,58 @@ impl Catalog {
         Ok(Event::KpiDefined { definition })
     }
 
-    /// UpdateKpi: the event that replaces the definition of `definition.id`.
+    /// UpdateKpi: the event that replaces the definition of `definition.id`. `stored` is
+    /// what the log holds of the KPI: a change of kind or timezone recomputes every past
+    /// bucket of a KPI with measurements and needs `change.recompute_history`; a dimension
+    /// that stored measurements use cannot be dropped at all (they would carry an
+    /// undeclared label).
     pub fn decide_update(
         &self,
         definition: KpiDefinition,
-        expected_version: Option<u64>,
+        change: UpdateRules<'_>,
     ) -> Result<Event, Rejection> {
         definition.validate("definition")?;
-        let entry = self.live_entry(&definition.id, "definition.id", expected_version)?;
+        let entry = self.live_entry(&definition.id, "definition.id", change.expected_version)?;
         self.check_ratio_operands(&definition)?;
+        let old = &entry.definition;
+        if let Some(dropped) = change
+            .stored
+            .dimensions
+            .iter()
+            .find(|used| !definition.dimensions.contains(used))
+        {
+            return Err(Rejection::precondition(
+                "definition.dimensions",
+                format!(
+                    "dimension '{dropped}' of kpi '{}' is used by stored measurements and cannot be dropped",
+                    definition.id
+                ),
+            ));
+        }
+        if change.stored.measured && !change.recompute_history {
+            let rewritten = if old.kind != definition.kind {
+                Some((
+                    "definition.kind",
+                    format!("kind {:?} to {:?}", old.kind, definition.kind),
+                ))
+            } else if old.timezone != definition.timezone {
+                Some((
+                    "definition.timezone",
+                    format!("timezone {} to {}", old.timezone, definition.timezone),
+                ))
+            } else {
+                None
+            };
+            if let Some((field, what)) = rewritten {
+                return Err(Rejection::precondition(
+                    field,
+                    format!(
+                        "changing the {what} recomputes every past bucket of kpi '{}', which has measurements: set recompute_history to do it",
+                        definition.id
+                    ),
+                ));
+            }
+        }
         if entry.definition.kind != definition.kind {
             self.check_not_an_operand(&definition.id, "definition.kind", |ratio| {
                 if definition.kind.is_summable() {
@@ -451,6 +514,65 @@ mod tests {
         }
     }
 
+    static NOTHING_STORED: StoredUse = StoredUse {
+        measured: false,
+        dimensions: Vec::new(),
+    };
+
+    fn rules(expected_version: Option<u64>) -> UpdateRules<'static> {
+        UpdateRules {
+            expected_version,
+            stored: &NOTHING_STORED,
+            recompute_history: false,
+        }
+    }
+
+    #[test]
+    fn changes_that_rewrite_history_need_consent() {
+        let mut catalog = Catalog::default();
+        let mut revenue = definition("revenue", KpiKind::Sum);
+        revenue.dimensions = vec!["channel".into(), "region".into()];
+        commit(&mut catalog, |c| c.decide_define(revenue.clone()));
+        let stored = StoredUse {
+            measured: true,
+            dimensions: vec!["channel".into()],
+        };
+        let with = |recompute_history| UpdateRules {
+            expected_version: None,
+            stored: &stored,
+            recompute_history,
+        };
+        let mut average = revenue.clone();
+        average.kind = KpiKind::Average;
+        assert!(matches!(
+            catalog.decide_update(average.clone(), with(false)),
+            Err(Rejection::FailedPrecondition { field, reason })
+                if field == "definition.kind" && reason.contains("recompute_history")
+        ));
+        assert!(catalog.decide_update(average, with(true)).is_ok());
+        let mut amsterdam = revenue.clone();
+        amsterdam.timezone = "Europe/Amsterdam".parse().expect("zone");
+        assert!(matches!(
+            catalog.decide_update(amsterdam.clone(), with(false)),
+            Err(Rejection::FailedPrecondition { field, .. }) if field == "definition.timezone"
+        ));
+        assert!(catalog.decide_update(amsterdam, with(true)).is_ok());
+        // An unused dimension may go; a used one never, whatever the consent.
+        let mut no_region = revenue.clone();
+        no_region.dimensions = vec!["channel".into()];
+        assert!(catalog.decide_update(no_region, with(false)).is_ok());
+        let mut no_channel = revenue.clone();
+        no_channel.dimensions = vec!["region".into()];
+        assert!(matches!(
+            catalog.decide_update(no_channel, with(true)),
+            Err(Rejection::FailedPrecondition { field, .. }) if field == "definition.dimensions"
+        ));
+        // Without measurements nothing is rewritten.
+        let mut count = revenue;
+        count.kind = KpiKind::Count;
+        assert!(catalog.decide_update(count, rules(None)).is_ok());
+    }
+
     fn commit(catalog: &mut Catalog, decide: impl FnOnce(&Catalog) -> Result<Event, Rejection>) {
         let event = decide(catalog).expect("accepted");
         let seq = catalog.last_definition_seq() + 1;
@@ -466,10 +588,10 @@ mod tests {
         assert_eq!(catalog.get("revenue").map(|e| e.version), Some(1));
         let mut changed = definition("revenue", KpiKind::Sum);
         changed.unit = "EUR".into();
-        commit(&mut catalog, |c| c.decide_update(changed, Some(1)));
+        commit(&mut catalog, |c| c.decide_update(changed, rules(Some(1))));
         assert_eq!(catalog.get("revenue").map(|e| e.version), Some(2));
         assert_eq!(
-            catalog.decide_update(definition("revenue", KpiKind::Sum), Some(1)),
+            catalog.decide_update(definition("revenue", KpiKind::Sum), rules(Some(1))),
             Err(Rejection::VersionMismatch {
                 what: "kpi 'revenue'".into(),
                 expected: 1,
@@ -483,7 +605,7 @@ mod tests {
         assert!(entry.retired);
         assert_eq!(entry.version, 3);
         assert!(matches!(
-            catalog.decide_update(definition("revenue", KpiKind::Sum), None),
+            catalog.decide_update(definition("revenue", KpiKind::Sum), rules(None)),
             Err(Rejection::FailedPrecondition { .. })
         ));
         assert!(matches!(
@@ -510,7 +632,7 @@ mod tests {
             Err(Rejection::FailedPrecondition { field, .. }) if field == "definition.ratio.denominator_kpi_id"
         ));
         commit(&mut catalog, |c| {
-            c.decide_update(definition("visitors", KpiKind::Count), None)
+            c.decide_update(definition("visitors", KpiKind::Count), rules(None))
         });
         commit(&mut catalog, |c| c.decide_define(conversion()));
         assert!(matches!(
@@ -518,7 +640,7 @@ mod tests {
             Err(Rejection::FailedPrecondition { .. })
         ));
         assert!(matches!(
-            catalog.decide_update(definition("visitors", KpiKind::Max), None),
+            catalog.decide_update(definition("visitors", KpiKind::Max), rules(None)),
             Err(Rejection::FailedPrecondition { field, .. }) if field == "definition.kind"
         ));
     }

@@ -39,6 +39,15 @@ pub enum Rejection {
         /// What stands in the way.
         reason: String,
     },
+    /// A position outside what exists yet, such as an as-of seq beyond the log's head
+    /// (OUT_OF_RANGE): the same request can succeed later.
+    #[error("{field}: {reason}")]
+    OutOfRange {
+        /// Path of the field holding the position.
+        field: String,
+        /// Where the range ends now.
+        reason: String,
+    },
     /// A limit of the service would be passed (RESOURCE_EXHAUSTED).
     #[error("{field}: {reason}")]
     ResourceExhausted {
@@ -84,6 +93,14 @@ impl Rejection {
         }
     }
 
+    /// An OUT_OF_RANGE rejection.
+    pub fn out_of_range(field: impl Into<String>, reason: impl Into<String>) -> Self {
+        Self::OutOfRange {
+            field: field.into(),
+            reason: reason.into(),
+        }
+    }
+
     /// The field the rejection is about, when it names one.
     pub fn field(&self) -> Option<&str> {
         match self {
@@ -91,6 +108,7 @@ impl Rejection {
             | Self::NotFound { field, .. }
             | Self::AlreadyExists { field, .. }
             | Self::FailedPrecondition { field, .. }
+            | Self::OutOfRange { field, .. }
             | Self::ResourceExhausted { field, .. } => Some(field),
             Self::VersionMismatch { .. } => Some("expected_version"),
         }
@@ -104,6 +122,7 @@ impl Rejection {
             | Self::NotFound { field, .. }
             | Self::AlreadyExists { field, .. }
             | Self::FailedPrecondition { field, .. }
+            | Self::OutOfRange { field, .. }
             | Self::ResourceExhausted { field, .. } => *field = format!("{prefix}.{field}"),
             Self::VersionMismatch { .. } => {}
         }

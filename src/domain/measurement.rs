@@ -73,7 +73,10 @@ impl Measurement {
         if self.occurred_at < TimeRules::EARLIEST {
             return Err(Rejection::invalid(
                 "occurred_at",
-                format!("{} is before 1970-01-01T00:00:00Z", self.occurred_at),
+                format!(
+                    "{} is before 1970-01-01T00:00:00Z",
+                    super::rfc3339(self.occurred_at)
+                ),
             ));
         }
         let latest = rules.now + rules.max_future_skew;
@@ -82,9 +85,9 @@ impl Measurement {
                 "occurred_at",
                 format!(
                     "{} is more than {} s in the future (server time {})",
-                    self.occurred_at,
+                    super::rfc3339(self.occurred_at),
                     rules.max_future_skew.num_seconds(),
-                    rules.now
+                    super::rfc3339(rules.now)
                 ),
             ));
         }

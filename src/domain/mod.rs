@@ -20,9 +20,17 @@ pub use calendar::{
     Bucket, BucketKey, Buckets, Calendar, Grain, bucket_of, buckets_in, count_buckets, next_bucket,
     previous_bucket,
 };
-pub use catalog::{Catalog, KpiEntry, TargetEntry};
+pub use catalog::{Catalog, KpiEntry, StoredUse, TargetEntry, UpdateRules};
 pub use error::Rejection;
 pub use event::Event;
 pub use kpi::{Direction, KpiDefinition, KpiKind, RatioSettings};
 pub use measurement::Measurement;
 pub use target::{TargetDefinition, TargetMode};
+
+use chrono::{DateTime, SecondsFormat, Utc};
+
+/// An instant as RFC 3339 in UTC (`2026-03-01T00:00:00Z`, fractions only when present), as
+/// every message of the API writes times.
+pub fn rfc3339(instant: DateTime<Utc>) -> String {
+    instant.to_rfc3339_opts(SecondsFormat::AutoSi, true)
+}

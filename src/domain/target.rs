@@ -63,7 +63,7 @@ impl TargetDefinition {
         if self.deadline <= self.start {
             return Err(Rejection::invalid(
                 format!("{field}.deadline"),
-                format!("must be after start ({})", self.start),
+                format!("must be after start ({})", super::rfc3339(self.start)),
             ));
         }
         if self.start < DateTime::UNIX_EPOCH {

@@ -10,10 +10,15 @@
 //! - "meets x" is x ≥ target for HIGHER_IS_BETTER and x ≤ target for LOWER_IS_BETTER;
 //!   "within tolerance" is x ≥ target − tol·|target| (mirrored for lower-is-better).
 //!
-//! States: after the deadline ACHIEVED or MISSED; before it ACHIEVED as soon as a
-//! higher-is-better cumulative actual meets the target, ON_TRACK when the projection meets
-//! it, AT_RISK when the projection is within the tolerance or only the favourable bound of
-//! its interval meets it, OFF_TRACK otherwise. Before the window starts: ON_TRACK.
+//! States: after the deadline ACHIEVED or MISSED (and the projection is the final actual);
+//! before it ACHIEVED as soon as a higher-is-better cumulative actual meets the target,
+//! ON_TRACK when the projection meets it, AT_RISK when the projection is within the
+//! tolerance or only the favourable bound of its interval meets it, OFF_TRACK otherwise.
+//!
+//! Windows and periods are half-open, [start, end): a target is under way from its start
+//! instant on. Before it: ON_TRACK ("not started"). A window or period that has started
+//! but has nothing to project from yet (the start instant itself, or a LEVEL period
+//! without measurements) is AT_RISK ("no data yet").
 
 use chrono::{DateTime, Utc};
 use chrono_tz::Tz;
@@ -128,13 +133,22 @@ impl Progress {
     pub fn judge_cumulative(&self, tz: Tz) -> Verdict {
         let f = elapsed_fraction(self.start, self.deadline, self.now);
         let actual = self.actual.unwrap_or(0.0);
-        let projected = self.forecast.or_else(|| {
-            (f > 0.0).then_some(Estimate {
-                value: actual / f,
+        let projected = if self.now >= self.deadline {
+            // Nothing is left to forecast: the value at the deadline is the final actual.
+            Some(Estimate {
+                value: actual,
                 lower: None,
                 upper: None,
             })
-        });
+        } else {
+            self.forecast.or_else(|| {
+                (f > 0.0).then_some(Estimate {
+                    value: actual / f,
+                    lower: None,
+                    upper: None,
+                })
+            })
+        };
         let required_rate = (!self.meets(actual) && self.periods_left > 0.0)
             .then(|| (self.target - actual) / self.periods_left);
         let by = last_day(self.deadline, tz);
@@ -193,9 +207,20 @@ impl Progress {
     /// ON_TRACK, AT_RISK or OFF_TRACK from a projection at the deadline.
     fn judge_projection(&self, projected: Option<Estimate>, by: &str) -> (TargetState, String) {
         let Some(estimate) = projected else {
+            // At the start instant nothing has elapsed: too early to project, as a LEVEL
+            // period without measurements yet.
+            let so_far = self.actual.unwrap_or(0.0);
             return (
-                TargetState::OffTrack,
-                format!("no data yet: {} due by {by}", number(self.target)),
+                TargetState::AtRisk,
+                if so_far == 0.0 {
+                    format!("no data yet: {} due by {by}", number(self.target))
+                } else {
+                    format!(
+                        "too early to project: {} of {} due by {by}",
+                        number(so_far),
+                        number(self.target)
+                    )
+                },
             );
         };
         let line = format!(
@@ -342,10 +367,15 @@ mod tests {
             "{}",
             before.reason
         );
-        // At the very start f = 0: no pace to project from.
+        // At the very start f = 0: under way, but no pace to project from yet.
         let at_start = fifty(day(1, 1), 0.0).judge_cumulative(Tz::UTC);
         assert_eq!(at_start.projected, None);
-        assert_eq!(at_start.state, TargetState::OffTrack);
+        assert_eq!(at_start.state, TargetState::AtRisk);
+        assert!(
+            at_start.reason.starts_with("no data yet"),
+            "{}",
+            at_start.reason
+        );
     }
 
     #[test]

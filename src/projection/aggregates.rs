@@ -400,6 +400,13 @@ impl Aggregates {
                 ratio_groups(numerator, denominator, ratio.scale)
             }
         };
+        let mut groups = groups;
+        if query.group_by.is_empty() && query.fill != Fill::None {
+            // Without group-by the answer is one series: filled even when nothing (or
+            // nothing matching the filter) was ever measured, so a dashboard still gets a
+            // continuous series.
+            groups.entry(Labels::new()).or_default();
+        }
         let kind = definition.kind;
         let mut answer = Vec::new();
         for (labels, by_start) in groups {
@@ -438,13 +445,75 @@ impl Aggregates {
             .flat_map(|kpi| kpi.series.keys())
     }
 
+    /// What the log holds of a KPI: whether it (or, for a RATIO, an operand) has
+    /// measurements, and the label keys its series use.
+    pub fn stored_use(&self, kpi_id: &str) -> crate::domain::StoredUse {
+        let has_series = |id: &str| {
+            self.measured
+                .get(id)
+                .is_some_and(|kpi| !kpi.series.is_empty())
+        };
+        let mut dimensions: Vec<String> = self
+            .series_of(kpi_id)
+            .flat_map(|labels| labels.keys().cloned())
+            .collect();
+        dimensions.sort_unstable();
+        dimensions.dedup();
+        let measured = match self.ratios.get(kpi_id).and_then(|(d, _)| d.ratio.as_ref()) {
+            Some(ratio) => {
+                has_series(&ratio.numerator_kpi_id) || has_series(&ratio.denominator_kpi_id)
+            }
+            None => has_series(kpi_id),
+        };
+        crate::domain::StoredUse {
+            measured,
+            dimensions,
+        }
+    }
+
     /// Ids of the measured KPIs.
     pub fn measured_kpis(&self) -> impl Iterator<Item = &str> {
         self.measured.keys().map(String::as_str)
     }
 
-    /// One bucket of one series of a measured KPI, as it is now; an empty bucket when
-    /// nothing is in it.
+    /// The RATIO KPIs: id and definition.
+    pub fn ratio_kpis(&self) -> impl Iterator<Item = (&str, &KpiDefinition)> {
+        self.ratios
+            .iter()
+            .map(|(id, (definition, _))| (id.as_str(), definition))
+    }
+
+    /// The buckets of every series of a RATIO KPI in `bucket` (empty ones too): one per
+    /// combination of the ratio's dimensions among its operands' series (the groups of
+    /// GetAggregates grouped by all of the ratio's dimensions).
+    pub fn ratio_series_buckets(
+        &self,
+        kpi_id: &str,
+        grain: Grain,
+        bucket: Bucket,
+    ) -> Vec<AnsweredBucket> {
+        let Some((definition, _)) = self.ratios.get(kpi_id) else {
+            return Vec::new();
+        };
+        // Like a measured KPI, a ratio has no series before its operands have one.
+        if !self.stored_use(kpi_id).measured {
+            return Vec::new();
+        }
+        self.query(&AggregateQuery {
+            kpi_id: kpi_id.to_owned(),
+            grain,
+            start: bucket.start,
+            end: bucket.end,
+            filter: Labels::new(),
+            group_by: definition.dimensions.clone(),
+            fill: Fill::Absent,
+        })
+        .unwrap_or_default()
+    }
+
+    /// One bucket of one series of a KPI, as it is now; an empty bucket when nothing is in
+    /// it. A series of a RATIO KPI is a combination of values of the ratio's dimensions
+    /// (see [`Aggregates::ratio_series_buckets`]).
     pub fn series_bucket(
         &self,
         kpi_id: &str,
@@ -452,6 +521,32 @@ impl Aggregates {
         grain: Grain,
         bucket: Bucket,
     ) -> Option<AnsweredBucket> {
+        if let Some((definition, version)) = self.ratios.get(kpi_id) {
+            let answer = self
+                .query(&AggregateQuery {
+                    kpi_id: kpi_id.to_owned(),
+                    grain,
+                    start: bucket.start,
+                    end: bucket.end,
+                    filter: labels.clone(),
+                    group_by: definition.dimensions.clone(),
+                    fill: Fill::None,
+                })
+                .ok()?;
+            let summary = answer
+                .into_iter()
+                .find(|answered| answered.labels == *labels && answered.bucket == bucket)
+                .map_or_else(
+                    || empty_summary(definition.kind, Fill::Absent),
+                    |answered| Some(answered.summary),
+                )?;
+            return Some(AnsweredBucket {
+                labels: labels.clone(),
+                bucket,
+                summary,
+                definition_version: *version,
+            });
+        }
         let kpi = self.measured.get(kpi_id)?;
         let summary = kpi
             .series

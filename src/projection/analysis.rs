@@ -2,7 +2,7 @@
 //! status of a target. The statistics are `domain::trend`; the verdict rules are
 //! `domain::target_status`; this module picks the buckets they work on.
 
-use chrono::{DateTime, Months, TimeDelta, Utc};
+use chrono::{DateTime, DurationRound, Months, TimeDelta, Utc};
 
 use super::aggregates::{AggregateQuery, Aggregates, AnsweredBucket, Fill, Labels};
 use crate::domain::calendar::{self, Bucket};
@@ -236,7 +236,10 @@ fn time_at(periods: &[Bucket], x: f64) -> Option<DateTime<Utc>> {
     let span = (bucket.end - bucket.start).num_milliseconds();
     #[allow(clippy::cast_possible_truncation)]
     let offset = (within * span as f64) as i64;
-    Some(bucket.start + TimeDelta::milliseconds(offset))
+    // A forecast is not precise to the millisecond: whole seconds, rounded.
+    (bucket.start + TimeDelta::milliseconds(offset))
+        .duration_round(TimeDelta::seconds(1))
+        .ok()
 }
 
 /// The buckets of a target's KPI over its window, in its period grain (or `default`).
@@ -276,8 +279,9 @@ fn cumulative(
     };
     let mut total = 0.0;
     let mut points = Vec::new();
+    // Periods are half-open: one has started at its first instant.
     for (index, bucket) in buckets.iter().enumerate() {
-        if bucket.bucket.start >= now {
+        if bucket.bucket.start > now {
             break;
         }
         total += contribution(bucket);
@@ -290,10 +294,34 @@ fn cumulative(
     let projection = (finished >= MIN_PROJECTION_POINTS)
         .then(|| trend::project_target(&points, deadline_x, t.value))
         .flatten();
-    let started = periods.iter().filter(|p| p.start < now).count();
+    // A running total that cannot go down (COUNT, or a SUM whose values so far are all
+    // non-negative) ends at least where it is: the fitted line is not allowed below that.
+    let never_decreases = match definition.kind {
+        KpiKind::Count => true,
+        KpiKind::Sum => buckets
+            .iter()
+            .filter(|b| b.summary.count > 0)
+            .all(|b| b.summary.min.is_some_and(|min| min >= 0.0)),
+        _ => false,
+    };
+    let floor = |value: f64| {
+        if never_decreases {
+            value.max(total)
+        } else {
+            value
+        }
+    };
+    let started = periods.iter().filter(|p| p.start <= now).count();
     let mut progress = progress(definition, target, now);
     progress.actual = Some(total);
-    progress.forecast = projection.map(|p| estimate(&p.at_deadline));
+    progress.forecast = projection.map(|p| {
+        let at_deadline = estimate(&p.at_deadline);
+        Estimate {
+            value: floor(at_deadline.value),
+            lower: at_deadline.lower.map(floor),
+            upper: at_deadline.upper.map(floor),
+        }
+    });
     // Periods not started yet, plus the current one when it is under way.
     progress.periods_left = exact_f64(periods.len() - started.min(periods.len()))
         + if started > finished { 1.0 } else { 0.0 };
@@ -323,9 +351,11 @@ fn level(
     let t = &target.definition;
     let (grain, buckets) = periods_of(aggregates, target, Grain::Month)?;
     let progress_now = progress(definition, target, now);
+    // Periods are half-open: the one that starts at `now` is the current one. Before the
+    // target's own start nothing is judged, even when its first period began earlier.
     let periods: Vec<PeriodVerdict> = buckets
         .iter()
-        .filter(|b| b.bucket.start < now)
+        .filter(|b| now >= t.start && b.bucket.start <= now)
         .map(|b| {
             let finished = b.bucket.end <= now;
             PeriodVerdict {

@@ -35,6 +35,35 @@ pub fn timestamp(value: &Timestamp, field: &str) -> Result<DateTime<Utc>, Reject
     })
 }
 
+/// The KPI id a ListKpis page token continues after (see [`super::to_proto::page_token`]);
+/// empty for an empty token (the first page). INVALID_ARGUMENT for anything this server did
+/// not hand out.
+pub fn page_token(token: &str, field: &str) -> Result<String, Rejection> {
+    use base64::Engine;
+    if token.is_empty() {
+        return Ok(String::new());
+    }
+    let malformed = || {
+        Rejection::invalid(
+            field,
+            "not a page token from this server (pass next_page_token unchanged, or empty for the first page)",
+        )
+    };
+    let bytes = base64::engine::general_purpose::URL_SAFE_NO_PAD
+        .decode(token)
+        .map_err(|_| malformed())?;
+    let (body, check) = bytes.split_last_chunk::<4>().ok_or_else(malformed)?;
+    if crc32fast::hash(body) != u32::from_be_bytes(*check) {
+        return Err(malformed());
+    }
+    match body.split_first() {
+        Some((&super::to_proto::PAGE_TOKEN_VERSION, id)) => {
+            String::from_utf8(id.to_vec()).map_err(|_| malformed())
+        }
+        _ => Err(malformed()),
+    }
+}
+
 /// A required Timestamp field.
 pub fn required_timestamp(
     value: Option<&Timestamp>,

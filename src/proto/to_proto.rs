@@ -19,6 +19,23 @@ pub fn timestamp(instant: DateTime<Utc>) -> Timestamp {
     }
 }
 
+/// First byte of a page token, so that the format can change without old tokens being
+/// misread.
+pub(super) const PAGE_TOKEN_VERSION: u8 = 1;
+
+/// The ListKpis page token that continues after the KPI `last_id`. Opaque to clients:
+/// base64url of a version byte, the id and a CRC-32 of both, so a made-up or damaged token
+/// is refused (see [`super::from_proto::page_token`]) instead of being read as an id.
+pub fn page_token(last_id: &str) -> String {
+    use base64::Engine;
+    let mut bytes = Vec::with_capacity(last_id.len() + 5);
+    bytes.push(PAGE_TOKEN_VERSION);
+    bytes.extend_from_slice(last_id.as_bytes());
+    let check = crc32fast::hash(&bytes);
+    bytes.extend_from_slice(&check.to_be_bytes());
+    base64::engine::general_purpose::URL_SAFE_NO_PAD.encode(bytes)
+}
+
 /// The protobuf enum of a KPI kind.
 pub fn kpi_kind(kind: KpiKind) -> proto::KpiKind {
     match kind {

@@ -11,9 +11,12 @@ use tokio_util::sync::CancellationToken;
 
 use chrono::{DateTime, TimeDelta, Utc};
 
+use crate::domain::rfc3339;
+
 use crate::domain::measurement::TimeRules;
 use crate::domain::{
     Catalog, Event, KpiDefinition, KpiEntry, Measurement, Rejection, TargetDefinition, TargetEntry,
+    UpdateRules,
 };
 use crate::projection::analysis::{self, TargetAnswer, TrendAnswer, TrendQuery};
 use crate::projection::{
@@ -45,6 +48,20 @@ pub enum ServiceError {
     /// Definitions changed under the command more than `MAX_VALIDATION_ATTEMPTS` times.
     #[error("definitions kept changing while the request was validated; retry")]
     Contended,
+    /// A blocking task of the request panicked or was cancelled: a bug, not a state of the
+    /// log.
+    #[error("a task of the request failed: {0}")]
+    TaskFailed(String),
+}
+
+/// Runs blocking work (sled reads, folds, large answers) off the async executor; a task
+/// that panicked is an internal error of this request, not a failure of the log.
+async fn blocking<T: Send + 'static>(
+    work: impl FnOnce() -> T + Send + 'static,
+) -> Result<T, ServiceError> {
+    tokio::task::spawn_blocking(work)
+        .await
+        .map_err(|error| ServiceError::TaskFailed(error.to_string()))
 }
 
 /// Where one measurement of a batch is in the log.
@@ -212,15 +229,25 @@ impl KpiService {
         self.current_kpi(&id)
     }
 
-    /// UpdateKpi.
+    /// UpdateKpi. A change of kind or timezone of a KPI with measurements recomputes its
+    /// history and needs `recompute_history`.
     pub async fn update_kpi(
         &self,
         definition: KpiDefinition,
         expected_version: Option<u64>,
+        recompute_history: bool,
     ) -> Result<KpiEntry, ServiceError> {
         let id = definition.id.clone();
         self.change_definitions(|catalog| {
-            catalog.decide_update(definition.clone(), expected_version)
+            let stored = self.aggregates.read().stored_use(&id);
+            catalog.decide_update(
+                definition.clone(),
+                UpdateRules {
+                    expected_version,
+                    stored: &stored,
+                    recompute_history,
+                },
+            )
         })
         .await?;
         self.current_kpi(&id)
@@ -287,31 +314,86 @@ impl KpiService {
             Ok(catalog.targets(kpi_id.as_deref()).cloned().collect())
         };
         match self.resolve_as_of(as_of).await? {
-            Some(seq) if seq < self.log.head().seq => {
+            Some(seq) => {
                 let log = self.log.clone();
-                let past = tokio::task::spawn_blocking(move || catalog_as_of(&log, seq))
-                    .await
-                    .map_err(|_| StoreError::WriterStopped)??;
+                let past = blocking(move || catalog_as_of(&log, seq)).await??;
                 Ok(list(&past)?)
             }
-            _ => Ok(list(&self.catalog.read())?),
+            None => Ok(list(&self.catalog.read())?),
         }
     }
 
-    /// The seq an as-of point names (`None` for "now").
+    /// The seq an as-of point names, or `None` when it names the head (answer from the
+    /// current read models). A point the log has not reached yet is OUT_OF_RANGE: its
+    /// answer would still change, so it is not an answer "as known at" that point.
     async fn resolve_as_of(&self, as_of: Option<AsOf>) -> Result<Option<u64>, ServiceError> {
-        Ok(match as_of {
-            None => None,
-            Some(AsOf::Seq(seq)) => Some(seq),
-            Some(AsOf::RecordedAt(at)) => {
-                let log = self.log.clone();
-                Some(
-                    tokio::task::spawn_blocking(move || log.seq_at(at))
-                        .await
-                        .map_err(|_| StoreError::WriterStopped)??,
-                )
+        let head = self.log.head().seq;
+        let seq = match as_of {
+            None => return Ok(None),
+            Some(AsOf::Seq(seq)) => {
+                if seq > head {
+                    return Err(Rejection::out_of_range(
+                        "as_of.seq",
+                        format!("seq {seq} is beyond the log's head seq {head}"),
+                    )
+                    .into());
+                }
+                seq
             }
-        })
+            Some(AsOf::RecordedAt(at)) => {
+                let now = Utc::now();
+                if at > now {
+                    return Err(Rejection::out_of_range(
+                        "as_of.recorded_at",
+                        format!(
+                            "{} is later than the server's clock ({}): what will be known then is not known yet",
+                            rfc3339(at),
+                            rfc3339(now)
+                        ),
+                    )
+                    .into());
+                }
+                self.seq_at(at).await?
+            }
+        };
+        Ok((seq < head).then_some(seq))
+    }
+
+    /// NOT_FOUND naming every id of `kpi_ids` that is not in the catalog (a typo would
+    /// otherwise watch or replay nothing, forever); INVALID_ARGUMENT for one that is not an
+    /// id at all. `field` is the request's field, such as `kpi_ids`.
+    pub fn check_known_kpis(&self, kpi_ids: &[String], field: &str) -> Result<(), ServiceError> {
+        for (i, id) in kpi_ids.iter().enumerate() {
+            crate::domain::kpi::validate_slug(id, &format!("{field}[{i}]"))?;
+        }
+        let catalog = self.catalog.read();
+        let unknown: Vec<(usize, &String)> = kpi_ids
+            .iter()
+            .enumerate()
+            .filter(|(_, id)| catalog.get(id).is_none())
+            .collect();
+        match unknown.as_slice() {
+            [] => Ok(()),
+            [(i, id)] => {
+                Err(Rejection::not_found(format!("{field}[{i}]"), format!("kpi '{id}'")).into())
+            }
+            several => {
+                let names: Vec<String> = several.iter().map(|(_, id)| format!("'{id}'")).collect();
+                Err(Rejection::not_found(field, format!("kpis {}", names.join(", "))).into())
+            }
+        }
+    }
+
+    /// The last seq recorded at or before `at` (0 if none).
+    pub async fn seq_at(&self, at: DateTime<Utc>) -> Result<u64, ServiceError> {
+        let log = self.log.clone();
+        Ok(blocking(move || log.seq_at(at)).await??)
+    }
+
+    /// VerifyLog: the whole chain recomputed up to the head.
+    pub async fn verify_log(&self) -> Result<crate::store::Verification, ServiceError> {
+        let log = self.log.clone();
+        Ok(blocking(move || log.verify()).await??)
     }
 
     /// GetKpi.
@@ -431,11 +513,9 @@ impl KpiService {
             );
         }
         let log = self.log.clone();
-        let stored =
-            tokio::task::spawn_blocking(move || log.read(retracted_seq, retracted_seq).next())
-                .await
-                .map_err(|_| StoreError::WriterStopped)?
-                .transpose()?;
+        let stored = blocking(move || log.read(retracted_seq, retracted_seq).next())
+            .await?
+            .transpose()?;
         if !matches!(
             stored.as_ref().map(|s| &s.event),
             Some(Event::MeasurementRecorded(_))
@@ -475,12 +555,11 @@ impl KpiService {
     ) -> Result<TrendAnswer, ServiceError> {
         crate::domain::kpi::validate_slug(&query.kpi_id, "kpi_id")?;
         let (_, aggregates) = self.models_at(as_of, &query.kpi_id).await?;
-        Ok(tokio::task::spawn_blocking(move || match aggregates {
+        Ok(blocking(move || match aggregates {
             Models::Current(view) => analysis::trend(&view.read(), &query),
             Models::Past(past) => analysis::trend(&past, &query),
         })
-        .await
-        .map_err(|_| StoreError::WriterStopped)??)
+        .await??)
     }
 
     /// GetTargetStatus: the status of one target, or of every target of a KPI, at
@@ -500,13 +579,11 @@ impl KpiService {
             TargetSelector::Target(target_id) => {
                 crate::domain::kpi::validate_slug(target_id, "target_id")?;
                 let catalog = match self.resolve_as_of(as_of).await? {
-                    Some(seq) if seq < self.log.head().seq => {
+                    Some(seq) => {
                         let log = self.log.clone();
-                        tokio::task::spawn_blocking(move || catalog_as_of(&log, seq))
-                            .await
-                            .map_err(|_| StoreError::WriterStopped)??
+                        blocking(move || catalog_as_of(&log, seq)).await??
                     }
-                    _ => self.catalog.read().clone(),
+                    None => self.catalog.read().clone(),
                 };
                 catalog
                     .target(target_id)
@@ -517,7 +594,7 @@ impl KpiService {
             }
         };
         let (catalog, aggregates) = self.models_at(as_of, &kpi_id).await?;
-        let answer = tokio::task::spawn_blocking(move || {
+        let answer = blocking(move || {
             if catalog.get(&kpi_id).is_none() {
                 return Err(Rejection::not_found("kpi_id", format!("kpi '{kpi_id}'")));
             }
@@ -536,8 +613,7 @@ impl KpiService {
                 Models::Past(past) => judge(&past),
             }
         })
-        .await
-        .map_err(|_| StoreError::WriterStopped)??;
+        .await??;
         Ok(answer)
     }
 
@@ -549,28 +625,18 @@ impl KpiService {
         kpi_id: &str,
     ) -> Result<(Catalog, Models), ServiceError> {
         match self.resolve_as_of(as_of).await? {
-            Some(seq) if seq < self.log.head().seq => {
-                let mut kpi_ids = vec![kpi_id.to_owned()];
-                if let Some(ratio) = self
-                    .catalog
-                    .read()
-                    .get(kpi_id)
-                    .and_then(|entry| entry.definition.ratio.clone())
-                {
-                    kpi_ids.push(ratio.numerator_kpi_id);
-                    kpi_ids.push(ratio.denominator_kpi_id);
-                }
+            Some(seq) => {
+                let kpi_ids = self.with_operands(kpi_id);
                 let log = self.log.clone();
                 let aggregates = self.aggregates.clone();
-                let (catalog, past) = tokio::task::spawn_blocking(move || {
+                let (catalog, past) = blocking(move || {
                     let ids: Vec<&str> = kpi_ids.iter().map(String::as_str).collect();
                     Ok::<_, StoreError>((catalog_as_of(&log, seq)?, aggregates.as_of(seq, &ids)?))
                 })
-                .await
-                .map_err(|_| StoreError::WriterStopped)??;
+                .await??;
                 Ok((catalog, Models::Past(Box::new(past))))
             }
-            _ => Ok((
+            None => Ok((
                 self.catalog.read().clone(),
                 Models::Current(self.aggregates.clone()),
             )),
@@ -585,37 +651,37 @@ impl KpiService {
     ) -> Result<Vec<AnsweredBucket>, ServiceError> {
         crate::domain::kpi::validate_slug(&query.kpi_id, "kpi_id")?;
         match self.resolve_as_of(as_of).await? {
-            Some(seq) if seq < self.log.head().seq => {
-                // The KPI and, for a ratio, its operands as they were at `seq`.
-                let mut kpi_ids = vec![query.kpi_id.clone()];
-                if let Some(ratio) = self
-                    .catalog
-                    .read()
-                    .get(&query.kpi_id)
-                    .and_then(|entry| entry.definition.ratio.clone())
-                {
-                    kpi_ids.push(ratio.numerator_kpi_id);
-                    kpi_ids.push(ratio.denominator_kpi_id);
-                }
+            Some(seq) => {
+                let kpi_ids = self.with_operands(&query.kpi_id);
                 let aggregates = self.aggregates.clone();
-                let past = tokio::task::spawn_blocking(move || {
+                let past = blocking(move || {
                     let ids: Vec<&str> = kpi_ids.iter().map(String::as_str).collect();
                     aggregates.as_of(seq, &ids)
                 })
-                .await
-                .map_err(|_| StoreError::WriterStopped)??;
+                .await??;
                 Ok(past.query(&query)?)
             }
-            _ => {
+            None => {
                 // A large answer takes milliseconds: off the async executor.
                 let aggregates = self.aggregates.clone();
-                Ok(
-                    tokio::task::spawn_blocking(move || aggregates.read().query(&query))
-                        .await
-                        .map_err(|_| StoreError::WriterStopped)??,
-                )
+                Ok(blocking(move || aggregates.read().query(&query)).await??)
             }
         }
+    }
+
+    /// `kpi_id` and, for a ratio, its operands: the KPIs an as-of fold needs.
+    fn with_operands(&self, kpi_id: &str) -> Vec<String> {
+        let mut kpi_ids = vec![kpi_id.to_owned()];
+        if let Some(ratio) = self
+            .catalog
+            .read()
+            .get(kpi_id)
+            .and_then(|entry| entry.definition.ratio.clone())
+        {
+            kpi_ids.push(ratio.numerator_kpi_id);
+            kpi_ids.push(ratio.denominator_kpi_id);
+        }
+        kpi_ids
     }
 
     /// Appends the one event `decide` derives from the current catalog, re-deciding when

@@ -268,6 +268,13 @@ pub fn with_event_id(mut measurement: Measurement, event_id: &str) -> Measuremen
     measurement
 }
 
+/// An as-of point at `seq`.
+pub fn as_of_seq(seq: u64) -> Option<proto::AsOf> {
+    Some(proto::AsOf {
+        point: Some(proto::as_of::Point::Seq(seq)),
+    })
+}
+
 /// The field named by the google.rpc.BadRequest detail of `status`, if any.
 pub fn bad_request_field(status: &tonic::Status) -> Option<String> {
     use tonic_types::StatusExt;

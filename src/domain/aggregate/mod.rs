@@ -443,9 +443,10 @@ pub struct RatioOperand {
 /// ```
 ///
 /// a ratio of sums, never an average of per-bucket ratios, so it merges correctly: the
-/// ratio of a month is computed from the month's merged operand buckets. `count` is the
-/// number of measurements of both operands; there is no sum, min or max. The detail always
-/// carries the two sums and the scale, also when the value is undefined.
+/// ratio of a month is computed from the month's merged operand buckets. `count` is, as for
+/// every kind, the number of measurements behind the bucket: those of both operands
+/// (`numerator_count + denominator_count`); there is no sum, min or max. The detail always
+/// carries the two sums, their counts and the scale, also when the value is undefined.
 pub fn ratio_summary(numerator: RatioOperand, denominator: RatioOperand, scale: f64) -> Summary {
     Summary {
         value: (denominator.sum != 0.0).then(|| scale * numerator.sum / denominator.sum),
@@ -453,6 +454,8 @@ pub fn ratio_summary(numerator: RatioOperand, denominator: RatioOperand, scale: 
             numerator: numerator.sum,
             denominator: denominator.sum,
             scale,
+            numerator_count: numerator.count,
+            denominator_count: denominator.count,
         })),
         ..Summary::empty(numerator.count + denominator.count)
     }
@@ -535,6 +538,10 @@ pub struct RatioDetail {
     pub denominator: f64,
     /// The KPI's scale (100 for a percentage).
     pub scale: f64,
+    /// Measurements of the numerator KPI in the bucket.
+    pub numerator_count: u64,
+    /// Measurements of the denominator KPI in the bucket.
+    pub denominator_count: u64,
 }
 
 /// Extra fields of an NPS bucket.
@@ -641,7 +648,9 @@ mod tests {
             Some(Detail::Ratio(RatioDetail {
                 numerator: 0.0,
                 denominator: 0.0,
-                scale
+                scale,
+                numerator_count: 0,
+                denominator_count: 0,
             }))
         );
         // 3 buyers of 40 visitors: 100 × 3 / 40 = 7.5 (%).
@@ -658,6 +667,14 @@ mod tests {
         );
         assert_eq!(summary.value, Some(7.5));
         assert_eq!(summary.count, 43);
+        assert!(matches!(
+            summary.detail,
+            Some(Detail::Ratio(RatioDetail {
+                numerator_count: 3,
+                denominator_count: 40,
+                ..
+            }))
+        ));
         // A denominator that sums to 0 has no value even with measurements behind it.
         let balanced = RatioOperand { sum: 0.0, count: 2 };
         assert_eq!(ratio_summary(balanced, balanced, scale).value, None);
