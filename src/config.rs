@@ -21,6 +21,28 @@ pub const DEFAULT_MAX_STREAMS: u32 = 1024;
 pub const DEFAULT_HEARTBEAT_MS: u32 = 5000;
 /// Default number of new events that makes a read-model snapshot due.
 pub const DEFAULT_SNAPSHOT_EVERY_EVENTS: u64 = 1_000_000;
+/// Default space kept free on the data directory's file system, in MiB.
+pub const DEFAULT_MIN_FREE_DISK_MB: u64 = crate::store::DEFAULT_MIN_FREE_BYTES / (1024 * 1024);
+/// Default longest graceful shutdown, in seconds: under systemd's default stop timeout
+/// (90 s) and Kubernetes' default grace period (30 s).
+pub const DEFAULT_SHUTDOWN_TIMEOUT_SECS: u32 = 20;
+
+/// What `kpi-server` does; without a command it serves.
+#[derive(Debug, Clone, PartialEq, Eq, clap::Subcommand)]
+pub enum Command {
+    /// Serve kpi.v1 over gRPC (the default).
+    Serve,
+    /// Repair a data directory the server refuses to open because its log ends before
+    /// events that were acknowledged: each lost seq gets an EventsLost event (no seq is
+    /// ever reused), a damaged tail segment is moved to <data-dir>/recovered/, and the
+    /// read models are rebuilt at the next start. Run it with the server stopped.
+    Recover {
+        /// Also accept a log whose chain differs from the acknowledged one at the same
+        /// seq (another history, not a shorter one), forgetting the old evidence.
+        #[arg(long)]
+        accept_other_history: bool,
+    },
+}
 
 /// Everything the server needs to start.
 #[derive(Debug, Clone, clap::Parser)]
@@ -38,7 +60,7 @@ pub struct Config {
     pub listen: SocketAddr,
 
     /// Directory of the event log; created when missing. One server per directory.
-    #[arg(long, env = "KPI_DATA_DIR", default_value = DEFAULT_DATA_DIR)]
+    #[arg(long, env = "KPI_DATA_DIR", default_value = DEFAULT_DATA_DIR, global = true)]
     pub data_dir: PathBuf,
 
     /// How far in the future a measurement's occurred_at may be, in seconds.
@@ -83,6 +105,32 @@ pub struct Config {
         value_parser = clap::value_parser!(u64).range(1..)
     )]
     pub snapshot_every_events: u64,
+
+    /// Space to keep free on the data directory's file system, in MiB: below it writes get
+    /// RESOURCE_EXHAUSTED (and are accepted again once space returns), snapshots wait, and
+    /// the server does not start.
+    #[arg(
+        long,
+        env = "KPI_MIN_FREE_DISK_MB",
+        default_value_t = DEFAULT_MIN_FREE_DISK_MB,
+        global = true
+    )]
+    pub min_free_disk_mb: u64,
+
+    /// Longest graceful shutdown, in seconds: after a signal, requests still running this
+    /// long are cut off and the process ends (every acknowledged event is already durable;
+    /// only the shutdown snapshot may be skipped, which makes the next start replay more).
+    #[arg(
+        long,
+        env = "KPI_SHUTDOWN_TIMEOUT_SECS",
+        default_value_t = DEFAULT_SHUTDOWN_TIMEOUT_SECS,
+        value_parser = clap::value_parser!(u32).range(1..)
+    )]
+    pub shutdown_timeout_secs: u32,
+
+    /// What to do.
+    #[command(subcommand)]
+    pub command: Option<Command>,
 }
 
 impl Config {
@@ -98,7 +146,20 @@ impl Config {
             max_streams: DEFAULT_MAX_STREAMS,
             heartbeat_ms: DEFAULT_HEARTBEAT_MS,
             snapshot_every_events: DEFAULT_SNAPSHOT_EVERY_EVENTS,
+            min_free_disk_mb: DEFAULT_MIN_FREE_DISK_MB,
+            shutdown_timeout_secs: DEFAULT_SHUTDOWN_TIMEOUT_SECS,
+            command: None,
         }
+    }
+
+    /// Bytes to keep free on the data directory's file system.
+    pub fn min_free_bytes(&self) -> u64 {
+        self.min_free_disk_mb.saturating_mul(1024 * 1024)
+    }
+
+    /// The longest graceful shutdown.
+    pub fn shutdown_timeout(&self) -> std::time::Duration {
+        std::time::Duration::from_secs(u64::from(self.shutdown_timeout_secs))
     }
 
     /// The allowed future skew of occurred_at.
@@ -138,6 +199,14 @@ mod tests {
         assert_eq!(config.data_dir, PathBuf::from("/tmp/x"));
         assert_eq!(config.dedup_window(), TimeDelta::hours(48));
         assert!(Config::try_parse_from(["kpi-server", "--dedup-window-hours", "0"]).is_err());
+        let recover = Config::parse_from(["kpi-server", "recover", "--data-dir", "/tmp/y"]);
+        assert_eq!(recover.data_dir, PathBuf::from("/tmp/y"));
+        assert_eq!(
+            recover.command,
+            Some(Command::Recover {
+                accept_other_history: false
+            })
+        );
     }
 
     #[test]

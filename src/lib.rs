@@ -12,6 +12,7 @@
 //! - [`api`]: the tonic services, health and reflection; the only module that knows tonic.
 //! - [`proto`]: the generated kpi.v1 code and its conversions to and from `domain`.
 //! - [`config`]: flags and environment.
+//! - [`recover`]: `kpi-server recover`, the operator's repair of a log that lost events.
 //! - [`workload`]: the seeded, reproducible workload of the benchmarks and `kpi-load`.
 //! - [`load`]: the `kpi-load` scenarios, a gRPC *client* of a running server.
 //!
@@ -26,6 +27,7 @@ pub mod domain;
 pub mod load;
 pub mod projection;
 pub mod proto;
+pub mod recover;
 pub mod service;
 pub mod store;
 pub mod workload;
@@ -117,11 +119,23 @@ pub enum RunError {
     /// A blocking start-up or shut-down task panicked.
     #[error("background task: {0}")]
     Task(#[from] tokio::task::JoinError),
+    /// Closing the log did not finish within the shutdown timeout. Every acknowledged event
+    /// was durable before its acknowledgement, so nothing acknowledged is lost; the caller
+    /// should end the process without waiting for the stuck thread.
+    #[error(
+        "the log did not close within the shutdown timeout ({seconds} s); acknowledged events are durable"
+    )]
+    ShutdownTimedOut {
+        /// The timeout.
+        seconds: u64,
+    },
 }
 
 /// Opens the log in `config.data_dir`, rebuilds the read models and serves gRPC on
 /// `listener` until `shutdown` completes; then stops taking requests, lets running ones
-/// finish, and flushes and closes the log.
+/// finish, and flushes and closes the log. Everything after `shutdown` completes is
+/// bounded by `config.shutdown_timeout()`: requests still running then are cut off, and a
+/// log that does not close in time is [`RunError::ShutdownTimedOut`].
 pub async fn run(
     config: Config,
     listener: TcpListener,
@@ -133,6 +147,7 @@ pub async fn run(
     };
     let options = StoreOptions {
         dedup_window: config.dedup_window(),
+        min_free_bytes: config.min_free_bytes(),
         ..StoreOptions::default()
     };
     let log_dir = config.data_dir.join(LOG_DIR);
@@ -142,6 +157,7 @@ pub async fn run(
         max_future_skew: config.max_future_skew(),
         max_streams: usize::try_from(config.max_streams).unwrap_or(usize::MAX),
         heartbeat: config.heartbeat(),
+        min_free_bytes: config.min_free_bytes(),
     };
     let (log, service) = tokio::task::spawn_blocking(move || {
         let (log, models) = projection::open(&log_dir, &service_options.snapshot_dir, options)?;
@@ -176,10 +192,14 @@ pub async fn run(
     // the trailers) wait for the client's delayed ACK, and every GetAggregates call took
     // about 40 ms on loopback (measured with kpi-load, BENCHMARKS.md).
     let incoming = TcpIncoming::from(listener).with_nodelay(Some(true));
-    let served = tonic::transport::Server::builder()
+    let timeout = config.shutdown_timeout();
+    // When the shutdown began; everything after it must end by then + `timeout`.
+    let (stopping, mut stopped_at) = tokio::sync::watch::channel(None::<tokio::time::Instant>);
+    let serve = tonic::transport::Server::builder()
         .add_routes(routes)
         .serve_with_incoming_shutdown(incoming, async move {
             shutdown.await;
+            stopping.send_replace(Some(tokio::time::Instant::now()));
             tracing::info!("shutting down: finishing running requests");
             // Open streams would keep the server waiting forever: end them now.
             streams_stop.cancel();
@@ -188,12 +208,33 @@ pub async fn run(
                     .set_service_status(name, tonic_health::ServingStatus::NotServing)
                     .await;
             }
-        })
-        .await;
+        });
+    // Requests still running at the deadline (a client that never sends the rest of its
+    // request, or one stuck behind a write that cannot finish) are cut off.
+    let deadline = {
+        let mut stopped_at = stopped_at.clone();
+        async move {
+            match stopped_at.wait_for(Option::is_some).await.map(|at| *at) {
+                Ok(Some(at)) => tokio::time::sleep_until(at + timeout).await,
+                _ => std::future::pending().await,
+            }
+        }
+    };
+    let served = tokio::select! {
+        served = serve => served,
+        () = deadline => {
+            tracing::warn!(seconds = timeout.as_secs(), "requests still running at the shutdown timeout were cut off");
+            Ok(())
+        }
+    };
+    let deadline = stopped_at
+        .borrow_and_update()
+        .unwrap_or_else(tokio::time::Instant::now)
+        + timeout;
     stop_snapshots.cancel();
     snapshots.await?;
     // A snapshot at the head makes the next start replay nothing.
-    let closed = tokio::task::spawn_blocking(move || {
+    let closing = tokio::task::spawn_blocking(move || {
         match service.snapshot() {
             Ok(seq) => tracing::info!(seq, "read models snapshotted"),
             Err(error) => {
@@ -201,10 +242,23 @@ pub async fn run(
             }
         }
         log.close()
-    })
-    .await?;
+    });
+    // The log gets at least a moment to close, even when requests used up the time.
+    let close_by = deadline.max(tokio::time::Instant::now() + MIN_CLOSE_TIME);
+    let closed = match tokio::time::timeout_at(close_by, closing).await {
+        Ok(closed) => closed?,
+        Err(_) => {
+            return Err(RunError::ShutdownTimedOut {
+                seconds: timeout.as_secs(),
+            });
+        }
+    };
     served?;
     closed.map_err(store_error)?;
     tracing::info!("event log flushed and closed");
     Ok(())
 }
+
+/// The least time the log gets to close at shutdown, even when requests used up the
+/// shutdown timeout: a close of a healthy log takes milliseconds (plus the snapshot).
+const MIN_CLOSE_TIME: Duration = Duration::from_secs(2);

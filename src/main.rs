@@ -1,15 +1,15 @@
 //! `kpi-server`: parses flags and environment, starts tracing, and runs the service until
-//! SIGINT or SIGTERM.
+//! SIGINT or SIGTERM (or, with `recover`, repairs a data directory and exits).
 
 use std::process::ExitCode;
 
 use clap::Parser;
 use kpi_service::Config;
+use kpi_service::config::Command;
 use tokio::net::TcpListener;
 use tracing_subscriber::EnvFilter;
 
-#[tokio::main]
-async fn main() -> ExitCode {
+fn main() -> ExitCode {
     let config = Config::parse();
     tracing_subscriber::fmt()
         .with_env_filter(
@@ -17,19 +17,54 @@ async fn main() -> ExitCode {
         )
         .with_writer(std::io::stderr)
         .init();
-    let listener = match TcpListener::bind(config.listen).await {
-        Ok(listener) => listener,
+    match config.command {
+        Some(Command::Recover {
+            accept_other_history,
+        }) => match kpi_service::recover::recover(&config, accept_other_history) {
+            Ok(recovery) => {
+                println!("{recovery}");
+                ExitCode::SUCCESS
+            }
+            Err(error) => {
+                tracing::error!(%error, "recovery stopped");
+                ExitCode::FAILURE
+            }
+        },
+        Some(Command::Serve) | None => serve(config),
+    }
+}
+
+/// Serves until a signal; the process ends within the shutdown timeout after it.
+fn serve(config: Config) -> ExitCode {
+    let runtime = match tokio::runtime::Runtime::new() {
+        Ok(runtime) => runtime,
         Err(error) => {
-            tracing::error!(address = %config.listen, %error, "cannot listen");
+            tracing::error!(%error, "cannot start the async runtime");
             return ExitCode::FAILURE;
         }
     };
-    match kpi_service::run(config, listener, shutdown_signal()).await {
+    let result = runtime.block_on(async {
+        let listener = match TcpListener::bind(config.listen).await {
+            Ok(listener) => listener,
+            Err(error) => {
+                tracing::error!(address = %config.listen, %error, "cannot listen");
+                return Err(None);
+            }
+        };
+        kpi_service::run(config, listener, shutdown_signal())
+            .await
+            .map_err(Some)
+    });
+    // A thread stuck in the log (a disk that no longer answers) must not keep the process
+    // alive: the runtime is not waited for.
+    runtime.shutdown_background();
+    match result {
         Ok(()) => ExitCode::SUCCESS,
-        Err(error) => {
+        Err(Some(error)) => {
             tracing::error!(%error, "kpi-server stopped");
             ExitCode::FAILURE
         }
+        Err(None) => ExitCode::FAILURE,
     }
 }
 

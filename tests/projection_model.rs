@@ -171,7 +171,7 @@ fn run(ops: Vec<Op>) {
                 let before = answers(&models.aggregates.read());
                 let catalog_before = models.catalog.read().clone();
                 if snapshot {
-                    models.snapshot(&log, &snapshots).expect("snapshot");
+                    models.snapshot(&log, &snapshots, 0).expect("snapshot");
                 }
                 log.close().expect("close");
                 drop(models);

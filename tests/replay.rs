@@ -316,6 +316,50 @@ async fn verify_log_reports_a_damaged_segment_and_earlier_reads_still_work() {
         }
     }
     assert_eq!(seqs, (1..damaged_first).collect::<Vec<_>>());
+    // A replay that reaches the damage ends with DATA_LOSS naming where, after every event
+    // before it.
+    let mut stream = server
+        .audit()
+        .replay_events(proto::ReplayEventsRequest::default())
+        .await
+        .unwrap()
+        .into_inner();
+    let mut delivered = 0;
+    let status = loop {
+        match stream.message().await {
+            Ok(Some(item)) => delivered += u64::from(matches!(item.item, Some(Item::Event(_)))),
+            Ok(None) => panic!("a replay over damage must not end as if whole"),
+            Err(status) => break status,
+        }
+    };
+    assert_eq!(status.code(), Code::DataLoss, "{status:?}");
+    assert!(
+        status.message().contains(&damaged_first.to_string()),
+        "{status:?}"
+    );
+    assert_eq!(delivered, damaged_first - 1);
+    server.stop().await;
+
+    // A segment gone from the middle of the log: VerifyLog names the missing seqs.
+    {
+        let db = sled::open(dir.path().join("log")).unwrap();
+        let segments = db.open_tree(kpi_service::store::SEGMENTS_TREE).unwrap();
+        segments.remove(damaged_first.to_be_bytes()).unwrap();
+        db.flush().unwrap();
+    }
+    let server = TestServer::start(dir.path()).await;
+    let verified = server.verify_log().await;
+    let chain_break = verified.chain_break.expect("a break");
+    assert_eq!(chain_break.seq, damaged_first);
+    assert!(
+        chain_break.reason.contains(&format!(
+            "seqs {}..={} are missing",
+            damaged_first,
+            firsts[2] - 1
+        )),
+        "{}",
+        chain_break.reason
+    );
     server.stop().await;
 }
 

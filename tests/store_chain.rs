@@ -338,7 +338,7 @@ fn handles_and_read_iterators_cross_threads() {
 }
 
 #[test]
-fn a_dedup_seed_is_taken_only_when_it_belongs_to_the_log() {
+fn a_dedup_seed_is_taken_when_it_belongs_to_the_log_and_refuses_it_otherwise() {
     let dir = tempfile::tempdir().unwrap();
     let events = three_segments(dir.path());
     let log = EventLog::open(dir.path(), StoreOptions::default()).unwrap();
@@ -360,21 +360,40 @@ fn a_dedup_seed_is_taken_only_when_it_belongs_to_the_log() {
             .collect::<Vec<_>>()
     };
     let all: Vec<_> = (1..=9).map(Some).collect();
-    for (seed, why) in [
-        (seed(events[5].hash), "matching"),
-        (seed(wrong), "another log's hash"),
-        (
-            DedupSeed {
-                seq: 42,
-                ..seed(events[5].hash)
-            },
-            "past the head",
+    let log = EventLog::open_seeded(
+        dir.path(),
+        StoreOptions::default(),
+        Some(seed(events[5].hash)),
+    )
+    .unwrap();
+    assert_eq!(ids(&log), all);
+    log.close().unwrap();
+    // A seed is a snapshot of what was acknowledged: a log that has another hash at its seq,
+    // or ends before it, is not that log, and is not opened.
+    let refused = EventLog::open_seeded(dir.path(), StoreOptions::default(), Some(seed(wrong)));
+    assert!(
+        matches!(refused, Err(StoreError::Diverged { seq: 6, .. })),
+        "{refused:?}"
+    );
+    let refused = EventLog::open_seeded(
+        dir.path(),
+        StoreOptions::default(),
+        Some(DedupSeed {
+            seq: 42,
+            ..seed(events[5].hash)
+        }),
+    );
+    assert!(
+        matches!(
+            refused,
+            Err(StoreError::MissingEvents {
+                log_head: 9,
+                acknowledged: 42,
+                ..
+            })
         ),
-    ] {
-        let log = EventLog::open_seeded(dir.path(), StoreOptions::default(), Some(seed)).unwrap();
-        assert_eq!(ids(&log), all, "{why}");
-        log.close().unwrap();
-    }
+        "{refused:?}"
+    );
     // A seed taken with a shorter window than the current one may lack ids, so the open
     // reads the whole window instead; the answers are the same.
     let short = StoreOptions {

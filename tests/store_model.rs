@@ -43,6 +43,7 @@ impl TestClock {
         StoreOptions {
             dedup_window,
             clock: Arc::new(move || clock.now()),
+            ..StoreOptions::default()
         }
     }
 }

@@ -97,26 +97,31 @@ impl Follower {
         let Some(mut cursor) = self.cursor.take() else {
             return false;
         };
-        let Some((events, targets, cursor)) = follow::read_for_stream(&self.sender, move || {
-            let log = cursor.log().clone();
-            let mut events = Vec::new();
-            cursor.read(from, to, |stored| {
-                if filter
-                    .as_ref()
-                    .is_none_or(|kpis| concerns(&log, &mut targets, kpis, &stored.event))
-                {
-                    events.push(stored);
-                }
-                Ok(())
-            })?;
-            Ok((events, targets, cursor))
-        })
-        .await
+        let Some((events, targets, cursor, damage)) =
+            follow::read_for_stream(&self.sender, move || {
+                let log = cursor.log().clone();
+                let mut events = Vec::new();
+                // The events before damage in the chunk are sent before its error.
+                let damage = cursor
+                    .read(from, to, |stored| {
+                        if filter
+                            .as_ref()
+                            .is_none_or(|kpis| concerns(&log, &mut targets, kpis, &stored.event))
+                        {
+                            events.push(stored);
+                        }
+                        Ok(())
+                    })
+                    .err();
+                Ok((events, targets, cursor, damage))
+            })
+            .await
         else {
             return false;
         };
         self.targets = targets;
         self.cursor = Some(cursor);
+        let failed_at = damage.map(|error| super::status::store_status(&error));
         for stored in events {
             let item = envelope(stored).map(|event| proto::ReplayEventsResponse {
                 item: Some(proto::replay_events_response::Item::Event(event)),
@@ -126,6 +131,10 @@ impl Follower {
                 return false;
             }
             self.handle.stats().sent_one();
+        }
+        if let Some(status) = failed_at {
+            let _ = self.sender.send(Err(status)).await;
+            return false;
         }
         self.next = to + 1;
         self.handle.stats().set_position(to);
@@ -155,6 +164,8 @@ fn concerns(
         Event::TargetRemoved { target_id, .. } => {
             targets.get(target_id).is_none_or(|kpi| kpis.contains(kpi))
         }
+        // A lost event may have been about any KPI: an auditor is always told.
+        Event::EventsLost { .. } => true,
         Event::MeasurementRetracted { retracted_seq, .. } => {
             match log.read(*retracted_seq, *retracted_seq).next() {
                 Some(Ok(stored)) => match stored.event {

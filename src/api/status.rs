@@ -85,6 +85,17 @@ pub fn rejection_status(rejection: &Rejection) -> Status {
 pub fn store_status(error: &StoreError) -> Status {
     match error {
         StoreError::Closed => Status::unavailable("the server is shutting down"),
+        // Nothing of the request is stored; the same request succeeds once space returns.
+        StoreError::DiskFull { .. } => Status::with_error_details(
+            Code::ResourceExhausted,
+            error.to_string(),
+            ErrorDetails::with_quota_failure_violation("disk", error.to_string()),
+        ),
+        // The client asked for events the log can no longer read: DATA_LOSS, naming where.
+        StoreError::Corrupt { .. } | StoreError::CorruptSegment { .. } => {
+            tracing::error!(%error, "a read reached damaged data in the event log");
+            Status::data_loss(format!("{error}; VerifyLog reports the damaged range"))
+        }
         StoreError::WriterFailed | StoreError::WriterStopped => {
             tracing::error!(error = %error, "event log refuses writes");
             Status::unavailable(

@@ -128,7 +128,9 @@ impl Catalog {
             Event::TargetRemoved { target_id, .. } => {
                 self.targets.remove(target_id);
             }
-            Event::MeasurementRecorded(_) | Event::MeasurementRetracted { .. } => {}
+            Event::MeasurementRecorded(_)
+            | Event::MeasurementRetracted { .. }
+            | Event::EventsLost { .. } => {}
         }
     }
 

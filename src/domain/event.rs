@@ -49,6 +49,18 @@ pub enum Event {
         /// Why.
         reason: String,
     },
+    /// Stands in one seq of a range of acknowledged events that were lost (written by
+    /// `kpi-server recover`); projections ignore it.
+    EventsLost {
+        /// First lost seq.
+        first_seq: u64,
+        /// Last lost seq.
+        last_seq: u64,
+        /// What happened.
+        reason: String,
+        /// The chain hash at `last_seq` that was acknowledged, when known.
+        acknowledged_hash: Option<[u8; 32]>,
+    },
 }
 
 impl Event {

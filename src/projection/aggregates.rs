@@ -304,7 +304,9 @@ impl Aggregates {
                 }
                 None
             }
-            Event::TargetSet { .. } | Event::TargetRemoved { .. } => None,
+            Event::TargetSet { .. } | Event::TargetRemoved { .. } | Event::EventsLost { .. } => {
+                None
+            }
         }
     }
 

@@ -118,8 +118,14 @@ impl ReadModels {
         })
     }
 
-    /// Writes a snapshot of both models, taken at one seq, into `snapshot_dir`. Blocking.
-    pub fn snapshot(&self, log: &EventLog, snapshot_dir: &Path) -> Result<u64, SnapshotError> {
+    /// Writes a snapshot of both models, taken at one seq, into `snapshot_dir`, unless it
+    /// would leave less than `min_free` bytes available there. Blocking.
+    pub fn snapshot(
+        &self,
+        log: &EventLog,
+        snapshot_dir: &Path,
+        min_free: u64,
+    ) -> Result<u64, SnapshotError> {
         let (catalog, aggregates) = loop {
             // The writer updates the catalog, then the aggregates, for each group: read
             // both when they cover the same seq.
@@ -155,6 +161,7 @@ impl ReadModels {
         snapshot::write(
             snapshot_dir,
             &mut Snapshot::new(seq, hash, catalog, aggregates, dedup),
+            min_free,
         )?;
         Ok(seq)
     }
@@ -313,7 +320,9 @@ fn kpi_of(event: &Event) -> Option<&str> {
         Event::KpiRetired { kpi_id, .. } => Some(kpi_id),
         Event::MeasurementRecorded(m) => Some(&m.kpi_id),
         Event::TargetSet { target, .. } => Some(&target.kpi_id),
-        Event::TargetRemoved { .. } | Event::MeasurementRetracted { .. } => None,
+        Event::TargetRemoved { .. }
+        | Event::MeasurementRetracted { .. }
+        | Event::EventsLost { .. } => None,
     }
 }
 

@@ -94,6 +94,18 @@ pub enum SnapshotError {
         /// The format found.
         found: u32,
     },
+    /// Writing it would leave less space than the log keeps free.
+    #[error(
+        "no room for a snapshot of {needed} bytes: {available} available, {min_free} kept free"
+    )]
+    NoSpace {
+        /// The snapshot's size.
+        needed: u64,
+        /// Bytes available on the file system.
+        available: u64,
+        /// Bytes kept free.
+        min_free: u64,
+    },
     /// The snapshot does not belong to this log.
     #[error("snapshot at seq {seq} does not match the log: {reason}")]
     Mismatch {
@@ -112,9 +124,11 @@ fn io_error(path: &Path) -> impl FnOnce(std::io::Error) -> SnapshotError + '_ {
 }
 
 /// Writes `snapshot` into `dir` atomically: a reader sees the old file or the new one.
-/// Returns the file's size.
-pub fn write(dir: &Path, snapshot: &mut Snapshot) -> Result<u64, SnapshotError> {
-    fs::create_dir_all(dir).map_err(io_error(dir))?;
+/// Returns the file's size. Refused ([`SnapshotError::NoSpace`]) when it would leave less
+/// than `min_free` bytes available: the space the log keeps free is not spent on a
+/// snapshot, which only makes restarts faster.
+pub fn write(dir: &Path, snapshot: &mut Snapshot, min_free: u64) -> Result<u64, SnapshotError> {
+    crate::store::create_dir_durably(dir).map_err(io_error(dir))?;
     let parts = snapshot
         .aggregates
         .encode_measured(MEASURED_PARTS)
@@ -124,6 +138,16 @@ pub fn write(dir: &Path, snapshot: &mut Snapshot) -> Result<u64, SnapshotError> 
         .map_err(|e| SnapshotError::Decode(e.to_string()))?;
     let path = dir.join(SNAPSHOT_FILE);
     let temporary = dir.join(format!("{SNAPSHOT_FILE}.tmp"));
+    let needed: u64 = widen(head.len()) + parts.iter().map(|p| widen(p.len())).sum::<u64>();
+    let stats = rustix::fs::statvfs(dir).map_err(|e| io_error(dir)(e.into()))?;
+    let available = stats.f_bavail.saturating_mul(stats.f_frsize);
+    if available < needed.saturating_add(min_free) {
+        return Err(SnapshotError::NoSpace {
+            needed,
+            available,
+            min_free,
+        });
+    }
     let mut file = fs::File::create(&temporary).map_err(io_error(&temporary))?;
     let mut checksum = crc32fast::Hasher::new();
     let mut size = 0;
@@ -142,6 +166,15 @@ pub fn write(dir: &Path, snapshot: &mut Snapshot) -> Result<u64, SnapshotError> 
         .and_then(|d| d.sync_all())
         .map_err(io_error(dir))?;
     Ok(size + CHECKSUM_BYTES)
+}
+
+/// Removes the snapshot in `dir`, if there is one, durably.
+pub fn remove(dir: &Path) -> std::io::Result<()> {
+    match fs::remove_file(dir.join(SNAPSHOT_FILE)) {
+        Ok(()) => crate::store::sync_dir(dir),
+        Err(error) if error.kind() == std::io::ErrorKind::NotFound => Ok(()),
+        Err(error) => Err(error),
+    }
 }
 
 /// Bytes of the checksum at the end of the file.
@@ -354,7 +387,7 @@ mod tests {
             aggregates.clone(),
             DedupEntries::default(),
         );
-        write(dir.path(), &mut snapshot).unwrap();
+        write(dir.path(), &mut snapshot, 0).unwrap();
         let loaded = load(dir.path()).unwrap().expect("a snapshot");
         assert_eq!((loaded.seq, loaded.hash), (4, [7; 32]));
         assert_eq!(monthly_sums(&loaded.aggregates), monthly_sums(&aggregates));
@@ -373,7 +406,7 @@ mod tests {
             aggregates(),
             DedupEntries::default(),
         );
-        write(dir.path(), &mut snapshot).unwrap();
+        write(dir.path(), &mut snapshot, 0).unwrap();
         let path = dir.path().join(SNAPSHOT_FILE);
         let good = fs::read(&path).unwrap();
         for byte in 0..good.len() {

@@ -259,6 +259,17 @@ pub fn event_record(value: proto::EventRecord) -> Result<(DateTime<Utc>, Event),
             retracted_seq: p.retracted_seq,
             reason: p.reason,
         },
+        Some(Payload::EventsLost(p)) => Event::EventsLost {
+            first_seq: p.first_seq,
+            last_seq: p.last_seq,
+            reason: p.reason,
+            acknowledged_hash: match p.acknowledged_hash.len() {
+                0 => None,
+                _ => Some(p.acknowledged_hash.try_into().map_err(|_| {
+                    Rejection::invalid("events_lost.acknowledged_hash", "must be 32 bytes")
+                })?),
+            },
+        },
     };
     Ok((recorded_at, event))
 }
@@ -325,6 +336,12 @@ mod tests {
             Event::MeasurementRetracted {
                 retracted_seq: 4,
                 reason: "test order".into(),
+            },
+            Event::EventsLost {
+                first_seq: 5,
+                last_seq: 9,
+                reason: "lost".into(),
+                acknowledged_hash: Some([7; 32]),
             },
             Event::TargetSet {
                 target: TargetDefinition {

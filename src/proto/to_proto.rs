@@ -180,6 +180,19 @@ pub fn event_payload(event: &Event) -> Payload {
             retracted_seq: *retracted_seq,
             reason: reason.clone(),
         }),
+        Event::EventsLost {
+            first_seq,
+            last_seq,
+            reason,
+            acknowledged_hash,
+        } => Payload::EventsLost(proto::EventsLost {
+            first_seq: *first_seq,
+            last_seq: *last_seq,
+            reason: reason.clone(),
+            acknowledged_hash: acknowledged_hash
+                .map(|hash| hash.to_vec())
+                .unwrap_or_default(),
+        }),
     }
 }
 

@@ -84,6 +84,7 @@ pub struct KpiService {
     max_future_skew: TimeDelta,
     streams: Arc<Streams>,
     heartbeat: Duration,
+    min_free_bytes: u64,
     shutdown: CancellationToken,
 }
 
@@ -98,6 +99,8 @@ pub struct ServiceOptions {
     pub max_streams: usize,
     /// Interval of checkpoints and heartbeats on idle streams.
     pub heartbeat: Duration,
+    /// Space a snapshot leaves free on its file system, or it is not written.
+    pub min_free_bytes: u64,
 }
 
 /// The measurement a retraction withdraws.
@@ -156,6 +159,7 @@ impl KpiService {
             max_future_skew: options.max_future_skew,
             streams: Streams::new(options.max_streams),
             heartbeat: options.heartbeat,
+            min_free_bytes: options.min_free_bytes,
             shutdown: CancellationToken::new(),
         }
     }
@@ -213,7 +217,8 @@ impl KpiService {
 
     /// Writes a snapshot of the read models; returns the seq it covers. Blocking.
     pub fn snapshot(&self) -> Result<u64, SnapshotError> {
-        self.models.snapshot(&self.log, &self.snapshot_dir)
+        self.models
+            .snapshot(&self.log, &self.snapshot_dir, self.min_free_bytes)
     }
 
     /// The log, for audit reads.

@@ -1,6 +1,7 @@
 //! The last two stages of the write side: the committer makes everything the writer has
-//! applied durable with one fsync and publishes the head; the publisher hands the durable
-//! groups to the commit listeners (the read models) and answers.
+//! applied durable (sled's flush, then the fsyncs of `durability.rs`, then the
+//! acknowledgement record of `checkpoint.rs`) and publishes the head; the publisher hands
+//! the durable groups to the commit listeners (the read models) and answers.
 //!
 //! Each runs on its own thread, so the writer builds the next group while the disk
 //! flushes this one, and the disk flushes the next groups while the read models fold this
@@ -13,6 +14,8 @@ use std::sync::Arc;
 use std::sync::atomic::Ordering;
 use std::sync::mpsc::{Receiver, SyncSender};
 
+use super::checkpoint::{Acknowledged, Checkpoint};
+use super::durability::DiskSync;
 use super::writer::{Applied, answer, reply_all};
 use super::{CommitListener, Committed, Shared, StoreError, read, write};
 use crate::store::segment::widen;
@@ -20,6 +23,10 @@ use crate::store::segment::widen;
 /// The committing stage.
 pub struct Committer {
     db: sled::Db,
+    /// The fsyncs sled's flush leaves out.
+    disk: DiskSync,
+    /// The acknowledged head, recorded before anyone is answered.
+    checkpoint: Checkpoint,
     shared: Arc<Shared>,
     /// Durable groups, for the publisher.
     durable: SyncSender<Vec<Applied>>,
@@ -31,17 +38,26 @@ pub struct Publisher {
 }
 
 impl Committer {
-    /// A committer flushing `db` and passing durable groups to `durable`.
-    pub fn new(db: sled::Db, shared: Arc<Shared>, durable: SyncSender<Vec<Applied>>) -> Self {
+    /// A committer flushing `db` (and syncing what `disk` names, and recording the head in
+    /// `checkpoint`) and passing durable groups to `durable`.
+    pub fn new(
+        db: sled::Db,
+        disk: DiskSync,
+        checkpoint: Checkpoint,
+        shared: Arc<Shared>,
+        durable: SyncSender<Vec<Applied>>,
+    ) -> Self {
         Self {
             db,
+            disk,
+            checkpoint,
             shared,
             durable,
         }
     }
 
     /// Commits applied groups until the writer is gone.
-    pub fn run(self, applied: Receiver<Applied>) {
+    pub fn run(mut self, applied: Receiver<Applied>) {
         while let Ok(first) = applied.recv() {
             let mut groups = vec![first];
             groups.extend(applied.try_iter());
@@ -49,10 +65,26 @@ impl Committer {
         }
     }
 
+    /// Makes the groups' segments durable and records the new acknowledged head.
+    fn make_durable(&mut self, groups: &[Applied]) -> Result<(), String> {
+        self.db.flush().map_err(|error| format!("flush: {error}"))?;
+        self.disk
+            .sync()
+            .map_err(|error| format!("fsync: {error}"))?;
+        if let Some(last) = groups.last() {
+            self.checkpoint
+                .record(Acknowledged {
+                    seq: last.head.seq,
+                    hash: last.head.hash,
+                })
+                .map_err(|error| format!("acknowledgement record: {error}"))?;
+        }
+        Ok(())
+    }
+
     /// Flushes (if anything was written), publishes and answers `groups`, in order.
-    fn commit(&self, groups: Vec<Applied>) {
-        let shared = &self.shared;
-        if shared.failed.load(Ordering::Acquire) {
+    fn commit(&mut self, groups: Vec<Applied>) {
+        if self.shared.failed.load(Ordering::Acquire) {
             for applied in groups {
                 reply_all(applied.group, || StoreError::WriterFailed);
             }
@@ -60,21 +92,22 @@ impl Committer {
         }
         let segments: u64 = groups.iter().map(|applied| applied.segments).sum();
         if segments > 0 {
-            if let Err(error) = self.db.flush() {
+            if let Err(error) = self.make_durable(&groups) {
                 let first_seq = groups.first().map(|applied| applied.first_seq);
                 tracing::error!(
                     %error,
                     first_seq,
-                    "flushing the event log failed; the writer stops"
+                    "making the event log durable failed; the writer stops"
                 );
-                shared.failed.store(true, Ordering::Release);
+                self.shared.failed.store(true, Ordering::Release);
                 for applied in groups {
                     reply_all(applied.group, || StoreError::WriterFailed);
                 }
                 return;
             }
-            shared.flushes.fetch_add(1, Ordering::Relaxed);
+            self.shared.flushes.fetch_add(1, Ordering::Relaxed);
         }
+        let shared = &self.shared;
 
         // Durable: publish before anyone hears about it, head first so that a listener or
         // a caller that reads sees its events.

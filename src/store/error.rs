@@ -43,6 +43,55 @@ pub enum StoreError {
         /// What is wrong.
         reason: String,
     },
+    /// The file system holding the log has less space available than the log keeps free:
+    /// nothing of the request was stored, and writes are accepted again once space returns.
+    #[error(
+        "no space left on device: {available} bytes available for {}, and the log keeps {min_free} free",
+        path.display()
+    )]
+    DiskFull {
+        /// The log directory.
+        path: PathBuf,
+        /// Bytes available on its file system.
+        available: u64,
+        /// Bytes the log keeps free (`StoreOptions::min_free_bytes`).
+        min_free: u64,
+    },
+    /// A file of the log could not be read, written or synced.
+    #[error("{}: {source}", path.display())]
+    Io {
+        /// The file or directory.
+        path: PathBuf,
+        /// What failed.
+        #[source]
+        source: std::io::Error,
+    },
+    /// The readable log ends before events that were acknowledged: sled's recovery stopped
+    /// at damage (a changed byte, a lost or cut blob file) or an older log was put back.
+    /// The log is not opened, so no seq is ever given out twice.
+    #[error(
+        "the log ends at seq {log_head}, but events up to seq {acknowledged} were acknowledged ({evidence}): seqs {}..={acknowledged} are missing. Restore the data directory from a backup, or run `kpi-server recover` to record them as lost and continue",
+        log_head + 1
+    )]
+    MissingEvents {
+        /// The last seq the log holds.
+        log_head: u64,
+        /// The last seq that was acknowledged.
+        acknowledged: u64,
+        /// What says so.
+        evidence: String,
+    },
+    /// The log holds other events than those acknowledged: its chain hash at `seq` is not
+    /// the acknowledged one.
+    #[error(
+        "the log's chain hash at seq {seq} is not the acknowledged one ({evidence}): this is not the log that was acknowledged. Restore the right data directory"
+    )]
+    Diverged {
+        /// The seq compared.
+        seq: u64,
+        /// What says so.
+        evidence: String,
+    },
     /// An earlier write or flush failed; nothing is appended any more, so no caller is
     /// ever told that a partially written group is stored.
     #[error("log writer stopped after an I/O error; restart the service")]

@@ -54,12 +54,15 @@
 //! `definitions_unchanged_since`.
 
 mod chain;
+mod checkpoint;
 mod commit;
 mod dedup;
+mod durability;
 mod error;
 mod reader;
 mod record;
 mod segment;
+mod space;
 mod verify;
 mod writer;
 
@@ -74,7 +77,9 @@ use tokio::sync::{mpsc, oneshot};
 use crate::domain::Event;
 
 pub use chain::{GENESIS_HASH, Hash, next_hash};
+pub use checkpoint::Acknowledged;
 pub use dedup::DedupEntries;
+pub use durability::{create_dir_durably, sync_dir};
 pub use error::{AppendError, StoreError};
 pub use reader::ReadEvents;
 
@@ -110,6 +115,10 @@ const INLINE_PREPARE_EVENTS: usize = 64;
 /// The source of `recorded_at`: the server clock, or a fake one in tests.
 pub type Clock = Arc<dyn Fn() -> DateTime<Utc> + Send + Sync>;
 
+/// Bytes the log keeps free on its file system by default: room for sled's own background
+/// writes, a read-model snapshot of a small device and the operator.
+pub const DEFAULT_MIN_FREE_BYTES: u64 = 64 * 1024 * 1024;
+
 /// How the log behaves.
 #[derive(Clone)]
 pub struct StoreOptions {
@@ -118,6 +127,14 @@ pub struct StoreOptions {
     pub dedup_window: TimeDelta,
     /// The clock that stamps `recorded_at` (forced non-decreasing). Default `Utc::now`.
     pub clock: Clock,
+    /// Writes are refused ([`StoreError::DiskFull`]) while the log's file system has less
+    /// than this available, and the log does not open. Default
+    /// [`DEFAULT_MIN_FREE_BYTES`].
+    pub min_free_bytes: u64,
+    /// Most bytes of records in one segment. The default keeps sled's leaves small enough
+    /// that sled writes no blob files and its cache bounds its memory (see `writer.rs`);
+    /// larger values give the layout of directories written by older builds, for tests.
+    pub segment_bytes: usize,
 }
 
 impl Default for StoreOptions {
@@ -125,6 +142,8 @@ impl Default for StoreOptions {
         Self {
             dedup_window: TimeDelta::hours(24),
             clock: Arc::new(Utc::now),
+            min_free_bytes: DEFAULT_MIN_FREE_BYTES,
+            segment_bytes: writer::MAX_SEGMENT_BYTES,
         }
     }
 }
@@ -133,6 +152,8 @@ impl std::fmt::Debug for StoreOptions {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("StoreOptions")
             .field("dedup_window", &self.dedup_window)
+            .field("min_free_bytes", &self.min_free_bytes)
+            .field("segment_bytes", &self.segment_bytes)
             .finish_non_exhaustive()
     }
 }
@@ -319,35 +340,79 @@ impl EventLog {
     }
 
     /// [`EventLog::open`] with the dedup index's entries up to a seq taken from a snapshot:
-    /// when the seed's hash is the log's hash at its seq, its ids are taken and only the
-    /// log after it is read; otherwise (another log, a damaged one) the seed is ignored and
-    /// the whole window is read.
+    /// its ids are taken and only the log after it is read (the whole window when the
+    /// seed was taken with a shorter window).
+    ///
+    /// Refuses a log that ends before, or differs from, what was acknowledged: the log's own
+    /// acknowledgement record (`checkpoint.rs`) and the seed's seq and hash (a snapshot of
+    /// the read models) are both evidence ([`StoreError::MissingEvents`],
+    /// [`StoreError::Diverged`]).
     pub fn open_seeded(
         dir: &Path,
         options: StoreOptions,
         seed: Option<DedupSeed>,
     ) -> Result<Self, StoreError> {
-        let db = open_db(dir)?;
-        check_format(&db, dir)?;
-        let segments = db.open_tree(SEGMENTS_TREE)?;
-        let head = reader::load_head(&segments)?;
+        let opened = Opened::open(dir, &options)?;
+        let evidence = [
+            Some((
+                opened.acknowledged,
+                "the log's acknowledgement record".to_owned(),
+            )),
+            seed.as_ref().map(|seed| {
+                (
+                    Acknowledged {
+                        seq: seed.seq,
+                        hash: seed.hash,
+                    },
+                    "the read-model snapshot".to_owned(),
+                )
+            }),
+        ];
+        for (acknowledged, source) in evidence.into_iter().flatten() {
+            check_acknowledged(&opened.segments, &opened.head, acknowledged, source)?;
+        }
+        Self::start(dir, opened, options, seed)
+    }
+
+    /// Opens the log in `dir` for `kpi-server recover`: without comparing it with what was
+    /// acknowledged, and with a damaged tail segment moved aside (into `set_aside`) instead
+    /// of failing the open. Returns the log and the acknowledged head its record holds.
+    pub fn open_for_recovery(
+        dir: &Path,
+        options: StoreOptions,
+        set_aside: &Path,
+    ) -> Result<(Self, Acknowledged), StoreError> {
+        let opened = Opened::open_repairing_tail(dir, &options, set_aside)?;
+        let acknowledged = opened.acknowledged;
+        Ok((Self::start(dir, opened, options, None)?, acknowledged))
+    }
+
+    fn start(
+        dir: &Path,
+        opened: Opened,
+        options: StoreOptions,
+        seed: Option<DedupSeed>,
+    ) -> Result<Self, StoreError> {
+        let Opened {
+            db,
+            segments,
+            head,
+            disk,
+            checkpoint,
+            acknowledged: _,
+        } = opened;
         let mut dedup = DedupIndex::new(options.dedup_window);
         let mut after_seq = 0;
         if let Some(seed) = seed {
-            let covered = if seed.entries.cover(options.dedup_window) {
-                seed_matches(&segments, &head, &seed)
+            if seed.entries.cover(options.dedup_window) {
+                let cutoff = head.recorded_at.and_then(|at| dedup.cutoff(at));
+                dedup.insert_entries(seed.entries, cutoff);
+                after_seq = seed.seq;
             } else {
-                Err("it was taken with a shorter dedup window".into())
-            };
-            match covered {
-                Ok(()) => {
-                    let cutoff = head.recorded_at.and_then(|at| dedup.cutoff(at));
-                    dedup.insert_entries(seed.entries, cutoff);
-                    after_seq = seed.seq;
-                }
-                Err(reason) => {
-                    tracing::warn!(seq = seed.seq, %reason, "dedup seed ignored; reading the whole window");
-                }
+                tracing::warn!(
+                    seq = seed.seq,
+                    "dedup seed taken with a shorter dedup window; reading the whole window"
+                );
             }
         }
         reader::rebuild_dedup(&segments, &head, &mut dedup, after_seq)?;
@@ -374,13 +439,17 @@ impl EventLog {
         let (sender, receiver) = mpsc::channel(QUEUE_CAPACITY);
         let (applied_sender, applied_receiver) = std::sync::mpsc::sync_channel(PIPELINE_DEPTH);
         let (durable_sender, durable_receiver) = std::sync::mpsc::sync_channel(PUBLISH_DEPTH);
-        let committer = Committer::new(db, Arc::clone(&shared), durable_sender);
+        let committer = Committer::new(db, disk, checkpoint, Arc::clone(&shared), durable_sender);
         let publisher = Publisher::new(Arc::clone(&shared));
         let writer = Writer::new(
             segments,
             Arc::clone(&shared),
             head,
-            options.clock,
+            writer::Settings {
+                clock: options.clock,
+                space: space::DiskSpace::open(dir, options.min_free_bytes)?,
+                segment_bytes: options.segment_bytes,
+            },
             applied_sender,
         );
         let spawn = |name: &str, run: Box<dyn FnOnce() + Send>| {
@@ -495,6 +564,28 @@ impl EventLog {
     pub fn seq_at(&self, recorded_at: DateTime<Utc>) -> Result<u64, StoreError> {
         let head = self.head();
         reader::seq_at(&self.tree()?, head.seq, recorded_at)
+    }
+
+    /// The chain hash after `seq` (at most the committed head). Blocking.
+    pub fn hash_at(&self, seq: u64) -> Result<Hash, StoreError> {
+        let head = self.head();
+        if seq > head.seq {
+            return Err(StoreError::Corrupt {
+                seq,
+                reason: format!("beyond the head seq {}", head.seq),
+            });
+        }
+        reader::hash_at(&self.tree()?, seq)
+    }
+
+    /// Forgets the acknowledgement record, so that the next open takes the log as it is
+    /// (`kpi-server recover --accept-other-history`).
+    pub fn forget_acknowledged(&self) -> Result<(), StoreError> {
+        let dir = &self.inner.shared.dir;
+        let path = dir.join(checkpoint::CHECKPOINT_FILE);
+        std::fs::remove_file(&path)
+            .and_then(|()| durability::sync_dir(dir))
+            .map_err(|source| StoreError::Io { path, source })
     }
 
     /// The seq of the committed measurement with `event_id`, if it is inside the dedup
@@ -635,15 +726,160 @@ pub struct DedupSeed {
     pub entries: DedupEntries,
 }
 
-/// Whether `seed` belongs to the log in `tree`: not past its head, same hash at its seq.
-fn seed_matches(tree: &sled::Tree, head: &LogHead, seed: &DedupSeed) -> Result<(), String> {
-    if seed.seq > head.seq {
-        return Err(format!("the log ends at seq {}", head.seq));
+/// Refuses the log in `tree` when it ends before `acknowledged` or holds another chain
+/// hash at its seq.
+fn check_acknowledged(
+    tree: &sled::Tree,
+    head: &LogHead,
+    acknowledged: Acknowledged,
+    evidence: String,
+) -> Result<(), StoreError> {
+    if acknowledged.seq > head.seq {
+        return Err(StoreError::MissingEvents {
+            log_head: head.seq,
+            acknowledged: acknowledged.seq,
+            evidence,
+        });
     }
-    match reader::hash_at(tree, seed.seq) {
-        Ok(hash) if hash == seed.hash => Ok(()),
-        Ok(_) => Err("the chain hash differs".into()),
-        Err(error) => Err(error.to_string()),
+    if reader::hash_at(tree, acknowledged.seq)? != acknowledged.hash {
+        return Err(StoreError::Diverged {
+            seq: acknowledged.seq,
+            evidence,
+        });
+    }
+    Ok(())
+}
+
+/// A sled directory opened, synced and checked up to its tail, before the log's threads
+/// start.
+struct Opened {
+    db: sled::Db,
+    segments: sled::Tree,
+    head: LogHead,
+    disk: durability::DiskSync,
+    checkpoint: checkpoint::Checkpoint,
+    /// What the acknowledgement record held at open.
+    acknowledged: Acknowledged,
+}
+
+impl Opened {
+    fn open(dir: &Path, options: &StoreOptions) -> Result<Self, StoreError> {
+        Self::open_with(dir, options, reader::load_head)
+    }
+
+    /// As `open`, but a tail segment that fails its check is moved aside into
+    /// `set_aside` (as a file named after its seqs) and the one before it becomes the tail.
+    fn open_repairing_tail(
+        dir: &Path,
+        options: &StoreOptions,
+        set_aside: &Path,
+    ) -> Result<Self, StoreError> {
+        Self::open_with(dir, options, |tree| {
+            loop {
+                match reader::load_head(tree) {
+                    Ok(head) => return Ok(head),
+                    Err(StoreError::Corrupt { .. } | StoreError::CorruptSegment { .. }) => {
+                        let Some((key, value)) = tree.last()? else {
+                            return Ok(LogHead::EMPTY);
+                        };
+                        durability::create_dir_durably(set_aside).map_err(|source| {
+                            StoreError::Io {
+                                path: set_aside.to_owned(),
+                                source,
+                            }
+                        })?;
+                        let file =
+                            set_aside.join(format!("segment-{}.bin", segment::describe_key(&key)));
+                        std::fs::write(&file, &value)
+                            .and_then(|()| std::fs::File::open(&file)?.sync_all())
+                            .and_then(|()| durability::sync_dir(set_aside))
+                            .map_err(|source| StoreError::Io {
+                                path: file.clone(),
+                                source,
+                            })?;
+                        tracing::warn!(
+                            segment = %segment::describe_key(&key),
+                            file = %file.display(),
+                            "moved a damaged tail segment aside"
+                        );
+                        tree.remove(&key)?;
+                    }
+                    Err(other) => return Err(other),
+                }
+            }
+        })
+    }
+
+    /// Opens and checks the directory. sled 0.34 panics instead of returning an error when
+    /// its own pages are gone (a deleted blob file of an older directory): that is damage
+    /// too, reported as such instead of a crash.
+    fn open_with(
+        dir: &Path,
+        options: &StoreOptions,
+        head_of: impl FnOnce(&sled::Tree) -> Result<LogHead, StoreError>,
+    ) -> Result<Self, StoreError> {
+        std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+            Self::open_unguarded(dir, options, head_of)
+        }))
+        .unwrap_or_else(|panic| {
+            Err(StoreError::Corrupt {
+                seq: 0,
+                reason: format!(
+                    "sled cannot read its own pages in {} ({}): a file of the log is missing or damaged; restore the data directory from a backup",
+                    dir.display(),
+                    panic_message(panic.as_ref())
+                ),
+            })
+        })
+    }
+
+    fn open_unguarded(
+        dir: &Path,
+        options: &StoreOptions,
+        head_of: impl FnOnce(&sled::Tree) -> Result<LogHead, StoreError>,
+    ) -> Result<Self, StoreError> {
+        let io_error = |path: &Path| {
+            let path = path.to_owned();
+            move |source| StoreError::Io { path, source }
+        };
+        space::check_before_open(dir, options.min_free_bytes)?;
+        durability::remove_unfinished_snapshots(dir).map_err(io_error(dir))?;
+        durability::create_dir_durably(dir).map_err(io_error(dir))?;
+        let db = open_db(dir)?;
+        check_format(&db, dir)?;
+        let segments = db.open_tree(SEGMENTS_TREE)?;
+        let head = head_of(&segments)?;
+        // Whatever the head check changed (a tail moved aside) is made durable with the rest.
+        db.flush()?;
+        let disk = durability::DiskSync::open(dir).map_err(io_error(dir))?;
+        let (checkpoint, acknowledged) = checkpoint::Checkpoint::open(
+            dir,
+            Acknowledged {
+                seq: head.seq,
+                hash: head.hash,
+            },
+        )
+        .map_err(|error| match error {
+            checkpoint::CheckpointError::Io(source) => StoreError::Io {
+                path: dir.join(checkpoint::CHECKPOINT_FILE),
+                source,
+            },
+            checkpoint::CheckpointError::Damaged => StoreError::Corrupt {
+                seq: 0,
+                reason: format!(
+                    "the acknowledgement record {} is damaged, so the log cannot be checked against it; run `kpi-server recover`",
+                    dir.join(checkpoint::CHECKPOINT_FILE).display()
+                ),
+            },
+        })?;
+        Ok(Self {
+            db,
+            segments,
+            head,
+            disk,
+            checkpoint,
+            acknowledged,
+        })
     }
 }
 
@@ -677,9 +913,12 @@ const SLED_CACHE_BYTES: u64 = 64 * 1024 * 1024;
 fn open_db(dir: &Path) -> Result<sled::Db, StoreError> {
     let deadline = std::time::Instant::now() + LOCK_PATIENCE;
     loop {
+        // No periodic flusher: it would make sled's file durable without the directory
+        // (see `durability.rs`); the committer flushes and syncs every group instead.
         match sled::Config::new()
             .path(dir)
             .cache_capacity(SLED_CACHE_BYTES)
+            .flush_every_ms(None)
             .open()
         {
             Ok(db) => return Ok(db),
@@ -691,6 +930,15 @@ fn open_db(dir: &Path) -> Result<sled::Db, StoreError> {
                     });
                 }
                 std::thread::sleep(std::time::Duration::from_millis(20));
+            }
+            Err(sled::Error::Corruption { .. }) => {
+                return Err(StoreError::Corrupt {
+                    seq: 0,
+                    reason: format!(
+                        "sled cannot read its log in {}: a file of it is damaged; restore the data directory from a backup",
+                        dir.display()
+                    ),
+                });
             }
             Err(other) => return Err(StoreError::Sled(other)),
         }
@@ -719,6 +967,22 @@ fn check_format(db: &sled::Db, dir: &Path) -> Result<(), StoreError> {
         }),
     }
 }
+
+/// The start of a panic's message: sled's can run to megabytes (a key dump).
+fn panic_message(payload: &(dyn std::any::Any + Send)) -> String {
+    let text = payload
+        .downcast_ref::<&str>()
+        .map(|s| (*s).to_owned())
+        .or_else(|| payload.downcast_ref::<String>().cloned())
+        .unwrap_or_else(|| "a panic".to_owned());
+    match text.char_indices().nth(PANIC_MESSAGE_CHARS) {
+        Some((cut, _)) => format!("{}...", &text[..cut]),
+        None => text,
+    }
+}
+
+/// How much of a panic's message an error repeats.
+const PANIC_MESSAGE_CHARS: usize = 80;
 
 // A panic while a lock is held leaves consistent data here (every critical section is a
 // single assignment or a map update), so poisoning is ignored rather than spread.

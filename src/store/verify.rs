@@ -4,7 +4,11 @@ use chrono::{DateTime, Utc};
 
 use super::chain::{GENESIS_HASH, Hash};
 use super::reader::{LoadedSegment, decode_record};
-use super::segment::{describe_key, key_seq};
+use super::segment::{describe_key, key_seq, segment_key};
+
+/// Entries after an unreadable segment that are tried before its range is taken to run to
+/// the head.
+const MAX_UNREADABLE_PROBES: usize = 1024;
 use super::{ChainBreak, LogHead, StoreError, Verification};
 
 /// Walks every segment up to `head` and checks: keys equal first seqs, seqs are
@@ -44,7 +48,13 @@ impl Walk {
             if self.next_seq > head.seq {
                 break;
             }
-            let (key, value) = item?;
+            let (key, value) = match item {
+                Ok(entry) => entry,
+                // A missing or damaged blob file, or damage in sled's own pages.
+                Err(error) => {
+                    return Ok(Err(self.unreadable(tree, head, &error.to_string())));
+                }
+            };
             let Some(key_first) = key_seq(&key) else {
                 return Ok(Err(self.simple_break(format!(
                     "segment key {} is not 8 bytes",
@@ -54,6 +64,13 @@ impl Walk {
             if key_first > head.seq {
                 break;
             }
+            if key_first > self.next_seq {
+                return Ok(Err(self.simple_break(format!(
+                    "seqs {}..={} are missing: the next segment starts at seq {key_first}",
+                    self.next_seq,
+                    key_first - 1
+                ))));
+            }
             if key_first != self.next_seq {
                 return Ok(Err(self.simple_break(format!(
                     "expected the segment starting at seq {}, found one starting at seq {key_first}",
@@ -62,7 +79,7 @@ impl Walk {
             }
             let segment = match LoadedSegment::load(&key, value) {
                 Ok(segment) => segment,
-                Err(error) => return Ok(Err(self.simple_break(error.to_string()))),
+                Err(error) => return Ok(Err(self.unreadable(tree, head, &error.to_string()))),
             };
             if let Err(chain_break) = self.check_segment(&segment) {
                 return Ok(Err(chain_break));
@@ -138,6 +155,22 @@ impl Walk {
         self.hash = recomputed;
         self.recorded_at = recorded_at;
         Ok(())
+    }
+
+    /// The break at a segment starting at `next_seq` that cannot be read, with the range of
+    /// seqs it takes away: up to the next segment that can be read, or the head.
+    fn unreadable(&self, tree: &sled::Tree, head: &LogHead, error: &str) -> ChainBreak {
+        let next_readable = tree
+            .range(segment_key(self.next_seq.saturating_add(1))..)
+            .take(MAX_UNREADABLE_PROBES)
+            .find_map(|item| item.ok().and_then(|(key, _)| key_seq(&key)));
+        let last = next_readable
+            .map_or(head.seq, |next| next - 1)
+            .min(head.seq);
+        self.simple_break(format!(
+            "seqs {}..={last} cannot be read: {error}",
+            self.next_seq
+        ))
     }
 
     fn simple_break(&self, reason: String) -> ChainBreak {

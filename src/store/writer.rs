@@ -16,6 +16,7 @@ use super::chain::Hash;
 use super::dedup::{EventIdHasher, EventIdKey};
 use super::record::{encode_payload, recorded_at_field};
 use super::segment::{SegmentBuilder, segment_key, widen};
+use super::space::DiskSpace;
 use super::{AppendError, Clock, LogHead, Outcome, Shared, StoreError, lock};
 use crate::domain::Event;
 
@@ -27,10 +28,13 @@ const MAX_GROUP_EVENTS: usize = 65_536;
 /// Most events in one segment: bounds the work of reading one event (its segment's hashes
 /// are all recomputed) and of the binary searches.
 const MAX_SEGMENT_EVENTS: u32 = 4096;
-/// Most bytes in one segment. sled writes any single item above segment_size / 4 (128 KiB
-/// by default) to a blob file of its own; staying under it keeps each insert in sled's
-/// log. Smaller segments measured slower (more items per flush), see BENCHMARKS.md.
-const MAX_SEGMENT_BYTES: usize = 120 * 1024;
+/// Most bytes in one segment, by default. sled keeps up to 17 items in a leaf and writes a
+/// whole leaf that serialises to more than a quarter of its segment size (128 KiB) to a
+/// blob file of its own. With segments of at most 6 KiB no leaf gets there, so sled writes
+/// no blob files (which it never fsyncs, see `durability.rs`) and its cache bounds its
+/// memory: with 100 KB values it kept every leaf written since open (about the size of the
+/// data written), with 6 KB values its resident memory stayed flat (BENCHMARKS.md).
+pub const MAX_SEGMENT_BYTES: usize = 6 * 1024;
 
 /// One caller's request, prepared on the caller's thread.
 pub struct WriteRequest {
@@ -94,11 +98,23 @@ impl PreparedEvents {
     }
 }
 
+/// What the writer needs besides the log's state.
+pub struct Settings {
+    /// The source of recorded_at.
+    pub clock: Clock,
+    /// The free-space guard asked before each group.
+    pub space: DiskSpace,
+    /// Most bytes of records in one segment.
+    pub segment_bytes: usize,
+}
+
 /// The deciding stage of the write side, run on its own thread.
 pub struct Writer {
     segments: sled::Tree,
     shared: Arc<Shared>,
     clock: Clock,
+    space: DiskSpace,
+    segment_bytes: usize,
     /// The head after the last group handed to the committer (not yet durable, maybe).
     head: LogHead,
     /// Seq of the last event that changes definitions, appended since open (durable or
@@ -140,13 +156,15 @@ impl Writer {
         segments: sled::Tree,
         shared: Arc<Shared>,
         head: LogHead,
-        clock: Clock,
+        settings: Settings,
         committer: std::sync::mpsc::SyncSender<Applied>,
     ) -> Self {
         Self {
             segments,
             shared,
-            clock,
+            clock: settings.clock,
+            space: settings.space,
+            segment_bytes: settings.segment_bytes.max(1),
             head,
             last_definition_seq: 0,
             committer,
@@ -189,6 +207,17 @@ impl Writer {
     fn write(&mut self, mut group: Vec<WriteRequest>) {
         if self.shared.failed.load(Ordering::Acquire) {
             reply_all(group, || StoreError::WriterFailed);
+            return;
+        }
+        // Before anything is decided (the dedup index takes the group's ids): a full disk
+        // refuses the whole group and leaves no trace of it.
+        let bytes: usize = group
+            .iter()
+            .map(|request| request.prepared.bytes.len())
+            .sum();
+        if let Err(refusal) = self.space.admit(widen(bytes)) {
+            tracing::warn!(error = %refusal(), "refusing writes: disk space");
+            reply_all(group, refusal);
             return;
         }
         // recorded_at never decreases, even if the clock steps back.
@@ -304,21 +333,19 @@ impl Writer {
 
         let mut batch = sled::Batch::default();
         let mut segment_count = 0;
-        let mut builder = SegmentBuilder::new(
-            self.head.seq + 1,
-            self.head.hash,
-            remaining.min(MAX_SEGMENT_BYTES),
-        );
+        let max_bytes = self.segment_bytes;
+        let mut builder =
+            SegmentBuilder::new(self.head.seq + 1, self.head.hash, remaining.min(max_bytes));
         for index in appended {
             let payload = payload(index);
             let record_len = recorded_at.len() + payload.len() + 3;
             let full = builder.count() >= MAX_SEGMENT_EVENTS
-                || builder.len_bytes() + record_len > MAX_SEGMENT_BYTES;
+                || builder.len_bytes() + record_len > max_bytes;
             if full && builder.count() > 0 {
                 let next = SegmentBuilder::new(
                     builder.next_seq(),
                     builder.head_hash(),
-                    remaining.min(MAX_SEGMENT_BYTES),
+                    remaining.min(max_bytes),
                 );
                 let done = std::mem::replace(&mut builder, next);
                 batch.insert(&segment_key(done.first_seq()), done.finish());

@@ -115,6 +115,11 @@ impl TestServer {
         }
     }
 
+    /// Whether `run` has returned (a server that could not start returns at once).
+    pub fn is_finished(&self) -> bool {
+        self.handle.as_ref().is_none_or(JoinHandle::is_finished)
+    }
+
     /// Waits for `run` to return by itself (e.g. because it could not start).
     pub async fn exit(mut self) -> Result<(), RunError> {
         let handle = self.handle.take().expect("server running");
