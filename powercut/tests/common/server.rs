@@ -153,6 +153,38 @@ impl ServerProcess {
         self.reap();
     }
 
+    /// Sends SIGTERM and waits up to `patience` for the process to end; returns how it
+    /// ended and how long that took, or `Err` (after a SIGKILL) when it did not end in time.
+    // Used by disk_full.rs; power_cut.rs compiles this module too.
+    #[allow(dead_code)]
+    pub fn terminate(
+        &mut self,
+        patience: Duration,
+    ) -> Result<(std::process::ExitStatus, Duration), String> {
+        let Some(child) = self.child.as_mut() else {
+            return Err(format!("{}: already reaped", self.name));
+        };
+        let started = std::time::Instant::now();
+        let pid = libc::pid_t::try_from(child.id()).map_err(|error| error.to_string())?;
+        // SAFETY: kill(2) with a pid of our own child and a valid signal number.
+        if unsafe { libc::kill(pid, libc::SIGTERM) } != 0 {
+            return Err(format!("{}: SIGTERM failed", self.name));
+        }
+        while started.elapsed() < patience {
+            if let Ok(Some(status)) = child.try_wait() {
+                self.child = None;
+                return Ok((status, started.elapsed()));
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        self.kill();
+        Err(format!(
+            "{} did not end within {patience:?} of SIGTERM; its log ends:\n{}",
+            self.name,
+            self.log_tail()
+        ))
+    }
+
     /// Waits for the process to end; returns how it ended.
     fn reap(&mut self) -> String {
         match self.child.take() {
