@@ -19,7 +19,7 @@ use std::path::Path;
 
 use crate::domain::{Event, rfc3339};
 use crate::projection::snapshot;
-use crate::store::{Acknowledged, AppendRequest, EventLog, StoreError, StoreOptions};
+use crate::store::{AppendRequest, EventLog, StoreError, StoreOptions};
 use crate::{Config, LOG_DIR, SNAPSHOT_DIR};
 
 /// Where a damaged tail segment is moved, inside the data directory.
@@ -87,10 +87,7 @@ pub fn recover(config: &Config, accept_other_history: bool) -> Result<Recovery, 
         ..StoreOptions::default()
     };
     let snapshot_evidence = match snapshot::load_undecoded(&snapshot_dir) {
-        Ok(Some(undecoded)) => Some(Acknowledged {
-            seq: undecoded.snapshot.seq,
-            hash: undecoded.snapshot.hash,
-        }),
+        Ok(Some(undecoded)) => Some((undecoded.snapshot.seq, Some(undecoded.snapshot.hash))),
         Ok(None) => None,
         Err(error) => {
             tracing::warn!(%error, "the read-model snapshot is unreadable; only the log's own record counts");
@@ -102,20 +99,20 @@ pub fn recover(config: &Config, accept_other_history: bool) -> Result<Recovery, 
         options,
         &data_dir.join(SET_ASIDE_DIR),
     )?;
-    let acknowledged = [Some(recorded), snapshot_evidence]
+    let (acknowledged, acknowledged_hash) = [Some(recorded), snapshot_evidence]
         .into_iter()
         .flatten()
-        .max_by_key(|evidence| evidence.seq)
+        .max_by_key(|(seq, _)| *seq)
         .unwrap_or(recorded);
     let head = log.head();
     let mut recovery = Recovery {
         log_head: head.seq,
-        acknowledged: acknowledged.seq,
+        acknowledged,
         lost: None,
         accepted_other_history: false,
     };
-    if acknowledged.seq > head.seq {
-        let (first, last) = (head.seq + 1, acknowledged.seq);
+    if acknowledged > head.seq {
+        let (first, last) = (head.seq + 1, acknowledged);
         let reason = format!(
             "lost after an acknowledgement: the readable log ended at seq {} but seq {last} was acknowledged; recorded by kpi-server recover at {}",
             head.seq,
@@ -129,7 +126,7 @@ pub fn recover(config: &Config, accept_other_history: bool) -> Result<Recovery, 
                     first_seq: first,
                     last_seq: last,
                     reason: reason.clone(),
-                    acknowledged_hash: Some(acknowledged.hash),
+                    acknowledged_hash,
                 })
                 .collect();
             log.append_blocking(AppendRequest {
@@ -146,11 +143,11 @@ pub fn recover(config: &Config, accept_other_history: bool) -> Result<Recovery, 
             next = end + 1;
         }
         recovery.lost = Some((first, last));
-    } else if log.hash_at(acknowledged.seq)? != acknowledged.hash {
+    } else if let Some(hash) = acknowledged_hash
+        && log.hash_at(acknowledged)? != hash
+    {
         if !accept_other_history {
-            return Err(RecoverError::OtherHistory {
-                seq: acknowledged.seq,
-            });
+            return Err(RecoverError::OtherHistory { seq: acknowledged });
         }
         log.forget_acknowledged()?;
         recovery.accepted_other_history = true;

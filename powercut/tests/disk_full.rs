@@ -15,11 +15,11 @@ use std::io::Write;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
-use server::{ServerProcess, server_binary};
 use kpi_service::proto::{
     self, audit_client::AuditClient, ingest_client::IngestClient,
     kpi_catalog_client::KpiCatalogClient, query_client::QueryClient,
 };
+use server::{ServerProcess, server_binary};
 use tonic::Code;
 use tonic::transport::{Channel, Endpoint};
 
@@ -101,7 +101,10 @@ fn snapshot_tree(root: &Path) -> BTreeMap<PathBuf, Vec<u8>> {
             let entry = entry.expect("entry");
             let path = entry.path();
             if entry.file_type().expect("type").is_dir() {
-                files.insert(path.strip_prefix(root).unwrap().to_owned(), b"<dir>".to_vec());
+                files.insert(
+                    path.strip_prefix(root).unwrap().to_owned(),
+                    b"<dir>".to_vec(),
+                );
                 stack.push(path);
             } else {
                 let bytes = std::fs::read(&path).expect("read file");

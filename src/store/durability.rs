@@ -10,8 +10,9 @@
 //!    keeps its segments small enough that sled writes no blobs, but a directory written by
 //!    an older build has leaves of large segments, and sled rewrites those as blobs until
 //!    they split);
-//! 2. the log directory itself: the names of sled's snapshot files (`snap.*`, written,
-//!    fsynced, renamed and replaced by sled) and of its other files;
+//! 2. the log directory itself, when a name in it changed since the last sync (inotify
+//!    says): sled's snapshot files (`snap.*`, written, fsynced, renamed and replaced by
+//!    sled) and its other files;
 //! 3. the `db` file (fdatasync): sled's log, where every segment lives.
 //!
 //! The directory comes before the file: whenever sled's log is durable, the snapshot
@@ -93,8 +94,10 @@ pub fn create_dir_durably(dir: &Path) -> io::Result<()> {
 /// The files of an open sled directory that must be synced before an acknowledgement.
 pub struct DiskSync {
     db: File,
-    log_dir: File,
-    blobs: BlobWatch,
+    /// The log directory: fsynced when a name in it changed (sled's snapshots).
+    log_dir: DirWatch,
+    /// The blob directory: new files fsynced, then the directory.
+    blobs: DirWatch,
 }
 
 impl DiskSync {
@@ -102,21 +105,20 @@ impl DiskSync {
     /// `conf`, its `db`, every blob file, the blob and log directories and the log
     /// directory's name in its parent), and from then on watches for new blob files.
     pub fn open(log_dir: &Path) -> io::Result<Self> {
-        let blobs = BlobWatch::open(&log_dir.join(BLOBS_DIR))?;
+        let blobs = DirWatch::open(&log_dir.join(BLOBS_DIR), true)?;
+        let log_dir_watch = DirWatch::open(log_dir, false)?;
         for entry in std::fs::read_dir(log_dir)? {
             let entry = entry?;
             if entry.file_type()?.is_file() {
                 File::open(entry.path())?.sync_all()?;
             }
         }
-        let log_dir_file = File::open(log_dir)?;
-        log_dir_file.sync_all()?;
         if let Some(parent) = log_dir.parent().filter(|p| !p.as_os_str().is_empty()) {
             sync_dir(parent)?;
         }
         Ok(Self {
             db: File::open(log_dir.join(DB_FILE))?,
-            log_dir: log_dir_file,
+            log_dir: log_dir_watch,
             blobs,
         })
     }
@@ -124,24 +126,28 @@ impl DiskSync {
     /// Makes everything sled wrote so far durable: new blob files and their directory, the
     /// log directory, then sled's `db` file. Call after sled's flush, before answering.
     pub fn sync(&self) -> io::Result<()> {
-        self.blobs.sync_new()?;
-        self.log_dir.sync_all()?;
+        self.blobs.sync_changes()?;
+        self.log_dir.sync_changes()?;
         self.db.sync_data()
     }
 }
 
-/// The blob directory and the names created in it since the last sync, from inotify.
-struct BlobWatch {
+/// A directory and the names changed in it since its last sync, from inotify: a
+/// directory that did not change is not fsynced again.
+struct DirWatch {
     dir: PathBuf,
     /// Directory handle, fsynced after its new files.
     handle: File,
     inotify: OwnedFd,
+    /// Whether new files are fsynced too (blobs, which sled never syncs), or only the
+    /// directory (sled fsyncs its snapshot files itself).
+    sync_files: bool,
 }
 
-impl BlobWatch {
-    /// Starts watching `dir` (created if missing), then fsyncs every file already in it:
-    /// a file that appears between the two is both seen and synced, never neither.
-    fn open(dir: &Path) -> io::Result<Self> {
+impl DirWatch {
+    /// Starts watching `dir` (created if missing), then fsyncs it (and, with `sync_files`,
+    /// every file in it): a change between the two is both seen and synced, never neither.
+    fn open(dir: &Path, sync_files: bool) -> io::Result<Self> {
         create_dir_durably(dir)?;
         let inotify =
             inotify::init(inotify::CreateFlags::NONBLOCK | inotify::CreateFlags::CLOEXEC)?;
@@ -150,20 +156,27 @@ impl BlobWatch {
             dir,
             inotify::WatchFlags::CREATE
                 | inotify::WatchFlags::CLOSE_WRITE
-                | inotify::WatchFlags::MOVED_TO,
+                | inotify::WatchFlags::MOVED_TO
+                | inotify::WatchFlags::MOVED_FROM
+                | inotify::WatchFlags::DELETE,
         )?;
         let watch = Self {
             dir: dir.to_owned(),
             handle: File::open(dir)?,
             inotify,
+            sync_files,
         };
-        watch.sync_all_files()?;
+        if sync_files {
+            watch.sync_all_files()?;
+        } else {
+            watch.handle.sync_all()?;
+        }
         Ok(watch)
     }
 
-    /// fsyncs the files created since the last call, then the directory when there were
-    /// any. A file already deleted again (sled removes superseded blobs) needs nothing.
-    fn sync_new(&self) -> io::Result<()> {
+    /// fsyncs what changed since the last call: the files named (when `sync_files`; one
+    /// already deleted again needs nothing), then the directory.
+    fn sync_changes(&self) -> io::Result<()> {
         let mut names: HashSet<OsString> = HashSet::new();
         let mut overflowed = false;
         let mut buffer = [MaybeUninit::<u8>::uninit(); 4096];
@@ -181,15 +194,17 @@ impl BlobWatch {
                 Err(error) => return Err(error.into()),
             }
         }
-        if overflowed {
+        if overflowed && self.sync_files {
             // More events than the kernel queues: sync them all instead.
             self.sync_all_files()?;
-        } else if !names.is_empty() {
-            for name in &names {
-                match File::open(self.dir.join(name)) {
-                    Ok(file) => file.sync_all()?,
-                    Err(error) if error.kind() == io::ErrorKind::NotFound => {}
-                    Err(error) => return Err(error),
+        } else if overflowed || !names.is_empty() {
+            if self.sync_files {
+                for name in &names {
+                    match File::open(self.dir.join(name)) {
+                        Ok(file) => file.sync_all()?,
+                        Err(error) if error.kind() == io::ErrorKind::NotFound => {}
+                        Err(error) => return Err(error),
+                    }
                 }
             }
             self.handle.sync_all()?;

@@ -23,12 +23,14 @@
 //! then queue an [`AppendRequest`]. The *writer* thread takes every request queued at
 //! that moment (a *group*), decides each in order (definitions guard, duplicates, seqs),
 //! builds the group's segments (hashing the chain) and writes them in one atomic sled
-//! batch, then hands the group to the *committer* thread and goes on with the next group.
-//! The committer takes every group handed to it, calls `flush` once (fsync) for all of
-//! them, publishes the new head, tells the [`CommitListener`]s, and only then answers the
-//! requests. So concurrent appends share one fsync, the next group is built while the
-//! disk flushes, nobody is acknowledged before the flush that covers their events, and a
-//! crash never keeps half of a request (a sled batch is atomic).
+//! batch, then hands the group to the *flusher* thread and goes on with the next group.
+//! The flusher takes every group handed to it and calls sled's `flush` once for all of
+//! them; the *syncer* makes them durable against a power cut (see `durability.rs` and
+//! `checkpoint.rs`) and publishes the new head; the *publisher* tells the
+//! [`CommitListener`]s, and only then are the requests answered. So concurrent appends
+//! share one fsync, the next group is built and flushed while the disk syncs, nobody is
+//! acknowledged before the fsync that covers their events, and a crash never keeps half of
+//! a request (a sled batch is atomic).
 //!
 //! # Deduplication
 //!
@@ -77,13 +79,13 @@ use tokio::sync::{mpsc, oneshot};
 use crate::domain::Event;
 
 pub use chain::{GENESIS_HASH, Hash, next_hash};
-pub use checkpoint::Acknowledged;
 pub use dedup::DedupEntries;
 pub use durability::{create_dir_durably, sync_dir};
 pub use error::{AppendError, StoreError};
 pub use reader::ReadEvents;
 
-use commit::{Committer, Publisher};
+use checkpoint::Acknowledged;
+use commit::{Flusher, Publisher, Syncer};
 use dedup::{DedupIndex, EventIdHasher};
 use writer::{PreparedEvents, Reply, WriteRequest, Writer};
 
@@ -100,11 +102,12 @@ pub const FORMAT_VERSION: u8 = 1;
 /// the queue growing without limit while a slow disk flushes.
 const QUEUE_CAPACITY: usize = 1024;
 
-/// Applied groups waiting for the committer. Small: groups waiting here are written but
-/// not durable, and while it is full the writer lets requests gather into larger groups.
+/// Applied groups waiting for the flusher, and flushed ones for the syncer. Small: groups
+/// waiting here are written but not durable, and while it is full the stage before lets
+/// requests gather into larger groups.
 const PIPELINE_DEPTH: usize = 2;
 /// Batches of durable groups waiting for the publisher (the read models). Small: their
-/// callers wait, and while it is full the committer lets groups gather into larger flushes.
+/// callers wait, and while it is full the syncer lets groups gather into larger fsyncs.
 const PUBLISH_DEPTH: usize = 2;
 
 /// Requests of at most this many events are prepared (encoded) on the calling async task;
@@ -230,7 +233,7 @@ pub struct Committed<'a> {
 /// Told about every group of events once it is durable, before any of its callers hears
 /// back, in seq order.
 ///
-/// Called on the log's committer thread, so it must be quick and must not append (that
+/// Called on the log's publisher thread, so it must be quick and must not append (that
 /// would wait for itself forever): fold the events into memory or hand them to another
 /// task. While it runs, no append is acknowledged.
 pub trait CommitListener: Send + Sync {
@@ -327,7 +330,7 @@ struct Inner {
     /// `None` once closed. Appends clone the sender under the lock, so `close` only has to
     /// drop this one: the writer ends when every in-flight append has queued its request.
     sender: Mutex<Option<mpsc::Sender<WriteRequest>>>,
-    /// The writer and committer threads, joined by `close`.
+    /// The writer, flusher, syncer and publisher threads, joined by `close`.
     threads: Mutex<Vec<JoinHandle<()>>>,
 }
 
@@ -353,37 +356,49 @@ impl EventLog {
         seed: Option<DedupSeed>,
     ) -> Result<Self, StoreError> {
         let opened = Opened::open(dir, &options)?;
-        let evidence = [
-            Some((
-                opened.acknowledged,
-                "the log's acknowledgement record".to_owned(),
-            )),
-            seed.as_ref().map(|seed| {
-                (
-                    Acknowledged {
-                        seq: seed.seq,
-                        hash: seed.hash,
-                    },
-                    "the read-model snapshot".to_owned(),
-                )
-            }),
-        ];
-        for (acknowledged, source) in evidence.into_iter().flatten() {
-            check_acknowledged(&opened.segments, &opened.head, acknowledged, source)?;
+        let record = opened.evidence;
+        let record_source = || "the log's acknowledgement record".to_owned();
+        // Acknowledged for sure: the log must reach it.
+        check_acknowledged(
+            &opened.segments,
+            &opened.head,
+            record.floor,
+            record.floor_hash,
+            record_source(),
+        )?;
+        // Committed last, maybe never acknowledged: only compared when the log reaches it.
+        if opened.head.seq >= record.committed.seq {
+            check_acknowledged(
+                &opened.segments,
+                &opened.head,
+                record.committed.seq,
+                Some(record.committed.hash),
+                record_source(),
+            )?;
+        }
+        if let Some(seed) = &seed {
+            check_acknowledged(
+                &opened.segments,
+                &opened.head,
+                seed.seq,
+                Some(seed.hash),
+                "the read-model snapshot".to_owned(),
+            )?;
         }
         Self::start(dir, opened, options, seed)
     }
 
     /// Opens the log in `dir` for `kpi-server recover`: without comparing it with what was
     /// acknowledged, and with a damaged tail segment moved aside (into `set_aside`) instead
-    /// of failing the open. Returns the log and the acknowledged head its record holds.
+    /// of failing the open. Returns the log and the head its acknowledgement record holds
+    /// as acknowledged for sure (with its hash when known).
     pub fn open_for_recovery(
         dir: &Path,
         options: StoreOptions,
         set_aside: &Path,
-    ) -> Result<(Self, Acknowledged), StoreError> {
+    ) -> Result<(Self, (u64, Option<Hash>)), StoreError> {
         let opened = Opened::open_repairing_tail(dir, &options, set_aside)?;
-        let acknowledged = opened.acknowledged;
+        let acknowledged = (opened.evidence.floor, opened.evidence.floor_hash);
         Ok((Self::start(dir, opened, options, None)?, acknowledged))
     }
 
@@ -399,8 +414,9 @@ impl EventLog {
             head,
             disk,
             checkpoint,
-            acknowledged: _,
+            evidence: _,
         } = opened;
+        let checkpoint = checkpoint.spawn().map_err(StoreError::Spawn)?;
         let mut dedup = DedupIndex::new(options.dedup_window);
         let mut after_seq = 0;
         if let Some(seed) = seed {
@@ -438,8 +454,10 @@ impl EventLog {
         });
         let (sender, receiver) = mpsc::channel(QUEUE_CAPACITY);
         let (applied_sender, applied_receiver) = std::sync::mpsc::sync_channel(PIPELINE_DEPTH);
+        let (flushed_sender, flushed_receiver) = std::sync::mpsc::sync_channel(PIPELINE_DEPTH);
         let (durable_sender, durable_receiver) = std::sync::mpsc::sync_channel(PUBLISH_DEPTH);
-        let committer = Committer::new(db, disk, checkpoint, Arc::clone(&shared), durable_sender);
+        let flusher = Flusher::new(db, Arc::clone(&shared), flushed_sender);
+        let syncer = Syncer::new(disk, checkpoint, head, Arc::clone(&shared), durable_sender);
         let publisher = Publisher::new(Arc::clone(&shared));
         let writer = Writer::new(
             segments,
@@ -463,16 +481,20 @@ impl EventLog {
             Box::new(move || publisher.run(durable_receiver)),
         )?;
         // If a later stage cannot start, the earlier ones end when their channels close.
-        let committer = spawn(
-            "kpi-log-commit",
-            Box::new(move || committer.run(applied_receiver)),
+        let syncer = spawn(
+            "kpi-log-sync",
+            Box::new(move || syncer.run(flushed_receiver)),
+        )?;
+        let flusher = spawn(
+            "kpi-log-flush",
+            Box::new(move || flusher.run(applied_receiver)),
         )?;
         let writer = spawn("kpi-log-writer", Box::new(move || writer.run(receiver)))?;
         Ok(Self {
             inner: Arc::new(Inner {
                 shared,
                 sender: Mutex::new(Some(sender)),
-                threads: Mutex::new(vec![writer, committer, publisher]),
+                threads: Mutex::new(vec![writer, flusher, syncer, publisher]),
             }),
         })
     }
@@ -689,7 +711,7 @@ impl std::fmt::Debug for EventLog {
 impl Inner {
     fn close(&self) -> Result<(), StoreError> {
         // Dropping the last sender lets the writer drain the queue and end; its end lets
-        // the committer finish the groups in flight and end, and its end the publisher.
+        // the flusher finish the groups in flight and end, its end the syncer, and so on.
         drop(lock(&self.sender).take());
         let threads = std::mem::take(&mut *lock(&self.threads));
         let mut panicked = false;
@@ -726,26 +748,26 @@ pub struct DedupSeed {
     pub entries: DedupEntries,
 }
 
-/// Refuses the log in `tree` when it ends before `acknowledged` or holds another chain
-/// hash at its seq.
+/// Refuses the log in `tree` when it ends before `seq` or holds another chain hash than
+/// `hash` there.
 fn check_acknowledged(
     tree: &sled::Tree,
     head: &LogHead,
-    acknowledged: Acknowledged,
+    seq: u64,
+    hash: Option<Hash>,
     evidence: String,
 ) -> Result<(), StoreError> {
-    if acknowledged.seq > head.seq {
+    if seq > head.seq {
         return Err(StoreError::MissingEvents {
             log_head: head.seq,
-            acknowledged: acknowledged.seq,
+            acknowledged: seq,
             evidence,
         });
     }
-    if reader::hash_at(tree, acknowledged.seq)? != acknowledged.hash {
-        return Err(StoreError::Diverged {
-            seq: acknowledged.seq,
-            evidence,
-        });
+    if let Some(hash) = hash
+        && reader::hash_at(tree, seq)? != hash
+    {
+        return Err(StoreError::Diverged { seq, evidence });
     }
     Ok(())
 }
@@ -759,7 +781,7 @@ struct Opened {
     disk: durability::DiskSync,
     checkpoint: checkpoint::Checkpoint,
     /// What the acknowledgement record held at open.
-    acknowledged: Acknowledged,
+    evidence: checkpoint::Evidence,
 }
 
 impl Opened {
@@ -852,7 +874,7 @@ impl Opened {
         // Whatever the head check changed (a tail moved aside) is made durable with the rest.
         db.flush()?;
         let disk = durability::DiskSync::open(dir).map_err(io_error(dir))?;
-        let (checkpoint, acknowledged) = checkpoint::Checkpoint::open(
+        let (checkpoint, evidence) = checkpoint::Checkpoint::open(
             dir,
             Acknowledged {
                 seq: head.seq,
@@ -878,7 +900,7 @@ impl Opened {
             head,
             disk,
             checkpoint,
-            acknowledged,
+            evidence,
         })
     }
 }
@@ -914,7 +936,7 @@ fn open_db(dir: &Path) -> Result<sled::Db, StoreError> {
     let deadline = std::time::Instant::now() + LOCK_PATIENCE;
     loop {
         // No periodic flusher: it would make sled's file durable without the directory
-        // (see `durability.rs`); the committer flushes and syncs every group instead.
+        // (see `durability.rs`); the flusher and syncer make every group durable instead.
         match sled::Config::new()
             .path(dir)
             .cache_capacity(SLED_CACHE_BYTES)
