@@ -12,13 +12,16 @@ use kpi_service::recover::{Recovery, recover};
 use kpi_service::store::StoreError;
 use kpi_service::{Config, RunError};
 
-/// Records `batches` unary batches of 10 measurements with event ids `{prefix}-{b}-{i}`;
-/// returns the last acknowledged seq.
+/// Records `batches` unary batches of 10 measurements with event ids
+/// `{prefix}-{b}-{i}-{unique_tag(b, i)}`; returns the last acknowledged seq.
 async fn fill(server: &TestServer, prefix: &str, batches: usize) -> u64 {
     let mut last = 0;
     for b in 0..batches {
         let batch = (0..10)
-            .map(|i| with_event_id(measurement("revenue", 1.0), &format!("{prefix}-{b:04}-{i}")))
+            .map(|i| {
+                let id = format!("{prefix}-{b:04}-{i}-{}", unique_tag(b, i));
+                with_event_id(measurement("revenue", 1.0), &id)
+            })
             .collect();
         let results = server.record(batch).await.expect("record");
         last = results.last().expect("results").seq;
@@ -45,6 +48,16 @@ fn flip_marker(file: &Path, marker: &str) -> usize {
     }
     std::fs::write(file, &bytes).expect("write");
     found.len()
+}
+
+/// A part of an event id that nothing before it resembles, so that LZ4 stores it as it is
+/// and a test can find the record in sled's file: 16 hex digits mixed from `b` and `i`
+/// (splitmix64).
+fn unique_tag(b: usize, i: usize) -> String {
+    let mut z = (u64::try_from(b * 1000 + i).unwrap()).wrapping_add(0x9e37_79b9_7f4a_7c15);
+    z = (z ^ (z >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
+    z = (z ^ (z >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);
+    format!("{:016x}", z ^ (z >> 31))
 }
 
 /// Starts a server on `dir`: the server once it answers, or why `run` returned.
@@ -193,8 +206,8 @@ async fn filled_dir() -> (tempfile::TempDir, u64) {
 #[tokio::test]
 async fn damage_in_an_older_record_is_refused_and_recovered_without_reusing_a_seq() {
     let (dir, acknowledged) = filled_dir().await;
-    // seq 1 defines the KPI; corr-0150-3 is seq 2 + 150 * 10 + 3.
-    assert!(flip_marker(&dir.path().join("log/db"), "corr-0150-3") > 0);
+    // seq 1 defines the KPI; batch 150's fourth measurement is seq 2 + 150 * 10 + 3.
+    assert!(flip_marker(&dir.path().join("log/db"), &unique_tag(150, 3)) > 0);
     let error = start_result(dir.path()).await.err().expect("refused");
     let message = error.to_string();
     let head = missing_events(error, acknowledged);
@@ -206,13 +219,14 @@ async fn damage_in_an_older_record_is_refused_and_recovered_without_reusing_a_se
     assert!(message.contains("kpi-server recover"), "{message}");
     let recovery = recover_dir(dir.path()).await;
     assert_eq!(recovery.lost, Some((head + 1, acknowledged)));
-    check_recovered(dir.path(), head + 1, acknowledged, ("corr-0000-0", 2)).await;
+    let first_id = format!("corr-0000-0-{}", unique_tag(0, 0));
+    check_recovered(dir.path(), head + 1, acknowledged, (&first_id, 2)).await;
 }
 
 #[tokio::test]
 async fn damage_in_the_newest_record_is_refused_and_recovered() {
     let (dir, acknowledged) = filled_dir().await;
-    assert!(flip_marker(&dir.path().join("log/db"), "corr-0299-9") > 0);
+    assert!(flip_marker(&dir.path().join("log/db"), &unique_tag(299, 9)) > 0);
     let error = start_result(dir.path()).await.err().expect("refused");
     let head = missing_events(error, acknowledged);
     assert!(
@@ -221,7 +235,8 @@ async fn damage_in_the_newest_record_is_refused_and_recovered() {
     );
     let recovery = recover_dir(dir.path()).await;
     assert_eq!(recovery.lost, Some((head + 1, acknowledged)));
-    check_recovered(dir.path(), head + 1, acknowledged, ("corr-0100-0", 1002)).await;
+    let kept_id = format!("corr-0100-0-{}", unique_tag(100, 0));
+    check_recovered(dir.path(), head + 1, acknowledged, (&kept_id, 1002)).await;
 }
 
 /// A data directory written with the large segments of older builds, whose leaves sled
@@ -235,7 +250,7 @@ async fn legacy_dir(dir: &Path, events: usize) -> (u64, Vec<PathBuf>) {
         let log = EventLog::open(
             &log_dir,
             StoreOptions {
-                segment_bytes: 120 * 1024,
+                legacy_layout: true,
                 ..StoreOptions::default()
             },
         )
@@ -379,7 +394,8 @@ async fn an_older_log_beside_a_newer_snapshot_is_refused_and_recovered() {
     assert!(message.contains("read-model snapshot"), "{message}");
     let recovery = recover_dir(dir.path()).await;
     assert_eq!(recovery.lost, Some((old_head + 1, acknowledged)));
-    check_recovered(dir.path(), old_head + 1, acknowledged, ("early-0000-0", 2)).await;
+    let first_id = format!("early-0000-0-{}", unique_tag(0, 0));
+    check_recovered(dir.path(), old_head + 1, acknowledged, (&first_id, 2)).await;
 }
 
 fn copy_dir(from: &Path, to: &Path) {

@@ -30,7 +30,23 @@ fn read_all(log: &EventLog) -> Vec<StoredEvent> {
 /// Three appends of three events each: seqs 1..=3, 4..=6 and 7..=9, one segment each
 /// (sequential appends never share a group).
 fn three_segments(dir: &Path) -> Vec<StoredEvent> {
-    let log = EventLog::open(dir, StoreOptions::default()).unwrap();
+    three_segments_with(dir, StoreOptions::default())
+}
+
+/// The same, stored as builds before format 2 did (records uncompressed), so that a test
+/// can change a record's bytes in place as an attacker or a bad disk would.
+fn three_verbatim_segments(dir: &Path) -> Vec<StoredEvent> {
+    three_segments_with(
+        dir,
+        StoreOptions {
+            legacy_layout: true,
+            ..StoreOptions::default()
+        },
+    )
+}
+
+fn three_segments_with(dir: &Path, options: StoreOptions) -> Vec<StoredEvent> {
+    let log = EventLog::open(dir, options).unwrap();
     for request in 0..3 {
         let events = (0..3)
             .map(|index| {
@@ -143,7 +159,7 @@ fn an_auditor_recomputes_every_hash_with_sha256_alone() {
 #[test]
 fn a_changed_record_is_reported_at_its_segment_and_the_log_still_opens() {
     let dir = tempfile::tempdir().unwrap();
-    let events = three_segments(dir.path());
+    let events = three_verbatim_segments(dir.path());
     // Change one letter of the kpi id of seq 5: the record still decodes, only the hash
     // tells. Per-event hashes are not stored, so the break is located to its segment.
     damage_segment(dir.path(), 4, |value| {
@@ -183,7 +199,7 @@ fn a_changed_record_is_reported_at_its_segment_and_the_log_still_opens() {
 #[test]
 fn a_record_that_does_not_decode_is_reported_at_its_seq() {
     let dir = tempfile::tempdir().unwrap();
-    let events = three_segments(dir.path());
+    let events = three_verbatim_segments(dir.path());
     // Field number 0 is invalid in protobuf: seq 5 no longer decodes.
     damage_segment(dir.path(), 4, |value| {
         let at = find(value, &events[4].record);
@@ -205,7 +221,7 @@ fn a_record_that_does_not_decode_is_reported_at_its_seq() {
 #[test]
 fn damage_in_the_tail_segment_fails_the_open_with_its_seq() {
     let dir = tempfile::tempdir().unwrap();
-    let events = three_segments(dir.path());
+    let events = three_verbatim_segments(dir.path());
     damage_segment(dir.path(), 7, |value| {
         let at = find(value, &events[7].record) + find(&events[7].record, b"revenue_web_shop");
         value[at] = b'R';
@@ -220,6 +236,33 @@ fn damage_in_the_tail_segment_fails_the_open_with_its_seq() {
         error.to_string().starts_with("corrupt log at seq 7: "),
         "{error}"
     );
+}
+
+#[test]
+fn a_changed_byte_of_a_compressed_segment_is_reported_at_its_segment() {
+    let dir = tempfile::tempdir().unwrap();
+    let events = three_segments(dir.path());
+    // One byte in the middle of the compressed records: either they no longer decompress
+    // or a record changed; both are found at the segment.
+    damage_segment(dir.path(), 4, |value| {
+        let middle = 77 + 4 + (value.len() - 81) / 2;
+        value[middle] ^= 0x5a;
+    });
+    let log = EventLog::open(dir.path(), StoreOptions::default()).unwrap();
+    let verification = log.verify().unwrap();
+    assert_eq!(verification.checked_events, 3);
+    let chain_break = verification.result.unwrap_err();
+    assert!((4..=6).contains(&chain_break.seq), "{chain_break:?}");
+    let read: Vec<_> = log.read(1, 9).collect();
+    assert!(read[..3].iter().all(Result::is_ok));
+    assert!(read[3].is_err(), "{:?}", read[3]);
+    assert_eq!(read_all_ok(&read[..3]), events[..3]);
+}
+
+fn read_all_ok(read: &[Result<StoredEvent, StoreError>]) -> Vec<StoredEvent> {
+    read.iter()
+        .map(|event| event.as_ref().expect("readable").clone())
+        .collect()
 }
 
 #[test]

@@ -115,15 +115,27 @@ fn snapshot_tree(root: &Path) -> BTreeMap<PathBuf, Vec<u8>> {
     files
 }
 
+/// 64 bits mixed from `n` (splitmix64), so that event ids do not compress away and the
+/// disk fills in a few hundred batches.
+fn mix(n: u64) -> u64 {
+    let mut z = n.wrapping_add(0x9e37_79b9_7f4a_7c15);
+    z = (z ^ (z >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
+    z = (z ^ (z >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);
+    z ^ (z >> 31)
+}
+
 fn batch(round: usize, number: usize) -> Vec<proto::Measurement> {
     (0..BATCH)
-        .map(|i| proto::Measurement {
-            kpi_id: "revenue".into(),
-            value: 1.0,
-            occurred_at: None,
-            labels: Default::default(),
-            subject: String::new(),
-            event_id: format!("r{round}-b{number:05}-m{i:03}"),
+        .map(|i| {
+            let n = u64::try_from((round * MAX_BATCHES + number) * BATCH + i).unwrap_or(0);
+            proto::Measurement {
+                kpi_id: "revenue".into(),
+                value: 1.0,
+                occurred_at: None,
+                labels: Default::default(),
+                subject: String::new(),
+                event_id: format!("r{round}-{:016x}{:016x}", mix(n), mix(!n)),
+            }
         })
         .collect()
 }

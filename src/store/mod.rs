@@ -134,10 +134,10 @@ pub struct StoreOptions {
     /// than this available, and the log does not open. Default
     /// [`DEFAULT_MIN_FREE_BYTES`].
     pub min_free_bytes: u64,
-    /// Most bytes of records in one segment. The default keeps sled's leaves small enough
-    /// that sled writes no blob files and its cache bounds its memory (see `writer.rs`);
-    /// larger values give the layout of directories written by older builds, for tests.
-    pub segment_bytes: usize,
+    /// Write segments as builds before format 2 did: records uncompressed (format 1),
+    /// up to 120 KiB a segment, which sled stores in blob files. Only for tests of the
+    /// directories those builds wrote; see `writer.rs` for why segments are small now.
+    pub legacy_layout: bool,
 }
 
 impl Default for StoreOptions {
@@ -146,7 +146,7 @@ impl Default for StoreOptions {
             dedup_window: TimeDelta::hours(24),
             clock: Arc::new(Utc::now),
             min_free_bytes: DEFAULT_MIN_FREE_BYTES,
-            segment_bytes: writer::MAX_SEGMENT_BYTES,
+            legacy_layout: false,
         }
     }
 }
@@ -156,7 +156,7 @@ impl std::fmt::Debug for StoreOptions {
         f.debug_struct("StoreOptions")
             .field("dedup_window", &self.dedup_window)
             .field("min_free_bytes", &self.min_free_bytes)
-            .field("segment_bytes", &self.segment_bytes)
+            .field("legacy_layout", &self.legacy_layout)
             .finish_non_exhaustive()
     }
 }
@@ -466,7 +466,7 @@ impl EventLog {
             writer::Settings {
                 clock: options.clock,
                 space: space::DiskSpace::open(dir, options.min_free_bytes)?,
-                segment_bytes: options.segment_bytes,
+                legacy_layout: options.legacy_layout,
             },
             applied_sender,
         );

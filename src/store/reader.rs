@@ -17,7 +17,9 @@ use crate::proto::{self, from_proto};
 
 /// A segment value from sled, parsed and checked against its key.
 pub struct LoadedSegment {
-    pub value: sled::IVec,
+    /// The bytes the segment's record ranges point into: the sled value itself, or its
+    /// decompressed records.
+    pub value: Bytes,
     pub segment: Segment,
 }
 
@@ -28,7 +30,12 @@ impl LoadedSegment {
             key: describe_key(key),
             reason,
         };
-        let segment = Segment::parse(&value).map_err(|error| corrupt(error.to_string()))?;
+        let (segment, decompressed) =
+            Segment::parse(&value).map_err(|error| corrupt(error.to_string()))?;
+        let value = match decompressed {
+            Some(bytes) => Bytes::from(bytes),
+            None => Bytes::from_owner(value),
+        };
         if key_seq(key) != Some(segment.first_seq) {
             return Err(corrupt(format!(
                 "the segment says its first seq is {}",
@@ -516,7 +523,7 @@ impl Cursor {
             });
         }
         Ok(Current {
-            value: Bytes::from_owner(loaded.value),
+            value: loaded.value,
             segment: loaded.segment,
             hashes,
         })

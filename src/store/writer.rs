@@ -28,13 +28,16 @@ const MAX_GROUP_EVENTS: usize = 65_536;
 /// Most events in one segment: bounds the work of reading one event (its segment's hashes
 /// are all recomputed) and of the binary searches.
 const MAX_SEGMENT_EVENTS: u32 = 4096;
-/// Most bytes in one segment, by default. sled keeps up to 17 items in a leaf and writes a
-/// whole leaf that serialises to more than a quarter of its segment size (128 KiB) to a
-/// blob file of its own. With segments of at most 6 KiB no leaf gets there, so sled writes
-/// no blob files (which it never fsyncs, see `durability.rs`) and its cache bounds its
-/// memory: with 100 KB values it kept every leaf written since open (about the size of the
-/// data written), with 6 KB values its resident memory stayed flat (BENCHMARKS.md).
+/// Most bytes of records in one segment (before compression). sled keeps up to 17 items in
+/// a leaf and writes a whole leaf that serialises to more than a quarter of its segment
+/// size (128 KiB) to a blob file of its own. With segments of at most 6 KiB no leaf gets
+/// there even when the records do not compress, so sled writes no blob files (which it
+/// never fsyncs, see `durability.rs`) and its cache bounds its memory: with 100 KB values
+/// it kept every leaf written since open (about the size of the data written), with 6 KB
+/// values its resident memory stayed flat (BENCHMARKS.md).
 pub const MAX_SEGMENT_BYTES: usize = 6 * 1024;
+/// What builds before format 2 wrote: up to 120 KiB of uncompressed records.
+const LEGACY_SEGMENT_BYTES: usize = 120 * 1024;
 
 /// One caller's request, prepared on the caller's thread.
 pub struct WriteRequest {
@@ -104,8 +107,8 @@ pub struct Settings {
     pub clock: Clock,
     /// The free-space guard asked before each group.
     pub space: DiskSpace,
-    /// Most bytes of records in one segment.
-    pub segment_bytes: usize,
+    /// Write format 1 segments of up to 120 KiB, as older builds did (tests only).
+    pub legacy_layout: bool,
 }
 
 /// The deciding stage of the write side, run on its own thread.
@@ -114,7 +117,7 @@ pub struct Writer {
     shared: Arc<Shared>,
     clock: Clock,
     space: DiskSpace,
-    segment_bytes: usize,
+    legacy_layout: bool,
     /// The head after the last group handed to the committer (not yet durable, maybe).
     head: LogHead,
     /// Seq of the last event that changes definitions, appended since open (durable or
@@ -164,7 +167,7 @@ impl Writer {
             shared,
             clock: settings.clock,
             space: settings.space,
-            segment_bytes: settings.segment_bytes.max(1),
+            legacy_layout: settings.legacy_layout,
             head,
             last_definition_seq: 0,
             committer,
@@ -333,7 +336,18 @@ impl Writer {
 
         let mut batch = sled::Batch::default();
         let mut segment_count = 0;
-        let max_bytes = self.segment_bytes;
+        let max_bytes = if self.legacy_layout {
+            LEGACY_SEGMENT_BYTES
+        } else {
+            MAX_SEGMENT_BYTES
+        };
+        let finish = |builder: SegmentBuilder| {
+            if self.legacy_layout {
+                builder.finish_raw()
+            } else {
+                builder.finish()
+            }
+        };
         let mut builder =
             SegmentBuilder::new(self.head.seq + 1, self.head.hash, remaining.min(max_bytes));
         for index in appended {
@@ -348,14 +362,14 @@ impl Writer {
                     remaining.min(max_bytes),
                 );
                 let done = std::mem::replace(&mut builder, next);
-                batch.insert(&segment_key(done.first_seq()), done.finish());
+                batch.insert(&segment_key(done.first_seq()), finish(done));
                 segment_count += 1;
             }
             builder.push(&[&recorded_at, payload]);
             remaining = remaining.saturating_sub(record_len);
         }
         let head_hash = builder.head_hash();
-        batch.insert(&segment_key(builder.first_seq()), builder.finish());
+        batch.insert(&segment_key(builder.first_seq()), finish(builder));
         segment_count += 1;
         (batch, segment_count, head_hash)
     }
