@@ -10,7 +10,7 @@ use common::TestServer;
 use indicatif::ProgressBar;
 use kpi_service::load::{
     self, AggregateQuestion, GrainArg, IngestOptions, LoadError, QueryOptions, RawSledOptions,
-    RecordOptions, WatchOptions,
+    ReadyOptions, RecordOptions, WatchOptions,
 };
 use kpi_service::proto;
 use kpi_service::workload::{Workload, WorkloadConfig};
@@ -41,6 +41,8 @@ async fn every_scenario_runs_against_the_real_server() {
         producers: 3,
         batch: 100,
         window: 2,
+        first: 0,
+        count: None,
     };
     let report = load::ingest(&addr, Arc::clone(&workload), &options, &hidden)
         .await
@@ -77,12 +79,12 @@ async fn every_scenario_runs_against_the_real_server() {
     let options = QueryOptions {
         concurrency: 2,
         requests: 20,
-        question: AggregateQuestion {
-            kpi: "revenue_001".into(),
-            grain: GrainArg::Month,
-            buckets: 24,
-        },
+        question: monthly(24, 0),
         connections: 2,
+        as_of_seq: None,
+        as_of_random: false,
+        as_of_seed: 1,
+        duration_secs: None,
     };
     let report = load::query(&addr, Arc::clone(&workload), &options, &hidden)
         .await
@@ -162,11 +164,7 @@ async fn raw_sled_agrees_with_the_server(server: &TestServer, workload: &Arc<Wor
         producers: 3,
         batch: 100,
         queries: 2,
-        question: AggregateQuestion {
-            kpi: "revenue_001".into(),
-            grain: GrainArg::Month,
-            buckets: 24,
-        },
+        question: monthly(24, 0),
     };
     let run = {
         let (workload, options) = (Arc::clone(workload), options.clone());
@@ -312,4 +310,378 @@ fn generate_writes_the_two_csv_files() {
             !fields[0].starts_with("unique_visitors")
         );
     }
+}
+
+/// The question of `buckets` monthly buckets of revenue_001, ending `offset` buckets before
+/// the workload's end.
+fn monthly(buckets: u32, offset: u32) -> AggregateQuestion {
+    AggregateQuestion {
+        kpi: "revenue_001".into(),
+        grain: GrainArg::Month,
+        buckets,
+        end_offset_buckets: offset,
+    }
+}
+
+/// Ingest options with `producers` streams of batches of 100 sending `[first, first + count)`.
+fn piece(producers: usize, first: u64, count: Option<u64>) -> IngestOptions {
+    IngestOptions {
+        producers,
+        batch: 100,
+        window: 2,
+        first,
+        count,
+    }
+}
+
+/// The measurements a server stored, by event id (the workload's ids name the index).
+async fn stored_measurements(server: &TestServer) -> Vec<(String, proto::Measurement)> {
+    let mut measurements: Vec<_> = server
+        .replay_all()
+        .await
+        .into_iter()
+        .filter_map(|envelope| match envelope.event?.payload? {
+            proto::event_record::Payload::MeasurementRecorded(recorded) => {
+                let measurement = recorded.measurement?;
+                Some((measurement.event_id.clone(), measurement))
+            }
+            _ => None,
+        })
+        .collect();
+    measurements.sort_by(|a, b| a.0.cmp(&b.0));
+    measurements
+}
+
+/// Every KPI's monthly buckets per channel over the workload's span.
+async fn every_aggregate(server: &TestServer, workload: &Workload) -> Vec<proto::Bucket> {
+    let mut all = Vec::new();
+    for kpi in workload.kpis() {
+        let request = proto::GetAggregatesRequest {
+            kpi_id: kpi.id.clone(),
+            grain: proto::Grain::Month.into(),
+            start: Some(kpi_service::workload::timestamp(
+                workload.start() - TimeDelta::days(62),
+            )),
+            end: Some(kpi_service::workload::timestamp(workload.end())),
+            group_by: vec!["channel".into()],
+            ..proto::GetAggregatesRequest::default()
+        };
+        all.extend(common::buckets(server, request).await.unwrap());
+    }
+    all
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn ingest_in_pieces_stores_what_one_run_stores() {
+    let workload = workload(2345);
+    let hidden = ProgressBar::hidden();
+    let (whole_dir, pieces_dir) = (tempfile::tempdir().unwrap(), tempfile::tempdir().unwrap());
+    let whole = TestServer::start(whole_dir.path()).await;
+    let pieces = TestServer::start(pieces_dir.path()).await;
+    let (whole_addr, pieces_addr) = (
+        format!("http://{}", whole.addr),
+        format!("http://{}", pieces.addr),
+    );
+
+    let report = load::ingest(
+        &whole_addr,
+        Arc::clone(&workload),
+        &piece(3, 0, None),
+        &hidden,
+    )
+    .await
+    .unwrap();
+    assert_eq!(report.items, 2345);
+
+    // Three pieces, cut off the batch grid, the last one "the rest of the stream".
+    for (first, count, sent) in [
+        (0, Some(1001), 1001),
+        (1001, Some(999), 999),
+        (2000, None, 345),
+    ] {
+        let report = load::ingest(
+            &pieces_addr,
+            Arc::clone(&workload),
+            &piece(2, first, count),
+            &hidden,
+        )
+        .await
+        .unwrap();
+        assert_eq!(report.items, sent, "{}", report.table());
+        let json: serde_json::Value = serde_json::from_str(&report.json_line()).unwrap();
+        assert_eq!(json["first"], first);
+        assert_eq!(json["count"], sent);
+        assert_eq!(json["measurements"], 2345);
+        assert_eq!(json["duplicates"], 0);
+        assert_eq!(pieces.log_info().await.head_seq, 8 + first + sent);
+    }
+
+    // The same measurements, byte for byte (event ids name their index), ...
+    let stored = stored_measurements(&pieces).await;
+    assert_eq!(stored.len(), 2345);
+    assert_eq!(stored, stored_measurements(&whole).await);
+    // ... hence the same aggregates (counts exact; sums added in another order).
+    let (ours, theirs) = (
+        every_aggregate(&pieces, &workload).await,
+        every_aggregate(&whole, &workload).await,
+    );
+    // Most of the 8 KPIs x 4 channels x 25 months have data.
+    assert!(ours.len() > 500, "{}", ours.len());
+    assert_eq!(ours.len(), theirs.len());
+    for (a, b) in ours.iter().zip(&theirs) {
+        assert_eq!((a.start, &a.labels, a.count), (b.start, &b.labels, b.count));
+        for (x, y) in [(a.sum, b.sum), (a.value, b.value)] {
+            match (x, y) {
+                (Some(x), Some(y)) => {
+                    assert!((x - y).abs() <= 1e-9 * x.abs().max(1.0), "{a:?} vs {b:?}")
+                }
+                (x, y) => assert_eq!(x.is_some(), y.is_some(), "{a:?} vs {b:?}"),
+            }
+        }
+    }
+
+    // A piece again is all duplicates; a piece past the stream's end is refused, unsent.
+    let again = load::ingest(
+        &pieces_addr,
+        Arc::clone(&workload),
+        &piece(2, 1500, Some(100)),
+        &hidden,
+    )
+    .await
+    .unwrap();
+    let json: serde_json::Value = serde_json::from_str(&again.json_line()).unwrap();
+    assert_eq!(json["duplicates"], 100);
+    for (first, count) in [(2000, Some(346)), (2346, None), (1, Some(u64::MAX))] {
+        let refused = load::ingest(
+            &pieces_addr,
+            Arc::clone(&workload),
+            &piece(2, first, count),
+            &hidden,
+        )
+        .await;
+        assert!(
+            matches!(&refused, Err(LoadError::Invalid(message)) if message.contains("2345 measurements")),
+            "{refused:?}"
+        );
+    }
+    assert_eq!(pieces.log_info().await.head_seq, 8 + 2345);
+    whole.stop().await;
+    pieces.stop().await;
+}
+
+/// A query run's options: `requests` calls from 2 callers asking `question`.
+fn query_options(requests: u64, question: AggregateQuestion) -> QueryOptions {
+    QueryOptions {
+        concurrency: 2,
+        requests,
+        question,
+        connections: 2,
+        as_of_seq: None,
+        as_of_random: false,
+        as_of_seed: 1,
+        duration_secs: None,
+    }
+}
+
+/// An extra of a report, as JSON.
+fn extra(report: &load::Report, key: &str) -> serde_json::Value {
+    let json: serde_json::Value = serde_json::from_str(&report.json_line()).unwrap();
+    json[key].clone()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn query_asks_older_buckets_and_past_points_of_the_log() {
+    let dir = tempfile::tempdir().unwrap();
+    let server = TestServer::start(dir.path()).await;
+    let addr = format!("http://{}", server.addr);
+    let hidden = ProgressBar::hidden();
+    let workload = workload(3000);
+
+    load::setup(&addr, &workload).await.unwrap();
+    load::ingest(
+        &addr,
+        Arc::clone(&workload),
+        &piece(2, 0, Some(1500)),
+        &hidden,
+    )
+    .await
+    .unwrap();
+    let middle = server.log_info().await.head_seq;
+    load::ingest(&addr, Arc::clone(&workload), &piece(2, 1500, None), &hidden)
+        .await
+        .unwrap();
+    let head = server.log_info().await.head_seq;
+    assert_eq!(head, 8 + 3000);
+
+    // --end-offset-buckets: one month, three months before the latest; the range ends
+    // where the latest four months start, and its buckets are the server's for it.
+    let latest = load::query(
+        &addr,
+        Arc::clone(&workload),
+        &query_options(4, monthly(4, 0)),
+        &hidden,
+    )
+    .await
+    .unwrap();
+    let older = load::query(
+        &addr,
+        Arc::clone(&workload),
+        &query_options(4, monthly(1, 3)),
+        &hidden,
+    )
+    .await
+    .unwrap();
+    assert_eq!(extra(&older, "end_offset_buckets"), 3);
+    assert_eq!(extra(&older, "range_start"), extra(&latest, "range_start"));
+    assert_eq!(extra(&older, "errors"), 0);
+    assert_eq!(older.items, 4, "{}", older.table());
+    let end =
+        chrono::DateTime::parse_from_rfc3339(extra(&older, "range_end").as_str().unwrap()).unwrap();
+    let start =
+        chrono::DateTime::parse_from_rfc3339(extra(&older, "range_start").as_str().unwrap())
+            .unwrap();
+    assert!(
+        (28..=31).contains(&(end - start).num_days()),
+        "{start} {end}"
+    );
+    assert!(end < workload.end() - TimeDelta::days(59), "{end}");
+
+    // --as-of-seq: as of the definitions only there are no buckets; as of the first
+    // piece, the month that only the second piece reached is missing; beyond the head
+    // every call is refused.
+    let at = |seq| QueryOptions {
+        as_of_seq: Some(seq),
+        ..query_options(4, monthly(24, 0))
+    };
+    let now = load::query(
+        &addr,
+        Arc::clone(&workload),
+        &query_options(4, monthly(24, 0)),
+        &hidden,
+    )
+    .await
+    .unwrap();
+    let report = load::query(&addr, Arc::clone(&workload), &at(8), &hidden)
+        .await
+        .unwrap();
+    assert_eq!(
+        (report.items, extra(&report, "errors")),
+        (0, 0.into()),
+        "{}",
+        report.table()
+    );
+    assert_eq!(extra(&report, "as_of"), 8);
+    let report = load::query(&addr, Arc::clone(&workload), &at(middle), &hidden)
+        .await
+        .unwrap();
+    assert_eq!(extra(&report, "errors"), 0);
+    assert!(
+        report.items > 0 && report.items < now.items,
+        "{} vs {}",
+        report.items,
+        now.items
+    );
+    let report = load::query(&addr, Arc::clone(&workload), &at(head), &hidden)
+        .await
+        .unwrap();
+    assert_eq!(report.items, now.items);
+    let report = load::query(&addr, Arc::clone(&workload), &at(head + 1), &hidden)
+        .await
+        .unwrap();
+    assert_eq!(extra(&report, "errors"), 4, "{}", report.table());
+    assert!(
+        extra(&report, "first_error")
+            .as_str()
+            .unwrap()
+            .contains("past the valid range"),
+        "{}",
+        report.table()
+    );
+
+    // --as-of-random: every call answered, points drawn from [1, head].
+    let random = QueryOptions {
+        as_of_random: true,
+        ..query_options(40, monthly(24, 0))
+    };
+    let report = load::query(&addr, Arc::clone(&workload), &random, &hidden)
+        .await
+        .unwrap();
+    assert_eq!(report.ops, 40);
+    assert_eq!(extra(&report, "errors"), 0, "{}", report.table());
+    assert_eq!(extra(&report, "as_of"), "random");
+    assert_eq!(extra(&report, "as_of_head"), head);
+    // Points spread over the log: fewer buckets than 40 answers as of now.
+    assert!(
+        report.items > 0 && report.items < 40 * now.items / 4,
+        "{}",
+        report.table()
+    );
+
+    // --duration-secs: far fewer calls than asked, and the run ends in time.
+    let bounded = QueryOptions {
+        duration_secs: Some(1),
+        ..query_options(100_000_000, monthly(24, 0))
+    };
+    let started = std::time::Instant::now();
+    let report = load::query(&addr, Arc::clone(&workload), &bounded, &hidden)
+        .await
+        .unwrap();
+    assert!(
+        report.ops > 0 && report.ops < 100_000_000,
+        "{}",
+        report.table()
+    );
+    assert!(started.elapsed() < std::time::Duration::from_secs(10));
+
+    // ready: a serving server answers the first attempt.
+    let ready = ReadyOptions {
+        timeout_secs: 10,
+        question: monthly(24, 0),
+    };
+    let report = load::ready(&workload, &addr, &ready).await.unwrap();
+    assert_eq!(report.ops, 1, "{}", report.table());
+    assert!(report.items > 20, "{}", report.table());
+    // An unknown KPI is an answer to a wrong question: an error at once, not a wait.
+    let wrong = ReadyOptions {
+        question: AggregateQuestion {
+            kpi: "no_such_kpi".into(),
+            ..monthly(24, 0)
+        },
+        ..ready.clone()
+    };
+    let refused = load::ready(&workload, &addr, &wrong).await;
+    assert!(
+        matches!(&refused, Err(LoadError::Rpc { status, .. }) if status.code() == tonic::Code::NotFound),
+        "{refused:?}"
+    );
+    server.stop().await;
+
+    // A stopped server: attempts until the deadline, then an error naming it.
+    let gone = ReadyOptions {
+        timeout_secs: 1,
+        ..ready
+    };
+    let refused = load::ready(&workload, &addr, &gone).await;
+    assert!(
+        matches!(&refused, Err(LoadError::Invalid(message)) if message.contains("no answer")),
+        "{refused:?}"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn as_of_random_needs_events() {
+    // Checked before anything else, so even without KPIs the refusal says why.
+    let dir = tempfile::tempdir().unwrap();
+    let server = TestServer::start(dir.path()).await;
+    let addr = format!("http://{}", server.addr);
+    let options = QueryOptions {
+        as_of_random: true,
+        ..query_options(4, monthly(24, 0))
+    };
+    let refused = load::query(&addr, workload(10), &options, &ProgressBar::hidden()).await;
+    assert!(
+        matches!(&refused, Err(LoadError::Invalid(message)) if message.contains("empty")),
+        "{refused:?}"
+    );
+    server.stop().await;
 }

@@ -9,8 +9,8 @@ use std::sync::Arc;
 
 use clap::{Parser, Subcommand};
 use kpi_service::load::{
-    self, IngestOptions, LoadError, QueryOptions, RawSledOptions, RecordOptions, Report,
-    WatchOptions, WorkloadArgs,
+    self, IngestOptions, LoadError, QueryOptions, RawSledOptions, ReadyOptions, RecordOptions,
+    Report, WatchOptions, WorkloadArgs,
 };
 use kpi_service::workload::Workload;
 
@@ -45,8 +45,9 @@ enum Command {
         #[command(flatten)]
         workload: WorkloadArgs,
     },
-    /// Define the KPIs, then stream all measurements through RecordStream from several
-    /// producers; latency per batch, send to acknowledgement.
+    /// Define the KPIs, then stream all measurements (or --count of them from --first)
+    /// through RecordStream from several producers; latency per batch, send to
+    /// acknowledgement.
     Ingest {
         #[command(flatten)]
         workload: WorkloadArgs,
@@ -68,6 +69,14 @@ enum Command {
         workload: WorkloadArgs,
         #[command(flatten)]
         options: QueryOptions,
+    },
+    /// Wait until the server answers one GetAggregates (refused connections and a server
+    /// still starting are retried); reports the time from the first attempt to the answer.
+    Ready {
+        #[command(flatten)]
+        workload: WorkloadArgs,
+        #[command(flatten)]
+        options: ReadyOptions,
     },
     /// WatchKpis subscribers on HOUR grain, then a producer recording --rate measurements/s
     /// into the watched KPIs; latency from a batch's acknowledgement to the watchers' update.
@@ -127,7 +136,8 @@ async fn run(cli: Cli) -> Result<Vec<Report>, LoadError> {
             options,
         } => {
             let workload = workload(&args)?;
-            let progress = load::progress_bar(quiet, Some(workload.len()), "ingest");
+            let piece = options.piece(workload.len())?;
+            let progress = load::progress_bar(quiet, Some(piece.end - piece.start), "ingest");
             Ok(vec![
                 load::ingest(addr, workload, &options, &progress).await?,
             ])
@@ -151,6 +161,13 @@ async fn run(cli: Cli) -> Result<Vec<Report>, LoadError> {
             Ok(vec![
                 load::query(addr, workload, &options, &progress).await?,
             ])
+        }
+        Command::Ready {
+            workload: args,
+            options,
+        } => {
+            let workload = workload(&args)?;
+            Ok(vec![load::ready(&workload, addr, &options).await?])
         }
         Command::Watch {
             workload: args,

@@ -8,7 +8,14 @@
 //! next is already waiting in its receive buffer. Latency is per batch, from handing it to
 //! the stream to its acknowledgement, so it includes the wait behind the batches ahead of
 //! it on the same stream (at most `window - 1`).
+//!
+//! `first` and `count` send a *piece* of the stream: measurements `[first, first + count)`
+//! of the `--measurements` in it, cut in batches from `first`. A measurement is a function
+//! of the seed and its index alone, so pieces sent one after the other send the same
+//! measurements as one run of the whole stream (benches/history.py ingests a long history
+//! in rounds this way).
 
+use std::ops::Range;
 use std::sync::Arc;
 use std::time::Instant;
 
@@ -34,6 +41,36 @@ pub struct IngestOptions {
     /// Batches a producer keeps in flight on its stream (sent, not yet acknowledged).
     #[arg(long, default_value_t = 2)]
     pub window: usize,
+    /// Index of the first measurement of the stream to send (0: from the start).
+    #[arg(long, default_value_t = 0)]
+    pub first: u64,
+    /// Number of measurements to send from --first (default: the rest of the stream);
+    /// --first + --count must not exceed --measurements.
+    #[arg(long)]
+    pub count: Option<u64>,
+}
+
+impl IngestOptions {
+    /// The indexes of the stream's measurements this run sends, `[first, first + count)`,
+    /// or why they do not lie in a stream of `measurements`.
+    pub fn piece(&self, measurements: u64) -> Result<Range<u64>, LoadError> {
+        let count = match self.count {
+            Some(count) => count,
+            None => measurements.checked_sub(self.first).ok_or_else(|| {
+                LoadError::Invalid(format!(
+                    "first ({}) is beyond the stream's {measurements} measurements",
+                    self.first
+                ))
+            })?,
+        };
+        match self.first.checked_add(count) {
+            Some(end) if end <= measurements => Ok(self.first..end),
+            _ => Err(LoadError::Invalid(format!(
+                "first + count ({} + {count}) exceeds the stream's {measurements} measurements",
+                self.first
+            ))),
+        }
+    }
 }
 
 /// What one producer saw.
@@ -46,8 +83,8 @@ struct Produced {
     latencies: Latencies,
 }
 
-/// Defines the KPIs, then streams the whole workload; the report's items are the
-/// measurements the server acknowledged as stored.
+/// Defines the KPIs, then streams the workload's measurements `options.piece` (by default
+/// all of them); the report's items are the measurements the server acknowledged as stored.
 pub async fn ingest(
     addr: &str,
     workload: Arc<Workload>,
@@ -59,6 +96,7 @@ pub async fn ingest(
             "producers and window must be at least 1, batch 1 to 10000".into(),
         ));
     }
+    let piece = options.piece(workload.len())?;
     let defined = setup(addr, &workload).await?;
     let mut channels = Vec::with_capacity(options.producers);
     for _ in 0..options.producers {
@@ -71,6 +109,7 @@ pub async fn ingest(
             IngestClient::new(channel),
             Arc::clone(&workload),
             options.clone(),
+            piece.clone(),
             producer,
             progress.clone(),
         ));
@@ -102,6 +141,8 @@ pub async fn ingest(
             ("window", Value::from(options.window)),
             ("kpis", Value::from(workload.kpis().len())),
             ("measurements", Value::from(workload.len())),
+            ("first", Value::from(piece.start)),
+            ("count", Value::from(piece.end - piece.start)),
             ("event_ids", Value::from(workload.config().event_ids)),
         ],
         items: total.acknowledged,
@@ -112,11 +153,13 @@ pub async fn ingest(
     })
 }
 
-/// One producer: its batches into one RecordStream, at most `window` unacknowledged.
+/// One producer: its batches of `piece` into one RecordStream, at most `window`
+/// unacknowledged.
 async fn produce(
     mut client: IngestClient<tonic::transport::Channel>,
     workload: Arc<Workload>,
     options: IngestOptions,
+    piece: Range<u64>,
     producer: usize,
     progress: ProgressBar,
 ) -> Result<Produced, LoadError> {
@@ -124,7 +167,9 @@ async fn produce(
     // Send instants in batch order; the acknowledgements come back in the same order.
     let (sent_tx, mut sent_rx) = mpsc::unbounded_channel::<(Instant, u64)>();
     let window = Arc::new(Semaphore::new(options.window));
-    let batches = workload.batch_count(options.batch);
+    // Batch k of the piece holds measurements [piece.start + k x batch, ...), cut to the
+    // piece; for the whole stream that is the stream's batch k.
+    let batches = (piece.end - piece.start).div_ceil(options.batch);
     let step = u64::try_from(options.producers).unwrap_or(u64::MAX);
     let first = u64::try_from(producer).unwrap_or(u64::MAX);
     let sender = {
@@ -137,7 +182,11 @@ async fn produce(
                     break;
                 };
                 permit.forget();
-                let measurements = workload.batch(index, options.batch);
+                let from = piece
+                    .start
+                    .saturating_add(index.saturating_mul(options.batch));
+                let to = from.saturating_add(options.batch).min(piece.end);
+                let measurements: Vec<_> = workload.measurements(from..to).collect();
                 let len = u64::try_from(measurements.len()).unwrap_or(u64::MAX);
                 let request = RecordStreamRequest {
                     batch_id: index.to_string(),

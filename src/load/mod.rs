@@ -1,7 +1,8 @@
 //! The `kpi-load` tool's library: scenarios that drive a running server over gRPC with the
 //! [`workload`](crate::workload), measure throughput and latency, and report them.
 //!
-//! Each scenario (`generate`, `setup`, `ingest`, `record`, `query`, `watch`) is an async
+//! Each scenario (`generate`, `setup`, `ingest`, `record`, `query`, `watch`, and the
+//! `ready` probe that waits for a starting server's first answer) is an async
 //! function taking the server address, the workload and its options, and returning
 //! [`Report`]s: the binary `src/bin/kpi-load.rs` only parses flags and prints, and the
 //! integration test `tests/load_tool.rs` calls the same functions against a test server.
@@ -19,6 +20,7 @@ mod generate;
 mod ingest;
 mod query;
 mod raw_sled;
+mod ready;
 mod record;
 mod report;
 mod watch;
@@ -38,6 +40,7 @@ pub use generate::generate;
 pub use ingest::{IngestOptions, ingest};
 pub use query::{AggregateQuestion, QueryOptions, query};
 pub use raw_sled::{RawSledOptions, raw_sled};
+pub use ready::{ReadyOptions, ready};
 pub use record::{RecordOptions, record};
 pub use report::{Latencies, Report};
 pub use watch::{WatchOptions, watch};

@@ -23,7 +23,8 @@
 //! # Query
 //!
 //! The raw-sled answer to the query scenario's GetAggregates: the same range (the latest
-//! `buckets` buckets of `grain` in the KPI's timezone up to the workload's end), computed
+//! `buckets` buckets of `grain` in the KPI's timezone up to the workload's end, or up to
+//! `end_offset_buckets` buckets before it), computed
 //! by a full scan of the tree in key order, decoding every value, keeping the KPI's
 //! measurements in the range and adding their values per bucket (a plain `f64` sum, and a
 //! count) with the domain's [`Calendar`]. No secondary index: with one, a query would read
@@ -40,7 +41,7 @@ use indicatif::ProgressBar;
 use prost::Message;
 use serde_json::Value;
 
-use super::query::{AggregateQuestion, latest_buckets};
+use super::query::AggregateQuestion;
 use super::{Latencies, LoadError, Report};
 use crate::domain::Grain;
 use crate::domain::calendar::{BucketKey, Calendar};
@@ -256,7 +257,7 @@ fn query(
     open_seconds: f64,
 ) -> Result<Report, LoadError> {
     let grain = Grain::from(options.question.grain);
-    let (start, end) = latest_buckets(grain, tz, workload.end(), options.question.buckets);
+    let (start, end) = options.question.range(tz, workload.end());
     let mut latencies = Latencies::new();
     let mut rows = 0_u64;
     let mut answer: Option<Scan> = None;
