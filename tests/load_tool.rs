@@ -636,6 +636,7 @@ async fn query_asks_older_buckets_and_past_points_of_the_log() {
     // ready: a serving server answers the first attempt.
     let ready = ReadyOptions {
         timeout_secs: 10,
+        allow_not_found: false,
         question: monthly(24, 0),
     };
     let report = load::ready(&workload, &addr, &ready).await.unwrap();
@@ -654,6 +655,14 @@ async fn query_asks_older_buckets_and_past_points_of_the_log() {
         matches!(&refused, Err(LoadError::Rpc { status, .. }) if status.code() == tonic::Code::NotFound),
         "{refused:?}"
     );
+    // ... unless NOT_FOUND is allowed (a server on an empty data directory).
+    let empty = ReadyOptions {
+        allow_not_found: true,
+        ..wrong
+    };
+    let report = load::ready(&workload, &addr, &empty).await.unwrap();
+    assert_eq!((report.ops, report.items), (1, 0), "{}", report.table());
+    assert_eq!(extra(&report, "answer"), "not_found");
     server.stop().await;
 
     // A stopped server: attempts until the deadline, then an error naming it.

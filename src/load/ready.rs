@@ -7,7 +7,8 @@
 //! the call waits), or fail while it starts; all of these are retried every
 //! [`RETRY_INTERVAL`] until the deadline. A status the server chose itself (such as
 //! NOT_FOUND for an unknown KPI) is an answer, but to a wrong question: it ends the probe
-//! with an error instead of waiting for nothing.
+//! with an error instead of waiting for nothing, except NOT_FOUND with
+//! `--allow-not-found`, the answer of a server with an empty data directory.
 
 use std::time::{Duration, Instant};
 
@@ -29,13 +30,18 @@ pub struct ReadyOptions {
     /// Give up after this many seconds without an answer.
     #[arg(long, default_value_t = 600)]
     pub timeout_secs: u64,
+    /// Count NOT_FOUND (the KPI is not defined, as on an empty data directory) as the
+    /// answer that shows the server serves.
+    #[arg(long)]
+    pub allow_not_found: bool,
     /// What the probe asks.
     #[command(flatten)]
     pub question: AggregateQuestion,
 }
 
 /// Calls GetAggregates until the server answers; the report's elapsed time runs from the
-/// first attempt to the answer, ops counts the attempts and items the buckets received.
+/// first attempt to the answer, ops counts the attempts, items the buckets received and
+/// the `answer` extra is `ok` or `not_found`.
 /// The range is computed in UTC (no GetKpi first, so the first answered call is this
 /// one); the server answers every bucket that overlaps it whole.
 pub async fn ready(
@@ -58,25 +64,37 @@ pub async fn ready(
     while Instant::now() < deadline {
         attempts += 1;
         let sent = Instant::now();
-        match ask(addr, request.clone()).await {
-            Ok(buckets) => {
-                let mut latencies = Latencies::new();
-                latencies.record(sent.elapsed());
-                return Ok(Report {
-                    scenario: "ready",
-                    params: vec![("timeout_secs", Value::from(options.timeout_secs))]
-                        .into_iter()
-                        .chain(options.question.params())
-                        .collect(),
-                    items: buckets,
-                    ops: attempts,
-                    elapsed: started.elapsed(),
-                    latencies,
-                    extra: vec![("last_failure", Value::from(last_failure))],
-                });
+        let answer = match ask(addr, request.clone()).await {
+            Ok(buckets) => Some((buckets, "ok")),
+            Err(Attempt::Fatal(LoadError::Rpc { status, .. }))
+                if options.allow_not_found && status.code() == tonic::Code::NotFound =>
+            {
+                Some((0, "not_found"))
             }
-            Err(Attempt::Retry(failure)) => last_failure = failure,
+            Err(Attempt::Retry(failure)) => {
+                last_failure = failure;
+                None
+            }
             Err(Attempt::Fatal(error)) => return Err(error),
+        };
+        if let Some((buckets, answer)) = answer {
+            let mut latencies = Latencies::new();
+            latencies.record(sent.elapsed());
+            return Ok(Report {
+                scenario: "ready",
+                params: vec![("timeout_secs", Value::from(options.timeout_secs))]
+                    .into_iter()
+                    .chain(options.question.params())
+                    .collect(),
+                items: buckets,
+                ops: attempts,
+                elapsed: started.elapsed(),
+                latencies,
+                extra: vec![
+                    ("answer", Value::from(answer)),
+                    ("last_failure", Value::from(last_failure)),
+                ],
+            });
         }
         tokio::time::sleep(RETRY_INTERVAL).await;
     }
