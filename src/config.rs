@@ -14,6 +14,8 @@ pub const DEFAULT_DATA_DIR: &str = "./kpi-data";
 pub const DEFAULT_MAX_FUTURE_SKEW_SECS: u32 = 300;
 /// Default deduplication window of event ids, in hours of recorded time (SPEC: at least 24).
 pub const DEFAULT_DEDUP_WINDOW_HOURS: u32 = 24;
+/// Default memory for the newest event ids of the deduplication index, in KiB.
+pub const DEFAULT_DEDUP_MEMORY_KIB: u32 = 16 * 1024;
 /// Default most server streams (replays, watchers) open at once; each holds a task and a
 /// bounded buffer, so this bounds their memory.
 pub const DEFAULT_MAX_STREAMS: u32 = 1024;
@@ -75,6 +77,16 @@ pub struct Config {
         value_parser = clap::value_parser!(u32).range(1..=24 * 365)
     )]
     pub dedup_window_hours: u32,
+
+    /// Memory for the newest event ids of the deduplication index, in KiB; older ids are
+    /// spilled to run files in the log directory (about one byte of memory per id stays).
+    #[arg(
+        long,
+        env = "KPI_DEDUP_MEMORY_KIB",
+        default_value_t = DEFAULT_DEDUP_MEMORY_KIB,
+        value_parser = clap::value_parser!(u32).range(1..=16 * 1024 * 1024)
+    )]
+    pub dedup_memory_kib: u32,
 
     /// Most server streams (ReplayEvents, WatchKpis) open at once; more get RESOURCE_EXHAUSTED.
     #[arg(
@@ -143,6 +155,7 @@ impl Config {
             data_dir: data_dir.into(),
             max_future_skew_secs: DEFAULT_MAX_FUTURE_SKEW_SECS,
             dedup_window_hours: DEFAULT_DEDUP_WINDOW_HOURS,
+            dedup_memory_kib: DEFAULT_DEDUP_MEMORY_KIB,
             max_streams: DEFAULT_MAX_STREAMS,
             heartbeat_ms: DEFAULT_HEARTBEAT_MS,
             snapshot_every_events: DEFAULT_SNAPSHOT_EVERY_EVENTS,
@@ -170,6 +183,11 @@ impl Config {
     /// The interval of checkpoints and heartbeats on idle streams.
     pub fn heartbeat(&self) -> std::time::Duration {
         std::time::Duration::from_millis(u64::from(self.heartbeat_ms))
+    }
+
+    /// Bytes of memory for the newest event ids of the deduplication index.
+    pub fn dedup_memory_bytes(&self) -> usize {
+        usize::try_from(u64::from(self.dedup_memory_kib) * 1024).unwrap_or(usize::MAX)
     }
 
     /// The deduplication window of event ids.

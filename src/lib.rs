@@ -147,6 +147,7 @@ pub async fn run(
     };
     let options = StoreOptions {
         dedup_window: config.dedup_window(),
+        dedup_memory_bytes: config.dedup_memory_bytes(),
         min_free_bytes: config.min_free_bytes(),
         ..StoreOptions::default()
     };

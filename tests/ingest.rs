@@ -478,6 +478,77 @@ async fn a_duplicate_event_id_returns_the_original_seq_also_after_a_restart() {
     server.stop().await;
 }
 
+/// Records `count` measurements with ids `spill-{n}` from `from`, in batches of 100.
+async fn record_ids(server: &TestServer, from: u32, count: u32) -> Vec<u64> {
+    let mut seqs = Vec::new();
+    for batch in (from..from + count).step_by(100) {
+        let batch: Vec<Measurement> = (batch..(batch + 100).min(from + count))
+            .map(|n| with_event_id(measurement("revenue", 1.0), &format!("spill-{n}")))
+            .collect();
+        seqs.extend(server.record(batch).await.unwrap().iter().map(|r| r.seq));
+    }
+    seqs
+}
+
+async fn assert_duplicates(server: &TestServer, seqs: &[u64], what: &str) {
+    let again = record_ids(server, 0, u32::try_from(seqs.len()).unwrap()).await;
+    assert_eq!(again, seqs, "{what}");
+    assert_eq!(
+        server.log_info().await.head_seq,
+        *seqs.last().unwrap(),
+        "{what}"
+    );
+}
+
+fn run_files(dir: &std::path::Path) -> Vec<std::path::PathBuf> {
+    let dedup = dir.join("log").join("dedup");
+    std::fs::read_dir(dedup)
+        .map(|entries| {
+            entries
+                .map(|entry| entry.unwrap().path())
+                .filter(|path| path.extension().is_some_and(|ext| ext == "run"))
+                .collect()
+        })
+        .unwrap_or_default()
+}
+
+#[tokio::test]
+async fn duplicates_are_found_after_spills_restarts_a_kill_and_a_lost_run_file() {
+    let dir = tempfile::tempdir().unwrap();
+    let config = || kpi_service::Config {
+        // A part of the index is spilled every few dozen ids.
+        dedup_memory_kib: 4,
+        ..kpi_service::Config::with_data_dir(dir.path())
+    };
+    let server = TestServer::start_with(config()).await;
+    define_all(&server).await;
+    let seqs = record_ids(&server, 0, 2_000).await;
+    assert!(seqs.windows(2).all(|pair| pair[1] == pair[0] + 1));
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(20);
+    while run_files(dir.path()).is_empty() {
+        assert!(std::time::Instant::now() < deadline, "nothing was spilled");
+        tokio::time::sleep(std::time::Duration::from_millis(10)).await;
+    }
+    assert_duplicates(&server, &seqs, "after spills").await;
+    server.stop().await;
+
+    let server = TestServer::start_with(config()).await;
+    assert_duplicates(&server, &seqs, "after a restart").await;
+    server.kill().await;
+
+    let server = TestServer::start_after_kill(dir.path()).await;
+    assert_duplicates(&server, &seqs, "after a kill").await;
+    server.stop().await;
+
+    // A run file lost (or damaged): the index is rebuilt from the log.
+    let files = run_files(dir.path());
+    assert!(!files.is_empty());
+    std::fs::remove_file(&files[0]).unwrap();
+    let server = TestServer::start_with(config()).await;
+    assert_duplicates(&server, &seqs, "after a run file was deleted").await;
+    server.stop().await;
+}
+
 #[tokio::test]
 async fn acknowledged_measurements_are_present_after_a_restart() {
     let dir = tempfile::tempdir().unwrap();

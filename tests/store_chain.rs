@@ -9,7 +9,7 @@ use chrono::{TimeZone, Utc};
 use common::store::{append, measurement_at, read};
 use kpi_service::domain::Event;
 use kpi_service::store::{
-    AppendRequest, DedupSeed, EventLog, SEGMENTS_TREE, StoreError, StoreOptions, StoredEvent,
+    AcknowledgedHead, AppendRequest, EventLog, SEGMENTS_TREE, StoreError, StoreOptions, StoredEvent,
 };
 use prost::Message;
 use sha2::{Digest, Sha256};
@@ -381,50 +381,43 @@ fn handles_and_read_iterators_cross_threads() {
 }
 
 #[test]
-fn a_dedup_seed_is_taken_when_it_belongs_to_the_log_and_refuses_it_otherwise() {
+fn a_head_acknowledged_elsewhere_is_checked_against_the_log() {
     let dir = tempfile::tempdir().unwrap();
     let events = three_segments(dir.path());
-    let log = EventLog::open(dir.path(), StoreOptions::default()).unwrap();
-    // A snapshot at seq 6: ids of seqs 1..=6 in the seed, 7..=9 read from the log.
-    let entries = log.dedup_entries(6);
-    assert_eq!(entries.len(), 6);
-    log.close().unwrap();
-    let seed = |hash| DedupSeed {
-        seq: 6,
-        hash,
-        entries: entries.clone(),
+    let acknowledged = |seq, hash| {
+        Some(AcknowledgedHead {
+            seq,
+            hash,
+            evidence: "the read-model snapshot".into(),
+        })
     };
-    let mut wrong = events[5].hash;
-    wrong[0] ^= 1;
-    let ids = |log: &EventLog| {
-        (0..3)
-            .flat_map(|request| (0..3).map(move |index| format!("order-{request}-{index}")))
-            .map(|id| log.find_event_id(&id))
-            .collect::<Vec<_>>()
-    };
-    let all: Vec<_> = (1..=9).map(Some).collect();
-    let log = EventLog::open_seeded(
+    let log = EventLog::open_checked(
         dir.path(),
         StoreOptions::default(),
-        Some(seed(events[5].hash)),
+        acknowledged(6, events[5].hash),
     )
     .unwrap();
-    assert_eq!(ids(&log), all);
+    // The dedup index does not depend on it: every id is found.
+    let ids: Vec<_> = (0..3)
+        .flat_map(|request| (0..3).map(move |index| format!("order-{request}-{index}")))
+        .map(|id| log.find_event_id(&id))
+        .collect();
+    assert_eq!(ids, (1..=9).map(Some).collect::<Vec<_>>());
     log.close().unwrap();
-    // A seed is a snapshot of what was acknowledged: a log that has another hash at its seq,
-    // or ends before it, is not that log, and is not opened.
-    let refused = EventLog::open_seeded(dir.path(), StoreOptions::default(), Some(seed(wrong)));
+    // A log that has another hash at that seq, or ends before it, is not the log that was
+    // acknowledged, and is not opened.
+    let mut wrong = events[5].hash;
+    wrong[0] ^= 1;
+    let refused =
+        EventLog::open_checked(dir.path(), StoreOptions::default(), acknowledged(6, wrong));
     assert!(
         matches!(refused, Err(StoreError::Diverged { seq: 6, .. })),
         "{refused:?}"
     );
-    let refused = EventLog::open_seeded(
+    let refused = EventLog::open_checked(
         dir.path(),
         StoreOptions::default(),
-        Some(DedupSeed {
-            seq: 42,
-            ..seed(events[5].hash)
-        }),
+        acknowledged(42, events[5].hash),
     );
     assert!(
         matches!(
@@ -437,24 +430,4 @@ fn a_dedup_seed_is_taken_when_it_belongs_to_the_log_and_refuses_it_otherwise() {
         ),
         "{refused:?}"
     );
-    // A seed taken with a shorter window than the current one may lack ids, so the open
-    // reads the whole window instead; the answers are the same.
-    let short = StoreOptions {
-        dedup_window: chrono::TimeDelta::hours(1),
-        ..StoreOptions::default()
-    };
-    let log = EventLog::open(dir.path(), short).unwrap();
-    let short_entries = log.dedup_entries(6);
-    log.close().unwrap();
-    let log = EventLog::open_seeded(
-        dir.path(),
-        StoreOptions::default(),
-        Some(DedupSeed {
-            entries: short_entries,
-            ..seed(events[5].hash)
-        }),
-    )
-    .unwrap();
-    assert_eq!(ids(&log), all);
-    log.close().unwrap();
 }

@@ -19,7 +19,7 @@ pub use snapshot::{Snapshot, SnapshotError};
 
 use crate::domain::{Catalog, Event, Measurement};
 use crate::store::{
-    CommitListener, Committed, DedupSeed, EventLog, LogReader, StoreError, StoreOptions,
+    AcknowledgedHead, CommitListener, Committed, EventLog, LogReader, StoreError, StoreOptions,
 };
 
 /// The read models of the service and how they were restored.
@@ -44,7 +44,7 @@ pub struct Restored {
     /// Time from the start until the snapshot file is read and decoded ([`open`] only).
     pub snapshot_load: std::time::Duration,
     /// Time from the start until the log is open with its dedup index ([`open`] only; the
-    /// open starts once the snapshot's dedup entries are read, beside the buckets' decoding).
+    /// log opens beside the buckets' decoding).
     pub log_open: std::time::Duration,
     /// Time to check the snapshot and fold the tail ([`open`] only).
     pub models: std::time::Duration,
@@ -157,10 +157,9 @@ impl ReadModels {
                 }
             }
         };
-        let dedup = log.dedup_entries(seq);
         snapshot::write(
             snapshot_dir,
-            &mut Snapshot::new(seq, hash, catalog, aggregates, dedup),
+            &mut Snapshot::new(seq, hash, catalog, aggregates),
             min_free,
         )?;
         Ok(seq)
@@ -168,8 +167,8 @@ impl ReadModels {
 }
 
 /// Opens the event log in `log_dir` and restores the read models, using the snapshot in
-/// `snapshot_dir` for both: the log takes its dedup index entries from it (and reads only
-/// the tail for the rest), the read models their state. What `run` does before serving.
+/// `snapshot_dir`: the log must reach its seq with its hash, the read models take their
+/// state from it. What `run` does before serving.
 pub fn open(
     log_dir: &Path,
     snapshot_dir: &Path,
@@ -177,15 +176,15 @@ pub fn open(
 ) -> Result<(EventLog, ReadModels), StoreError> {
     let started = std::time::Instant::now();
     let mut loaded = snapshot::load_undecoded(snapshot_dir);
-    let seed = match &mut loaded {
-        Ok(Some(undecoded)) => Some(DedupSeed {
+    let acknowledged = match &mut loaded {
+        Ok(Some(undecoded)) => Some(AcknowledgedHead {
             seq: undecoded.snapshot.seq,
             hash: undecoded.snapshot.hash,
-            entries: std::mem::take(&mut undecoded.snapshot.dedup),
+            evidence: "the read-model snapshot".to_owned(),
         }),
         _ => None,
     };
-    // The buckets decode while the log opens and takes in the dedup entries: the two
+    // The buckets decode while the log opens with its dedup index: the two
     // biggest costs of a restart, independent of each other.
     let (log, (loaded, loaded_after), opened_after) = std::thread::scope(|scope| {
         let decoder = scope.spawn(|| {
@@ -193,7 +192,7 @@ pub fn open(
                 loaded.and_then(|loaded| loaded.map(snapshot::Undecoded::decode).transpose());
             (decoded, started.elapsed())
         });
-        let log = EventLog::open_seeded(log_dir, options, seed);
+        let log = EventLog::open_checked(log_dir, options, acknowledged);
         let opened_after = started.elapsed();
         let decoded = decoder.join().unwrap_or_else(|_| {
             let error = SnapshotError::Decode("the snapshot decoder panicked".into());

@@ -1,6 +1,5 @@
 //! Snapshots of the read models: the catalog and the aggregates with the seq they cover
-//! and the chain hash at that seq, plus the log's dedup index entries up to that seq (so a
-//! restart reads neither the whole log nor its dedup window), in one file written atomically (temporary file, fsync,
+//! and the chain hash at that seq, in one file written atomically (temporary file, fsync,
 //! rename, fsync of the directory), so a restart replays only the log's tail.
 //!
 //! The file is the bincode encoding of [`Snapshot`], then the measured KPIs' buckets in
@@ -19,7 +18,7 @@ use serde::{Deserialize, Serialize};
 
 use crate::domain::Catalog;
 use crate::projection::Aggregates;
-use crate::store::{DedupEntries, EventLog, Hash};
+use crate::store::{EventLog, Hash};
 
 /// File name of the snapshot inside the snapshot directory.
 pub const SNAPSHOT_FILE: &str = "projection.snapshot";
@@ -27,8 +26,9 @@ pub const SNAPSHOT_FILE: &str = "projection.snapshot";
 /// discarded and rebuilt, which is always correct, only slower). Format 6: the parts follow
 /// the encoded snapshot as raw bytes, a checksum ends the file, buckets are stored as
 /// sequences (`projection::buckets`), and a PERCENTILE bucket is stored as its exact values
-/// (up to 128) or as its sketch, where 5 always stored a sketch.
-const FORMAT: u32 = 6;
+/// (up to 128) or as its sketch, where 5 always stored a sketch. Format 7: no dedup index
+/// entries (the log keeps its own, `store/dedup`).
+const FORMAT: u32 = 7;
 
 /// Parts the measured KPIs' buckets are stored in, so a restart decodes them on every core.
 const MEASURED_PARTS: usize = 16;
@@ -46,8 +46,6 @@ pub struct Snapshot {
     /// The aggregates at `seq`; their measured KPIs are stored after the snapshot in parts
     /// (see [`Aggregates::encode_measured`]).
     pub aggregates: Aggregates,
-    /// The event log's dedup index entries up to `seq`.
-    pub dedup: DedupEntries,
     /// Byte length of each part of the measured KPIs after the snapshot in the file.
     parts: Vec<u64>,
 }
@@ -55,20 +53,13 @@ pub struct Snapshot {
 impl Snapshot {
     /// A snapshot of read models that cover exactly up to `seq`, with `hash` the chain hash
     /// there.
-    pub fn new(
-        seq: u64,
-        hash: Hash,
-        catalog: Catalog,
-        aggregates: Aggregates,
-        dedup: DedupEntries,
-    ) -> Self {
+    pub fn new(seq: u64, hash: Hash, catalog: Catalog, aggregates: Aggregates) -> Self {
         Self {
             format: FORMAT,
             seq,
             hash,
             catalog,
             aggregates,
-            dedup,
             parts: Vec::new(),
         }
     }
@@ -380,13 +371,7 @@ mod tests {
     fn a_snapshot_round_trips() {
         let dir = tempfile::tempdir().unwrap();
         let aggregates = aggregates();
-        let mut snapshot = Snapshot::new(
-            4,
-            [7; 32],
-            Catalog::default(),
-            aggregates.clone(),
-            DedupEntries::default(),
-        );
+        let mut snapshot = Snapshot::new(4, [7; 32], Catalog::default(), aggregates.clone());
         write(dir.path(), &mut snapshot, 0).unwrap();
         let loaded = load(dir.path()).unwrap().expect("a snapshot");
         assert_eq!((loaded.seq, loaded.hash), (4, [7; 32]));
@@ -399,13 +384,7 @@ mod tests {
     #[test]
     fn every_flipped_bit_is_refused() {
         let dir = tempfile::tempdir().unwrap();
-        let mut snapshot = Snapshot::new(
-            4,
-            [7; 32],
-            Catalog::default(),
-            aggregates(),
-            DedupEntries::default(),
-        );
+        let mut snapshot = Snapshot::new(4, [7; 32], Catalog::default(), aggregates());
         write(dir.path(), &mut snapshot, 0).unwrap();
         let path = dir.path().join(SNAPSHOT_FILE);
         let good = fs::read(&path).unwrap();

@@ -13,6 +13,9 @@
 //! - `meta`: key `format`, value one byte, the storage format version (1). A directory
 //!   with another version is refused at open.
 //!
+//! Beside sled's files the log directory holds `acknowledged` (`checkpoint.rs`) and
+//! `dedup/` (the dedup index's run files and manifest, derived from the log).
+//!
 //! Each record is the exact protobuf encoding of `kpi.v1.EventRecord` (recorded_at and
 //! payload), and the chain is `hash_n = SHA-256(hash_{n-1} || seq_n BE || record_n)` with
 //! `hash_0` all zeros (see `chain.rs`). Per-event hashes are recomputed on read.
@@ -37,10 +40,13 @@
 //! A `MeasurementRecorded` whose event_id was recorded at most
 //! [`StoreOptions::dedup_window`] earlier (in recorded time; default 24 h) is not
 //! appended again: its outcome is [`Outcome::Duplicate`] with the original seq, also when
-//! the original is earlier in the same request or group. The index lives in memory; on
-//! open it is rebuilt from the segments inside the window before the head (found by
-//! binary search, since recorded_at never decreases with seq). An id older than the
-//! window is appended again.
+//! the original is earlier in the same request or group. The newest ids are in memory
+//! (up to [`StoreOptions::dedup_memory_bytes`]); older ones are spilled to run files
+//! under `<log>/dedup/` with a filter in memory (see `dedup/mod.rs`). On open the runs
+//! named by their manifest are checked and only the log after the seq they cover is read;
+//! without usable runs the index is rebuilt from the segments inside the window before the
+//! head (found by binary search, since recorded_at never decreases with seq). An id older
+//! than the window is appended again.
 //!
 //! # Failure policy
 //!
@@ -79,7 +85,7 @@ use tokio::sync::{mpsc, oneshot};
 use crate::domain::Event;
 
 pub use chain::{GENESIS_HASH, Hash, next_hash};
-pub use dedup::DedupEntries;
+pub use dedup::DedupStats;
 pub use durability::{create_dir_durably, sync_dir};
 pub use error::{AppendError, StoreError};
 pub use reader::ReadEvents;
@@ -87,6 +93,10 @@ pub use reader::ReadEvents;
 use checkpoint::Acknowledged;
 use commit::{Flusher, Publisher, Syncer};
 use dedup::{DedupIndex, EventIdHasher};
+
+/// Bytes the in-memory part of the dedup index is kept to by default (see
+/// [`StoreOptions::dedup_memory_bytes`]).
+pub const DEFAULT_DEDUP_MEMORY_BYTES: usize = 16 * 1024 * 1024;
 use writer::{PreparedEvents, Reply, WriteRequest, Writer};
 
 /// Name of the sled tree that holds the segments.
@@ -138,6 +148,10 @@ pub struct StoreOptions {
     /// up to 120 KiB a segment, which sled stores in blob files. Only for tests of the
     /// directories those builds wrote; see `writer.rs` for why segments are small now.
     pub legacy_layout: bool,
+    /// Bytes of memory for the newest event ids of the dedup index (with their bytes);
+    /// older ids are spilled to run files under `<log>/dedup/`, of which about one byte per
+    /// id stays in memory. Default [`DEFAULT_DEDUP_MEMORY_BYTES`].
+    pub dedup_memory_bytes: usize,
 }
 
 impl Default for StoreOptions {
@@ -147,6 +161,7 @@ impl Default for StoreOptions {
             clock: Arc::new(Utc::now),
             min_free_bytes: DEFAULT_MIN_FREE_BYTES,
             legacy_layout: false,
+            dedup_memory_bytes: DEFAULT_DEDUP_MEMORY_BYTES,
         }
     }
 }
@@ -157,6 +172,7 @@ impl std::fmt::Debug for StoreOptions {
             .field("dedup_window", &self.dedup_window)
             .field("min_free_bytes", &self.min_free_bytes)
             .field("legacy_layout", &self.legacy_layout)
+            .field("dedup_memory_bytes", &self.dedup_memory_bytes)
             .finish_non_exhaustive()
     }
 }
@@ -330,30 +346,29 @@ struct Inner {
     /// `None` once closed. Appends clone the sender under the lock, so `close` only has to
     /// drop this one: the writer ends when every in-flight append has queued its request.
     sender: Mutex<Option<mpsc::Sender<WriteRequest>>>,
-    /// The writer, flusher, syncer and publisher threads, joined by `close`.
+    /// The writer, flusher, syncer, publisher, dedup spill and merge threads, joined by
+    /// `close`.
     threads: Mutex<Vec<JoinHandle<()>>>,
+    /// Tells a dedup merge in progress to give up at close.
+    stop_merges: Arc<AtomicBool>,
 }
 
 impl EventLog {
-    /// Opens the log in `dir`, creating it if needed: checks the format version and the
-    /// tail of the chain, rebuilds the dedup index from the segments inside the window,
-    /// and starts the writer thread.
+    /// Opens the log in `dir`, creating it if needed: checks the format version, the
+    /// tail of the chain and that the log reaches what its acknowledgement record says was
+    /// acknowledged, opens the dedup index (its run files, or a rebuild from the segments
+    /// inside the window), and starts the writer thread.
     pub fn open(dir: &Path, options: StoreOptions) -> Result<Self, StoreError> {
-        Self::open_seeded(dir, options, None)
+        Self::open_checked(dir, options, None)
     }
 
-    /// [`EventLog::open`] with the dedup index's entries up to a seq taken from a snapshot:
-    /// its ids are taken and only the log after it is read (the whole window when the
-    /// seed was taken with a shorter window).
-    ///
-    /// Refuses a log that ends before, or differs from, what was acknowledged: the log's own
-    /// acknowledgement record (`checkpoint.rs`) and the seed's seq and hash (a snapshot of
-    /// the read models) are both evidence ([`StoreError::MissingEvents`],
-    /// [`StoreError::Diverged`]).
-    pub fn open_seeded(
+    /// [`EventLog::open`], also refusing a log that ends before, or differs from, a head
+    /// that something else recorded as acknowledged (a read-model snapshot's seq and hash):
+    /// [`StoreError::MissingEvents`], [`StoreError::Diverged`].
+    pub fn open_checked(
         dir: &Path,
         options: StoreOptions,
-        seed: Option<DedupSeed>,
+        acknowledged: Option<AcknowledgedHead>,
     ) -> Result<Self, StoreError> {
         let opened = Opened::open(dir, &options)?;
         let record = opened.evidence;
@@ -376,16 +391,16 @@ impl EventLog {
                 record_source(),
             )?;
         }
-        if let Some(seed) = &seed {
+        if let Some(acknowledged) = acknowledged {
             check_acknowledged(
                 &opened.segments,
                 &opened.head,
-                seed.seq,
-                Some(seed.hash),
-                "the read-model snapshot".to_owned(),
+                acknowledged.seq,
+                Some(acknowledged.hash),
+                acknowledged.evidence,
             )?;
         }
-        Self::start(dir, opened, options, seed)
+        Self::start(dir, opened, options)
     }
 
     /// Opens the log in `dir` for `kpi-server recover`: without comparing it with what was
@@ -399,15 +414,10 @@ impl EventLog {
     ) -> Result<(Self, (u64, Option<Hash>)), StoreError> {
         let opened = Opened::open_repairing_tail(dir, &options, set_aside)?;
         let acknowledged = (opened.evidence.floor, opened.evidence.floor_hash);
-        Ok((Self::start(dir, opened, options, None)?, acknowledged))
+        Ok((Self::start(dir, opened, options)?, acknowledged))
     }
 
-    fn start(
-        dir: &Path,
-        opened: Opened,
-        options: StoreOptions,
-        seed: Option<DedupSeed>,
-    ) -> Result<Self, StoreError> {
+    fn start(dir: &Path, opened: Opened, options: StoreOptions) -> Result<Self, StoreError> {
         let Opened {
             db,
             segments,
@@ -417,26 +427,14 @@ impl EventLog {
             evidence: _,
         } = opened;
         let checkpoint = checkpoint.spawn().map_err(StoreError::Spawn)?;
-        let mut dedup = DedupIndex::new(options.dedup_window);
-        let mut after_seq = 0;
-        if let Some(seed) = seed {
-            if seed.entries.cover(options.dedup_window) {
-                let cutoff = head.recorded_at.and_then(|at| dedup.cutoff(at));
-                dedup.insert_entries(seed.entries, cutoff);
-                after_seq = seed.seq;
-            } else {
-                tracing::warn!(
-                    seq = seed.seq,
-                    "dedup seed taken with a shorter dedup window; reading the whole window"
-                );
-            }
-        }
-        reader::rebuild_dedup(&segments, &head, &mut dedup, after_seq)?;
+        let (dedup, runs) = dedup::open(dir, &segments, &head, &options)?;
+        let stats = dedup.stats();
         tracing::info!(
             dir = %dir.display(),
             head_seq = head.seq,
-            dedup_ids = dedup.len(),
-            seeded_up_to = after_seq,
+            dedup_ids_in_memory = stats.memory_ids,
+            dedup_ids_spilled = stats.spilled_ids,
+            dedup_runs = stats.runs,
             "event log opened"
         );
 
@@ -452,6 +450,9 @@ impl EventLog {
             segments_written: AtomicU64::new(0),
             events_written: AtomicU64::new(0),
         });
+        let background = Arc::new(dedup::Background::new(runs, Arc::clone(&shared)));
+        let (spill_sender, spill_receiver) = std::sync::mpsc::channel();
+        let (merge_sender, merge_receiver) = std::sync::mpsc::sync_channel(1);
         let (sender, receiver) = mpsc::channel(QUEUE_CAPACITY);
         let (applied_sender, applied_receiver) = std::sync::mpsc::sync_channel(PIPELINE_DEPTH);
         let (flushed_sender, flushed_receiver) = std::sync::mpsc::sync_channel(PIPELINE_DEPTH);
@@ -469,6 +470,7 @@ impl EventLog {
                 legacy_layout: options.legacy_layout,
             },
             applied_sender,
+            spill_sender,
         );
         let spawn = |name: &str, run: Box<dyn FnOnce() + Send>| {
             std::thread::Builder::new()
@@ -489,12 +491,28 @@ impl EventLog {
             "kpi-log-flush",
             Box::new(move || flusher.run(applied_receiver)),
         )?;
+        let merger = {
+            let background = Arc::clone(&background);
+            let segments = read(&shared.segments).clone().ok_or(StoreError::Closed)?;
+            spawn(
+                "kpi-dedup-merge",
+                Box::new(move || background.run_merges(&merge_receiver, &segments)),
+            )?
+        };
+        let spiller = {
+            let background = Arc::clone(&background);
+            spawn(
+                "kpi-dedup-spill",
+                Box::new(move || background.run_spills(&spill_receiver, &merge_sender)),
+            )?
+        };
         let writer = spawn("kpi-log-writer", Box::new(move || writer.run(receiver)))?;
         Ok(Self {
             inner: Arc::new(Inner {
                 shared,
                 sender: Mutex::new(Some(sender)),
-                threads: Mutex::new(vec![writer, flusher, syncer, publisher]),
+                threads: Mutex::new(vec![writer, flusher, syncer, publisher, spiller, merger]),
+                stop_merges: Arc::clone(&background.stop),
             }),
         })
     }
@@ -614,9 +632,15 @@ impl EventLog {
     /// window.
     pub fn find_event_id(&self, event_id: &str) -> Option<u64> {
         let head = self.head().seq;
+        let tree = self.tree().ok()?;
         lock(&self.inner.shared.dedup)
-            .get_id(event_id)
+            .get_id(event_id, &tree)
             .filter(|seq| *seq <= head)
+    }
+
+    /// The sizes of the dedup index (ids in memory and in run files, memory held).
+    pub fn dedup_stats(&self) -> DedupStats {
+        lock(&self.inner.shared.dedup).stats()
     }
 
     /// Recomputes the whole chain up to the committed head at call time: keys, seq
@@ -626,11 +650,6 @@ impl EventLog {
     pub fn verify(&self) -> Result<Verification, StoreError> {
         let head = self.head();
         verify::verify(&self.tree()?, &head)
-    }
-
-    /// The dedup index's entries recorded at or before `seq`, for a snapshot at `seq`.
-    pub fn dedup_entries(&self, seq: u64) -> DedupEntries {
-        lock(&self.inner.shared.dedup).entries_up_to(seq)
     }
 
     /// Counters of the writer since open.
@@ -713,6 +732,7 @@ impl Inner {
         // Dropping the last sender lets the writer drain the queue and end; its end lets
         // the flusher finish the groups in flight and end, its end the syncer, and so on.
         drop(lock(&self.sender).take());
+        self.stop_merges.store(true, Ordering::Release);
         let threads = std::mem::take(&mut *lock(&self.threads));
         let mut panicked = false;
         for thread in threads {
@@ -737,15 +757,15 @@ impl Drop for Inner {
     }
 }
 
-/// Dedup index entries from a snapshot, for [`EventLog::open_seeded`].
+/// A head recorded as acknowledged outside the log, for [`EventLog::open_checked`].
 #[derive(Debug, Clone)]
-pub struct DedupSeed {
-    /// The entries cover the log up to this seq.
+pub struct AcknowledgedHead {
+    /// The log must reach this seq...
     pub seq: u64,
-    /// The chain hash at `seq`, to recognise the log they belong to.
+    /// ...with this chain hash there.
     pub hash: Hash,
-    /// The entries, from [`EventLog::dedup_entries`].
-    pub entries: DedupEntries,
+    /// What recorded it, for the error (e.g. "the read-model snapshot").
+    pub evidence: String,
 }
 
 /// Refuses the log in `tree` when it ends before `seq` or holds another chain hash than

@@ -284,27 +284,31 @@ pub fn hash_at(tree: &sled::Tree, seq: u64) -> Result<Hash, StoreError> {
         })
 }
 
-/// Fills `dedup` with the event_ids recorded within its window before the head's
-/// recorded_at and after `after_seq` (the ids up to it come from a snapshot), scanning
-/// only the segments that can hold such events.
-///
-/// A damaged record or segment is skipped with a warning instead of failing the open:
-/// damage behind the tail is for `verify` to report, and the service stays available.
-pub fn rebuild_dedup(
-    tree: &sled::Tree,
-    head: &LogHead,
-    dedup: &mut DedupIndex,
-    after_seq: u64,
-) -> Result<(), StoreError> {
-    let Some(head_recorded_at) = head.recorded_at else {
-        return Ok(());
+/// A record's recorded_at and, for a measurement with one, its event_id.
+pub type IdAt = (DateTime<Utc>, Option<String>);
+
+/// The recorded_at and event_id (for a measurement with one) of the event at `seq`;
+/// `None` when the log has no such seq. Reads one segment without checking its hashes: a
+/// dedup candidate is confirmed by comparing ids, and damage makes it no duplicate.
+pub fn event_id_at(tree: &sled::Tree, seq: u64) -> Result<Option<IdAt>, StoreError> {
+    let Some((key, value)) = tree.range(..=segment_key(seq)).next_back().transpose()? else {
+        return Ok(None);
     };
-    if after_seq >= head.seq {
-        return Ok(());
+    let segment = LoadedSegment::load(&key, value)?;
+    match segment.records().find(|(at, _)| *at == seq) {
+        Some((seq, record)) => decode_header(seq, record).map(Some),
+        None => Ok(None),
     }
-    let cutoff = dedup.cutoff(head_recorded_at);
-    let window_start = match cutoff {
-        Some(cutoff) => match last_segment_where(tree, head.seq, |first| first < cutoff) {
+}
+
+/// The first segment that can hold events recorded at or after `cutoff` (1 when unknown).
+fn window_start(
+    tree: &sled::Tree,
+    head_seq: u64,
+    cutoff: Option<DateTime<Utc>>,
+) -> Result<u64, StoreError> {
+    Ok(match cutoff {
+        Some(cutoff) => match last_segment_where(tree, head_seq, |first| first < cutoff) {
             Ok(segment) => segment.map_or(1, |segment| segment.first_seq()),
             Err(error @ StoreError::Sled(_)) => return Err(error),
             Err(error) => {
@@ -313,7 +317,63 @@ pub fn rebuild_dedup(
             }
         },
         None => 1,
+    })
+}
+
+/// The seq of the measurement with `event_id` recorded at or after `cutoff`, found by
+/// reading the log's window (every segment written, committed or not): the dedup index's
+/// fallback when a run file it needs is damaged.
+pub fn find_event_id(
+    tree: &sled::Tree,
+    cutoff: Option<DateTime<Utc>>,
+    event_id: &str,
+) -> Result<Option<u64>, StoreError> {
+    let head_seq = match tree.last()? {
+        Some((key, _)) => key_seq(&key).unwrap_or(u64::MAX),
+        None => return Ok(None),
     };
+    let start = window_start(tree, head_seq, cutoff)?;
+    for item in tree.range(segment_key(start)..) {
+        let (key, value) = item?;
+        let Ok(segment) = LoadedSegment::load(&key, value) else {
+            continue;
+        };
+        for (seq, record) in segment.records() {
+            if let Ok((at, Some(id))) = decode_header(seq, record)
+                && id == event_id
+                && cutoff.is_none_or(|cutoff| at >= cutoff)
+            {
+                return Ok(Some(seq));
+            }
+        }
+    }
+    Ok(None)
+}
+
+/// Fills `dedup` with the event_ids recorded within its window before the head's
+/// recorded_at and after `after_seq` (the ids up to it are in the index's run files),
+/// scanning only the segments that can hold such events. After each segment,
+/// `after_segment` gets the index, the segment's last seq and head hash, and the number of
+/// events read from it (so the index can spill).
+///
+/// A damaged record or segment is skipped with a warning instead of failing the open:
+/// damage behind the tail is for `verify` to report, and the service stays available.
+pub fn rebuild_dedup(
+    tree: &sled::Tree,
+    head: &LogHead,
+    dedup: &mut DedupIndex,
+    after_seq: u64,
+    mut after_segment: impl FnMut(&mut DedupIndex, u64, Hash, u64) -> Result<(), StoreError>,
+) -> Result<(), StoreError> {
+    let Some(head_recorded_at) = head.recorded_at else {
+        return Ok(());
+    };
+    if after_seq >= head.seq {
+        return Ok(());
+    }
+    let cutoff = dedup.cutoff(head_recorded_at);
+    dedup.expire(head_recorded_at);
+    let window_start = window_start(tree, head.seq, cutoff)?;
     let start = if after_seq >= window_start {
         match segment_containing(tree, after_seq + 1) {
             Ok(segment) => segment.first_seq(),
@@ -335,7 +395,9 @@ pub fn rebuild_dedup(
                 continue;
             }
         };
+        let mut events = 0;
         for (seq, record) in segment.records().filter(|(seq, _)| *seq > after_seq) {
+            events += 1;
             match decode_header(seq, record) {
                 Ok((at, Some(event_id))) if cutoff.is_none_or(|cutoff| at >= cutoff) => {
                     let key = dedup.hasher().key(&event_id);
@@ -346,6 +408,10 @@ pub fn rebuild_dedup(
                     tracing::warn!(%error, "skipping a damaged record while rebuilding the dedup index");
                 }
             }
+        }
+        let last = segment.last_seq().min(head.seq);
+        if events > 0 && last == segment.last_seq() {
+            after_segment(dedup, last, segment.segment.head_hash, events)?;
         }
     }
     Ok(())

@@ -13,7 +13,7 @@ use chrono::{DateTime, Utc};
 use tokio::sync::{mpsc, oneshot};
 
 use super::chain::Hash;
-use super::dedup::{EventIdHasher, EventIdKey};
+use super::dedup::{EventIdHasher, EventIdKey, SpillJob};
 use super::record::{encode_payload, recorded_at_field};
 use super::segment::{SegmentBuilder, segment_key, widen};
 use super::space::DiskSpace;
@@ -124,6 +124,8 @@ pub struct Writer {
     /// on its way); 0 before any.
     last_definition_seq: u64,
     committer: std::sync::mpsc::SyncSender<Applied>,
+    /// Frozen parts of the dedup index, for the spill thread.
+    spills: std::sync::mpsc::Sender<SpillJob>,
 }
 
 /// What the writer decided for one request of a group.
@@ -161,6 +163,7 @@ impl Writer {
         head: LogHead,
         settings: Settings,
         committer: std::sync::mpsc::SyncSender<Applied>,
+        spills: std::sync::mpsc::Sender<SpillJob>,
     ) -> Self {
         Self {
             segments,
@@ -171,6 +174,7 @@ impl Writer {
             head,
             last_definition_seq: 0,
             committer,
+            spills,
         }
     }
 
@@ -200,6 +204,11 @@ impl Writer {
                 group.push(request);
             }
             self.write(group);
+        }
+        // A graceful close spills the newest ids, so the next open reads no log for them.
+        if !self.shared.failed.load(Ordering::Acquire) {
+            let job = lock(&self.shared.dedup).freeze_for_spill((self.head.seq, self.head.hash));
+            let _ = self.spills.send(job);
         }
     }
 
@@ -251,6 +260,16 @@ impl Writer {
                 recorded_at: Some(recorded_at),
             };
             self.last_definition_seq = last_definition_seq;
+            // The group is in sled: a frozen part up to its head can go to a run file.
+            let mut dedup = lock(&self.shared.dedup);
+            dedup.note_appended(widen(appended.len()));
+            if dedup.should_freeze() {
+                let job = dedup.freeze_for_spill((self.head.seq, self.head.hash));
+                drop(dedup);
+                // The spill thread is gone only if it panicked; the ids then stay in the
+                // frozen part, consulted as before.
+                let _ = self.spills.send(job);
+            }
         }
         let applied = Applied {
             group,
@@ -300,7 +319,7 @@ impl Writer {
                 .enumerate()
             {
                 if let Some(key) = key.take() {
-                    if let Some(seq) = dedup.get(&key) {
+                    if let Some(seq) = dedup.get(&key, &self.segments) {
                         outcomes.push(Outcome::Duplicate { seq });
                         continue;
                     }

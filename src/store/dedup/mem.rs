@@ -1,79 +1,21 @@
-//! The in-memory deduplication index: event_id -> seq for the measurements recorded
-//! within the deduplication window.
+//! The in-memory part of the dedup index: the newest ids with their bytes, up to a byte
+//! bound (`StoreOptions::dedup_memory_bytes`); older ones are spilled to run files.
 //!
-//! The ids live in the log itself, so the index is derived state: the writer adds the ids
-//! of every committed group, and `open` rebuilds it from the segments inside the window.
-//! Writing one sled key per id would cut durable ingest by about twenty times (SPEC,
-//! Durability and consistency), so there is none.
-//!
-//! A projection snapshot keeps the index's entries up to its seq ([`DedupEntries`]), so a
-//! restart inserts those and reads only the log's tail instead of the whole window.
-//!
-//! Callers hash and copy their ids ([`EventIdKey`]) on their own threads, so the single
-//! writer only probes and moves. Memory grows with the number of ids recorded within the
-//! window (about 30 bytes plus the id per id, see [`DedupIndex`]), the price of answering
-//! a retry with the original seq.
+//! It keeps no allocation per id: the ids' bytes lie back to back in one buffer in commit
+//! order, each id is 16 bytes (seq, end of its bytes) in a queue in the same order, a hash
+//! table holds only the ids' numbers, and recorded times are kept once per run of ids
+//! recorded together (a committed group shares one). About 30 bytes plus the id's length
+//! per id.
 
 use std::collections::VecDeque;
-use std::collections::hash_map::RandomState;
-use std::hash::{BuildHasher, Hash, Hasher};
-use std::sync::Arc;
 
 use chrono::{DateTime, TimeDelta, Utc};
-use serde::{Deserialize, Serialize};
 
-/// Hashes event ids with one per-process random key (SipHash, so clients cannot choose
-/// colliding ids). Cheap to clone; all clones hash alike.
-#[derive(Debug, Clone, Default)]
-pub struct EventIdHasher(RandomState);
+use super::{EventIdHasher, EventIdKey};
 
-impl EventIdHasher {
-    /// The key of `event_id`: its hash and a shared copy.
-    pub fn key(&self, event_id: &str) -> EventIdKey {
-        EventIdKey {
-            hash: self.hash_bytes(event_id.as_bytes()),
-            event_id: Arc::from(event_id),
-        }
-    }
-
-    /// The hash of an id's bytes; the same as the hash of its [`EventIdHasher::key`].
-    fn hash_bytes(&self, event_id: &[u8]) -> u64 {
-        self.0.hash_one(event_id)
-    }
-}
-
-/// An event id with its precomputed hash. Equality compares the ids themselves, so a
-/// hash collision never makes two different ids duplicates.
-#[derive(Debug, Clone)]
-pub struct EventIdKey {
-    hash: u64,
-    event_id: Arc<str>,
-}
-
-impl PartialEq for EventIdKey {
-    fn eq(&self, other: &Self) -> bool {
-        self.hash == other.hash && self.event_id == other.event_id
-    }
-}
-
-impl Eq for EventIdKey {}
-
-impl Hash for EventIdKey {
-    fn hash<H: Hasher>(&self, state: &mut H) {
-        state.write_u64(self.hash);
-    }
-}
-
-/// Ids by seq, with their recorded_at in commit order for eviction.
-///
-/// Millions of ids can be inside the window (every measurement of the last day may carry
-/// one), so the index keeps no allocation per id: the ids' bytes lie back to back in one
-/// buffer in commit order, each id is 16 bytes (seq, end of its bytes) in a queue in the
-/// same order, a hash table holds only the ids' numbers, and recorded times are kept once
-/// per run of ids recorded together (a committed group shares one). About 30 bytes plus
-/// the id's length per id, instead of about 190 with a map of owned strings.
+/// Ids by seq, with their recorded_at in commit order for eviction (see the module doc).
 #[derive(Debug)]
-pub struct DedupIndex {
+pub struct MemIndex {
     /// How long (in recorded time) an id is remembered after it was recorded.
     window: TimeDelta,
     hasher: EventIdHasher,
@@ -102,12 +44,13 @@ struct Id {
     end: u64,
 }
 
-impl DedupIndex {
-    /// An empty index that remembers ids for `window` of recorded time.
-    pub fn new(window: TimeDelta) -> Self {
+impl MemIndex {
+    /// An empty index that remembers ids for `window` of recorded time, hashed by
+    /// `hasher`.
+    pub fn new(window: TimeDelta, hasher: EventIdHasher) -> Self {
         Self {
             window,
-            hasher: EventIdHasher::default(),
+            hasher,
             bytes: Vec::new(),
             bytes_dropped: 0,
             first_start: 0,
@@ -119,6 +62,7 @@ impl DedupIndex {
     }
 
     /// The hasher whose keys this index takes.
+    #[cfg(test)]
     pub fn hasher(&self) -> &EventIdHasher {
         &self.hasher
     }
@@ -175,7 +119,8 @@ impl DedupIndex {
         self.ids.get(self.index(number)).map(|id| id.seq)
     }
 
-    /// [`DedupIndex::get`] for an id that has no key yet.
+    /// [`MemIndex::get`] for an id that has no key yet.
+    #[cfg(test)]
     pub fn get_id(&self, event_id: &str) -> Option<u64> {
         self.get(&self.hasher.key(event_id))
     }
@@ -187,12 +132,12 @@ impl DedupIndex {
     }
 
     /// Remembers the id as recorded at `seq`. An id already present keeps its first
-    /// (original) seq. The key must come from [`DedupIndex::hasher`].
+    /// (original) seq. The key must come from [`MemIndex::hasher`].
     pub fn insert(&mut self, key: EventIdKey, seq: u64, recorded_at: DateTime<Utc>) {
         self.insert_hashed(key.hash, &key.event_id, seq, recorded_at);
     }
 
-    /// [`DedupIndex::insert`] of an id hashed with [`DedupIndex::hasher`].
+    /// [`MemIndex::insert`] of an id hashed with [`MemIndex::hasher`].
     fn insert_hashed(&mut self, hash: u64, event_id: &str, seq: u64, recorded_at: DateTime<Utc>) {
         if self.find(hash, event_id).is_none() {
             self.insert_new(hash, event_id, seq, recorded_at);
@@ -252,77 +197,51 @@ impl DedupIndex {
         self.ids.len()
     }
 
-    /// The remembered ids recorded at or before `seq`, in commit order.
-    pub fn entries_up_to(&self, seq: u64) -> DedupEntries {
-        let mut entries = DedupEntries {
-            window_seconds: self.window.num_seconds(),
-            ..DedupEntries::default()
-        };
-        let end = self.first + widen(self.ids.len());
-        'runs: for (run, (recorded_at, from)) in self.times.iter().enumerate() {
-            let to = self.times.get(run + 1).map_or(end, |(_, next)| *next);
-            let at = (
-                recorded_at.timestamp(),
-                recorded_at.timestamp_subsec_nanos(),
-            );
-            for number in *from..to {
-                let id = self.ids[self.index(number)];
-                if id.seq > seq {
-                    break 'runs;
-                }
-                if number == *from {
-                    entries.runs.push((at, 0));
-                }
-                if let Some(run) = entries.runs.last_mut() {
-                    run.1 += 1;
-                }
-                entries
-                    .ids
-                    .push_str(&String::from_utf8_lossy(self.id_bytes(number)));
-                entries.ends.push(widen(entries.ids.len()));
-                entries.seqs.push(id.seq);
-            }
-        }
-        entries
+    /// Whether no id is remembered.
+    pub fn is_empty(&self) -> bool {
+        self.ids.is_empty()
     }
 
-    /// Inserts entries taken by [`DedupIndex::entries_up_to`] (before anything newer),
-    /// leaving out those recorded before `cutoff`. Entries that do not fit together are
-    /// left out too. They come from an index, so no id is among them twice, and the
-    /// snapshot holding them is checksummed: each is inserted without looking it up first
-    /// (a restart inserts millions).
-    pub fn insert_entries(&mut self, entries: DedupEntries, cutoff: Option<DateTime<Utc>>) {
-        let count = entries.len();
-        self.ids.reserve(count);
-        self.bytes.reserve(entries.ids.len());
-        let (table, rehash) = self.table_and_rehash();
-        table.reserve(count, rehash);
-        let mut next = 0usize;
-        let mut start = 0usize;
-        for ((seconds, nanos), run) in entries.runs {
-            let recorded_at = DateTime::from_timestamp(seconds, nanos);
-            let keep = recorded_at.filter(|at| cutoff.is_none_or(|cutoff| *at >= cutoff));
-            for _ in 0..run {
-                let (Some(&end), Some(&seq)) = (entries.ends.get(next), entries.seqs.get(next))
-                else {
-                    return;
-                };
-                next += 1;
-                let end = usize::try_from(end).unwrap_or(usize::MAX);
-                let Some(event_id) = entries.ids.get(start..end) else {
-                    return;
-                };
-                start = end;
-                if let Some(recorded_at) = keep {
-                    let hash = self.hasher.hash_bytes(event_id.as_bytes());
-                    self.insert_new(hash, event_id, seq, recorded_at);
-                }
-            }
-        }
+    /// About how many bytes of memory the index holds.
+    pub fn approx_bytes(&self) -> usize {
+        self.bytes.capacity()
+            + self.ids.capacity() * std::mem::size_of::<Id>()
+            + self.times.capacity() * std::mem::size_of::<(DateTime<Utc>, u64)>()
+            // hashbrown: the u64 per bucket and one control byte.
+            + self.table.capacity() * 9
+    }
+
+    /// The seq and recorded_at of the remembered id `key`.
+    pub fn get_at(&self, key: &EventIdKey) -> Option<(u64, DateTime<Utc>)> {
+        let number = self.find(key.hash, &key.event_id)?;
+        let seq = self.ids.get(self.index(number))?.seq;
+        let run = self.times.partition_point(|(_, first)| *first <= number);
+        let at = self.times.get(run.checked_sub(1)?)?.0;
+        Some((seq, at))
+    }
+
+    /// The latest recorded_at of a remembered id.
+    pub fn newest(&self) -> Option<DateTime<Utc>> {
+        self.times.back().map(|(at, _)| *at)
+    }
+
+    /// (hash, seq) of every remembered id, sorted: what a run file stores.
+    pub fn sorted_entries(&self) -> Vec<(u64, u64)> {
+        let mut entries: Vec<(u64, u64)> = (0..self.ids.len())
+            .map(|index| {
+                let number = self.first + widen(index);
+                (
+                    self.hasher.hash_bytes(self.id_bytes(number)),
+                    self.ids[index].seq,
+                )
+            })
+            .collect();
+        entries.sort_unstable();
+        entries
     }
 }
 
-/// The bytes of id number `number` in the parts of a [`DedupIndex`] (a free function so
+/// The bytes of id number `number` in the parts of a [`MemIndex`] (a free function so
 /// that the table's rehash can borrow the other fields while the table is borrowed).
 fn id_bytes<'a>(
     bytes: &'a [u8],
@@ -351,44 +270,10 @@ fn widen(len: usize) -> u64 {
     u64::try_from(len).unwrap_or(u64::MAX)
 }
 
-/// The entries of a [`DedupIndex`] up to a seq, as a snapshot stores them: the ids back to
-/// back in one string (no allocation per id when it is decoded), the end of each and its
-/// seq, and per recorded time (Unix seconds and nanoseconds; a committed group shares one)
-/// the number of ids recorded then, all in commit order.
-#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
-pub struct DedupEntries {
-    /// The window of the index they come from, in seconds: they hold every id recorded
-    /// within it, so they can seed an index with this window or a shorter one only.
-    window_seconds: i64,
-    ids: String,
-    /// End of each id in `ids`.
-    ends: Vec<u64>,
-    seqs: Vec<u64>,
-    runs: Vec<(RecordedAt, u64)>,
-}
-
-impl DedupEntries {
-    /// Number of ids.
-    pub fn len(&self) -> usize {
-        self.seqs.len()
-    }
-
-    /// Whether there is none.
-    pub fn is_empty(&self) -> bool {
-        self.seqs.is_empty()
-    }
-
-    /// Whether they hold every id an index with `window` needs.
-    pub fn cover(&self, window: TimeDelta) -> bool {
-        window.num_seconds() <= self.window_seconds
-    }
-}
-
-/// A recorded time as Unix seconds and nanoseconds.
-type RecordedAt = (i64, u32);
-
 #[cfg(test)]
 mod tests {
+    use std::sync::Arc;
+
     use chrono::TimeZone;
 
     use super::*;
@@ -396,7 +281,7 @@ mod tests {
     #[test]
     fn ids_expire_after_the_window_and_not_before() {
         let start = Utc.with_ymd_and_hms(2026, 1, 1, 0, 0, 0).unwrap();
-        let mut index = DedupIndex::new(TimeDelta::hours(24));
+        let mut index = MemIndex::new(TimeDelta::hours(24), EventIdHasher::default());
         let key = |id: &str| index.hasher().key(id);
         let (a, b, a_again) = (key("a"), key("b"), key("a"));
         index.insert(a, 1, start);
@@ -419,7 +304,7 @@ mod tests {
     #[test]
     fn colliding_hashes_do_not_make_duplicates() {
         let at = Utc.with_ymd_and_hms(2026, 1, 1, 0, 0, 0).unwrap();
-        let mut index = DedupIndex::new(TimeDelta::hours(24));
+        let mut index = MemIndex::new(TimeDelta::hours(24), EventIdHasher::default());
         let forged = |id: &str| EventIdKey {
             hash: 42,
             event_id: Arc::from(id),
@@ -432,9 +317,9 @@ mod tests {
     }
 
     #[test]
-    fn many_ids_expire_in_order_and_survive_a_snapshot() {
+    fn many_ids_expire_in_order() {
         let start = Utc.with_ymd_and_hms(2026, 1, 1, 0, 0, 0).unwrap();
-        let mut index = DedupIndex::new(TimeDelta::hours(24));
+        let mut index = MemIndex::new(TimeDelta::hours(24), EventIdHasher::default());
         let id = |n: u64| format!("order-{n}-{}", "x".repeat(usize::try_from(n % 7).unwrap()));
         for n in 0..10_000u64 {
             let at = start + TimeDelta::minutes(i64::try_from(n).unwrap());
@@ -446,12 +331,13 @@ mod tests {
         assert_eq!(index.len(), 1441);
         assert_eq!(index.get_id(&id(9_999 - 1440)), Some(10_000 - 1440));
         assert_eq!(index.get_id(&id(9_999 - 1441)), None);
-        let entries = index.entries_up_to(9_000);
-        assert_eq!(entries.len(), 9_000 - (10_000 - 1441));
-        let mut restored = DedupIndex::new(TimeDelta::hours(24));
-        restored.insert_entries(entries, None);
-        assert_eq!(restored.get_id(&id(8_999)), Some(9_000));
-        assert_eq!(restored.get_id(&id(9_000)), None);
-        assert_eq!(restored.get_id(&id(8_559)), Some(8_560));
+        let key = index.hasher().key(&id(9_000));
+        assert_eq!(
+            index.get_at(&key),
+            Some((9_001, start + TimeDelta::minutes(9_000)))
+        );
+        let entries = index.sorted_entries();
+        assert_eq!(entries.len(), 1441);
+        assert!(entries.windows(2).all(|pair| pair[0] < pair[1]));
     }
 }

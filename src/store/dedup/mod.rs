@@ -1,0 +1,872 @@
+//! The deduplication index: event_id -> seq for the measurements recorded within the
+//! deduplication window, in bounded memory.
+//!
+//! The ids live in the log itself, so the index is derived state. It has three parts:
+//!
+//! - the *active* in-memory part (`mem.rs`): the newest ids with their bytes, which the
+//!   writer adds as it decides each group;
+//! - *frozen* in-memory parts: an active part that reached half of
+//!   [`StoreOptions::dedup_memory_bytes`](super::StoreOptions) (or that many events were
+//!   appended since the last freeze), handed to the spill thread and still consulted until
+//!   its run file is installed;
+//! - *run files* under `<log>/dedup/` (`run.rs`): immutable, sorted (keyed 64-bit hash,
+//!   seq) pairs, each with a Bloom filter and fences in memory (about 1 byte per id), listed
+//!   by a manifest (`manifest.rs`) that names the seq they cover and the chain hash there.
+//!
+//! A lookup asks the active part, the frozen parts, then each run whose newest id is
+//! inside the window: its filter rejects most new ids without I/O; a filter hit reads one
+//! page, and a hash found there is only a candidate: the event at its seq is read from the
+//! log and must carry the same id, recorded inside the window. So a hash collision never
+//! makes two ids duplicates, and ids outside the window are forgotten even while their run
+//! file still holds them.
+//!
+//! A spill thread writes frozen parts as runs (temporary file, fsync, rename, directory
+//! fsync), then the manifest, once the log is durable up to the seq it names; a merge
+//! thread merges runs so that there are few, leaving out ids older than the window, and
+//! deletes runs whose newest id left the window. Neither blocks the writer; a spill that
+//! fails (a full disk) keeps its part in memory and is retried.
+//!
+//! At open the manifest and its runs are checked (checksums, the chain hash at the covered
+//! seq, the window they were kept for) and the log after the covered seq is read into the
+//! active part; anything missing or damaged discards them all and the index is rebuilt
+//! from the segments inside the window, spilling as it goes. A run page found damaged
+//! later makes the lookups that need it scan the log's window instead, and the next open
+//! rebuild.
+//!
+//! Callers hash and copy their ids ([`EventIdKey`]) on their own threads, so the single
+//! writer only probes and moves.
+
+mod manifest;
+mod mem;
+mod run;
+
+use std::collections::VecDeque;
+use std::hash::Hasher;
+use std::io::Read;
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::mpsc::{Receiver, RecvTimeoutError, SyncSender};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use chrono::{DateTime, TimeDelta, Utc};
+
+use super::chain::{GENESIS_HASH, Hash};
+use super::{LogHead, Shared, StoreError, StoreOptions, durability, lock, read, reader};
+
+use manifest::{MANIFEST_FILE, Manifest};
+use mem::MemIndex;
+pub use run::RunError;
+use run::{Run, merged};
+
+/// The directory of the run files and their manifest, inside the log directory.
+pub const DEDUP_DIR: &str = "dedup";
+
+/// An active part is frozen and spilled at the latest after this many appended events,
+/// ids or not: the log a restart reads after the manifest's seq stays short.
+const FREEZE_EVENTS: u64 = 500_000;
+
+/// Runs are merged until there are at most this many, or merging would exceed
+/// [`MAX_RUN_ENTRIES`].
+const TARGET_RUNS: usize = 4;
+
+/// Largest merged run: a merge holds the new run's filter beside its inputs' (about
+/// 7/8 byte per entry), so a cap bounds that extra memory (14 MiB at 16 M entries).
+const MAX_RUN_ENTRIES: u64 = 16_000_000;
+
+/// How often the threads retry a failed spill and look for expired runs.
+const RETRY_EVERY: Duration = Duration::from_secs(5);
+
+/// Hashes event ids with a secret 128-bit key (SipHash-1-3, so clients cannot choose
+/// colliding ids), stable across restarts: the manifest keeps the key the runs were
+/// written with. Cheap to clone; all clones hash alike.
+#[derive(Debug, Clone)]
+pub struct EventIdHasher {
+    key: (u64, u64),
+}
+
+impl Default for EventIdHasher {
+    /// A hasher with a fresh random key.
+    fn default() -> Self {
+        let mut bytes = [0u8; 16];
+        let from_os = std::fs::File::open("/dev/urandom")
+            .and_then(|mut file| file.read_exact(&mut bytes))
+            .is_ok();
+        if !from_os {
+            use std::hash::BuildHasher;
+            let state = std::collections::hash_map::RandomState::new();
+            let nanos = Utc::now().timestamp_nanos_opt().unwrap_or(0);
+            bytes[..8].copy_from_slice(&state.hash_one(nanos).to_le_bytes());
+            bytes[8..].copy_from_slice(&state.hash_one(!nanos).to_le_bytes());
+        }
+        let (low, high) = bytes.split_at(8);
+        Self {
+            key: (
+                u64::from_le_bytes(low.try_into().unwrap_or_default()),
+                u64::from_le_bytes(high.try_into().unwrap_or_default()),
+            ),
+        }
+    }
+}
+
+impl EventIdHasher {
+    fn with_key(key: (u64, u64)) -> Self {
+        Self { key }
+    }
+
+    /// The key of `event_id`: its hash and a shared copy.
+    pub fn key(&self, event_id: &str) -> EventIdKey {
+        EventIdKey {
+            hash: self.hash_bytes(event_id.as_bytes()),
+            event_id: Arc::from(event_id),
+        }
+    }
+
+    /// The hash of an id's bytes; the same as the hash of its [`EventIdHasher::key`].
+    fn hash_bytes(&self, event_id: &[u8]) -> u64 {
+        let mut hasher = siphasher::sip::SipHasher13::new_with_keys(self.key.0, self.key.1);
+        hasher.write(event_id);
+        hasher.finish()
+    }
+}
+
+/// An event id with its precomputed hash. Equality compares the ids themselves, so a
+/// hash collision never makes two different ids duplicates.
+#[derive(Debug, Clone)]
+pub struct EventIdKey {
+    hash: u64,
+    event_id: Arc<str>,
+}
+
+impl PartialEq for EventIdKey {
+    fn eq(&self, other: &Self) -> bool {
+        self.hash == other.hash && self.event_id == other.event_id
+    }
+}
+
+impl Eq for EventIdKey {}
+
+/// Sizes of the index, for logs, tests and benchmarks.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct DedupStats {
+    /// Ids in the in-memory parts.
+    pub memory_ids: u64,
+    /// Entries in run files (ids already outside the window included until a merge).
+    pub spilled_ids: u64,
+    /// Run files.
+    pub runs: u64,
+    /// Bytes of memory the index holds: its in-memory parts, and the runs' filters and
+    /// fences.
+    pub memory_bytes: u64,
+}
+
+/// The index the writer and `find_event_id` ask (see the module doc).
+#[derive(Debug)]
+pub struct DedupIndex {
+    window: TimeDelta,
+    hasher: EventIdHasher,
+    /// The in-memory parts together are kept to about this many bytes.
+    memory_bytes: usize,
+    active: MemIndex,
+    /// Frozen parts waiting for their run file, oldest first.
+    frozen: Vec<Arc<MemIndex>>,
+    /// The runs the manifest lists.
+    runs: Vec<Arc<Run>>,
+    /// The oldest recorded_at inside the window at the last `expire`.
+    cutoff: Option<DateTime<Utc>>,
+    /// Events appended since the last freeze.
+    events_since_freeze: u64,
+    /// Set when a run page was found damaged: the merge thread then removes the manifest
+    /// so that the next open rebuilds.
+    damage_seen: Arc<AtomicBool>,
+}
+
+impl DedupIndex {
+    fn new(window: TimeDelta, hasher: EventIdHasher, memory_bytes: usize) -> Self {
+        Self {
+            window,
+            active: MemIndex::new(window, hasher.clone()),
+            hasher,
+            memory_bytes,
+            frozen: Vec::new(),
+            runs: Vec::new(),
+            cutoff: None,
+            events_since_freeze: 0,
+            damage_seen: Arc::new(AtomicBool::new(false)),
+        }
+    }
+
+    /// The hasher whose keys this index takes.
+    pub fn hasher(&self) -> &EventIdHasher {
+        &self.hasher
+    }
+
+    /// The oldest recorded_at still inside the window at `now`; `None` when the window
+    /// reaches before the earliest time chrono can represent.
+    pub fn cutoff(&self, now: DateTime<Utc>) -> Option<DateTime<Utc>> {
+        now.checked_sub_signed(self.window)
+    }
+
+    fn inside(&self, at: DateTime<Utc>) -> bool {
+        self.cutoff.is_none_or(|cutoff| at >= cutoff)
+    }
+
+    /// Forgets every id recorded before `now - window`: an id recorded at `t` is a
+    /// duplicate at `now` exactly when `now - t <= window`.
+    pub fn expire(&mut self, now: DateTime<Utc>) {
+        self.active.expire(now);
+        self.cutoff = self.cutoff(now);
+    }
+
+    /// The seq of the measurement recorded with this id, if it is inside the window.
+    /// `segments` is the log, read to confirm a candidate found in a run.
+    pub fn get(&self, key: &EventIdKey, segments: &sled::Tree) -> Option<u64> {
+        if let Some(seq) = self.active.get(key) {
+            return Some(seq);
+        }
+        for part in self.frozen.iter().rev() {
+            if let Some((seq, at)) = part.get_at(key)
+                && self.inside(at)
+            {
+                return Some(seq);
+            }
+        }
+        for run in self.runs.iter().rev() {
+            if !self.inside(run.newest) || !run.may_contain(key.hash) {
+                continue;
+            }
+            match run.seqs_of(key.hash) {
+                Ok(seqs) => {
+                    for seq in seqs.into_iter().rev() {
+                        if self.confirm(segments, seq, key) {
+                            return Some(seq);
+                        }
+                    }
+                }
+                Err(error) => {
+                    self.damage_seen.store(true, Ordering::Release);
+                    tracing::error!(%error, run = %run.path().display(), "a dedup run is damaged; scanning the log's window for this id, and the next start rebuilds the index");
+                    return self.scan_log(key, segments);
+                }
+            }
+        }
+        None
+    }
+
+    /// Whether the event at `seq` is a measurement with `key`'s id recorded inside the
+    /// window.
+    fn confirm(&self, segments: &sled::Tree, seq: u64, key: &EventIdKey) -> bool {
+        match reader::event_id_at(segments, seq) {
+            Ok(Some((at, Some(event_id)))) => *event_id == *key.event_id && self.inside(at),
+            Ok(_) => false,
+            Err(error) => {
+                tracing::warn!(%error, seq, "cannot read an event to confirm a duplicate; taken as no duplicate");
+                false
+            }
+        }
+    }
+
+    /// The id looked up in the log's window itself (a run it may be in is damaged).
+    fn scan_log(&self, key: &EventIdKey, segments: &sled::Tree) -> Option<u64> {
+        match reader::find_event_id(segments, self.cutoff, &key.event_id) {
+            Ok(found) => found,
+            Err(error) => {
+                tracing::error!(%error, "scanning the log for an event id failed; taken as no duplicate");
+                None
+            }
+        }
+    }
+
+    /// [`DedupIndex::get`] for an id that has no key yet.
+    pub fn get_id(&self, event_id: &str, segments: &sled::Tree) -> Option<u64> {
+        self.get(&self.hasher.key(event_id), segments)
+    }
+
+    /// Remembers the id as recorded at `seq`; the caller found it absent. The key must come
+    /// from [`DedupIndex::hasher`].
+    pub fn insert(&mut self, key: EventIdKey, seq: u64, recorded_at: DateTime<Utc>) {
+        self.active.insert(key, seq, recorded_at);
+    }
+
+    /// Counts appended events towards the next freeze.
+    pub fn note_appended(&mut self, events: u64) {
+        self.events_since_freeze += events;
+    }
+
+    /// Whether the active part should be frozen and spilled now.
+    pub fn should_freeze(&self) -> bool {
+        self.active.approx_bytes() >= self.memory_bytes / 2
+            || self.events_since_freeze >= FREEZE_EVENTS
+    }
+
+    /// Freezes the active part (it stays consulted until its run is installed) and starts
+    /// an empty one.
+    pub fn freeze(&mut self) -> Arc<MemIndex> {
+        let fresh = MemIndex::new(self.window, self.hasher.clone());
+        let frozen = Arc::new(std::mem::replace(&mut self.active, fresh));
+        if !frozen.is_empty() {
+            self.frozen.push(Arc::clone(&frozen));
+        }
+        self.events_since_freeze = 0;
+        frozen
+    }
+
+    /// Takes the runs the manifest now lists; `spilled` (frozen part now in a run) is no
+    /// longer consulted.
+    fn install(&mut self, runs: Vec<Arc<Run>>, spilled: Option<&Arc<MemIndex>>) {
+        self.runs = runs;
+        if let Some(spilled) = spilled {
+            self.frozen.retain(|part| !Arc::ptr_eq(part, spilled));
+        }
+    }
+
+    /// The index's sizes.
+    pub fn stats(&self) -> DedupStats {
+        let widen = |n: usize| u64::try_from(n).unwrap_or(u64::MAX);
+        let memory_ids =
+            self.active.len() + self.frozen.iter().map(|part| part.len()).sum::<usize>();
+        let memory_bytes = self.active.approx_bytes()
+            + self.frozen.iter().map(|p| p.approx_bytes()).sum::<usize>()
+            + self
+                .runs
+                .iter()
+                .map(|run| run.memory_bytes())
+                .sum::<usize>();
+        DedupStats {
+            memory_ids: widen(memory_ids),
+            spilled_ids: self.runs.iter().map(|run| run.entries).sum(),
+            runs: widen(self.runs.len()),
+            memory_bytes: widen(memory_bytes),
+        }
+    }
+}
+
+/// The run files of a log: what the manifest says, with the runs open.
+pub struct RunSet {
+    dir: PathBuf,
+    manifest: Manifest,
+    runs: Vec<Arc<Run>>,
+    min_free: u64,
+    /// The manifest was removed after damage was seen: nothing is recorded any more, the
+    /// next open rebuilds.
+    abandoned: bool,
+}
+
+impl RunSet {
+    fn fresh(dir: &Path, hasher: &EventIdHasher, window: TimeDelta, min_free: u64) -> Self {
+        Self {
+            dir: dir.to_owned(),
+            manifest: Manifest {
+                key: hasher.key,
+                window_seconds: window.num_seconds(),
+                covered_seq: 0,
+                covered_hash: GENESIS_HASH,
+                next_run: 1,
+                runs: Vec::new(),
+            },
+            runs: Vec::new(),
+            min_free,
+            abandoned: false,
+        }
+    }
+
+    /// Whether the file system has room for `bytes` more beside the log's free-space
+    /// minimum (the writer's guard refuses groups below it; runs never eat into it).
+    fn has_room(&self, bytes: u64) -> bool {
+        match rustix::fs::statvfs(&self.dir) {
+            Ok(stats) => {
+                stats.f_bavail.saturating_mul(stats.f_frsize) >= self.min_free.saturating_add(bytes)
+            }
+            Err(_) => false,
+        }
+    }
+
+    fn store_manifest(&mut self, manifest: Manifest) -> Result<(), RunError> {
+        manifest.store(&self.dir)?;
+        self.manifest = manifest;
+        Ok(())
+    }
+
+    /// Writes `part` as a run (when it has ids) and records that the runs cover the log up
+    /// to `covered`.
+    fn spill(&mut self, part: &MemIndex, covered: (u64, Hash)) -> Result<(), RunError> {
+        if self.abandoned {
+            return Ok(());
+        }
+        let entries = part.sorted_entries();
+        let count = u64::try_from(entries.len()).unwrap_or(u64::MAX);
+        let bytes = count * 18 + 4096;
+        if !self.has_room(bytes) {
+            return Err(RunError::Io(std::io::Error::other(
+                "not enough free space beside the log's minimum to spill the dedup index",
+            )));
+        }
+        let mut manifest = self.manifest.clone();
+        let mut new_run = None;
+        if let (Some(newest), false) = (part.newest(), entries.is_empty()) {
+            let number = manifest.next_run;
+            let run = run::write(
+                &self.dir,
+                number,
+                count,
+                newest,
+                entries.into_iter().map(Ok),
+            )?;
+            manifest.next_run += 1;
+            manifest.runs.push((number, run.file_len));
+            new_run = Some(Arc::new(run));
+        }
+        (manifest.covered_seq, manifest.covered_hash) = covered;
+        if let Err(error) = self.store_manifest(manifest) {
+            if let Some(run) = new_run {
+                let _ = std::fs::remove_file(run.path());
+            }
+            return Err(error);
+        }
+        self.runs.extend(new_run);
+        Ok(())
+    }
+
+    /// The runs to merge next, if any: the two smallest when there are more than
+    /// [`TARGET_RUNS`] or the smallest is much smaller than the next, within the cap.
+    fn pick_merge(&self) -> Option<Vec<Arc<Run>>> {
+        let mut by_size: Vec<&Arc<Run>> = self.runs.iter().collect();
+        by_size.sort_by_key(|run| run.entries);
+        let (a, b) = (by_size.first()?, by_size.get(1)?);
+        let fits = a.entries + b.entries <= MAX_RUN_ENTRIES;
+        let wanted = self.runs.len() > TARGET_RUNS || a.entries.saturating_mul(4) >= b.entries;
+        (fits && wanted).then(|| vec![Arc::clone(a), Arc::clone(b)])
+    }
+
+    /// Removes the runs whose newest id is before `cutoff`.
+    fn drop_expired(&mut self, cutoff: DateTime<Utc>) -> Result<bool, RunError> {
+        let (expired, kept): (Vec<_>, Vec<_>) = self
+            .runs
+            .iter()
+            .cloned()
+            .partition(|run| run.newest < cutoff);
+        if expired.is_empty() || self.abandoned {
+            return Ok(false);
+        }
+        let mut manifest = self.manifest.clone();
+        manifest.runs = kept.iter().map(|run| (run.number, run.file_len)).collect();
+        self.store_manifest(manifest)?;
+        self.runs = kept;
+        for run in expired {
+            let _ = std::fs::remove_file(run.path());
+        }
+        Ok(true)
+    }
+}
+
+/// Opens the dedup index of the log in `log_dir` (whose segments are `tree`, head `head`):
+/// takes the runs its manifest lists when they check out and reads the log after them,
+/// else rebuilds from the window.
+pub fn open(
+    log_dir: &Path,
+    tree: &sled::Tree,
+    head: &LogHead,
+    options: &StoreOptions,
+) -> Result<(DedupIndex, RunSet), StoreError> {
+    let dir = log_dir.join(DEDUP_DIR);
+    let io_error = |source| StoreError::Io {
+        path: dir.clone(),
+        source,
+    };
+    durability::create_dir_durably(&dir).map_err(io_error)?;
+    let memory_bytes = options.dedup_memory_bytes;
+    let (mut index, mut runs) = match usable_runs(&dir, tree, head, options) {
+        Ok(Some((manifest, opened))) => {
+            let hasher = EventIdHasher::with_key(manifest.key);
+            let mut index = DedupIndex::new(options.dedup_window, hasher, memory_bytes);
+            index.runs = opened.clone();
+            let runs = RunSet {
+                dir: dir.clone(),
+                manifest,
+                runs: opened,
+                min_free: options.min_free_bytes,
+                abandoned: false,
+            };
+            (index, runs)
+        }
+        found => {
+            if let Err(reason) = found
+                && head.seq > 0
+            {
+                tracing::warn!(%reason, dir = %dir.display(), "the dedup index's run files cannot be used; rebuilding it from the log's window");
+            }
+            let hasher = EventIdHasher::default();
+            let index = DedupIndex::new(options.dedup_window, hasher.clone(), memory_bytes);
+            let runs = RunSet::fresh(&dir, &hasher, options.dedup_window, options.min_free_bytes);
+            (index, runs)
+        }
+    };
+    remove_unlisted(
+        &dir,
+        &runs.manifest,
+        !index.runs.is_empty() || runs.manifest.covered_seq > 0,
+    )
+    .map_err(io_error)?;
+    let after_seq = runs.manifest.covered_seq;
+    let mut scanned = 0u64;
+    reader::rebuild_dedup(
+        tree,
+        head,
+        &mut index,
+        after_seq,
+        |index, last_seq, hash, events| {
+            scanned += events;
+            index.note_appended(events);
+            if index.should_freeze() {
+                spill_now(index, &mut runs, (last_seq, hash))?;
+            }
+            Ok(())
+        },
+    )?;
+    // A long read (a rebuild, or a log written before the runs existed) is recorded now,
+    // so the next start does not read it again.
+    if head.seq > runs.manifest.covered_seq && scanned >= FREEZE_EVENTS {
+        spill_now(&mut index, &mut runs, (head.seq, head.hash))?;
+    }
+    Ok((index, runs))
+}
+
+/// Spills the active part on the opening thread, and merges while the policy asks.
+fn spill_now(
+    index: &mut DedupIndex,
+    runs: &mut RunSet,
+    covered: (u64, Hash),
+) -> Result<(), StoreError> {
+    let part = index.freeze();
+    let dir = runs.dir.clone();
+    let dedup_error = |error: RunError| StoreError::Io {
+        path: dir.clone(),
+        source: std::io::Error::other(error.to_string()),
+    };
+    runs.spill(&part, covered).map_err(dedup_error)?;
+    while let Some(inputs) = runs.pick_merge() {
+        merge(runs, &inputs, 0, &AtomicBool::new(false)).map_err(dedup_error)?;
+    }
+    index.install(runs.runs.clone(), Some(&part));
+    Ok(())
+}
+
+/// Merges `inputs` (runs of `runs`) into one, leaving out entries at or below
+/// `drop_through`, and records it; the inputs' files are deleted. Gives up when `stop` is
+/// set.
+fn merge(
+    runs: &mut RunSet,
+    inputs: &[Arc<Run>],
+    drop_through: u64,
+    stop: &AtomicBool,
+) -> Result<(), RunError> {
+    let number = runs.manifest.next_run;
+    runs.manifest.next_run += 1;
+    let merged = write_merged(&runs.dir, number, inputs, drop_through, stop, runs.min_free)?;
+    install_merged(runs, inputs, merged)
+}
+
+fn write_merged(
+    dir: &Path,
+    number: u64,
+    inputs: &[Arc<Run>],
+    drop_through: u64,
+    stop: &AtomicBool,
+    min_free: u64,
+) -> Result<Run, RunError> {
+    let entries: u64 = inputs.iter().map(|run| run.entries).sum();
+    let bytes: u64 = inputs.iter().map(|run| run.file_len).sum();
+    let probe = RunSet {
+        dir: dir.to_owned(),
+        manifest: Manifest {
+            key: (0, 0),
+            window_seconds: 0,
+            covered_seq: 0,
+            covered_hash: GENESIS_HASH,
+            next_run: 0,
+            runs: Vec::new(),
+        },
+        runs: Vec::new(),
+        min_free,
+        abandoned: false,
+    };
+    if !probe.has_room(bytes) {
+        return Err(RunError::Io(std::io::Error::other(
+            "not enough free space beside the log's minimum to merge dedup runs",
+        )));
+    }
+    let newest = inputs
+        .iter()
+        .map(|run| run.newest)
+        .max()
+        .unwrap_or(DateTime::UNIX_EPOCH);
+    let stopped = || RunError::Io(std::io::Error::other("the log is closing"));
+    let source = merged(inputs, drop_through).enumerate().map(|(i, entry)| {
+        if i % 65_536 == 0 && stop.load(Ordering::Acquire) {
+            return Err(stopped());
+        }
+        entry
+    });
+    run::write(dir, number, entries, newest, source)
+}
+
+fn install_merged(runs: &mut RunSet, inputs: &[Arc<Run>], merged: Run) -> Result<(), RunError> {
+    if runs.abandoned {
+        let _ = std::fs::remove_file(merged.path());
+        return Ok(());
+    }
+    let merged = Arc::new(merged);
+    let mut kept: Vec<Arc<Run>> = runs
+        .runs
+        .iter()
+        .filter(|run| !inputs.iter().any(|input| input.number == run.number))
+        .cloned()
+        .collect();
+    if merged.entries > 0 {
+        kept.push(Arc::clone(&merged));
+    }
+    let mut manifest = runs.manifest.clone();
+    manifest.runs = kept.iter().map(|run| (run.number, run.file_len)).collect();
+    if let Err(error) = runs.store_manifest(manifest) {
+        let _ = std::fs::remove_file(merged.path());
+        return Err(error);
+    }
+    if merged.entries == 0 {
+        let _ = std::fs::remove_file(merged.path());
+    }
+    runs.runs = kept;
+    for input in inputs {
+        let _ = std::fs::remove_file(input.path());
+    }
+    Ok(())
+}
+
+/// A manifest with its runs open.
+type UsableRuns = (Manifest, Vec<Arc<Run>>);
+
+/// The manifest in `dir` and its runs, open, when they can be used for this log;
+/// `Ok(None)` when there is no manifest, `Err` with the reason when there is a bad one.
+fn usable_runs(
+    dir: &Path,
+    tree: &sled::Tree,
+    head: &LogHead,
+    options: &StoreOptions,
+) -> Result<Option<UsableRuns>, String> {
+    let Some(manifest) = Manifest::load(dir)? else {
+        return Ok(None);
+    };
+    if manifest.window_seconds < options.dedup_window.num_seconds() {
+        return Err(format!(
+            "the runs were kept for a window of {} s, shorter than the current one",
+            manifest.window_seconds
+        ));
+    }
+    if manifest.covered_seq > head.seq {
+        return Err(format!(
+            "the runs cover the log up to seq {}, but it ends at seq {}",
+            manifest.covered_seq, head.seq
+        ));
+    }
+    let hash = reader::hash_at(tree, manifest.covered_seq).map_err(|error| error.to_string())?;
+    if hash != manifest.covered_hash {
+        return Err(format!(
+            "the log has another chain hash at seq {} than the runs were written for",
+            manifest.covered_seq
+        ));
+    }
+    let mut runs = Vec::with_capacity(manifest.runs.len());
+    for &(number, len) in &manifest.runs {
+        let run = Run::open(dir, number).map_err(|error| format!("run {number}: {error}"))?;
+        if run.file_len != len {
+            return Err(format!(
+                "run {number} has another length than the manifest says"
+            ));
+        }
+        runs.push(Arc::new(run));
+    }
+    Ok(Some((manifest, runs)))
+}
+
+/// Deletes the files in `dir` the manifest does not list (a spill or merge cut short, runs
+/// of a discarded index).
+fn remove_unlisted(dir: &Path, manifest: &Manifest, keep_manifest: bool) -> std::io::Result<()> {
+    let listed: Vec<String> = manifest
+        .runs
+        .iter()
+        .map(|(number, _)| run::file_name(*number))
+        .collect();
+    let mut removed = false;
+    for entry in std::fs::read_dir(dir)? {
+        let name = entry?.file_name();
+        let name = name.to_string_lossy();
+        let keep =
+            listed.iter().any(|listed| *listed == name) || (name == MANIFEST_FILE && keep_manifest);
+        if !keep {
+            std::fs::remove_file(dir.join(&*name))?;
+            removed = true;
+        }
+    }
+    if removed {
+        durability::sync_dir(dir)?;
+    }
+    Ok(())
+}
+
+/// A frozen part for the spill thread, with the log position it covers.
+pub struct SpillJob {
+    part: Arc<MemIndex>,
+    covered: (u64, Hash),
+}
+
+impl DedupIndex {
+    /// Freezes the active part as of the writer's head `covered` for the spill thread.
+    pub fn freeze_for_spill(&mut self, covered: (u64, Hash)) -> SpillJob {
+        SpillJob {
+            part: self.freeze(),
+            covered,
+        }
+    }
+}
+
+/// The spill and merge threads of one log.
+pub struct Background {
+    runs: Arc<Mutex<RunSet>>,
+    shared: Arc<Shared>,
+    /// Set by `close`: a merge in progress gives up.
+    pub stop: Arc<AtomicBool>,
+}
+
+impl Background {
+    /// The threads' shared state.
+    pub fn new(runs: RunSet, shared: Arc<Shared>) -> Self {
+        Self {
+            runs: Arc::new(Mutex::new(runs)),
+            shared,
+            stop: Arc::new(AtomicBool::new(false)),
+        }
+    }
+
+    /// Runs the spill thread: writes each job's run, retrying failed ones, until the
+    /// writer is gone and the jobs are done (or failed once more). Tells `merges` after
+    /// each spill.
+    pub fn run_spills(&self, jobs: &Receiver<SpillJob>, merges: &SyncSender<()>) {
+        let mut pending: VecDeque<SpillJob> = VecDeque::new();
+        let mut closing = false;
+        while !closing || !pending.is_empty() {
+            if !closing {
+                match jobs.recv_timeout(RETRY_EVERY) {
+                    Ok(job) => pending.push_back(job),
+                    Err(RecvTimeoutError::Timeout) => {}
+                    Err(RecvTimeoutError::Disconnected) => closing = true,
+                }
+                pending.extend(jobs.try_iter());
+            }
+            let mut failed = false;
+            while let Some(job) = pending.front() {
+                if !self.wait_durable(job.covered.0) {
+                    // The writer failed: what it froze may not be in the log.
+                    pending.clear();
+                    break;
+                }
+                let mut runs = lock(&self.runs);
+                match runs.spill(&job.part, job.covered) {
+                    Ok(()) => {
+                        let installed = runs.runs.clone();
+                        lock(&self.shared.dedup).install(installed, Some(&job.part));
+                        drop(runs);
+                        pending.pop_front();
+                        let _ = merges.try_send(());
+                    }
+                    Err(error) => {
+                        tracing::warn!(%error, "spilling dedup ids to disk failed; they stay in memory and the spill is retried");
+                        failed = true;
+                        break;
+                    }
+                }
+            }
+            if failed && closing {
+                break;
+            }
+        }
+    }
+
+    /// Whether the log became durable up to `seq` (false when the writer failed first).
+    fn wait_durable(&self, seq: u64) -> bool {
+        loop {
+            if read(&self.shared.head).seq >= seq {
+                return true;
+            }
+            if self.shared.failed.load(Ordering::Acquire) {
+                return false;
+            }
+            std::thread::sleep(Duration::from_millis(2));
+        }
+    }
+
+    /// Runs the merge thread until the spill thread is gone: drops expired runs and merges
+    /// while the policy asks for it.
+    pub fn run_merges(&self, wake: &Receiver<()>, segments: &sled::Tree) {
+        loop {
+            match wake.recv_timeout(RETRY_EVERY) {
+                Ok(()) | Err(RecvTimeoutError::Timeout) => {}
+                Err(RecvTimeoutError::Disconnected) => return,
+            }
+            if let Err(error) = self.maintain(segments) {
+                tracing::warn!(%error, "maintaining the dedup runs failed; retried later");
+            }
+        }
+    }
+
+    fn maintain(&self, segments: &sled::Tree) -> Result<(), RunError> {
+        let (damage_seen, window) = {
+            let index = lock(&self.shared.dedup);
+            (Arc::clone(&index.damage_seen), index.window)
+        };
+        if damage_seen.load(Ordering::Acquire) {
+            let mut runs = lock(&self.runs);
+            if !runs.abandoned {
+                runs.abandoned = true;
+                let path = runs.dir.join(MANIFEST_FILE);
+                std::fs::remove_file(&path).and_then(|()| durability::sync_dir(&runs.dir))?;
+                tracing::warn!(manifest = %path.display(), "removed the dedup manifest after damage: the next start rebuilds the index");
+            }
+            return Ok(());
+        }
+        let head = *read(&self.shared.head);
+        let cutoff = head
+            .recorded_at
+            .and_then(|at| at.checked_sub_signed(window));
+        if let Some(cutoff) = cutoff {
+            let mut runs = lock(&self.runs);
+            if runs.drop_expired(cutoff)? {
+                let installed = runs.runs.clone();
+                lock(&self.shared.dedup).install(installed, None);
+            }
+        }
+        // Everything recorded before the cutoff is left out of a merge.
+        let drop_through =
+            match cutoff.and_then(|cutoff| cutoff.checked_sub_signed(TimeDelta::nanoseconds(1))) {
+                Some(before) => reader::seq_at(segments, head.seq, before).unwrap_or(0),
+                None => 0,
+            };
+        loop {
+            if self.stop.load(Ordering::Acquire) {
+                return Ok(());
+            }
+            let (inputs, number, dir, min_free) = {
+                let mut runs = lock(&self.runs);
+                let Some(inputs) = runs.pick_merge() else {
+                    return Ok(());
+                };
+                let number = runs.manifest.next_run;
+                runs.manifest.next_run += 1;
+                (inputs, number, runs.dir.clone(), runs.min_free)
+            };
+            let merged = write_merged(&dir, number, &inputs, drop_through, &self.stop, min_free)?;
+            let mut runs = lock(&self.runs);
+            install_merged(&mut runs, &inputs, merged)?;
+            let installed = runs.runs.clone();
+            lock(&self.shared.dedup).install(installed, None);
+        }
+    }
+}

@@ -1,0 +1,332 @@
+//! The dedup index in bounded memory: with a tiny in-memory bound every few ids are
+//! spilled to run files and merged, and the answers must stay those of a map of
+//! id -> (seq, recorded_at) with the window, across restarts, crashes and damaged runs.
+
+mod common;
+
+use std::collections::HashMap;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicI64, Ordering};
+use std::time::{Duration, Instant};
+
+use chrono::{DateTime, TimeDelta, TimeZone, Utc};
+use common::store::{append, measurement_at};
+use kpi_service::store::{DedupStats, EventLog, Outcome, StoreOptions};
+use proptest::prelude::*;
+
+/// A clock the test moves by hand.
+#[derive(Clone)]
+struct TestClock(Arc<AtomicI64>);
+
+impl TestClock {
+    fn new() -> Self {
+        let start = Utc.with_ymd_and_hms(2026, 3, 1, 8, 0, 0).unwrap();
+        Self(Arc::new(AtomicI64::new(
+            start.timestamp_nanos_opt().unwrap(),
+        )))
+    }
+
+    fn now(&self) -> DateTime<Utc> {
+        DateTime::from_timestamp_nanos(self.0.load(Ordering::SeqCst))
+    }
+
+    fn advance(&self, by: TimeDelta) {
+        self.0
+            .fetch_add(by.num_nanoseconds().unwrap(), Ordering::SeqCst);
+    }
+}
+
+const WINDOW_MINUTES: i64 = 60;
+
+fn options(clock: &TestClock) -> StoreOptions {
+    let clock = clock.clone();
+    StoreOptions {
+        dedup_window: TimeDelta::minutes(WINDOW_MINUTES),
+        clock: Arc::new(move || clock.now()),
+        // A part is frozen at half of this: a few dozen ids.
+        dedup_memory_bytes: 4 * 1024,
+        ..StoreOptions::default()
+    }
+}
+
+fn dedup_dir(dir: &Path) -> PathBuf {
+    dir.join("dedup")
+}
+
+fn run_files(dir: &Path) -> Vec<PathBuf> {
+    let mut files: Vec<PathBuf> = std::fs::read_dir(dedup_dir(dir))
+        .map(|entries| {
+            entries
+                .map(|entry| entry.unwrap().path())
+                .filter(|path| path.extension().is_some_and(|ext| ext == "run"))
+                .collect()
+        })
+        .unwrap_or_default();
+    files.sort();
+    files
+}
+
+/// Copies a directory tree (a crash's view of a data directory: what was written).
+fn copy_dir(from: &Path, to: &Path) {
+    std::fs::create_dir_all(to).unwrap();
+    for entry in std::fs::read_dir(from).unwrap() {
+        let entry = entry.unwrap();
+        let target = to.join(entry.file_name());
+        if entry.file_type().unwrap().is_dir() {
+            copy_dir(&entry.path(), &target);
+        } else {
+            // A file removed meanwhile (a merged run) is what a crash then would miss too.
+            let _ = std::fs::copy(entry.path(), &target);
+        }
+    }
+}
+
+/// Waits until the background threads have spilled (and merged) what `done` asks for.
+fn wait_for(log: &EventLog, done: impl Fn(&DedupStats) -> bool) {
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        let stats = log.dedup_stats();
+        if done(&stats) {
+            return;
+        }
+        assert!(Instant::now() < deadline, "not spilled in time: {stats:?}");
+        std::thread::sleep(Duration::from_millis(5));
+    }
+}
+
+/// What the index must answer: id -> (seq, recorded_at) of its last append.
+#[derive(Default)]
+struct Model {
+    ids: HashMap<String, (u64, DateTime<Utc>)>,
+    head: u64,
+}
+
+impl Model {
+    /// The outcomes of appending `ids` (each a measurement, `None` without an id) at `now`.
+    fn append(&mut self, ids: &[Option<String>], now: DateTime<Utc>) -> Vec<Outcome> {
+        ids.iter()
+            .map(|id| {
+                if let Some(id) = id
+                    && let Some((seq, at)) = self.ids.get(id)
+                    && now - *at <= TimeDelta::minutes(WINDOW_MINUTES)
+                {
+                    return Outcome::Duplicate { seq: *seq };
+                }
+                self.head += 1;
+                if let Some(id) = id {
+                    self.ids.insert(id.clone(), (self.head, now));
+                }
+                Outcome::Appended { seq: self.head }
+            })
+            .collect()
+    }
+}
+
+fn events(ids: &[Option<String>], at: DateTime<Utc>) -> Vec<kpi_service::domain::Event> {
+    ids.iter()
+        .enumerate()
+        .map(|(i, id)| measurement_at("revenue", i as f64, id.as_deref(), at))
+        .collect()
+}
+
+#[derive(Debug, Clone)]
+enum Op {
+    /// Append measurements with these ids (from a small pool, so retries are common).
+    Append(Vec<Option<u16>>),
+    /// Move the clock.
+    Advance(u16),
+    /// Close and open again.
+    Restart,
+    /// Open a copy of the directory taken while the log is open, as a kill -9 leaves it.
+    Crash,
+    /// Close, delete one run file, open again.
+    DeleteRun(usize),
+    /// Close, change one byte of one run file or of the manifest, open again.
+    DamageRun(usize, usize),
+}
+
+fn op() -> impl Strategy<Value = Op> {
+    prop_oneof![
+        12 => proptest::collection::vec(proptest::option::weighted(0.9, 0u16..120), 1..40)
+            .prop_map(Op::Append),
+        3 => (1u16..40).prop_map(Op::Advance),
+        1 => Just(Op::Restart),
+        1 => Just(Op::Crash),
+        1 => any::<usize>().prop_map(Op::DeleteRun),
+        1 => (any::<usize>(), any::<usize>()).prop_map(|(f, b)| Op::DamageRun(f, b)),
+    ]
+}
+
+fn run_model(ops: Vec<Op>) {
+    let root = tempfile::tempdir().unwrap();
+    let mut dir = root.path().join("log-0");
+    let clock = TestClock::new();
+    let mut log = EventLog::open(&dir, options(&clock)).unwrap();
+    let mut model = Model::default();
+    let mut crashes = 0;
+    for op in ops {
+        match op {
+            Op::Append(ids) => {
+                let ids: Vec<Option<String>> = ids
+                    .into_iter()
+                    .map(|id| id.map(|n| format!("id-{n}")))
+                    .collect();
+                let now = clock.now();
+                let outcomes = append(&log, events(&ids, now));
+                assert_eq!(outcomes, model.append(&ids, now), "ids {ids:?}");
+            }
+            Op::Advance(minutes) => clock.advance(TimeDelta::minutes(i64::from(minutes))),
+            Op::Restart => {
+                log.close().unwrap();
+                log = EventLog::open(&dir, options(&clock)).unwrap();
+            }
+            Op::Crash => {
+                crashes += 1;
+                let copy = root.path().join(format!("log-{crashes}"));
+                copy_dir(&dir, &copy);
+                log.close().unwrap();
+                dir = copy;
+                log = EventLog::open(&dir, options(&clock)).unwrap();
+            }
+            Op::DeleteRun(pick) => {
+                log.close().unwrap();
+                let files = run_files(&dir);
+                if !files.is_empty() {
+                    std::fs::remove_file(&files[pick % files.len()]).unwrap();
+                }
+                log = EventLog::open(&dir, options(&clock)).unwrap();
+            }
+            Op::DamageRun(pick, byte) => {
+                log.close().unwrap();
+                let mut files = run_files(&dir);
+                files.push(dedup_dir(&dir).join("manifest"));
+                let file = &files[pick % files.len()];
+                if let Ok(mut bytes) = std::fs::read(file)
+                    && !bytes.is_empty()
+                {
+                    let at = byte % bytes.len();
+                    bytes[at] ^= 0x40;
+                    std::fs::write(file, &bytes).unwrap();
+                }
+                log = EventLog::open(&dir, options(&clock)).unwrap();
+            }
+        }
+    }
+    // Every id of the model answers as the model says, through a retry.
+    let ids: Vec<Option<String>> = model.ids.keys().cloned().map(Some).collect();
+    let now = clock.now();
+    let outcomes = append(&log, events(&ids, now));
+    assert_eq!(outcomes, model.append(&ids, now));
+    log.close().unwrap();
+}
+
+proptest! {
+    // Every case opens sled directories and fsyncs each append: a few dozen cases.
+    #![proptest_config(ProptestConfig::with_cases(24))]
+    #[test]
+    fn the_index_answers_like_a_map_through_spills_merges_restarts_and_damage(
+        ops in proptest::collection::vec(op(), 1..40)
+    ) {
+        run_model(ops);
+    }
+}
+
+fn ids(range: std::ops::Range<u32>) -> Vec<Option<String>> {
+    range.map(|n| Some(format!("order-{n:06}"))).collect()
+}
+
+/// Fills a log with 3,000 ids through a tiny in-memory bound; returns it.
+fn spilled_log(dir: &Path, clock: &TestClock) -> EventLog {
+    let log = EventLog::open(dir, options(clock)).unwrap();
+    for batch in 0..30 {
+        let outcomes = append(
+            &log,
+            events(&ids(batch * 100..(batch + 1) * 100), clock.now()),
+        );
+        assert!(
+            outcomes
+                .iter()
+                .all(|o| matches!(o, Outcome::Appended { .. }))
+        );
+    }
+    // The spill thread catches up (4 fsyncs a spill) and the merge thread keeps few runs.
+    wait_for(&log, |stats| stats.spilled_ids > 2_000 && stats.runs <= 6);
+    log
+}
+
+fn assert_all_duplicates(log: &EventLog, clock: &TestClock) {
+    let outcomes = append(log, events(&ids(0..3_000), clock.now()));
+    let expected: Vec<Outcome> = (1..=3_000).map(|seq| Outcome::Duplicate { seq }).collect();
+    assert_eq!(outcomes, expected);
+}
+
+#[test]
+fn spilled_ids_are_found_in_bounded_memory_and_after_a_restart() {
+    let dir = tempfile::tempdir().unwrap();
+    let clock = TestClock::new();
+    let log = spilled_log(dir.path(), &clock);
+    assert!(log.dedup_stats().memory_ids < 1_000);
+    assert_all_duplicates(&log, &clock);
+    assert_eq!(log.find_event_id("order-000007"), Some(8));
+    log.close().unwrap();
+    // After a graceful close everything is in runs: the open reads no log.
+    let log = EventLog::open(dir.path(), options(&clock)).unwrap();
+    assert_eq!(log.dedup_stats().memory_ids, 0);
+    assert_all_duplicates(&log, &clock);
+    // Out of the window, the ids are forgotten even while their run files remain.
+    clock.advance(TimeDelta::minutes(WINDOW_MINUTES) + TimeDelta::seconds(1));
+    let outcomes = append(&log, events(&ids(0..2), clock.now()));
+    assert_eq!(
+        outcomes,
+        vec![
+            Outcome::Appended { seq: 3_001 },
+            Outcome::Appended { seq: 3_002 }
+        ]
+    );
+    log.close().unwrap();
+}
+
+#[test]
+fn deleted_or_damaged_runs_are_rebuilt_from_the_log() {
+    let dir = tempfile::tempdir().unwrap();
+    let clock = TestClock::new();
+    spilled_log(dir.path(), &clock).close().unwrap();
+    let files = run_files(dir.path());
+    assert!(!files.is_empty());
+    std::fs::remove_file(&files[0]).unwrap();
+    let log = EventLog::open(dir.path(), options(&clock)).unwrap();
+    assert_all_duplicates(&log, &clock);
+    log.close().unwrap();
+    // A changed byte in a page (found only when the page is read), with the log open: the
+    // lookups that need it read the log instead, and the next open rebuilds.
+    let log = EventLog::open(dir.path(), options(&clock)).unwrap();
+    for file in run_files(dir.path()) {
+        let mut bytes = std::fs::read(&file).unwrap();
+        for page in 0..bytes.len() / 4096 {
+            bytes[page * 4096 + 100] ^= 1;
+        }
+        std::fs::write(&file, &bytes).unwrap();
+    }
+    assert_all_duplicates(&log, &clock);
+    log.close().unwrap();
+    let log = EventLog::open(dir.path(), options(&clock)).unwrap();
+    assert_all_duplicates(&log, &clock);
+    log.close().unwrap();
+}
+
+#[test]
+fn a_crash_keeps_the_runs_and_reads_only_the_log_after_them() {
+    let dir = tempfile::tempdir().unwrap();
+    let clock = TestClock::new();
+    let log = spilled_log(dir.path(), &clock);
+    let copy = tempfile::tempdir().unwrap();
+    copy_dir(dir.path(), copy.path());
+    log.close().unwrap();
+    let log = EventLog::open(copy.path(), options(&clock)).unwrap();
+    let stats = log.dedup_stats();
+    assert!(stats.spilled_ids > 2_000, "{stats:?}");
+    assert!(stats.memory_ids < 1_000, "{stats:?}");
+    assert_all_duplicates(&log, &clock);
+    log.close().unwrap();
+}
