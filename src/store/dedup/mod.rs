@@ -62,6 +62,11 @@ use run::{Run, merged};
 /// The directory of the run files and their manifest, inside the log directory.
 pub const DEDUP_DIR: &str = "dedup";
 
+/// Bytes a run file takes per id at most (hash, seq, filter and fence share), and its
+/// fixed part, for the free-space check before a spill.
+const RUN_BYTES_PER_ID: u64 = 18;
+const RUN_BYTES_FIXED: u64 = 4096;
+
 /// An active part is frozen and spilled at the latest after this many appended events,
 /// ids or not: the log a restart reads after the manifest's seq stays short.
 const FREEZE_EVENTS: u64 = 500_000;
@@ -370,12 +375,17 @@ impl RunSet {
         }
     }
 
-    /// Whether the file system has room for `bytes` more beside the log's free-space
-    /// minimum (the writer's guard refuses groups below it; runs never eat into it).
+    /// Whether the file system has room for `bytes` more while keeping twice the log's
+    /// free-space minimum free. The writer's guard refuses groups below the minimum; runs
+    /// (derived files) stop well before it, so that the log filling up to its guard never
+    /// leaves less than the minimum free once the log stops, and a restart is possible as
+    /// soon as the space the log did not use is back. Until there is room, ids stay in
+    /// memory.
     fn has_room(&self, bytes: u64) -> bool {
         match rustix::fs::statvfs(&self.dir) {
             Ok(stats) => {
-                stats.f_bavail.saturating_mul(stats.f_frsize) >= self.min_free.saturating_add(bytes)
+                stats.f_bavail.saturating_mul(stats.f_frsize)
+                    >= self.min_free.saturating_mul(2).saturating_add(bytes)
             }
             Err(_) => false,
         }
@@ -395,7 +405,9 @@ impl RunSet {
         }
         let entries = part.sorted_entries();
         let count = u64::try_from(entries.len()).unwrap_or(u64::MAX);
-        let bytes = count * 18 + 4096;
+        let bytes = count
+            .saturating_mul(RUN_BYTES_PER_ID)
+            .saturating_add(RUN_BYTES_FIXED);
         if !self.has_room(bytes) {
             return Err(RunError::Io(std::io::Error::other(
                 "not enough free space beside the log's minimum to spill the dedup index",
@@ -531,12 +543,23 @@ pub fn open(
     Ok((index, runs))
 }
 
-/// Spills the active part on the opening thread, and merges while the policy asks.
+/// Spills the active part on the opening thread, and merges while the policy asks. On a
+/// file system without room for the run beside the log's free-space minimum, the ids stay
+/// in memory (the running index spills them later): a start that may open the log must
+/// not fail for want of room for derived files.
 fn spill_now(
     index: &mut DedupIndex,
     runs: &mut RunSet,
     covered: (u64, Hash),
 ) -> Result<(), StoreError> {
+    let bytes = u64::try_from(index.active.len())
+        .unwrap_or(u64::MAX)
+        .saturating_mul(RUN_BYTES_PER_ID)
+        .saturating_add(RUN_BYTES_FIXED);
+    if !runs.has_room(bytes) {
+        tracing::warn!(dir = %runs.dir.display(), "no room to spill the dedup index at start; its ids stay in memory until there is");
+        return Ok(());
+    }
     let part = index.freeze();
     let dir = runs.dir.clone();
     let dedup_error = |error: RunError| StoreError::Io {

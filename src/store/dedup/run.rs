@@ -118,6 +118,24 @@ fn narrow(n: u64) -> Result<usize, RunError> {
     usize::try_from(n).map_err(|_| RunError::Damaged(format!("{n} does not fit in memory")))
 }
 
+/// The most bytes a run of `entries` ids takes: full pages, the filter, the fences and the
+/// footer.
+pub fn max_bytes(entries: u64) -> u64 {
+    let entry_bytes = ENTRY_BYTES as u64;
+    let pages = entries.div_ceil(PAGE_ENTRIES as u64).max(1);
+    let filter = entries
+        .max(64)
+        .saturating_mul(FILTER_BITS_PER_ENTRY as u64)
+        .div_ceil(8)
+        + 8;
+    pages
+        .saturating_mul(PAGE_BYTES as u64)
+        .saturating_add(filter)
+        .saturating_add(pages.saturating_mul(8))
+        .saturating_add(FOOTER_BYTES as u64)
+        .max(entries.saturating_mul(entry_bytes))
+}
+
 /// Writes run `number` into `dir` from `entries` (sorted by (hash, seq); at most
 /// `max_entries` of them, which sizes the filter), durably: a temporary file, fsynced,
 /// renamed, and the directory fsynced. Returns it open.
@@ -151,6 +169,13 @@ fn write_file(
     entries: impl IntoIterator<Item = Result<(u64, u64), RunError>>,
 ) -> Result<Run, RunError> {
     let file = File::create(path)?;
+    // The file's blocks are reserved before it is written, so the log's free-space guard
+    // sees them gone at once: otherwise the log's groups and this run, each checked against
+    // the same free space, could together eat into the minimum the log keeps free. The
+    // reservation past the written end is released by truncating the file at its length.
+    let reserve = max_bytes(max_entries);
+    rustix::fs::fallocate(&file, rustix::fs::FallocateFlags::KEEP_SIZE, 0, reserve)
+        .map_err(|errno| RunError::Io(errno.into()))?;
     let mut out = BufWriter::with_capacity(256 * 1024, &file);
     let bits = narrow(max_entries.max(1))?.saturating_mul(FILTER_BITS_PER_ENTRY);
     let mut filter = BloomFilter::with_num_bits(bits.max(64)).hashes(FILTER_HASHES);
@@ -208,8 +233,10 @@ fn write_file(
     out.write_all(&tail)?;
     out.flush()?;
     drop(out);
-    file.sync_all()?;
+    // Truncating at the length written releases the reserved blocks past it.
     let file_len = file.metadata()?.len();
+    file.set_len(file_len)?;
+    file.sync_all()?;
     Ok(Run {
         number,
         entries: count,
