@@ -14,7 +14,9 @@ use chrono::{DateTime, TimeDelta, TimeZone, Utc};
 use chrono_tz::Tz;
 use criterion::{BatchSize, Criterion, Throughput, criterion_group, criterion_main};
 use kpi_service::domain::{Direction, Event, Grain, KpiDefinition, KpiKind, Measurement};
-use kpi_service::projection::{AggregateQuery, Aggregates, Fill, ReadModels};
+use kpi_service::projection::{
+    AggregateQuery, Aggregates, Fill, History, HistoryOptions, ReadModels,
+};
 use kpi_service::store::{AppendRequest, EventLog, StoreOptions};
 
 const MEASUREMENTS: usize = 1_000_000;
@@ -158,7 +160,12 @@ fn restore(c: &mut Criterion) {
     group.throughput(Throughput::Elements(replayed));
     group.bench_function(format!("{events}_events_without_snapshot"), |b| {
         b.iter(|| {
-            let models = ReadModels::restore(&log, &no_snapshots).unwrap();
+            // A new history index each time, so each restore rebuilds it too, as the
+            // first start of a directory without one does.
+            let history_dir = tempfile::tempdir().unwrap();
+            let history =
+                History::open(history_dir.path(), &log, HistoryOptions::default()).unwrap();
+            let models = ReadModels::restore(&log, &no_snapshots, history).unwrap();
             assert_eq!(models.restored.replayed_events, replayed);
         });
     });

@@ -33,7 +33,7 @@ use chrono_tz::Tz;
 use kpi_service::domain::{Direction, Event, Grain, KpiDefinition, KpiKind, Measurement};
 use kpi_service::service::{KpiService, ServiceOptions};
 use kpi_service::store::{AppendRequest, EventLog, StoreOptions};
-use kpi_service::{LOG_DIR, SNAPSHOT_DIR};
+use kpi_service::{HISTORY_DIR, LOG_DIR, SNAPSHOT_DIR};
 
 const KPIS: u64 = 1000;
 const CHANNELS: [&str; 4] = ["web", "shop", "app", "phone"];
@@ -263,6 +263,7 @@ fn start(name: &str, dir: &Path) -> KpiService {
     let (log, models) = kpi_service::projection::open(
         &dir.join(LOG_DIR),
         &dir.join(SNAPSHOT_DIR),
+        &dir.join(HISTORY_DIR),
         StoreOptions::default(),
     )
     .unwrap();

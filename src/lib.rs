@@ -48,6 +48,9 @@ use crate::store::{StoreError, StoreOptions};
 pub const LOG_DIR: &str = "log";
 /// Directory of the read-model snapshots inside the data directory.
 pub const SNAPSHOT_DIR: &str = "snapshots";
+/// Directory of the history index (each KPI's events, `projection::history`) inside the
+/// data directory.
+pub const HISTORY_DIR: &str = "history";
 /// How long new events may wait for a snapshot when fewer than `--snapshot-every-events`
 /// arrive.
 const SNAPSHOT_EVERY: Duration = Duration::from_secs(300);
@@ -153,6 +156,7 @@ pub async fn run(
     };
     let log_dir = config.data_dir.join(LOG_DIR);
     let snapshot_dir = config.data_dir.join(SNAPSHOT_DIR);
+    let history_dir = config.data_dir.join(HISTORY_DIR);
     let service_options = ServiceOptions {
         snapshot_dir,
         max_future_skew: config.max_future_skew(),
@@ -161,7 +165,12 @@ pub async fn run(
         min_free_bytes: config.min_free_bytes(),
     };
     let (log, service) = tokio::task::spawn_blocking(move || {
-        let (log, models) = projection::open(&log_dir, &service_options.snapshot_dir, options)?;
+        let (log, models) = projection::open(
+            &log_dir,
+            &service_options.snapshot_dir,
+            &history_dir,
+            options,
+        )?;
         let service = KpiService::with_models(log.clone(), models, service_options);
         Ok::<_, StoreError>((log, service))
     })
@@ -241,6 +250,9 @@ pub async fn run(
             Err(error) => {
                 tracing::warn!(%error, "no snapshot at shutdown; the next start replays more")
             }
+        }
+        if let Err(error) = service.close_history() {
+            tracing::warn!(%error, "history index not written at shutdown; the next start reads more of the log");
         }
         log.close()
     });

@@ -1,13 +1,18 @@
 //! The aggregate projection kept current by commit notifications (incremental) equals a
 //! fold of the whole log (rebuild), for random histories with late measurements,
-//! definition changes and restarts.
+//! definition changes and restarts; and as-of answers, read through the history index
+//! (stored blocks, parts in memory, parts lost in a crash and read again from the log),
+//! equal a fold of the log up to the same seq.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, BTreeSet};
 
 use chrono::{DateTime, TimeDelta, TimeZone, Utc};
 use chrono_tz::Tz;
+use kpi_service::domain::Catalog;
 use kpi_service::domain::{Direction, Event, Grain, KpiDefinition, KpiKind, Measurement};
-use kpi_service::projection::{AggregateQuery, AnsweredBucket, Fill, ReadModels};
+use kpi_service::projection::{
+    AggregateQuery, Aggregates, AnsweredBucket, Fill, History, HistoryOptions, ReadModels,
+};
 use kpi_service::store::{AppendRequest, EventLog, StoreOptions};
 use proptest::prelude::*;
 
@@ -28,8 +33,11 @@ enum Op {
     /// Retract the measurement chosen by this index among those still standing.
     Retract(usize),
     /// Close and reopen the log, restoring the projection (from a snapshot taken just
-    /// before, or from the last one, which leaves a tail to replay).
+    /// before and the history index closed, or from the last snapshot and a history
+    /// index that lost its part in memory, as in a crash).
     Restart(bool),
+    /// Compare the answers as of the seq chosen by this index with a fold of the log.
+    AsOf(usize),
 }
 
 fn op() -> impl Strategy<Value = Op> {
@@ -39,6 +47,7 @@ fn op() -> impl Strategy<Value = Op> {
         1 => (0..KPIS.len(), any::<bool>()).prop_map(|(k, flip)| Op::Redefine(k, flip)),
         2 => any::<usize>().prop_map(Op::Retract),
         1 => any::<bool>().prop_map(Op::Restart),
+        2 => any::<usize>().prop_map(Op::AsOf),
     ]
 }
 
@@ -106,7 +115,14 @@ fn run(ops: Vec<Op>) {
             .collect(),
     );
     let snapshots = dir.path().join("snapshots");
-    let mut models = ReadModels::restore(&log, &snapshots).expect("restore");
+    let history = |log: &EventLog| {
+        let options = HistoryOptions {
+            flush_every_events: 7,
+            ..HistoryOptions::default()
+        };
+        History::open(&dir.path().join("history"), log, options).expect("history")
+    };
+    let mut models = ReadModels::restore(&log, &snapshots, history(&log)).expect("restore");
     let mut versions = vec![1u64; KPIS.len()];
     let mut standing: Vec<u64> = Vec::new();
     for op in ops {
@@ -172,11 +188,12 @@ fn run(ops: Vec<Op>) {
                 let catalog_before = models.catalog.read().clone();
                 if snapshot {
                     models.snapshot(&log, &snapshots, 0).expect("snapshot");
+                    models.history.close().expect("close the history index");
                 }
                 log.close().expect("close");
                 drop(models);
                 log = open();
-                models = ReadModels::restore(&log, &snapshots).expect("restore");
+                models = ReadModels::restore(&log, &snapshots, history(&log)).expect("restore");
                 if snapshot {
                     assert_eq!(models.restored.replayed_events, 0);
                 }
@@ -186,6 +203,18 @@ fn run(ops: Vec<Op>) {
                     catalog_before,
                     "catalog after restart"
                 );
+            }
+            Op::AsOf(choice) => {
+                // After the KPIs' definitions (seqs 1 to 5), which every answer needs.
+                let defined = u64::try_from(KPIS.len()).unwrap();
+                let head = log.head().seq;
+                let seq = defined + u64::try_from(choice).unwrap() % (head - defined + 1);
+                let ids: Vec<&str> = KPIS.iter().map(|(id, _, _)| *id).collect();
+                let (catalog, aggregates) = fold_log(&log, seq);
+                let past = models.aggregates.as_of(seq, &ids).expect("as of");
+                assert_eq!(answers(&past), answers(&aggregates), "as of {seq}");
+                let past_catalog = models.history.catalog_as_of(seq).expect("catalog as of");
+                assert_eq!(past_catalog, catalog, "catalog as of {seq}");
             }
         }
         let ids: Vec<&str> = KPIS.iter().map(|(id, _, _)| *id).collect();
@@ -197,6 +226,36 @@ fn run(ops: Vec<Op>) {
         );
     }
     log.close().expect("close");
+}
+
+/// The catalog and aggregates at `to_seq`, folded from the log itself (the reference the
+/// history index is checked against).
+fn fold_log(log: &EventLog, to_seq: u64) -> (Catalog, Aggregates) {
+    let mut catalog = Catalog::default();
+    let mut aggregates = Aggregates::default();
+    let mut measurements: Vec<(u64, Measurement)> = Vec::new();
+    let mut changed = BTreeSet::new();
+    for stored in log.read(1, to_seq) {
+        let stored = stored.expect("read");
+        catalog.apply(stored.seq, stored.recorded_at, &stored.event);
+        if let Event::MeasurementRecorded(m) = &stored.event {
+            measurements.push((stored.seq, m.clone()));
+        }
+        let find = |seq| {
+            measurements
+                .iter()
+                .find(|(at, _)| *at == seq)
+                .map(|(_, m)| m.clone())
+        };
+        if let Some(kpi_id) = aggregates.apply(stored.seq, &stored.event, find) {
+            changed.insert(kpi_id);
+        }
+    }
+    for kpi_id in changed {
+        let of_kpi = measurements.iter().filter(|(_, m)| m.kpi_id == kpi_id);
+        aggregates.rebuild_kpi(&kpi_id, of_kpi.map(|(seq, m)| (*seq, m)));
+    }
+    (catalog, aggregates)
 }
 
 proptest! {

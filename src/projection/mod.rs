@@ -6,6 +6,7 @@ pub mod aggregates;
 pub mod analysis;
 pub mod buckets;
 pub mod catalog;
+pub mod history;
 pub mod live;
 pub mod snapshot;
 
@@ -15,6 +16,7 @@ use std::sync::{Arc, RwLock, RwLockReadGuard};
 
 pub use aggregates::{AggregateQuery, Aggregates, AnsweredBucket, Fill, Footprint};
 pub use catalog::CatalogView;
+pub use history::{History, HistoryOptions};
 pub use snapshot::{Snapshot, SnapshotError};
 
 use crate::domain::{Catalog, Event, Measurement};
@@ -30,6 +32,8 @@ pub struct ReadModels {
     pub aggregates: Arc<AggregateView>,
     /// The durable head and the recent touches, for followers and watchers.
     pub live: Arc<live::LiveFeed>,
+    /// Each KPI's measurements and the other events, for as-of questions and refolds.
+    pub history: Arc<History>,
     /// What the start cost.
     pub restored: Restored,
 }
@@ -52,10 +56,14 @@ pub struct Restored {
 
 impl ReadModels {
     /// Loads the snapshot in `snapshot_dir` (when it belongs to `log`), folds the log's
-    /// tail after it in one pass, and registers the models for committed events. Call
-    /// before the first append, so no event is missed.
-    pub fn restore(log: &EventLog, snapshot_dir: &Path) -> Result<Self, StoreError> {
-        Self::restore_from(log, snapshot::load(snapshot_dir))
+    /// tail after it (and after what `history` covers) in one pass, and registers the
+    /// models for committed events. Call before the first append, so no event is missed.
+    pub fn restore(
+        log: &EventLog,
+        snapshot_dir: &Path,
+        history: History,
+    ) -> Result<Self, StoreError> {
+        Self::restore_from(log, snapshot::load(snapshot_dir), history)
     }
 
     /// [`ReadModels::restore`] from a snapshot already loaded (not yet checked against
@@ -63,6 +71,7 @@ impl ReadModels {
     pub fn restore_from(
         log: &EventLog,
         loaded: Result<Option<Snapshot>, SnapshotError>,
+        history: History,
     ) -> Result<Self, StoreError> {
         let checked = loaded.and_then(|loaded| loaded.map(|s| snapshot::check(s, log)).transpose());
         let (mut catalog, mut aggregates, snapshot_seq) = match checked {
@@ -75,10 +84,16 @@ impl ReadModels {
         };
         let head = log.head().seq;
         let reader = log.reader();
+        let history = Arc::new(history);
+        let history_seq = history.seq();
         let mut to_rebuild = BTreeSet::new();
         let mut replayed_events = 0;
-        for stored in log.read(snapshot_seq + 1, head) {
+        for stored in log.read(snapshot_seq.min(history_seq) + 1, head) {
             let stored = stored?;
+            history.fold_in(stored.seq, stored.recorded_at, &stored.event);
+            if stored.seq <= snapshot_seq {
+                continue;
+            }
             replayed_events += 1;
             catalog.apply(stored.seq, stored.recorded_at, &stored.event);
             if let Some(kpi_id) = aggregates.apply(stored.seq, &stored.event, |seq| {
@@ -88,11 +103,12 @@ impl ReadModels {
             }
         }
         for kpi_id in to_rebuild {
-            rebuild_kpi(&reader, &mut aggregates, &kpi_id, head)?;
+            rebuild_kpi(&history, &mut aggregates, &kpi_id, head)?;
         }
         tracing::info!(
             snapshot_seq,
             replayed_events,
+            history_seq,
             head_seq = head,
             "read models restored"
         );
@@ -100,8 +116,11 @@ impl ReadModels {
         let aggregates = Arc::new(AggregateView {
             aggregates: RwLock::new(aggregates),
             log: reader,
+            history: history.clone(),
         });
         let live_feed = Arc::new(live::LiveFeed::new(head));
+        // First: a refold of the aggregates reads its own group's events through it.
+        log.add_listener(history.clone());
         log.add_listener(catalog.clone());
         log.add_listener(aggregates.clone());
         // Last: followers woken by it find the read models current too.
@@ -110,6 +129,7 @@ impl ReadModels {
             catalog,
             aggregates,
             live: live_feed,
+            history,
             restored: Restored {
                 snapshot_seq,
                 replayed_events,
@@ -167,13 +187,18 @@ impl ReadModels {
 }
 
 /// Opens the event log in `log_dir` and restores the read models, using the snapshot in
-/// `snapshot_dir`: the log must reach its seq with its hash, the read models take their
-/// state from it. What `run` does before serving.
+/// `snapshot_dir` (the log must reach its seq with its hash, the read models take their
+/// state from it) and the history index in `history_dir`. What `run` does before serving.
 pub fn open(
     log_dir: &Path,
     snapshot_dir: &Path,
+    history_dir: &Path,
     options: StoreOptions,
 ) -> Result<(EventLog, ReadModels), StoreError> {
+    let history_options = HistoryOptions {
+        min_free_bytes: options.min_free_bytes,
+        ..HistoryOptions::default()
+    };
     let started = std::time::Instant::now();
     let mut loaded = snapshot::load_undecoded(snapshot_dir);
     let acknowledged = match &mut loaded {
@@ -201,8 +226,9 @@ pub fn open(
         (log, decoded, opened_after)
     });
     let log = log?;
+    let history = History::open(history_dir, &log, history_options)?;
     let ready_after = started.elapsed();
-    let mut models = ReadModels::restore_from(&log, loaded)?;
+    let mut models = ReadModels::restore_from(&log, loaded, history)?;
     models.restored.snapshot_load = loaded_after;
     models.restored.log_open = opened_after;
     models.restored.models = started.elapsed() - ready_after;
@@ -218,8 +244,10 @@ pub fn open(
 /// The aggregate read model, shared by request handlers and kept current by the writer.
 pub struct AggregateView {
     aggregates: RwLock<Aggregates>,
-    /// For retractions and refolds; does not keep the log open (the log holds this view).
+    /// For retractions; does not keep the log open (the log holds this view).
     log: LogReader,
+    /// For as-of questions and refolds.
+    history: Arc<History>,
 }
 
 impl AggregateView {
@@ -233,64 +261,41 @@ impl AggregateView {
             .unwrap_or_else(std::sync::PoisonError::into_inner)
     }
 
-    /// The aggregates of the KPIs `kpi_ids` as known at `seq`: a fold of the log up to it.
-    /// Costs a read of the log up to `seq`; used for as-of questions.
+    /// The aggregates of the KPIs `kpi_ids` as known at `seq`: a fold of their events up
+    /// to it, read from the history index (the KPIs' measurements and the other events).
     pub fn as_of(&self, seq: u64, kpi_ids: &[&str]) -> Result<Aggregates, StoreError> {
-        fold(&self.log, seq, |id| kpi_ids.contains(&id))
-    }
-}
-
-/// The catalog (KPIs and targets) as known at `seq`: a fold of the log up to it.
-pub fn catalog_as_of(log: &EventLog, seq: u64) -> Result<Catalog, StoreError> {
-    let mut catalog = Catalog::default();
-    for stored in log.read(1, seq) {
-        let stored = stored?;
-        catalog.apply(stored.seq, stored.recorded_at, &stored.event);
-    }
-    Ok(catalog)
-}
-
-/// Folds the events of the log up to `to_seq` that concern KPIs accepted by `wanted`.
-fn fold(
-    log: &LogReader,
-    to_seq: u64,
-    wanted: impl Fn(&str) -> bool,
-) -> Result<Aggregates, StoreError> {
-    let mut aggregates = Aggregates::default();
-    // KPIs whose kind or timezone changed: refolded once at the end, under their final
-    // definition, which is what the incremental path arrives at too.
-    let mut to_rebuild = BTreeSet::new();
-    for stored in log.read(1, to_seq) {
-        let stored = stored?;
-        if kpi_of(&stored.event).is_none_or(&wanted)
-            && let Some(kpi_id) =
-                aggregates.apply(stored.seq, &stored.event, |seq| measurement_at(log, seq))
-        {
-            to_rebuild.insert(kpi_id);
+        let mut aggregates = Aggregates::default();
+        // KPIs whose kind or timezone changed: refolded once at the end, under their final
+        // definition, which is what the incremental path arrives at too.
+        let mut to_rebuild = BTreeSet::new();
+        self.history.visit(kpi_ids, seq, |seq, _, event| {
+            if kpi_of(&event).is_none_or(|id| kpi_ids.contains(&id))
+                && let Some(kpi_id) =
+                    aggregates.apply(seq, &event, |seq| measurement_at(&self.log, seq))
+            {
+                to_rebuild.insert(kpi_id);
+            }
+        })?;
+        for kpi_id in to_rebuild {
+            rebuild_kpi(&self.history, &mut aggregates, &kpi_id, seq)?;
         }
+        Ok(aggregates)
     }
-    for kpi_id in to_rebuild {
-        rebuild_kpi(log, &mut aggregates, &kpi_id, to_seq)?;
-    }
-    Ok(aggregates)
 }
 
-/// Refolds the measurements of one KPI from the log, up to `to_seq`.
+/// Refolds the measurements of one KPI up to `to_seq`, read from the history index.
 fn rebuild_kpi(
-    log: &LogReader,
+    history: &History,
     aggregates: &mut Aggregates,
     kpi_id: &str,
     to_seq: u64,
 ) -> Result<(), StoreError> {
     let mut measurements = Vec::new();
-    for stored in log.read(1, to_seq) {
-        let stored = stored?;
-        if let Event::MeasurementRecorded(m) = stored.event
-            && m.kpi_id == kpi_id
-        {
-            measurements.push((stored.seq, m));
+    history.visit_measurements(kpi_id, to_seq, |seq, _, event| {
+        if let Event::MeasurementRecorded(m) = event {
+            measurements.push((seq, m));
         }
-    }
+    })?;
     aggregates.rebuild_kpi(kpi_id, measurements.iter().map(|(seq, m)| (*seq, m)));
     Ok(())
 }
@@ -338,7 +343,7 @@ impl CommitListener for AggregateView {
                 // A KPI's kind or timezone changed: refold its measurements. Rare (an
                 // operator's change), and it must finish before anyone reads the KPI.
                 let to_seq = committed.seq;
-                if let Err(error) = rebuild_kpi(&self.log, &mut aggregates, &kpi_id, to_seq) {
+                if let Err(error) = rebuild_kpi(&self.history, &mut aggregates, &kpi_id, to_seq) {
                     tracing::error!(%error, kpi_id, "cannot rebuild the buckets of a changed kpi");
                 }
             }

@@ -20,8 +20,7 @@ use crate::domain::{
 };
 use crate::projection::analysis::{self, TargetAnswer, TrendAnswer, TrendQuery};
 use crate::projection::{
-    AggregateQuery, AggregateView, AnsweredBucket, CatalogView, ReadModels, Restored,
-    SnapshotError, catalog_as_of,
+    AggregateQuery, AggregateView, AnsweredBucket, CatalogView, ReadModels, Restored, SnapshotError,
 };
 use streams::{StreamHandle, StreamKind, Streams};
 
@@ -139,13 +138,6 @@ pub enum AsOf {
 }
 
 impl KpiService {
-    /// Restores the read models from the snapshot in `snapshot_dir` and the tail of `log`
-    /// (blocking), and serves from them.
-    pub fn new(log: EventLog, options: ServiceOptions) -> Result<Self, StoreError> {
-        let models = ReadModels::restore(&log, &options.snapshot_dir)?;
-        Ok(Self::with_models(log, models, options))
-    }
-
     /// Serves from read models already restored from `log` (see
     /// [`crate::projection::open`]).
     pub fn with_models(log: EventLog, models: ReadModels, options: ServiceOptions) -> Self {
@@ -219,6 +211,12 @@ impl KpiService {
     pub fn snapshot(&self) -> Result<u64, SnapshotError> {
         self.models
             .snapshot(&self.log, &self.snapshot_dir, self.min_free_bytes)
+    }
+
+    /// Writes the history index's part in memory and stops its writer (at shutdown,
+    /// before the log closes). Blocking.
+    pub fn close_history(&self) -> Result<(), StoreError> {
+        self.models.history.close()
     }
 
     /// The log, for audit reads.
@@ -320,8 +318,8 @@ impl KpiService {
         };
         match self.resolve_as_of(as_of).await? {
             Some(seq) => {
-                let log = self.log.clone();
-                let past = blocking(move || catalog_as_of(&log, seq)).await??;
+                let history = self.models.history.clone();
+                let past = blocking(move || history.catalog_as_of(seq)).await??;
                 Ok(list(&past)?)
             }
             None => Ok(list(&self.catalog.read())?),
@@ -585,8 +583,8 @@ impl KpiService {
                 crate::domain::kpi::validate_slug(target_id, "target_id")?;
                 let catalog = match self.resolve_as_of(as_of).await? {
                     Some(seq) => {
-                        let log = self.log.clone();
-                        blocking(move || catalog_as_of(&log, seq)).await??
+                        let history = self.models.history.clone();
+                        blocking(move || history.catalog_as_of(seq)).await??
                     }
                     None => self.catalog.read().clone(),
                 };
@@ -632,11 +630,11 @@ impl KpiService {
         match self.resolve_as_of(as_of).await? {
             Some(seq) => {
                 let kpi_ids = self.with_operands(kpi_id);
-                let log = self.log.clone();
+                let history = self.models.history.clone();
                 let aggregates = self.aggregates.clone();
                 let (catalog, past) = blocking(move || {
                     let ids: Vec<&str> = kpi_ids.iter().map(String::as_str).collect();
-                    Ok::<_, StoreError>((catalog_as_of(&log, seq)?, aggregates.as_of(seq, &ids)?))
+                    Ok::<_, StoreError>((history.catalog_as_of(seq)?, aggregates.as_of(seq, &ids)?))
                 })
                 .await??;
                 Ok((catalog, Models::Past(Box::new(past))))

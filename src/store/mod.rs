@@ -88,7 +88,9 @@ pub use chain::{GENESIS_HASH, Hash, next_hash};
 pub use dedup::DedupStats;
 pub use durability::{create_dir_durably, sync_dir};
 pub use error::{AppendError, StoreError};
-pub use reader::ReadEvents;
+pub use reader::{ReadEvents, decode_record};
+pub use record::{encode_payload, recorded_at_field};
+pub use segment::{read_varint, write_varint};
 
 use checkpoint::Acknowledged;
 use commit::{Flusher, Publisher, Syncer};
@@ -709,6 +711,20 @@ impl LogReader {
             Some(tree) => ReadEvents::new(tree, from_seq, to_seq.min(head.seq)),
             None => ReadEvents::failed(StoreError::Closed),
         }
+    }
+
+    /// As [`EventLog::hash_at`].
+    pub fn hash_at(&self, seq: u64) -> Result<Hash, StoreError> {
+        let shared = self.shared.upgrade().ok_or(StoreError::Closed)?;
+        let head = *read(&shared.head);
+        if seq > head.seq {
+            return Err(StoreError::Corrupt {
+                seq,
+                reason: format!("beyond the head seq {}", head.seq),
+            });
+        }
+        let tree = read(&shared.segments).clone().ok_or(StoreError::Closed)?;
+        reader::hash_at(&tree, seq)
     }
 }
 

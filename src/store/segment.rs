@@ -317,7 +317,7 @@ fn array<const N: usize>(bytes: &[u8]) -> [u8; N] {
 }
 
 /// Appends `value` as an unsigned LEB128 varint.
-fn write_varint(buf: &mut Vec<u8>, mut value: u64) {
+pub fn write_varint(buf: &mut Vec<u8>, mut value: u64) {
     // Each byte carries the low 7 bits; the high bit says whether more bytes follow.
     // `to_le_bytes()[0]` is the low byte, so no cast can lose anything unnoticed.
     while value >= 0x80 {
@@ -329,7 +329,7 @@ fn write_varint(buf: &mut Vec<u8>, mut value: u64) {
 
 /// Reads an unsigned LEB128 varint from the start of `bytes`: the value and its length.
 /// `None` when the bytes end first or the varint is longer than a u64 allows.
-fn read_varint(bytes: &[u8]) -> Option<(u64, usize)> {
+pub fn read_varint(bytes: &[u8]) -> Option<(u64, usize)> {
     let mut value = 0_u64;
     for (index, byte) in bytes.iter().take(MAX_VARINT_LEN).enumerate() {
         let low = u64::from(byte & 0x7f);

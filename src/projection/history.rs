@@ -1,0 +1,754 @@
+//! The history index: each KPI's measurements in seq order, and every event that is not a
+//! measurement, in a sled database beside the log (`<data-dir>/history/`). An as-of
+//! question, the catalog as of a seq, and the refold of a KPI whose kind or timezone
+//! changed read only the events they need through it, instead of the log from seq 1: at
+//! 50 M events over 1,000 KPIs, one KPI's history is 1/1,000 of the log.
+//!
+//! # Layout
+//!
+//! One tree, `history`, so that one sled batch stores a whole flush atomically:
+//! - `m` ‖ length of the KPI id (u16 BE) ‖ KPI id ‖ first seq (u64 BE) → a block of
+//!   the KPI's measurements;
+//! - `e` ‖ first seq (u64 BE) → a block of the other events (definitions, targets,
+//!   retractions, lost events), all KPIs together: there are few;
+//! - `covered` → the format byte, a seq (u64 LE) and the log's chain hash after it: the
+//!   tree holds every event up to that seq, and nothing after it.
+//!
+//! A block is a format byte, the count (u32 LE), the first and last seq (u64 LE each),
+//! then its entries compressed as one LZ4 block with the size prepended. An entry is the
+//! distance of its seq from the previous entry's (the first: from 0) and the record's
+//! length, both LEB128 varints, then the record: the bytes the log stores for the event.
+//!
+//! # Writing
+//!
+//! The index listens to the log (on the publisher thread, before the aggregates, so a
+//! refold finds its own group's events): it copies each record into memory, per KPI for
+//! measurements. Every `flush_every_events` events (or 32 MiB of records) the open part
+//! is frozen and handed to the `kpi-history` thread, which writes it in one batch with the
+//! new `covered`; nothing on the commit path waits for it. Reads see the stored blocks up
+//! to `covered`, then the frozen parts, then the open one. Like the log's other derived
+//! writers, the thread writes only while twice the free-space minimum stays free (sled
+//! does not recover from a failed write); until then the parts stay in memory.
+//!
+//! # Recovery
+//!
+//! The index is derived from the log. At open the log after `covered` is read again
+//! (`projection::open` does it in the same pass as the read models' tail); an index the
+//! log does not continue (the log ends before `covered`, or its hash there differs, as
+//! after `kpi-server recover`), one of another format, or one sled cannot open is removed
+//! and rebuilt from the log.
+
+use std::collections::VecDeque;
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::mpsc::{Receiver, Sender};
+use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
+use std::thread::JoinHandle;
+use std::time::Duration;
+
+use chrono::{DateTime, Utc};
+use foldhash::HashMap;
+
+use crate::domain::{Catalog, Event};
+use crate::store::{
+    self, CommitListener, Committed, EventLog, GENESIS_HASH, Hash, LogReader, StoreError,
+};
+
+/// Events between two writes of the index by default: at most this many events of the log
+/// are read again at a start after a crash.
+pub const DEFAULT_FLUSH_EVERY_EVENTS: u64 = 100_000;
+/// Bytes of records after which the open part is frozen whatever its count.
+const MAX_PART_BYTES: usize = 32 * 1024 * 1024;
+/// Largest entries area a stored block may claim (a part is frozen at 32 MiB): a damaged
+/// size never makes a read allocate more.
+const MAX_AREA_BYTES: usize = 2 * MAX_PART_BYTES;
+/// The format of `covered` and of the blocks.
+const FORMAT: u8 = 1;
+/// The tree of the index.
+const TREE: &str = "history";
+/// The key of the covered seq.
+const COVERED_KEY: &[u8] = b"covered";
+/// First byte of a KPI's measurement blocks.
+const MEASUREMENTS: u8 = b'm';
+/// First byte of the blocks of other events.
+const OTHERS: u8 = b'e';
+/// sled's cache for the index: reads are scans that the page cache serves well.
+const SLED_CACHE_BYTES: u64 = 8 * 1024 * 1024;
+/// How long opening waits for the directory lock of an index closing in this process.
+const LOCK_PATIENCE: Duration = Duration::from_secs(5);
+/// How long the writer waits before asking again for room on a nearly full disk.
+const ROOM_RETRY: Duration = Duration::from_secs(1);
+
+/// How the index writes.
+#[derive(Debug, Clone, Copy)]
+pub struct HistoryOptions {
+    /// Events between two writes (see [`DEFAULT_FLUSH_EVERY_EVENTS`]).
+    pub flush_every_events: u64,
+    /// The log's free-space minimum: the index writes only while twice this stays free.
+    pub min_free_bytes: u64,
+}
+
+impl Default for HistoryOptions {
+    fn default() -> Self {
+        Self {
+            flush_every_events: DEFAULT_FLUSH_EVERY_EVENTS,
+            min_free_bytes: store::DEFAULT_MIN_FREE_BYTES,
+        }
+    }
+}
+
+/// The history index of one data directory.
+pub struct History {
+    tree: sled::Tree,
+    db: sled::Db,
+    state: Arc<Mutex<State>>,
+    to_writer: Mutex<Option<Sender<Arc<Part>>>>,
+    writer: Mutex<Option<JoinHandle<()>>>,
+    /// Set when closing: a writer waiting for room gives up (the next start reads the log
+    /// after the last stored seq again).
+    stopping: Arc<AtomicBool>,
+    flush_every_events: u64,
+}
+
+/// What is in memory.
+#[derive(Default)]
+struct State {
+    /// The tree holds every event up to this seq.
+    stored: u64,
+    /// Parts handed to the writer, oldest first, not yet stored.
+    frozen: VecDeque<Arc<Part>>,
+    /// The part being filled.
+    open: Part,
+    /// Reused to encode a record.
+    scratch: Vec<u8>,
+}
+
+/// Consecutive events of the log, after the stored ones.
+#[derive(Default)]
+struct Part {
+    /// The last seq in the part (or before it, when empty).
+    last_seq: u64,
+    events: u64,
+    bytes: usize,
+    measurements: HashMap<String, Area>,
+    others: Area,
+}
+
+/// Entries in seq order (see the module doc).
+#[derive(Debug, Default, Clone)]
+struct Area {
+    first_seq: u64,
+    last_seq: u64,
+    count: u32,
+    bytes: Vec<u8>,
+}
+
+impl Area {
+    fn push(&mut self, seq: u64, record: &[u8]) {
+        if self.count == 0 {
+            self.first_seq = seq;
+        }
+        store::write_varint(&mut self.bytes, seq - self.last_seq);
+        store::write_varint(&mut self.bytes, widen(record.len()));
+        self.bytes.extend_from_slice(record);
+        self.last_seq = seq;
+        self.count += 1;
+    }
+
+    /// The block stored for this area.
+    fn encode(&self) -> Vec<u8> {
+        let compressed = lz4_flex::block::compress_prepend_size(&self.bytes);
+        let mut value = Vec::with_capacity(21 + compressed.len());
+        value.push(FORMAT);
+        value.extend_from_slice(&self.count.to_le_bytes());
+        value.extend_from_slice(&self.first_seq.to_le_bytes());
+        value.extend_from_slice(&self.last_seq.to_le_bytes());
+        value.extend_from_slice(&compressed);
+        value
+    }
+
+    /// Reads a stored block; `None` when it is damaged.
+    fn decode(value: &[u8]) -> Option<Self> {
+        let (&format, rest) = value.split_first()?;
+        if format != FORMAT {
+            return None;
+        }
+        let count = u32::from_le_bytes(rest.get(..4)?.try_into().ok()?);
+        let first_seq = u64::from_le_bytes(rest.get(4..12)?.try_into().ok()?);
+        let last_seq = u64::from_le_bytes(rest.get(12..20)?.try_into().ok()?);
+        let compressed = rest.get(20..)?;
+        let size = u32::from_le_bytes(compressed.get(..4)?.try_into().ok()?);
+        if usize::try_from(size).ok()? > MAX_AREA_BYTES {
+            return None;
+        }
+        let bytes = lz4_flex::block::decompress_size_prepended(compressed).ok()?;
+        Some(Self {
+            first_seq,
+            last_seq,
+            count,
+            bytes,
+        })
+    }
+}
+
+fn widen(len: usize) -> u64 {
+    u64::try_from(len).unwrap_or(u64::MAX)
+}
+
+fn lock(state: &Mutex<State>) -> MutexGuard<'_, State> {
+    // Every change leaves the state whole, so a poisoned lock still holds a usable index.
+    state.lock().unwrap_or_else(PoisonError::into_inner)
+}
+
+/// The key prefix of a KPI's measurement blocks.
+fn measurements_prefix(kpi_id: &str) -> Vec<u8> {
+    let len = u16::try_from(kpi_id.len()).unwrap_or(u16::MAX);
+    let mut key = Vec::with_capacity(3 + kpi_id.len() + 8);
+    key.push(MEASUREMENTS);
+    key.extend_from_slice(&len.to_be_bytes());
+    key.extend_from_slice(kpi_id.as_bytes());
+    key
+}
+
+fn block_key(mut prefix: Vec<u8>, first_seq: u64) -> Vec<u8> {
+    prefix.extend_from_slice(&first_seq.to_be_bytes());
+    prefix
+}
+
+impl History {
+    /// Opens (or creates) the index in `dir` for `log`, removing one the log does not
+    /// continue. Returns it with the seq it covers: the caller feeds it the log after that
+    /// seq ([`History::fold_in`]) before registering it as a listener.
+    pub fn open(dir: &Path, log: &EventLog, options: HistoryOptions) -> Result<Self, StoreError> {
+        let db = match open_db(dir) {
+            Ok(db) => db,
+            Err(error) if is_locked(&error) => {
+                return Err(StoreError::AlreadyInUse {
+                    path: dir.to_owned(),
+                });
+            }
+            Err(error) => {
+                tracing::warn!(%error, dir = %dir.display(), "history index unreadable; rebuilding it from the log");
+                std::fs::remove_dir_all(dir).map_err(|source| StoreError::Io {
+                    path: dir.to_owned(),
+                    source,
+                })?;
+                open_db(dir)?
+            }
+        };
+        let tree = db.open_tree(TREE)?;
+        let covered = match tree.get(COVERED_KEY)? {
+            None => 0,
+            Some(value) => match check_covered(&value, log) {
+                Ok(seq) => seq,
+                Err(reason) => {
+                    tracing::warn!(
+                        reason,
+                        "history index discarded; rebuilding it from the log"
+                    );
+                    tree.clear()?;
+                    0
+                }
+            },
+        };
+        let state = Arc::new(Mutex::new(State {
+            stored: covered,
+            open: Part {
+                last_seq: covered,
+                ..Part::default()
+            },
+            ..State::default()
+        }));
+        let (to_writer, parts) = std::sync::mpsc::channel();
+        let stopping = Arc::new(AtomicBool::new(false));
+        let writer = Writer {
+            stopping: stopping.clone(),
+            tree: tree.clone(),
+            state: state.clone(),
+            log: log.reader(),
+            dir: dir.to_owned(),
+            min_free: options.min_free_bytes,
+        };
+        let writer = std::thread::Builder::new()
+            .name("kpi-history".into())
+            .spawn(move || writer.run(&parts))
+            .map_err(|source| StoreError::Io {
+                path: dir.to_owned(),
+                source,
+            })?;
+        Ok(Self {
+            tree,
+            db,
+            state,
+            to_writer: Mutex::new(Some(to_writer)),
+            writer: Mutex::new(Some(writer)),
+            stopping,
+            flush_every_events: options.flush_every_events.max(1),
+        })
+    }
+
+    /// The seq up to which the index has every event (stored or in memory).
+    pub fn seq(&self) -> u64 {
+        lock(&self.state).open.last_seq
+    }
+
+    /// Adds one event of the log; events at or before [`History::seq`] are ignored.
+    pub fn fold_in(&self, seq: u64, recorded_at: DateTime<Utc>, event: &Event) {
+        let mut state = lock(&self.state);
+        self.add(&mut state, seq, recorded_at, event);
+        self.freeze_if_full(&mut state);
+    }
+
+    fn add(&self, state: &mut State, seq: u64, recorded_at: DateTime<Utc>, event: &Event) {
+        if seq <= state.open.last_seq {
+            return;
+        }
+        let mut record = std::mem::take(&mut state.scratch);
+        record.clear();
+        record.extend_from_slice(&store::recorded_at_field(recorded_at));
+        store::encode_payload(event, &mut record);
+        let part = &mut state.open;
+        match event {
+            Event::MeasurementRecorded(measurement) => {
+                match part.measurements.get_mut(&measurement.kpi_id) {
+                    Some(area) => area.push(seq, &record),
+                    None => part
+                        .measurements
+                        .entry(measurement.kpi_id.clone())
+                        .or_default()
+                        .push(seq, &record),
+                }
+            }
+            _ => part.others.push(seq, &record),
+        }
+        part.last_seq = seq;
+        part.events += 1;
+        part.bytes += record.len();
+        state.scratch = record;
+    }
+
+    fn freeze_if_full(&self, state: &mut State) {
+        if state.open.events >= self.flush_every_events || state.open.bytes >= MAX_PART_BYTES {
+            self.freeze(state);
+        }
+    }
+
+    /// Hands the open part to the writer.
+    fn freeze(&self, state: &mut State) {
+        if state.open.events == 0 {
+            return;
+        }
+        let last_seq = state.open.last_seq;
+        let part = Arc::new(std::mem::replace(
+            &mut state.open,
+            Part {
+                last_seq,
+                ..Part::default()
+            },
+        ));
+        state.frozen.push_back(part.clone());
+        let sender = self
+            .to_writer
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner);
+        if let Some(sender) = sender.as_ref()
+            && sender.send(part).is_err()
+        {
+            tracing::error!("the history index writer is gone; the index stays in memory");
+        }
+    }
+
+    /// Writes everything held in memory and closes the index: a graceful stop, after which
+    /// a start reads no log for it. Blocking.
+    pub fn close(&self) -> Result<(), StoreError> {
+        {
+            let mut state = lock(&self.state);
+            self.freeze(&mut state);
+        }
+        self.stop_writer();
+        self.db.flush()?;
+        Ok(())
+    }
+
+    /// Ends the writer once it has stored what it was handed (unless it waits for room),
+    /// and waits for it.
+    fn stop_writer(&self) {
+        drop(
+            self.to_writer
+                .lock()
+                .unwrap_or_else(PoisonError::into_inner)
+                .take(),
+        );
+        self.stopping.store(true, Ordering::Relaxed);
+        let writer = self
+            .writer
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .take();
+        if let Some(writer) = writer
+            && writer.join().is_err()
+        {
+            tracing::error!("the history index writer panicked");
+        }
+    }
+
+    /// Calls `visit` for every event up to `to_seq` that concerns one of `kpi_ids`
+    /// (measurements of them, and every event that is not a measurement), in seq order.
+    pub fn visit(
+        &self,
+        kpi_ids: &[&str],
+        to_seq: u64,
+        visit: impl FnMut(u64, DateTime<Utc>, Event),
+    ) -> Result<(), StoreError> {
+        let mut cursors = Vec::with_capacity(kpi_ids.len() + 1);
+        cursors.push(self.cursor(vec![OTHERS], to_seq, |part| Some(&part.others)));
+        for kpi_id in kpi_ids {
+            cursors.push(self.cursor(measurements_prefix(kpi_id), to_seq, |part| {
+                part.measurements.get(*kpi_id)
+            }));
+        }
+        merge(cursors, visit)
+    }
+
+    /// Calls `visit` for every measurement of `kpi_id` up to `to_seq`, in seq order.
+    pub fn visit_measurements(
+        &self,
+        kpi_id: &str,
+        to_seq: u64,
+        visit: impl FnMut(u64, DateTime<Utc>, Event),
+    ) -> Result<(), StoreError> {
+        let cursor = self.cursor(measurements_prefix(kpi_id), to_seq, |part| {
+            part.measurements.get(kpi_id)
+        });
+        merge(vec![cursor], visit)
+    }
+
+    /// The catalog (KPIs and targets) as known at `seq`.
+    pub fn catalog_as_of(&self, seq: u64) -> Result<Catalog, StoreError> {
+        let mut catalog = Catalog::default();
+        let cursor = self.cursor(vec![OTHERS], seq, |part| Some(&part.others));
+        merge(vec![cursor], |seq, recorded_at, event| {
+            catalog.apply(seq, recorded_at, &event);
+        })?;
+        catalog.advance_to(seq);
+        Ok(catalog)
+    }
+
+    /// The entries with `prefix` up to `to_seq`: the stored blocks, then copies of the
+    /// areas `select` picks from the parts in memory, taken at one moment.
+    fn cursor(
+        &self,
+        prefix: Vec<u8>,
+        to_seq: u64,
+        select: impl Fn(&Part) -> Option<&Area>,
+    ) -> Cursor {
+        let state = lock(&self.state);
+        let memory = state
+            .frozen
+            .iter()
+            .map(|part| &**part)
+            .chain(std::iter::once(&state.open))
+            .filter_map(select)
+            .filter(|area| area.count > 0 && area.first_seq <= to_seq)
+            .cloned()
+            .collect();
+        let stored_to = state.stored;
+        drop(state);
+        // Blocks written after the moment above hold seqs after `stored_to`, which the
+        // copies hold too: the cursor stops reading the tree at the first such block.
+        Cursor {
+            stored: Some(self.tree.scan_prefix(prefix)),
+            stored_to,
+            memory,
+            area: Area::default(),
+            from_tree: false,
+            pos: 0,
+            prev: 0,
+            to_seq,
+        }
+    }
+}
+
+impl CommitListener for History {
+    fn committed(&self, events: &[Committed<'_>]) {
+        let mut state = lock(&self.state);
+        for committed in events {
+            self.add(
+                &mut state,
+                committed.seq,
+                committed.recorded_at,
+                committed.event,
+            );
+        }
+        self.freeze_if_full(&mut state);
+    }
+}
+
+impl Drop for History {
+    fn drop(&mut self) {
+        // Without a close, parts not yet handed over are dropped, as in a crash: the next
+        // start reads them from the log again. The writer finishes what it has.
+        self.stop_writer();
+    }
+}
+
+/// Opens sled in `dir`, waiting a moment for a lock a closing index still holds (sled's
+/// threads release it shortly after the last handle is dropped).
+fn open_db(dir: &Path) -> Result<sled::Db, sled::Error> {
+    let deadline = std::time::Instant::now() + LOCK_PATIENCE;
+    loop {
+        match sled::Config::new()
+            .path(dir)
+            .cache_capacity(SLED_CACHE_BYTES)
+            .open()
+        {
+            // sled 0.34 reports a held directory lock only as this message.
+            Err(sled::Error::Io(io))
+                if io.to_string().contains("could not acquire lock")
+                    && std::time::Instant::now() < deadline =>
+            {
+                std::thread::sleep(Duration::from_millis(20));
+            }
+            opened => return opened,
+        }
+    }
+}
+
+/// Whether sled refused `dir` because another handle holds it.
+fn is_locked(error: &sled::Error) -> bool {
+    matches!(error, sled::Error::Io(io) if io.to_string().contains("could not acquire lock"))
+}
+
+/// The seq a stored `covered` names, if the log continues it.
+fn check_covered(value: &[u8], log: &EventLog) -> Result<u64, String> {
+    let (&format, rest) = value.split_first().ok_or("empty covered record")?;
+    if format != FORMAT {
+        return Err(format!("format {format}, this build reads {FORMAT}"));
+    }
+    let seq = rest
+        .get(..8)
+        .and_then(|b| b.try_into().ok())
+        .map(u64::from_le_bytes)
+        .ok_or("short covered record")?;
+    let hash: Hash = rest
+        .get(8..40)
+        .and_then(|b| b.try_into().ok())
+        .ok_or("short covered record")?;
+    let head = log.head().seq;
+    if seq > head {
+        return Err(format!("it covers seq {seq}, the log ends at {head}"));
+    }
+    let found = if seq == 0 {
+        GENESIS_HASH
+    } else {
+        log.hash_at(seq).map_err(|error| error.to_string())?
+    };
+    if found != hash {
+        return Err(format!("the log has another hash at seq {seq}"));
+    }
+    Ok(seq)
+}
+
+/// The `kpi-history` thread: stores frozen parts in order.
+struct Writer {
+    stopping: Arc<AtomicBool>,
+    tree: sled::Tree,
+    state: Arc<Mutex<State>>,
+    log: LogReader,
+    dir: PathBuf,
+    min_free: u64,
+}
+
+impl Writer {
+    fn run(self, parts: &Receiver<Arc<Part>>) {
+        while let Ok(part) = parts.recv() {
+            let bytes = widen(part.bytes);
+            let mut waited = false;
+            while !has_room(&self.dir, self.min_free, bytes) {
+                if self.stopping.load(Ordering::Relaxed) {
+                    return;
+                }
+                if !waited {
+                    tracing::warn!(
+                        "too little free space to write the history index; it waits in memory"
+                    );
+                    waited = true;
+                }
+                std::thread::sleep(ROOM_RETRY);
+            }
+            if let Err(error) = self.store(&part) {
+                // Later parts cannot be stored after a gap: they all stay in memory, and the
+                // next start reads the log after the last stored seq again.
+                tracing::error!(%error, "cannot write the history index; it stays in memory");
+                return;
+            }
+            let mut state = lock(&self.state);
+            state.stored = part.last_seq;
+            if state
+                .frozen
+                .front()
+                .is_some_and(|front| Arc::ptr_eq(front, &part))
+            {
+                state.frozen.pop_front();
+            }
+        }
+    }
+
+    fn store(&self, part: &Part) -> Result<(), StoreError> {
+        let hash = self.log.hash_at(part.last_seq)?;
+        let mut batch = sled::Batch::default();
+        for (kpi_id, area) in &part.measurements {
+            batch.insert(
+                block_key(measurements_prefix(kpi_id), area.first_seq),
+                area.encode(),
+            );
+        }
+        if part.others.count > 0 {
+            batch.insert(
+                block_key(vec![OTHERS], part.others.first_seq),
+                part.others.encode(),
+            );
+        }
+        let mut covered = Vec::with_capacity(41);
+        covered.push(FORMAT);
+        covered.extend_from_slice(&part.last_seq.to_le_bytes());
+        covered.extend_from_slice(&hash);
+        batch.insert(COVERED_KEY, covered);
+        self.tree.apply_batch(batch)?;
+        Ok(())
+    }
+}
+
+/// Whether `bytes` more can be written in `dir` leaving twice the log's free-space
+/// minimum available (see the module doc).
+fn has_room(dir: &Path, min_free: u64, bytes: u64) -> bool {
+    match rustix::fs::statvfs(dir) {
+        Ok(stats) => {
+            stats.f_bavail.saturating_mul(stats.f_frsize)
+                >= min_free.saturating_mul(2).saturating_add(bytes)
+        }
+        Err(_) => false,
+    }
+}
+
+/// Reads the entries of one prefix in seq order (see [`History::cursor`]).
+struct Cursor {
+    stored: Option<sled::Iter>,
+    stored_to: u64,
+    memory: VecDeque<Area>,
+    area: Area,
+    from_tree: bool,
+    pos: usize,
+    prev: u64,
+    to_seq: u64,
+}
+
+/// A decoded entry.
+type Entry = (u64, DateTime<Utc>, Event);
+
+impl Cursor {
+    fn next_entry(&mut self) -> Result<Option<Entry>, StoreError> {
+        loop {
+            if self.pos < self.area.bytes.len() {
+                let (seq, start, end) = self.entry_at(self.pos)?;
+                if seq > self.to_seq {
+                    self.finish();
+                    return Ok(None);
+                }
+                if self.from_tree && seq > self.stored_to {
+                    // The rest is in the copies from memory.
+                    self.stored = None;
+                    self.area = Area::default();
+                    self.pos = 0;
+                    continue;
+                }
+                let (recorded_at, event) = store::decode_record(seq, &self.area.bytes[start..end])?;
+                self.pos = end;
+                self.prev = seq;
+                return Ok(Some((seq, recorded_at, event)));
+            }
+            let next = match self.stored.as_mut().and_then(Iterator::next) {
+                Some(stored) => {
+                    let (key, value) = stored?;
+                    let area = Area::decode(&value).ok_or_else(|| StoreError::Corrupt {
+                        seq: self.prev,
+                        reason: format!("damaged history index block {key:?}"),
+                    })?;
+                    if area.first_seq > self.stored_to {
+                        self.stored = None;
+                        continue;
+                    }
+                    self.from_tree = true;
+                    area
+                }
+                None => {
+                    self.stored = None;
+                    match self.memory.pop_front() {
+                        Some(area) if area.first_seq > self.prev => {
+                            self.from_tree = false;
+                            area
+                        }
+                        // Already read from the tree (stored since the copy was taken).
+                        Some(_) => continue,
+                        None => return Ok(None),
+                    }
+                }
+            };
+            self.area = next;
+            self.pos = 0;
+            self.prev = 0;
+        }
+    }
+
+    /// The seq of the entry at `pos` of the current area, and where its record lies.
+    fn entry_at(&self, pos: usize) -> Result<(u64, usize, usize), StoreError> {
+        let damaged = |seq| StoreError::Corrupt {
+            seq,
+            reason: "damaged history index entry".into(),
+        };
+        let bytes = self.area.bytes.get(pos..).unwrap_or_default();
+        let (delta, delta_len) = store::read_varint(bytes).ok_or_else(|| damaged(self.prev))?;
+        let (len, len_len) = store::read_varint(bytes.get(delta_len..).unwrap_or_default())
+            .ok_or_else(|| damaged(self.prev))?;
+        let seq = self.prev.saturating_add(delta);
+        let start = pos + delta_len + len_len;
+        let end = usize::try_from(len)
+            .ok()
+            .and_then(|len| start.checked_add(len))
+            .filter(|&end| end <= self.area.bytes.len())
+            .ok_or_else(|| damaged(seq))?;
+        Ok((seq, start, end))
+    }
+
+    fn finish(&mut self) {
+        self.stored = None;
+        self.memory.clear();
+        self.area = Area::default();
+        self.pos = 0;
+    }
+}
+
+/// Visits the entries of `cursors` merged in seq order.
+fn merge(
+    mut cursors: Vec<Cursor>,
+    mut visit: impl FnMut(u64, DateTime<Utc>, Event),
+) -> Result<(), StoreError> {
+    let mut heads = Vec::with_capacity(cursors.len());
+    for cursor in &mut cursors {
+        heads.push(cursor.next_entry()?);
+    }
+    loop {
+        let next = heads
+            .iter()
+            .enumerate()
+            .filter_map(|(i, head)| head.as_ref().map(|(seq, _, _)| (*seq, i)))
+            .min();
+        let Some((_, i)) = next else {
+            return Ok(());
+        };
+        if let Some((seq, recorded_at, event)) = heads[i].take() {
+            visit(seq, recorded_at, event);
+        }
+        heads[i] = cursors[i].next_entry()?;
+    }
+}
