@@ -11,6 +11,7 @@ use std::sync::atomic::{AtomicI64, Ordering};
 use std::time::{Duration, Instant};
 
 use chrono::{DateTime, TimeDelta, TimeZone, Utc};
+use common::copy_dir;
 use common::store::{append, measurement_at};
 use kpi_service::store::{DedupStats, EventLog, Outcome, StoreOptions};
 use proptest::prelude::*;
@@ -65,21 +66,6 @@ fn run_files(dir: &Path) -> Vec<PathBuf> {
         .unwrap_or_default();
     files.sort();
     files
-}
-
-/// Copies a directory tree (a crash's view of a data directory: what was written).
-fn copy_dir(from: &Path, to: &Path) {
-    std::fs::create_dir_all(to).unwrap();
-    for entry in std::fs::read_dir(from).unwrap() {
-        let entry = entry.unwrap();
-        let target = to.join(entry.file_name());
-        if entry.file_type().unwrap().is_dir() {
-            copy_dir(&entry.path(), &target);
-        } else {
-            // A file removed meanwhile (a merged run) is what a crash then would miss too.
-            let _ = std::fs::copy(entry.path(), &target);
-        }
-    }
 }
 
 /// Waits until the background threads have spilled (and merged) what `done` asks for.
