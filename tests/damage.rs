@@ -6,7 +6,7 @@ mod common;
 
 use std::path::{Path, PathBuf};
 
-use common::{TestServer, kpi, measurement, with_event_id};
+use common::{TestServer, copy_dir, kpi, measurement, with_event_id};
 use kpi_service::proto::{self, KpiKind, event_record::Payload};
 use kpi_service::recover::{Recovery, recover};
 use kpi_service::store::StoreError;
@@ -396,17 +396,4 @@ async fn an_older_log_beside_a_newer_snapshot_is_refused_and_recovered() {
     assert_eq!(recovery.lost, Some((old_head + 1, acknowledged)));
     let first_id = format!("early-0000-0-{}", unique_tag(0, 0));
     check_recovered(dir.path(), old_head + 1, acknowledged, (&first_id, 2)).await;
-}
-
-fn copy_dir(from: &Path, to: &Path) {
-    std::fs::create_dir_all(to).unwrap();
-    for entry in std::fs::read_dir(from).unwrap() {
-        let entry = entry.unwrap();
-        let target = to.join(entry.file_name());
-        if entry.file_type().unwrap().is_dir() {
-            copy_dir(&entry.path(), &target);
-        } else {
-            std::fs::copy(entry.path(), target).unwrap();
-        }
-    }
 }

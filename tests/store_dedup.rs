@@ -4,13 +4,15 @@
 
 mod common;
 
-use std::collections::HashMap;
+use std::collections::{BTreeMap, HashMap};
+use std::hash::{DefaultHasher, Hash, Hasher};
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::sync::atomic::{AtomicI64, Ordering};
 use std::time::{Duration, Instant};
 
 use chrono::{DateTime, TimeDelta, TimeZone, Utc};
+use common::copy_dir;
 use common::store::{append, measurement_at};
 use kpi_service::store::{DedupStats, EventLog, Outcome, StoreOptions};
 use proptest::prelude::*;
@@ -65,21 +67,6 @@ fn run_files(dir: &Path) -> Vec<PathBuf> {
         .unwrap_or_default();
     files.sort();
     files
-}
-
-/// Copies a directory tree (a crash's view of a data directory: what was written).
-fn copy_dir(from: &Path, to: &Path) {
-    std::fs::create_dir_all(to).unwrap();
-    for entry in std::fs::read_dir(from).unwrap() {
-        let entry = entry.unwrap();
-        let target = to.join(entry.file_name());
-        if entry.file_type().unwrap().is_dir() {
-            copy_dir(&entry.path(), &target);
-        } else {
-            // A file removed meanwhile (a merged run) is what a crash then would miss too.
-            let _ = std::fs::copy(entry.path(), &target);
-        }
-    }
 }
 
 /// Waits until the background threads have spilled (and merged) what `done` asks for.
@@ -236,28 +223,34 @@ fn ids(range: std::ops::Range<u32>) -> Vec<Option<String>> {
     range.map(|n| Some(format!("order-{n:06}"))).collect()
 }
 
-/// Fills a log with 3,000 ids through a tiny in-memory bound; returns it.
-fn spilled_log(dir: &Path, clock: &TestClock) -> EventLog {
-    let log = EventLog::open(dir, options(clock)).unwrap();
-    for batch in 0..30 {
-        let outcomes = append(
-            &log,
-            events(&ids(batch * 100..(batch + 1) * 100), clock.now()),
-        );
+/// Appends measurements with the ids of `range`, 100 a call; each must be new.
+fn append_new_ids(log: &EventLog, clock: &TestClock, range: std::ops::Range<u32>) {
+    for start in range.clone().step_by(100) {
+        let batch = ids(start..(start + 100).min(range.end));
+        let outcomes = append(log, events(&batch, clock.now()));
         assert!(
             outcomes
                 .iter()
                 .all(|o| matches!(o, Outcome::Appended { .. }))
         );
     }
+}
+
+/// Fills a log with 3,000 ids through a tiny in-memory bound; returns it.
+fn spilled_log(dir: &Path, clock: &TestClock) -> EventLog {
+    let log = EventLog::open(dir, options(clock)).unwrap();
+    append_new_ids(&log, clock, 0..3_000);
     // The spill thread catches up (4 fsyncs a spill) and the merge thread keeps few runs.
     wait_for(&log, |stats| stats.spilled_ids > 2_000 && stats.runs <= 6);
     log
 }
 
-fn assert_all_duplicates(log: &EventLog, clock: &TestClock) {
-    let outcomes = append(log, events(&ids(0..3_000), clock.now()));
-    let expected: Vec<Outcome> = (1..=3_000).map(|seq| Outcome::Duplicate { seq }).collect();
+/// Retries the first `count` ids, appended in order from seq 1: each is a duplicate.
+fn assert_all_duplicates(log: &EventLog, clock: &TestClock, count: u32) {
+    let outcomes = append(log, events(&ids(0..count), clock.now()));
+    let expected: Vec<Outcome> = (1..=u64::from(count))
+        .map(|seq| Outcome::Duplicate { seq })
+        .collect();
     assert_eq!(outcomes, expected);
 }
 
@@ -267,13 +260,13 @@ fn spilled_ids_are_found_in_bounded_memory_and_after_a_restart() {
     let clock = TestClock::new();
     let log = spilled_log(dir.path(), &clock);
     assert!(log.dedup_stats().memory_ids < 1_000);
-    assert_all_duplicates(&log, &clock);
+    assert_all_duplicates(&log, &clock, 3_000);
     assert_eq!(log.find_event_id("order-000007"), Some(8));
     log.close().unwrap();
     // After a graceful close everything is in runs: the open reads no log.
     let log = EventLog::open(dir.path(), options(&clock)).unwrap();
     assert_eq!(log.dedup_stats().memory_ids, 0);
-    assert_all_duplicates(&log, &clock);
+    assert_all_duplicates(&log, &clock, 3_000);
     // Out of the window, the ids are forgotten even while their run files remain.
     clock.advance(TimeDelta::minutes(WINDOW_MINUTES) + TimeDelta::seconds(1));
     let outcomes = append(&log, events(&ids(0..2), clock.now()));
@@ -296,7 +289,7 @@ fn deleted_or_damaged_runs_are_rebuilt_from_the_log() {
     assert!(!files.is_empty());
     std::fs::remove_file(&files[0]).unwrap();
     let log = EventLog::open(dir.path(), options(&clock)).unwrap();
-    assert_all_duplicates(&log, &clock);
+    assert_all_duplicates(&log, &clock, 3_000);
     log.close().unwrap();
     // A changed byte in a page (found only when the page is read), with the log open: the
     // lookups that need it read the log instead, and the next open rebuilds.
@@ -308,10 +301,10 @@ fn deleted_or_damaged_runs_are_rebuilt_from_the_log() {
         }
         std::fs::write(&file, &bytes).unwrap();
     }
-    assert_all_duplicates(&log, &clock);
+    assert_all_duplicates(&log, &clock, 3_000);
     log.close().unwrap();
     let log = EventLog::open(dir.path(), options(&clock)).unwrap();
-    assert_all_duplicates(&log, &clock);
+    assert_all_duplicates(&log, &clock, 3_000);
     log.close().unwrap();
 }
 
@@ -327,6 +320,78 @@ fn a_crash_keeps_the_runs_and_reads_only_the_log_after_them() {
     let stats = log.dedup_stats();
     assert!(stats.spilled_ids > 2_000, "{stats:?}");
     assert!(stats.memory_ids < 1_000, "{stats:?}");
-    assert_all_duplicates(&log, &clock);
+    assert_all_duplicates(&log, &clock, 3_000);
+    log.close().unwrap();
+}
+
+/// The files under `<log>/dedup/` (the runs and their manifest), each with a hash of its
+/// bytes.
+fn dedup_files(dir: &Path) -> BTreeMap<PathBuf, u64> {
+    std::fs::read_dir(dedup_dir(dir))
+        .unwrap()
+        .map(|entry| {
+            let path = entry.unwrap().path();
+            let mut hasher = DefaultHasher::new();
+            std::fs::read(&path).unwrap().hash(&mut hasher);
+            (path, hasher.finish())
+        })
+        .collect()
+}
+
+/// A free-space minimum for a log in `dir` between half of what its file system has
+/// available and all of it: the log opens and takes appends (it needs the minimum
+/// available), but the dedup index has no room to spill or merge (it needs twice the
+/// minimum beside the run).
+///
+/// Other processes fill and free space while the test runs: it goes wrong only if they
+/// fill a quarter of what was available within its few seconds (the log then refuses
+/// writes) or free half of it (runs are then written). Below 1 GiB available, a quarter
+/// is too close to what the log itself reserves (sled's file is preallocated some tens of
+/// MiB ahead), so the test asks for more rather than fail at random.
+fn min_free_without_room_to_spill(dir: &Path) -> u64 {
+    let stats = rustix::fs::statvfs(dir).unwrap();
+    let available = stats.f_bavail.saturating_mul(stats.f_frsize);
+    assert!(
+        available >= 1 << 30,
+        "this test needs 1 GiB available on the file system of {} (see TMPDIR); it has {available} bytes",
+        dir.display()
+    );
+    available / 4 * 3
+}
+
+#[test]
+fn without_room_for_runs_ids_stay_in_memory_and_a_start_does_not_fail() {
+    let dir = tempfile::tempdir().unwrap();
+    let clock = TestClock::new();
+    // With room, the ids go to runs: the unchanged files below are not for want of ids.
+    spilled_log(dir.path(), &clock).close().unwrap();
+    let spilled = dedup_files(dir.path());
+    assert!(!run_files(dir.path()).is_empty());
+    let no_room = StoreOptions {
+        min_free_bytes: min_free_without_room_to_spill(dir.path()),
+        ..options(&clock)
+    };
+    // The writer freezes parts as before; the spill (and merge) thread finds no room, so
+    // they stay in memory and are consulted. A close waits for the spill thread, which
+    // tries once more before it ends.
+    let log = EventLog::open(dir.path(), no_room.clone()).unwrap();
+    append_new_ids(&log, &clock, 3_000..4_000);
+    assert_all_duplicates(&log, &clock, 4_000);
+    log.close().unwrap();
+    assert_eq!(dedup_files(dir.path()), spilled);
+    // A start without room reads the ids after the runs into memory, far past the bound
+    // (a part is frozen at a few dozen), and opens.
+    let log = EventLog::open(dir.path(), no_room).unwrap();
+    let stats = log.dedup_stats();
+    assert_eq!((stats.memory_ids, stats.spilled_ids), (1_000, 3_000));
+    assert_all_duplicates(&log, &clock, 4_000);
+    log.close().unwrap();
+    assert_eq!(dedup_files(dir.path()), spilled);
+    // With room again, the next start spills them.
+    let log = EventLog::open(dir.path(), options(&clock)).unwrap();
+    let stats = log.dedup_stats();
+    assert!(stats.memory_ids < 1_000, "{stats:?}");
+    assert_eq!(stats.memory_ids + stats.spilled_ids, 4_000);
+    assert_all_duplicates(&log, &clock, 4_000);
     log.close().unwrap();
 }

@@ -17,6 +17,7 @@ use indicatif::ProgressBar;
 use rand::{RngExt, SeedableRng};
 use rand_pcg::Pcg64Mcg;
 use serde_json::Value;
+use tonic::transport::Channel;
 
 use super::{GrainArg, Latencies, LoadError, Report, connect, connect_many};
 use crate::domain::calendar::{bucket_of, previous_bucket};
@@ -233,6 +234,20 @@ pub(super) fn latest_buckets(
     (first.start, last.end)
 }
 
+/// One GetAggregates call: the number of buckets its stream sends before it ends, or the
+/// status of the call or of the stream. Shared with the ready probe.
+pub(super) async fn count_buckets(
+    client: &mut QueryClient<Channel>,
+    request: GetAggregatesRequest,
+) -> Result<u64, tonic::Status> {
+    let mut stream = client.get_aggregates(request).await?.into_inner();
+    let mut buckets = 0_u64;
+    while stream.message().await?.is_some() {
+        buckets += 1;
+    }
+    Ok(buckets)
+}
+
 /// Runs `requests` GetAggregates calls from `concurrency` callers; items are the buckets
 /// received.
 pub async fn query(
@@ -283,15 +298,7 @@ pub async fn query(
                     ..request.clone()
                 };
                 let sent = Instant::now();
-                let outcome = async {
-                    let mut stream = client.get_aggregates(request).await?.into_inner();
-                    let mut buckets = 0_u64;
-                    while stream.message().await?.is_some() {
-                        buckets += 1;
-                    }
-                    Ok::<_, tonic::Status>(buckets)
-                }
-                .await;
+                let outcome = count_buckets(&mut client, request).await;
                 asked.latencies.record(sent.elapsed());
                 asked.calls += 1;
                 progress.inc(1);

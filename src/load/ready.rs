@@ -15,6 +15,7 @@ use std::time::{Duration, Instant};
 use chrono_tz::Tz;
 use serde_json::Value;
 
+use super::query::count_buckets;
 use super::{AggregateQuestion, Latencies, LoadError, Report, connect};
 use crate::proto::query_client::QueryClient;
 use crate::proto::{GetAggregatesRequest, to_proto};
@@ -118,15 +119,7 @@ async fn ask(addr: &str, request: GetAggregatesRequest) -> Result<u64, Attempt> 
         .await
         .map_err(|error| Attempt::Retry(error.to_string()))?;
     let mut client = QueryClient::new(channel);
-    let outcome = async {
-        let mut stream = client.get_aggregates(request).await?.into_inner();
-        let mut buckets = 0_u64;
-        while stream.message().await?.is_some() {
-            buckets += 1;
-        }
-        Ok::<_, tonic::Status>(buckets)
-    }
-    .await;
+    let outcome = count_buckets(&mut client, request).await;
     outcome.map_err(|status| match status.code() {
         // What a connection to a process that is starting or stopping looks like.
         tonic::Code::Unavailable | tonic::Code::Unknown | tonic::Code::Cancelled => {
