@@ -564,7 +564,7 @@ impl Writer {
         while let Ok(part) = parts.recv() {
             let bytes = widen(part.bytes);
             let mut waited = false;
-            while !has_room(&self.dir, self.min_free, bytes) {
+            while !store::room_beside_guard(&self.dir, self.min_free, bytes) {
                 if self.stopping.load(Ordering::Relaxed) {
                     return;
                 }
@@ -616,18 +616,6 @@ impl Writer {
         batch.insert(COVERED_KEY, covered);
         self.tree.apply_batch(batch)?;
         Ok(())
-    }
-}
-
-/// Whether `bytes` more can be written in `dir` leaving twice the log's free-space
-/// minimum available (see the module doc).
-fn has_room(dir: &Path, min_free: u64, bytes: u64) -> bool {
-    match rustix::fs::statvfs(dir) {
-        Ok(stats) => {
-            stats.f_bavail.saturating_mul(stats.f_frsize)
-                >= min_free.saturating_mul(2).saturating_add(bytes)
-        }
-        Err(_) => false,
     }
 }
 

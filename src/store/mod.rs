@@ -91,6 +91,7 @@ pub use error::{AppendError, StoreError};
 pub use reader::{ReadEvents, decode_record};
 pub use record::{encode_payload, recorded_at_field};
 pub use segment::{read_varint, write_varint};
+pub use space::room_beside_guard;
 
 use checkpoint::Acknowledged;
 use commit::{Flusher, Publisher, Syncer};

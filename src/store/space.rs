@@ -151,3 +151,44 @@ pub fn check_before_open(dir: &Path, min_free: u64) -> Result<(), StoreError> {
     }
     Ok(())
 }
+
+/// Whether the file system of `dir` has room for `bytes` more of a derived file (the
+/// dedup index's runs, the history index) beside the log's free-space minimum `min_free`
+/// (see [`room_for`]); no room when its free space cannot be read.
+pub fn room_beside_guard(dir: &Path, min_free: u64, bytes: u64) -> bool {
+    rustix::fs::statvfs(dir).is_ok_and(|stats| {
+        room_for(
+            stats.f_bavail.saturating_mul(stats.f_frsize),
+            min_free,
+            bytes,
+        )
+    })
+}
+
+/// Whether `available` bytes leave room for `bytes` more while keeping twice the log's
+/// free-space minimum free: `available >= 2 * min_free + bytes`. The writer's guard
+/// refuses groups below the minimum; derived files stop well before it, so that the log
+/// filling up to its guard never leaves less than the minimum free once the log stops,
+/// and a restart is possible as soon as the space the log did not use is back. Until there
+/// is room, their writers keep what they would write in memory.
+fn room_for(available: u64, min_free: u64, bytes: u64) -> bool {
+    available >= min_free.saturating_mul(2).saturating_add(bytes)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn derived_files_need_twice_the_minimum_free_beside_their_bytes() {
+        let min_free = 64 * 1024 * 1024;
+        assert!(room_for(2 * min_free + 4096, min_free, 4096));
+        assert!(!room_for(2 * min_free + 4095, min_free, 4096));
+        // Enough for the log's own guard, and for the bytes beside it, but not twice.
+        assert!(!room_for(min_free + 4096, min_free, 4096));
+        assert!(!room_for(2 * min_free - 1, min_free, 0));
+        assert!(room_for(0, 0, 0));
+        // Twice a huge minimum saturates instead of wrapping round to a small figure.
+        assert!(!room_for(u64::MAX - 1, u64::MAX / 2 + 1, 0));
+    }
+}

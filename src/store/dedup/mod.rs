@@ -52,7 +52,7 @@ use std::time::Duration;
 use chrono::{DateTime, TimeDelta, Utc};
 
 use super::chain::{GENESIS_HASH, Hash};
-use super::{LogHead, Shared, StoreError, StoreOptions, durability, lock, read, reader};
+use super::{LogHead, Shared, StoreError, StoreOptions, durability, lock, read, reader, space};
 
 use manifest::{MANIFEST_FILE, Manifest};
 use mem::MemIndex;
@@ -392,7 +392,7 @@ impl RunSet {
         let bytes = count
             .saturating_mul(RUN_BYTES_PER_ID)
             .saturating_add(RUN_BYTES_FIXED);
-        if !has_room(&self.dir, self.min_free, bytes) {
+        if !space::room_beside_guard(&self.dir, self.min_free, bytes) {
             return Err(RunError::Io(std::io::Error::other(
                 "not enough free space beside the log's minimum to spill the dedup index",
             )));
@@ -453,29 +453,6 @@ impl RunSet {
         }
         Ok(true)
     }
-}
-
-/// Whether the file system of `dir` has room for `bytes` more of run files beside the
-/// log's free-space minimum `min_free` (see [`room_for`]); no room when its free space
-/// cannot be read.
-fn has_room(dir: &Path, min_free: u64, bytes: u64) -> bool {
-    rustix::fs::statvfs(dir).is_ok_and(|stats| {
-        room_for(
-            stats.f_bavail.saturating_mul(stats.f_frsize),
-            min_free,
-            bytes,
-        )
-    })
-}
-
-/// Whether `available` bytes leave room for `bytes` more while keeping twice the log's
-/// free-space minimum free: `available >= 2 * min_free + bytes`. The writer's guard
-/// refuses groups below the minimum; runs (derived files) stop well before it, so that the
-/// log filling up to its guard never leaves less than the minimum free once the log stops,
-/// and a restart is possible as soon as the space the log did not use is back. Until there
-/// is room, ids stay in memory.
-fn room_for(available: u64, min_free: u64, bytes: u64) -> bool {
-    available >= min_free.saturating_mul(2).saturating_add(bytes)
 }
 
 /// Opens the dedup index of the log in `log_dir` (whose segments are `tree`, head `head`):
@@ -563,7 +540,7 @@ fn spill_now(
         .unwrap_or(u64::MAX)
         .saturating_mul(RUN_BYTES_PER_ID)
         .saturating_add(RUN_BYTES_FIXED);
-    if !has_room(&runs.dir, runs.min_free, bytes) {
+    if !space::room_beside_guard(&runs.dir, runs.min_free, bytes) {
         tracing::warn!(dir = %runs.dir.display(), "no room to spill the dedup index at start; its ids stay in memory until there is");
         return Ok(());
     }
@@ -606,7 +583,7 @@ fn write_merged(
 ) -> Result<Run, RunError> {
     let entries: u64 = inputs.iter().map(|run| run.entries).sum();
     let bytes: u64 = inputs.iter().map(|run| run.file_len).sum();
-    if !has_room(dir, min_free, bytes) {
+    if !space::room_beside_guard(dir, min_free, bytes) {
         return Err(RunError::Io(std::io::Error::other(
             "not enough free space beside the log's minimum to merge dedup runs",
         )));
@@ -884,23 +861,5 @@ impl Background {
             let installed = runs.runs.clone();
             lock(&self.shared.dedup).install(installed, None);
         }
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn runs_need_twice_the_minimum_free_beside_their_bytes() {
-        let min_free = 64 * 1024 * 1024;
-        assert!(room_for(2 * min_free + 4096, min_free, 4096));
-        assert!(!room_for(2 * min_free + 4095, min_free, 4096));
-        // Enough for the log's own guard, and for the bytes beside it, but not twice.
-        assert!(!room_for(min_free + 4096, min_free, 4096));
-        assert!(!room_for(2 * min_free - 1, min_free, 0));
-        assert!(room_for(0, 0, 0));
-        // Twice a huge minimum saturates instead of wrapping round to a small figure.
-        assert!(!room_for(u64::MAX - 1, u64::MAX / 2 + 1, 0));
     }
 }
