@@ -11,7 +11,7 @@ use chrono_tz::Tz;
 use kpi_service::domain::Catalog;
 use kpi_service::domain::{Direction, Event, Grain, KpiDefinition, KpiKind, Measurement};
 use kpi_service::projection::{
-    AggregateQuery, Aggregates, AnsweredBucket, Fill, History, HistoryOptions, ReadModels,
+    AggregateQuery, Aggregates, AnsweredBucket, Fill, Grains, History, HistoryOptions, ReadModels,
 };
 use kpi_service::store::{AppendRequest, EventLog, StoreOptions};
 use proptest::prelude::*;
@@ -36,8 +36,9 @@ enum Op {
     /// before and the history index closed, or from the last snapshot and a history
     /// index that lost its part in memory, as in a crash).
     Restart(bool),
-    /// Compare the answers as of the seq chosen by this index with a fold of the log.
-    AsOf(usize),
+    /// Compare the answers as of the seq chosen by the first index, in the grain chosen by
+    /// the second (an as-of fold folds only the grain asked), with a fold of the log.
+    AsOf(usize, usize),
 }
 
 fn op() -> impl Strategy<Value = Op> {
@@ -47,7 +48,7 @@ fn op() -> impl Strategy<Value = Op> {
         1 => (0..KPIS.len(), any::<bool>()).prop_map(|(k, flip)| Op::Redefine(k, flip)),
         2 => any::<usize>().prop_map(Op::Retract),
         1 => any::<bool>().prop_map(Op::Restart),
-        2 => any::<usize>().prop_map(Op::AsOf),
+        2 => (any::<usize>(), 0..GRAINS.len()).prop_map(|(seq, grain)| Op::AsOf(seq, grain)),
     ]
 }
 
@@ -81,11 +82,19 @@ fn append(log: &EventLog, events: Vec<Event>) -> Vec<u64> {
     .collect()
 }
 
+/// The grains the answers compare.
+const GRAINS: [Grain; 4] = [Grain::Day, Grain::Week, Grain::Month, Grain::Year];
+
 /// Every bucket of every KPI, grain and channel.
-fn answers(aggregates: &kpi_service::projection::Aggregates) -> Vec<Vec<AnsweredBucket>> {
+fn answers(aggregates: &Aggregates) -> Vec<Vec<AnsweredBucket>> {
+    answers_in(aggregates, &GRAINS)
+}
+
+/// Every bucket of every KPI and channel in `grains`.
+fn answers_in(aggregates: &Aggregates, grains: &[Grain]) -> Vec<Vec<AnsweredBucket>> {
     let mut all = Vec::new();
     for (id, _, _) in KPIS {
-        for grain in [Grain::Day, Grain::Week, Grain::Month, Grain::Year] {
+        for &grain in grains {
             let query = AggregateQuery {
                 kpi_id: id.into(),
                 grain,
@@ -204,21 +213,32 @@ fn run(ops: Vec<Op>) {
                     "catalog after restart"
                 );
             }
-            Op::AsOf(choice) => {
+            Op::AsOf(choice, grain) => {
                 // After the KPIs' definitions (seqs 1 to 5), which every answer needs.
                 let defined = u64::try_from(KPIS.len()).unwrap();
                 let head = log.head().seq;
                 let seq = defined + u64::try_from(choice).unwrap() % (head - defined + 1);
                 let ids: Vec<&str> = KPIS.iter().map(|(id, _, _)| *id).collect();
                 let (catalog, aggregates) = fold_log(&log, seq);
-                let past = models.aggregates.as_of(seq, &ids).expect("as of");
-                assert_eq!(answers(&past), answers(&aggregates), "as of {seq}");
+                let grain = GRAINS[grain];
+                let past = models
+                    .aggregates
+                    .as_of(seq, &ids, Grains::only([grain]))
+                    .expect("as of");
+                assert_eq!(
+                    answers_in(&past, &[grain]),
+                    answers_in(&aggregates, &[grain]),
+                    "as of {seq} in {grain:?}"
+                );
                 let past_catalog = models.history.catalog_as_of(seq).expect("catalog as of");
                 assert_eq!(past_catalog, catalog, "catalog as of {seq}");
             }
         }
         let ids: Vec<&str> = KPIS.iter().map(|(id, _, _)| *id).collect();
-        let rebuilt = models.aggregates.as_of(log.head().seq, &ids).expect("fold");
+        let rebuilt = models
+            .aggregates
+            .as_of(log.head().seq, &ids, Grains::default())
+            .expect("fold");
         assert_eq!(
             answers(&models.aggregates.read()),
             answers(&rebuilt),

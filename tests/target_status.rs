@@ -716,3 +716,101 @@ async fn estimated_reach_times_are_whole_seconds() {
     assert_eq!(reached.nanos, 0, "{reached:?}");
     server.stop().await;
 }
+
+/// An as-of answer folds only the grains its question reads: as of a seq, targets in every
+/// period grain (a CUMULATIVE one by days by default, months, a LEVEL one by weeks) and
+/// trends in several grains answer exactly as the live model did at that seq.
+#[tokio::test]
+async fn as_of_answers_as_then_in_every_grain() {
+    let dir = tempfile::tempdir().unwrap();
+    let server = TestServer::start(dir.path()).await;
+    server.define(kpi("signups", KpiKind::Count)).await;
+    set_target(&server, fifty("signups")).await;
+    let by_days = proto::TargetDefinition {
+        id: "signups_days".into(),
+        period_grain: Grain::Unspecified.into(),
+        ..fifty("signups")
+    };
+    set_target(&server, by_days).await;
+    let weekly = proto::TargetDefinition {
+        id: "signups_weekly".into(),
+        value: 2.0,
+        mode: TargetMode::Level.into(),
+        period_grain: Grain::Week.into(),
+        ..fifty("signups")
+    };
+    set_target(&server, weekly).await;
+    customers_per_month(&server, "signups", &[10, 12, 14, 16]).await;
+    let head = server.log_info().await.head_seq;
+    let april = day(2026, 4, 20);
+    let now = status_at(&server, Selector::KpiId("signups".into()), april, None)
+        .await
+        .unwrap();
+    assert_eq!(now.len(), 3);
+    let grains = [
+        Grain::Hour,
+        Grain::Day,
+        Grain::Week,
+        Grain::Month,
+        Grain::Year,
+    ];
+    let trend = |grain: Grain, as_of| proto::GetTrendRequest {
+        kpi_id: "signups".into(),
+        grain: grain.into(),
+        window: 4,
+        horizon: 2,
+        evaluated_at: ts(april),
+        as_of,
+        ..Default::default()
+    };
+    let mut trends_now = Vec::new();
+    for grain in grains {
+        let answer = server.query().get_trend(trend(grain, None)).await.unwrap();
+        trends_now.push(answer.into_inner());
+    }
+    // Later measurements change every answer now, not those as of `head`.
+    customers_per_month(&server, "signups", &[3, 3, 3, 3]).await;
+    let later = status_at(&server, Selector::KpiId("signups".into()), april, None)
+        .await
+        .unwrap();
+    assert_ne!(later, now);
+    let then = status_at(
+        &server,
+        Selector::KpiId("signups".into()),
+        april,
+        common::as_of_seq(head),
+    )
+    .await
+    .unwrap();
+    assert_eq!(then, now);
+    for target in &now {
+        let id = target
+            .target
+            .as_ref()
+            .unwrap()
+            .definition
+            .as_ref()
+            .unwrap()
+            .id
+            .clone();
+        let one = status_at(
+            &server,
+            Selector::TargetId(id),
+            april,
+            common::as_of_seq(head),
+        )
+        .await
+        .unwrap();
+        assert_eq!(one, vec![target.clone()]);
+    }
+    for (grain, now) in grains.into_iter().zip(trends_now) {
+        let then = server
+            .query()
+            .get_trend(trend(grain, common::as_of_seq(head)))
+            .await
+            .unwrap()
+            .into_inner();
+        assert_eq!(then, now, "{grain:?}");
+    }
+    server.stop().await;
+}

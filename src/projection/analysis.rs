@@ -242,14 +242,23 @@ fn time_at(periods: &[Bucket], x: f64) -> Option<DateTime<Utc>> {
         .ok()
 }
 
-/// The buckets of a target's KPI over its window, in its period grain (or `default`).
+/// The grain a target is judged in: its period grain, else days for a CUMULATIVE target
+/// and months for a LEVEL one.
+pub fn period_grain(target: &TargetEntry) -> Grain {
+    let t = &target.definition;
+    t.period_grain.unwrap_or(match t.mode {
+        TargetMode::Cumulative => Grain::Day,
+        TargetMode::Level => Grain::Month,
+    })
+}
+
+/// The buckets of a target's KPI over its window, in its period grain.
 fn periods_of(
     aggregates: &Aggregates,
     target: &TargetEntry,
-    default: Grain,
 ) -> Result<(Grain, Vec<AnsweredBucket>), Rejection> {
     let t = &target.definition;
-    let grain = t.period_grain.unwrap_or(default);
+    let grain = period_grain(target);
     let buckets = window(
         aggregates,
         &t.kpi_id,
@@ -271,7 +280,7 @@ fn cumulative(
     now: DateTime<Utc>,
 ) -> Result<TargetAnswer, Rejection> {
     let t = &target.definition;
-    let (grain, buckets) = periods_of(aggregates, target, Grain::Day)?;
+    let (grain, buckets) = periods_of(aggregates, target)?;
     let periods: Vec<Bucket> = buckets.iter().map(|b| b.bucket).collect();
     let contribution = |b: &AnsweredBucket| match definition.kind {
         KpiKind::Count => exact_f64(b.summary.count),
@@ -349,7 +358,7 @@ fn level(
     now: DateTime<Utc>,
 ) -> Result<TargetAnswer, Rejection> {
     let t = &target.definition;
-    let (grain, buckets) = periods_of(aggregates, target, Grain::Month)?;
+    let (grain, buckets) = periods_of(aggregates, target)?;
     let progress_now = progress(definition, target, now);
     // Periods are half-open: the one that starts at `now` is the current one. Before the
     // target's own start nothing is judged, even when its first period began earlier.

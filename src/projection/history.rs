@@ -6,13 +6,21 @@
 //!
 //! # Layout
 //!
-//! One tree, `history`, so that one sled batch stores a whole flush atomically:
-//! - `m` ‖ length of the KPI id (u16 BE) ‖ KPI id ‖ first seq (u64 BE) → a block of
-//!   the KPI's measurements;
-//! - `e` ‖ first seq (u64 BE) → a block of the other events (definitions, targets,
-//!   retractions, lost events), all KPIs together: there are few;
+//! One tree, `history`, so that one sled batch stores a whole flush (a *part*: the events
+//! between two flushes) atomically. Keys start with the part's first seq, so every flush
+//! appends at the end of the key ranges, as the log's segments do, and sled rewrites no
+//! older node (KPI-major keys, tried first, inserted a thousand blocks all over the tree
+//! per flush and doubled the data directory):
+//! - `e` ‖ first seq of the part (u64 BE) → a block of the part's other events
+//!   (definitions, targets, retractions, lost events), all KPIs together, since there are
+//!   few; written for every part, even without such events, so these keys list the parts;
+//! - `m` ‖ first seq of the part (u64 BE) ‖ KPI id → a block of the part's measurements
+//!   of that KPI, when it has some;
 //! - `covered` → the format byte, a seq (u64 LE) and the log's chain hash after it: the
 //!   tree holds every event up to that seq, and nothing after it.
+//!
+//! A KPI's stored measurements are read with one point lookup per part (the parts' first
+//! seqs are in memory: one per 100,000 events).
 //!
 //! A block is a format byte, the count (u32 LE), the first and last seq (u64 LE each),
 //! then its entries compressed as one LZ4 block with the size prepended. An entry is the
@@ -63,7 +71,7 @@ const MAX_PART_BYTES: usize = 32 * 1024 * 1024;
 /// size never makes a read allocate more.
 const MAX_AREA_BYTES: usize = 2 * MAX_PART_BYTES;
 /// The format of `covered` and of the blocks.
-const FORMAT: u8 = 1;
+const FORMAT: u8 = 2;
 /// The tree of the index.
 const TREE: &str = "history";
 /// The key of the covered seq.
@@ -115,6 +123,8 @@ pub struct History {
 struct State {
     /// The tree holds every event up to this seq.
     stored: u64,
+    /// First seqs of the parts stored, ascending.
+    parts: Vec<u64>,
     /// Parts handed to the writer, oldest first, not yet stored.
     frozen: VecDeque<Arc<Part>>,
     /// The part being filled.
@@ -126,6 +136,8 @@ struct State {
 /// Consecutive events of the log, after the stored ones.
 #[derive(Default)]
 struct Part {
+    /// The first seq in the part (0 while empty).
+    first_seq: u64,
     /// The last seq in the part (or before it, when empty).
     last_seq: u64,
     events: u64,
@@ -200,19 +212,57 @@ fn lock(state: &Mutex<State>) -> MutexGuard<'_, State> {
     state.lock().unwrap_or_else(PoisonError::into_inner)
 }
 
-/// The key prefix of a KPI's measurement blocks.
-fn measurements_prefix(kpi_id: &str) -> Vec<u8> {
-    let len = u16::try_from(kpi_id.len()).unwrap_or(u16::MAX);
-    let mut key = Vec::with_capacity(3 + kpi_id.len() + 8);
-    key.push(MEASUREMENTS);
-    key.extend_from_slice(&len.to_be_bytes());
-    key.extend_from_slice(kpi_id.as_bytes());
+/// Which blocks a cursor reads.
+#[derive(Debug, Clone)]
+enum Blocks {
+    /// The other events.
+    Others,
+    /// The measurements of one KPI.
+    Measurements(String),
+}
+
+impl Blocks {
+    /// The key of this block of the part starting at `first_seq`.
+    fn key(&self, first_seq: u64) -> Vec<u8> {
+        match self {
+            Self::Others => part_key(OTHERS, first_seq),
+            Self::Measurements(kpi_id) => {
+                let mut key = part_key(MEASUREMENTS, first_seq);
+                key.extend_from_slice(kpi_id.as_bytes());
+                key
+            }
+        }
+    }
+
+    /// This area of `part`.
+    fn of<'a>(&self, part: &'a Part) -> Option<&'a Area> {
+        match self {
+            Self::Others => Some(&part.others),
+            Self::Measurements(kpi_id) => part.measurements.get(kpi_id),
+        }
+    }
+}
+
+fn part_key(kind: u8, first_seq: u64) -> Vec<u8> {
+    let mut key = Vec::with_capacity(9 + crate::domain::kpi::MAX_ID_LEN);
+    key.push(kind);
+    key.extend_from_slice(&first_seq.to_be_bytes());
     key
 }
 
-fn block_key(mut prefix: Vec<u8>, first_seq: u64) -> Vec<u8> {
-    prefix.extend_from_slice(&first_seq.to_be_bytes());
-    prefix
+/// The parts the tree holds (their first seqs, from the keys of their other-event blocks),
+/// up to `covered`; `None` when a key is damaged.
+fn stored_parts(tree: &sled::Tree, covered: u64) -> Option<Vec<u64>> {
+    let mut parts = Vec::new();
+    for key in tree.scan_prefix([OTHERS]).keys() {
+        let key = key.ok()?;
+        let first_seq = u64::from_be_bytes(key.get(1..9)?.try_into().ok()?);
+        if key.len() != 9 || first_seq > covered {
+            return None;
+        }
+        parts.push(first_seq);
+    }
+    Some(parts)
 }
 
 impl History {
@@ -251,8 +301,18 @@ impl History {
                 }
             },
         };
+        let (covered, parts) = match stored_parts(&tree, covered) {
+            // Every stored part lists itself in the batch that moves `covered`.
+            Some(parts) if covered == 0 || !parts.is_empty() => (covered, parts),
+            _ => {
+                tracing::warn!("history index has damaged keys; rebuilding it from the log");
+                tree.clear()?;
+                (0, Vec::new())
+            }
+        };
         let state = Arc::new(Mutex::new(State {
             stored: covered,
+            parts,
             open: Part {
                 last_seq: covered,
                 ..Part::default()
@@ -320,6 +380,9 @@ impl History {
                 }
             }
             _ => part.others.push(seq, &record),
+        }
+        if part.events == 0 {
+            part.first_seq = seq;
         }
         part.last_seq = seq;
         part.events += 1;
@@ -401,11 +464,9 @@ impl History {
         visit: impl FnMut(u64, DateTime<Utc>, Event),
     ) -> Result<(), StoreError> {
         let mut cursors = Vec::with_capacity(kpi_ids.len() + 1);
-        cursors.push(self.cursor(vec![OTHERS], to_seq, |part| Some(&part.others)));
+        cursors.push(self.cursor(Blocks::Others, to_seq));
         for kpi_id in kpi_ids {
-            cursors.push(self.cursor(measurements_prefix(kpi_id), to_seq, |part| {
-                part.measurements.get(*kpi_id)
-            }));
+            cursors.push(self.cursor(Blocks::Measurements((*kpi_id).to_owned()), to_seq));
         }
         merge(cursors, visit)
     }
@@ -417,16 +478,14 @@ impl History {
         to_seq: u64,
         visit: impl FnMut(u64, DateTime<Utc>, Event),
     ) -> Result<(), StoreError> {
-        let cursor = self.cursor(measurements_prefix(kpi_id), to_seq, |part| {
-            part.measurements.get(kpi_id)
-        });
+        let cursor = self.cursor(Blocks::Measurements(kpi_id.to_owned()), to_seq);
         merge(vec![cursor], visit)
     }
 
     /// The catalog (KPIs and targets) as known at `seq`.
     pub fn catalog_as_of(&self, seq: u64) -> Result<Catalog, StoreError> {
         let mut catalog = Catalog::default();
-        let cursor = self.cursor(vec![OTHERS], seq, |part| Some(&part.others));
+        let cursor = self.cursor(Blocks::Others, seq);
         merge(vec![cursor], |seq, recorded_at, event| {
             catalog.apply(seq, recorded_at, &event);
         })?;
@@ -434,30 +493,31 @@ impl History {
         Ok(catalog)
     }
 
-    /// The entries with `prefix` up to `to_seq`: the stored blocks, then copies of the
-    /// areas `select` picks from the parts in memory, taken at one moment.
-    fn cursor(
-        &self,
-        prefix: Vec<u8>,
-        to_seq: u64,
-        select: impl Fn(&Part) -> Option<&Area>,
-    ) -> Cursor {
+    /// The entries of `blocks` up to `to_seq`: those of the stored parts, then copies of
+    /// the areas of the parts in memory, taken at one moment.
+    fn cursor(&self, blocks: Blocks, to_seq: u64) -> Cursor {
         let state = lock(&self.state);
         let memory = state
             .frozen
             .iter()
             .map(|part| &**part)
             .chain(std::iter::once(&state.open))
-            .filter_map(select)
+            .filter_map(|part| blocks.of(part))
             .filter(|area| area.count > 0 && area.first_seq <= to_seq)
             .cloned()
             .collect();
+        let stored = state
+            .parts
+            .iter()
+            .copied()
+            .take_while(|&first_seq| first_seq <= to_seq)
+            .collect();
         let stored_to = state.stored;
         drop(state);
-        // Blocks written after the moment above hold seqs after `stored_to`, which the
-        // copies hold too: the cursor stops reading the tree at the first such block.
         Cursor {
-            stored: Some(self.tree.scan_prefix(prefix)),
+            tree: self.tree.clone(),
+            blocks,
+            stored,
             stored_to,
             memory,
             area: Area::default(),
@@ -584,6 +644,7 @@ impl Writer {
             }
             let mut state = lock(&self.state);
             state.stored = part.last_seq;
+            state.parts.push(part.first_seq);
             if state
                 .frozen
                 .front()
@@ -598,17 +659,11 @@ impl Writer {
         let hash = self.log.hash_at(part.last_seq)?;
         let mut batch = sled::Batch::default();
         for (kpi_id, area) in &part.measurements {
-            batch.insert(
-                block_key(measurements_prefix(kpi_id), area.first_seq),
-                area.encode(),
-            );
+            let key = Blocks::Measurements(kpi_id.clone()).key(part.first_seq);
+            batch.insert(key, area.encode());
         }
-        if part.others.count > 0 {
-            batch.insert(
-                block_key(vec![OTHERS], part.others.first_seq),
-                part.others.encode(),
-            );
-        }
+        // Also without other events: the key lists the part.
+        batch.insert(Blocks::Others.key(part.first_seq), part.others.encode());
         let mut covered = Vec::with_capacity(41);
         covered.push(FORMAT);
         covered.extend_from_slice(&part.last_seq.to_le_bytes());
@@ -621,7 +676,10 @@ impl Writer {
 
 /// Reads the entries of one prefix in seq order (see [`History::cursor`]).
 struct Cursor {
-    stored: Option<sled::Iter>,
+    tree: sled::Tree,
+    blocks: Blocks,
+    /// First seqs of the stored parts still to read.
+    stored: VecDeque<u64>,
     stored_to: u64,
     memory: VecDeque<Area>,
     area: Area,
@@ -645,7 +703,7 @@ impl Cursor {
                 }
                 if self.from_tree && seq > self.stored_to {
                     // The rest is in the copies from memory.
-                    self.stored = None;
+                    self.stored.clear();
                     self.area = Area::default();
                     self.pos = 0;
                     continue;
@@ -655,31 +713,26 @@ impl Cursor {
                 self.prev = seq;
                 return Ok(Some((seq, recorded_at, event)));
             }
-            let next = match self.stored.as_mut().and_then(Iterator::next) {
-                Some(stored) => {
-                    let (key, value) = stored?;
-                    let area = Area::decode(&value).ok_or_else(|| StoreError::Corrupt {
-                        seq: self.prev,
-                        reason: format!("damaged history index block {key:?}"),
-                    })?;
-                    if area.first_seq > self.stored_to {
-                        self.stored = None;
-                        continue;
+            let next = if let Some(first_seq) = self.stored.pop_front() {
+                let Some(value) = self.tree.get(self.blocks.key(first_seq))? else {
+                    // No measurements of this KPI in that part.
+                    continue;
+                };
+                let area = Area::decode(&value).ok_or_else(|| StoreError::Corrupt {
+                    seq: first_seq,
+                    reason: format!("damaged history index block {:?}", self.blocks),
+                })?;
+                self.from_tree = true;
+                area
+            } else {
+                match self.memory.pop_front() {
+                    Some(area) if area.first_seq > self.prev => {
+                        self.from_tree = false;
+                        area
                     }
-                    self.from_tree = true;
-                    area
-                }
-                None => {
-                    self.stored = None;
-                    match self.memory.pop_front() {
-                        Some(area) if area.first_seq > self.prev => {
-                            self.from_tree = false;
-                            area
-                        }
-                        // Already read from the tree (stored since the copy was taken).
-                        Some(_) => continue,
-                        None => return Ok(None),
-                    }
+                    // Already read from the tree (stored since the copy was taken).
+                    Some(_) => continue,
+                    None => return Ok(None),
                 }
             };
             self.area = next;
@@ -709,7 +762,7 @@ impl Cursor {
     }
 
     fn finish(&mut self) {
-        self.stored = None;
+        self.stored.clear();
         self.memory.clear();
         self.area = Area::default();
         self.pos = 0;

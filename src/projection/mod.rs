@@ -14,7 +14,7 @@ use std::collections::BTreeSet;
 use std::path::Path;
 use std::sync::{Arc, RwLock, RwLockReadGuard};
 
-pub use aggregates::{AggregateQuery, Aggregates, AnsweredBucket, Fill, Footprint};
+pub use aggregates::{AggregateQuery, Aggregates, AnsweredBucket, Fill, Footprint, Grains};
 pub use catalog::CatalogView;
 pub use history::{History, HistoryOptions};
 pub use snapshot::{Snapshot, SnapshotError};
@@ -261,10 +261,16 @@ impl AggregateView {
             .unwrap_or_else(std::sync::PoisonError::into_inner)
     }
 
-    /// The aggregates of the KPIs `kpi_ids` as known at `seq`: a fold of their events up
-    /// to it, read from the history index (the KPIs' measurements and the other events).
-    pub fn as_of(&self, seq: u64, kpi_ids: &[&str]) -> Result<Aggregates, StoreError> {
-        let mut aggregates = Aggregates::default();
+    /// The aggregates of the KPIs `kpi_ids` in `grains` as known at `seq`: a fold of their
+    /// events up to it, read from the history index (the KPIs' measurements and the other
+    /// events). Questions about other grains are refused.
+    pub fn as_of(
+        &self,
+        seq: u64,
+        kpi_ids: &[&str],
+        grains: Grains,
+    ) -> Result<Aggregates, StoreError> {
+        let mut aggregates = Aggregates::folding(grains);
         // KPIs whose kind or timezone changed: refolded once at the end, under their final
         // definition, which is what the incremental path arrives at too.
         let mut to_rebuild = BTreeSet::new();

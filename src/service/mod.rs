@@ -20,7 +20,8 @@ use crate::domain::{
 };
 use crate::projection::analysis::{self, TargetAnswer, TrendAnswer, TrendQuery};
 use crate::projection::{
-    AggregateQuery, AggregateView, AnsweredBucket, CatalogView, ReadModels, Restored, SnapshotError,
+    AggregateQuery, AggregateView, AnsweredBucket, CatalogView, Grains, ReadModels, Restored,
+    SnapshotError,
 };
 use streams::{StreamHandle, StreamKind, Streams};
 
@@ -557,7 +558,10 @@ impl KpiService {
         as_of: Option<AsOf>,
     ) -> Result<TrendAnswer, ServiceError> {
         crate::domain::kpi::validate_slug(&query.kpi_id, "kpi_id")?;
-        let (_, aggregates) = self.models_at(as_of, &query.kpi_id).await?;
+        let grain = query.grain;
+        let (_, aggregates) = self
+            .models_at(as_of, &query.kpi_id, move |_| Grains::only([grain]))
+            .await?;
         Ok(blocking(move || match aggregates {
             Models::Current(view) => analysis::trend(&view.read(), &query),
             Models::Past(past) => analysis::trend(&past, &query),
@@ -596,7 +600,24 @@ impl KpiService {
                     })?
             }
         };
-        let (catalog, aggregates) = self.models_at(as_of, &kpi_id).await?;
+        let grains = {
+            let (kpi_id, selector) = (kpi_id.clone(), selector.clone());
+            move |catalog: &Catalog| {
+                let grains = match &selector {
+                    TargetSelector::Kpi(_) => catalog
+                        .targets(Some(&kpi_id))
+                        .map(analysis::period_grain)
+                        .collect::<Vec<_>>(),
+                    TargetSelector::Target(id) => catalog
+                        .target(id)
+                        .map(analysis::period_grain)
+                        .into_iter()
+                        .collect(),
+                };
+                Grains::only(grains)
+            }
+        };
+        let (catalog, aggregates) = self.models_at(as_of, &kpi_id, grains).await?;
         let answer = blocking(move || {
             if catalog.get(&kpi_id).is_none() {
                 return Err(Rejection::not_found("kpi_id", format!("kpi '{kpi_id}'")));
@@ -621,11 +642,13 @@ impl KpiService {
     }
 
     /// The catalog and aggregates to answer from: the current ones, or folds of the log up
-    /// to the as-of point for `kpi_id` (and a ratio's operands).
+    /// to the as-of point for `kpi_id` (and a ratio's operands) in the grains `grains`
+    /// picks from the catalog as of that point.
     async fn models_at(
         &self,
         as_of: Option<AsOf>,
         kpi_id: &str,
+        grains: impl FnOnce(&Catalog) -> Grains + Send + 'static,
     ) -> Result<(Catalog, Models), ServiceError> {
         match self.resolve_as_of(as_of).await? {
             Some(seq) => {
@@ -634,7 +657,9 @@ impl KpiService {
                 let aggregates = self.aggregates.clone();
                 let (catalog, past) = blocking(move || {
                     let ids: Vec<&str> = kpi_ids.iter().map(String::as_str).collect();
-                    Ok::<_, StoreError>((history.catalog_as_of(seq)?, aggregates.as_of(seq, &ids)?))
+                    let catalog = history.catalog_as_of(seq)?;
+                    let past = aggregates.as_of(seq, &ids, grains(&catalog))?;
+                    Ok::<_, StoreError>((catalog, past))
                 })
                 .await??;
                 Ok((catalog, Models::Past(Box::new(past))))
@@ -657,9 +682,10 @@ impl KpiService {
             Some(seq) => {
                 let kpi_ids = self.with_operands(&query.kpi_id);
                 let aggregates = self.aggregates.clone();
+                let grain = query.grain;
                 let past = blocking(move || {
                     let ids: Vec<&str> = kpi_ids.iter().map(String::as_str).collect();
-                    aggregates.as_of(seq, &ids)
+                    aggregates.as_of(seq, &ids, Grains::only([grain]))
                 })
                 .await??;
                 Ok(past.query(&query)?)

@@ -82,7 +82,7 @@ impl Grain {
     ];
 
     /// Position in [`Grain::ALL`].
-    const fn slot(self) -> usize {
+    pub const fn slot(self) -> usize {
         match self {
             Grain::Hour => 0,
             Grain::Day => 1,
