@@ -138,18 +138,26 @@ impl KpiAggregates {
     }
 
     fn record(&mut self, measurement: &Measurement, seq: u64, grains: Grains) {
+        self.observe(
+            &measurement.labels,
+            Observation::of(measurement, seq),
+            grains,
+        );
+    }
+
+    /// Folds one measurement of the series `labels` into its buckets.
+    fn observe(&mut self, labels: &Labels, observation: Observation<'_>, grains: Grains) {
         let calendar = &mut self.calendar;
         let empty = &self.empty;
-        let series = match self.series.get_mut(&measurement.labels) {
+        let series = match self.series.get_mut(labels) {
             Some(series) => series,
-            None => self.series.entry(measurement.labels.clone()).or_default(),
+            None => self.series.entry(labels.clone()).or_default(),
         };
-        let observation = Observation::of(measurement, seq);
         for (slot, grain) in Grain::ALL.into_iter().enumerate() {
             if !grains.contains(grain) {
                 continue;
             }
-            let key = calendar.bucket_of(grain, measurement.occurred_at).key();
+            let key = calendar.bucket_of(grain, observation.occurred_at).key();
             let state = series.grains[slot].get_or_insert_with(key, || empty.clone());
             // Stored measurements were validated against this kind; a score outside its
             // range can only come from a definition changed since, which rebuilds.
@@ -348,6 +356,15 @@ impl Aggregates {
             Event::TargetSet { .. } | Event::TargetRemoved { .. } | Event::EventsLost { .. } => {
                 None
             }
+        }
+    }
+
+    /// Folds one measurement of `kpi_id`'s series `labels`, as [`Aggregates::apply`] folds a
+    /// `MeasurementRecorded` (for a fold that reads measurements without their events).
+    pub fn record(&mut self, kpi_id: &str, labels: &Labels, observation: Observation<'_>) {
+        self.seq = observation.seq;
+        if let Some(kpi) = self.measured.get_mut(kpi_id) {
+            kpi.observe(labels, observation, self.grains);
         }
     }
 

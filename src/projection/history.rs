@@ -23,9 +23,16 @@
 //! seqs are in memory: one per 100,000 events).
 //!
 //! A block is a format byte, the count (u32 LE), the first and last seq (u64 LE each),
-//! then its entries compressed as one LZ4 block with the size prepended. An entry is the
-//! distance of its seq from the previous entry's (the first: from 0) and the record's
-//! length, both LEB128 varints, then the record: the bytes the log stores for the event.
+//! then its body compressed as one LZ4 block with the size prepended, then a CRC-32 (LE)
+//! of everything before it. The body is a table
+//! of series (their count, then per series its label count and each label's key and value,
+//! each a length and the bytes; empty in blocks of other events), then the entries. Every
+//! entry starts with the distance of its seq from the previous entry's (the first: from 0).
+//! Then, for another event, the record's length and the record: the bytes the log stores.
+//! For a measurement, only what a fold reads of it, with no allocation to decode: its
+//! series' index in the table, the value (f64 LE), occurred_at's seconds as the zigzag
+//! distance from the previous entry's and its nanoseconds, and the subject (its length plus
+//! one, 0 for none, then the bytes). Integers are LEB128 varints.
 //!
 //! # Writing
 //!
@@ -57,7 +64,9 @@ use std::time::Duration;
 use chrono::{DateTime, Utc};
 use foldhash::HashMap;
 
-use crate::domain::{Catalog, Event};
+use crate::domain::aggregate::Observation;
+use crate::domain::{Catalog, Event, Measurement};
+use crate::projection::aggregates::Labels;
 use crate::store::{
     self, CommitListener, Committed, EventLog, GENESIS_HASH, Hash, LogReader, StoreError,
 };
@@ -71,7 +80,7 @@ const MAX_PART_BYTES: usize = 32 * 1024 * 1024;
 /// size never makes a read allocate more.
 const MAX_AREA_BYTES: usize = 2 * MAX_PART_BYTES;
 /// The format of `covered` and of the blocks.
-const FORMAT: u8 = 2;
+const FORMAT: u8 = 3;
 /// The tree of the index.
 const TREE: &str = "history";
 /// The key of the covered seq.
@@ -142,8 +151,56 @@ struct Part {
     last_seq: u64,
     events: u64,
     bytes: usize,
-    measurements: HashMap<String, Area>,
+    measurements: HashMap<String, KpiArea>,
     others: Area,
+}
+
+/// The open area of one KPI's measurements, with the index of its series table.
+#[derive(Default)]
+struct KpiArea {
+    area: Area,
+    series: HashMap<Labels, u32>,
+}
+
+impl KpiArea {
+    fn push(&mut self, seq: u64, measurement: &Measurement) {
+        let series = match self.series.get(&measurement.labels) {
+            Some(&series) => series,
+            None => {
+                let series = u32::try_from(self.area.series.len()).unwrap_or(u32::MAX);
+                self.area.series.push(measurement.labels.clone());
+                self.series.insert(measurement.labels.clone(), series);
+                series
+            }
+        };
+        let area = &mut self.area;
+        area.begin(seq);
+        let bytes = &mut area.bytes;
+        store::write_varint(bytes, u64::from(series));
+        bytes.extend_from_slice(&measurement.value.to_le_bytes());
+        let seconds = measurement.occurred_at.timestamp();
+        store::write_varint(bytes, zigzag(seconds.wrapping_sub(area.last_seconds)));
+        area.last_seconds = seconds;
+        store::write_varint(
+            bytes,
+            u64::from(measurement.occurred_at.timestamp_subsec_nanos()),
+        );
+        match &measurement.subject {
+            Some(subject) => {
+                store::write_varint(bytes, widen(subject.len()).saturating_add(1));
+                bytes.extend_from_slice(subject.as_bytes());
+            }
+            None => store::write_varint(bytes, 0),
+        }
+    }
+}
+
+fn zigzag(value: i64) -> u64 {
+    ((value << 1) ^ (value >> 63)).cast_unsigned()
+}
+
+fn unzigzag(value: u64) -> i64 {
+    (value >> 1).cast_signed() ^ -((value & 1).cast_signed())
 }
 
 /// Entries in seq order (see the module doc).
@@ -152,35 +209,63 @@ struct Area {
     first_seq: u64,
     last_seq: u64,
     count: u32,
+    /// The series table (measurements only).
+    series: Vec<Labels>,
+    /// The entries.
     bytes: Vec<u8>,
+    /// occurred_at's seconds of the last measurement pushed.
+    last_seconds: i64,
 }
 
 impl Area {
-    fn push(&mut self, seq: u64, record: &[u8]) {
+    /// Starts the entry of `seq`.
+    fn begin(&mut self, seq: u64) {
         if self.count == 0 {
             self.first_seq = seq;
         }
         store::write_varint(&mut self.bytes, seq - self.last_seq);
-        store::write_varint(&mut self.bytes, widen(record.len()));
-        self.bytes.extend_from_slice(record);
         self.last_seq = seq;
         self.count += 1;
     }
 
+    fn push_record(&mut self, seq: u64, record: &[u8]) {
+        self.begin(seq);
+        store::write_varint(&mut self.bytes, widen(record.len()));
+        self.bytes.extend_from_slice(record);
+    }
+
     /// The block stored for this area.
     fn encode(&self) -> Vec<u8> {
-        let compressed = lz4_flex::block::compress_prepend_size(&self.bytes);
-        let mut value = Vec::with_capacity(21 + compressed.len());
+        let mut body = Vec::with_capacity(self.bytes.len() + 64 * self.series.len() + 8);
+        store::write_varint(&mut body, widen(self.series.len()));
+        for labels in &self.series {
+            store::write_varint(&mut body, widen(labels.len()));
+            for (key, value) in labels {
+                for text in [key, value] {
+                    store::write_varint(&mut body, widen(text.len()));
+                    body.extend_from_slice(text.as_bytes());
+                }
+            }
+        }
+        body.extend_from_slice(&self.bytes);
+        let compressed = lz4_flex::block::compress_prepend_size(&body);
+        let mut value = Vec::with_capacity(25 + compressed.len());
         value.push(FORMAT);
         value.extend_from_slice(&self.count.to_le_bytes());
         value.extend_from_slice(&self.first_seq.to_le_bytes());
         value.extend_from_slice(&self.last_seq.to_le_bytes());
         value.extend_from_slice(&compressed);
+        let check = crc32fast::hash(&value);
+        value.extend_from_slice(&check.to_le_bytes());
         value
     }
 
     /// Reads a stored block; `None` when it is damaged.
     fn decode(value: &[u8]) -> Option<Self> {
+        let (value, check) = value.split_at_checked(value.len().checked_sub(4)?)?;
+        if crc32fast::hash(value).to_le_bytes() != check {
+            return None;
+        }
         let (&format, rest) = value.split_first()?;
         if format != FORMAT {
             return None;
@@ -193,13 +278,55 @@ impl Area {
         if usize::try_from(size).ok()? > MAX_AREA_BYTES {
             return None;
         }
-        let bytes = lz4_flex::block::decompress_size_prepended(compressed).ok()?;
+        let body = lz4_flex::block::decompress_size_prepended(compressed).ok()?;
+        let mut reader = Reader {
+            bytes: &body,
+            pos: 0,
+        };
+        let series_count = reader.varint()?;
+        let mut series = Vec::new();
+        for _ in 0..series_count {
+            let mut labels = Labels::new();
+            for _ in 0..reader.varint()? {
+                let key = reader.text()?.to_owned();
+                labels.insert(key, reader.text()?.to_owned());
+            }
+            series.push(labels);
+        }
         Some(Self {
             first_seq,
             last_seq,
             count,
-            bytes,
+            series,
+            bytes: body.get(reader.pos..)?.to_vec(),
+            last_seconds: 0,
         })
+    }
+}
+
+/// Reads varints and strings from a block body; `None` when it ends first.
+struct Reader<'a> {
+    bytes: &'a [u8],
+    pos: usize,
+}
+
+impl<'a> Reader<'a> {
+    fn varint(&mut self) -> Option<u64> {
+        let (value, len) = store::read_varint(self.bytes.get(self.pos..)?)?;
+        self.pos += len;
+        Some(value)
+    }
+
+    fn take(&mut self, len: u64) -> Option<&'a [u8]> {
+        let end = self.pos.checked_add(usize::try_from(len).ok()?)?;
+        let taken = self.bytes.get(self.pos..end)?;
+        self.pos = end;
+        Some(taken)
+    }
+
+    fn text(&mut self) -> Option<&'a str> {
+        let len = self.varint()?;
+        std::str::from_utf8(self.take(len)?).ok()
     }
 }
 
@@ -238,7 +365,7 @@ impl Blocks {
     fn of<'a>(&self, part: &'a Part) -> Option<&'a Area> {
         match self {
             Self::Others => Some(&part.others),
-            Self::Measurements(kpi_id) => part.measurements.get(kpi_id),
+            Self::Measurements(kpi_id) => part.measurements.get(kpi_id).map(|kpi| &kpi.area),
         }
     }
 }
@@ -363,31 +490,37 @@ impl History {
         if seq <= state.open.last_seq {
             return;
         }
-        let mut record = std::mem::take(&mut state.scratch);
-        record.clear();
-        record.extend_from_slice(&store::recorded_at_field(recorded_at));
-        store::encode_payload(event, &mut record);
         let part = &mut state.open;
         match event {
             Event::MeasurementRecorded(measurement) => {
-                match part.measurements.get_mut(&measurement.kpi_id) {
-                    Some(area) => area.push(seq, &record),
+                let kpi = match part.measurements.get_mut(&measurement.kpi_id) {
+                    Some(kpi) => kpi,
                     None => part
                         .measurements
                         .entry(measurement.kpi_id.clone())
-                        .or_default()
-                        .push(seq, &record),
-                }
+                        .or_default(),
+                };
+                let before = kpi.area.bytes.len();
+                kpi.push(seq, measurement);
+                part.bytes += kpi.area.bytes.len() - before;
             }
-            _ => part.others.push(seq, &record),
+            _ => {
+                let mut record = std::mem::take(&mut state.scratch);
+                record.clear();
+                record.extend_from_slice(&store::recorded_at_field(recorded_at));
+                store::encode_payload(event, &mut record);
+                let part = &mut state.open;
+                part.others.push_record(seq, &record);
+                part.bytes += record.len();
+                state.scratch = record;
+            }
         }
+        let part = &mut state.open;
         if part.events == 0 {
             part.first_seq = seq;
         }
         part.last_seq = seq;
         part.events += 1;
-        part.bytes += record.len();
-        state.scratch = record;
     }
 
     fn freeze_if_full(&self, state: &mut State) {
@@ -461,7 +594,7 @@ impl History {
         &self,
         kpi_ids: &[&str],
         to_seq: u64,
-        visit: impl FnMut(u64, DateTime<Utc>, Event),
+        visit: impl FnMut(u64, Visited<'_>),
     ) -> Result<(), StoreError> {
         let mut cursors = Vec::with_capacity(kpi_ids.len() + 1);
         cursors.push(self.cursor(Blocks::Others, to_seq));
@@ -476,7 +609,7 @@ impl History {
         &self,
         kpi_id: &str,
         to_seq: u64,
-        visit: impl FnMut(u64, DateTime<Utc>, Event),
+        visit: impl FnMut(u64, Visited<'_>),
     ) -> Result<(), StoreError> {
         let cursor = self.cursor(Blocks::Measurements(kpi_id.to_owned()), to_seq);
         merge(vec![cursor], visit)
@@ -486,8 +619,10 @@ impl History {
     pub fn catalog_as_of(&self, seq: u64) -> Result<Catalog, StoreError> {
         let mut catalog = Catalog::default();
         let cursor = self.cursor(Blocks::Others, seq);
-        merge(vec![cursor], |seq, recorded_at, event| {
-            catalog.apply(seq, recorded_at, &event);
+        merge(vec![cursor], |seq, visited| {
+            if let Visited::Event(recorded_at, event) = visited {
+                catalog.apply(seq, recorded_at, &event);
+            }
         })?;
         catalog.advance_to(seq);
         Ok(catalog)
@@ -524,6 +659,7 @@ impl History {
             from_tree: false,
             pos: 0,
             prev: 0,
+            prev_seconds: 0,
             to_seq,
         }
     }
@@ -658,9 +794,9 @@ impl Writer {
     fn store(&self, part: &Part) -> Result<(), StoreError> {
         let hash = self.log.hash_at(part.last_seq)?;
         let mut batch = sled::Batch::default();
-        for (kpi_id, area) in &part.measurements {
+        for (kpi_id, kpi) in &part.measurements {
             let key = Blocks::Measurements(kpi_id.clone()).key(part.first_seq);
-            batch.insert(key, area.encode());
+            batch.insert(key, kpi.area.encode());
         }
         // Also without other events: the key lists the part.
         batch.insert(Blocks::Others.key(part.first_seq), part.others.encode());
@@ -686,17 +822,72 @@ struct Cursor {
     from_tree: bool,
     pos: usize,
     prev: u64,
+    prev_seconds: i64,
     to_seq: u64,
 }
 
-/// A decoded entry.
-type Entry = (u64, DateTime<Utc>, Event);
+/// A decoded entry; a measurement's labels and subject stay in its cursor's area.
+enum Entry {
+    Event(u64, DateTime<Utc>, Event),
+    Measurement {
+        seq: u64,
+        series: usize,
+        value: f64,
+        occurred_at: DateTime<Utc>,
+        subject: Option<(usize, usize)>,
+    },
+}
+
+impl Entry {
+    fn seq(&self) -> u64 {
+        match self {
+            Self::Event(seq, _, _) | Self::Measurement { seq, .. } => *seq,
+        }
+    }
+}
+
+/// An event the history index hands to a visitor.
+pub enum Visited<'a> {
+    /// An event that is not a measurement, with its recorded_at.
+    Event(DateTime<Utc>, Event),
+    /// A measurement: its KPI, its series and what a fold takes of it.
+    Measurement {
+        /// The KPI.
+        kpi_id: &'a str,
+        /// The series.
+        labels: &'a Labels,
+        /// Value, occurred_at, seq and subject.
+        observation: Observation<'a>,
+    },
+}
+
+impl Visited<'_> {
+    /// The measurement, owned (for a refold, which collects them first).
+    pub fn to_measurement(&self) -> Option<Measurement> {
+        match self {
+            Self::Event(..) => None,
+            Self::Measurement {
+                kpi_id,
+                labels,
+                observation,
+            } => Some(Measurement {
+                kpi_id: (*kpi_id).to_owned(),
+                value: observation.value,
+                occurred_at: observation.occurred_at,
+                labels: (*labels).clone(),
+                subject: observation.subject.map(str::to_owned),
+                event_id: None,
+            }),
+        }
+    }
+}
 
 impl Cursor {
     fn next_entry(&mut self) -> Result<Option<Entry>, StoreError> {
         loop {
             if self.pos < self.area.bytes.len() {
-                let (seq, start, end) = self.entry_at(self.pos)?;
+                let (entry, end) = self.entry_at(self.pos)?;
+                let seq = entry.seq();
                 if seq > self.to_seq {
                     self.finish();
                     return Ok(None);
@@ -708,10 +899,12 @@ impl Cursor {
                     self.pos = 0;
                     continue;
                 }
-                let (recorded_at, event) = store::decode_record(seq, &self.area.bytes[start..end])?;
                 self.pos = end;
                 self.prev = seq;
-                return Ok(Some((seq, recorded_at, event)));
+                if let Entry::Measurement { occurred_at, .. } = &entry {
+                    self.prev_seconds = occurred_at.timestamp();
+                }
+                return Ok(Some(entry));
             }
             let next = if let Some(first_seq) = self.stored.pop_front() {
                 let Some(value) = self.tree.get(self.blocks.key(first_seq))? else {
@@ -738,27 +931,61 @@ impl Cursor {
             self.area = next;
             self.pos = 0;
             self.prev = 0;
+            self.prev_seconds = 0;
         }
     }
 
-    /// The seq of the entry at `pos` of the current area, and where its record lies.
-    fn entry_at(&self, pos: usize) -> Result<(u64, usize, usize), StoreError> {
+    /// The entry at `pos` of the current area, and where the next one starts.
+    fn entry_at(&self, pos: usize) -> Result<(Entry, usize), StoreError> {
         let damaged = |seq| StoreError::Corrupt {
             seq,
-            reason: "damaged history index entry".into(),
+            reason: format!("damaged history index entry in {:?}", self.blocks),
         };
-        let bytes = self.area.bytes.get(pos..).unwrap_or_default();
-        let (delta, delta_len) = store::read_varint(bytes).ok_or_else(|| damaged(self.prev))?;
-        let (len, len_len) = store::read_varint(bytes.get(delta_len..).unwrap_or_default())
-            .ok_or_else(|| damaged(self.prev))?;
+        let mut reader = Reader {
+            bytes: &self.area.bytes,
+            pos,
+        };
+        let delta = reader.varint().ok_or_else(|| damaged(self.prev))?;
         let seq = self.prev.saturating_add(delta);
-        let start = pos + delta_len + len_len;
-        let end = usize::try_from(len)
-            .ok()
-            .and_then(|len| start.checked_add(len))
-            .filter(|&end| end <= self.area.bytes.len())
-            .ok_or_else(|| damaged(seq))?;
-        Ok((seq, start, end))
+        let entry = match self.blocks {
+            Blocks::Others => {
+                let len = reader.varint().ok_or_else(|| damaged(seq))?;
+                let record = reader.take(len).ok_or_else(|| damaged(seq))?;
+                let (recorded_at, event) = store::decode_record(seq, record)?;
+                Entry::Event(seq, recorded_at, event)
+            }
+            Blocks::Measurements(_) => self
+                .measurement_at(&mut reader, seq)
+                .ok_or_else(|| damaged(seq))?,
+        };
+        Ok((entry, reader.pos))
+    }
+
+    /// The rest of a measurement's entry.
+    fn measurement_at(&self, reader: &mut Reader<'_>, seq: u64) -> Option<Entry> {
+        let series = usize::try_from(reader.varint()?).ok()?;
+        if series >= self.area.series.len() {
+            return None;
+        }
+        let value = f64::from_le_bytes(reader.take(8)?.try_into().ok()?);
+        let seconds = self.prev_seconds.wrapping_add(unzigzag(reader.varint()?));
+        let nanos = u32::try_from(reader.varint()?).ok()?;
+        let occurred_at = DateTime::from_timestamp(seconds, nanos)?;
+        let subject = match reader.varint()? {
+            0 => None,
+            len => {
+                let start = reader.pos;
+                std::str::from_utf8(reader.take(len - 1)?).ok()?;
+                Some((start, reader.pos))
+            }
+        };
+        Some(Entry::Measurement {
+            seq,
+            series,
+            value,
+            occurred_at,
+            subject,
+        })
     }
 
     fn finish(&mut self) {
@@ -772,7 +999,7 @@ impl Cursor {
 /// Visits the entries of `cursors` merged in seq order.
 fn merge(
     mut cursors: Vec<Cursor>,
-    mut visit: impl FnMut(u64, DateTime<Utc>, Event),
+    mut visit: impl FnMut(u64, Visited<'_>),
 ) -> Result<(), StoreError> {
     let mut heads = Vec::with_capacity(cursors.len());
     for cursor in &mut cursors {
@@ -782,14 +1009,170 @@ fn merge(
         let next = heads
             .iter()
             .enumerate()
-            .filter_map(|(i, head)| head.as_ref().map(|(seq, _, _)| (*seq, i)))
+            .filter_map(|(i, head)| head.as_ref().map(|entry| (entry.seq(), i)))
             .min();
         let Some((_, i)) = next else {
             return Ok(());
         };
-        if let Some((seq, recorded_at, event)) = heads[i].take() {
-            visit(seq, recorded_at, event);
+        // The cursor reads its next entry only after the visit: a measurement's labels and
+        // subject are still in its area.
+        match heads[i].take() {
+            Some(Entry::Event(seq, recorded_at, event)) => {
+                visit(seq, Visited::Event(recorded_at, event));
+            }
+            Some(Entry::Measurement {
+                seq,
+                series,
+                value,
+                occurred_at,
+                subject,
+            }) => {
+                let cursor = &cursors[i];
+                let Blocks::Measurements(kpi_id) = &cursor.blocks else {
+                    continue;
+                };
+                // Both checked when the entry was decoded.
+                let subject = subject
+                    .and_then(|(start, end)| cursor.area.bytes.get(start..end))
+                    .and_then(|bytes| std::str::from_utf8(bytes).ok());
+                if let Some(labels) = cursor.area.series.get(series) {
+                    visit(
+                        seq,
+                        Visited::Measurement {
+                            kpi_id,
+                            labels,
+                            observation: Observation {
+                                value,
+                                occurred_at,
+                                seq,
+                                subject,
+                            },
+                        },
+                    );
+                }
+            }
+            None => {}
         }
         heads[i] = cursors[i].next_entry()?;
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn measurement(i: i64) -> Measurement {
+        Measurement {
+            kpi_id: "signups".into(),
+            value: if i % 3 == 0 {
+                f64::NAN
+            } else {
+                i as f64 * -1.5
+            },
+            // Before and after 1970, with nanoseconds, out of order.
+            occurred_at: DateTime::from_timestamp(i * 7_919 * if i % 2 == 0 { 1 } else { -1 }, 999)
+                .unwrap(),
+            labels: Labels::from([(
+                "channel".into(),
+                ["web", "shop", "é"][(i % 3) as usize].into(),
+            )]),
+            subject: match i % 4 {
+                0 => None,
+                1 => Some(String::new()),
+                _ => Some(format!("user-{i}")),
+            },
+            event_id: None,
+        }
+    }
+
+    fn cursor(blocks: Blocks, area: Area) -> Cursor {
+        let db = sled::Config::new().temporary(true).open().unwrap();
+        Cursor {
+            tree: db.open_tree(TREE).unwrap(),
+            blocks,
+            stored: VecDeque::new(),
+            stored_to: 0,
+            memory: VecDeque::from([area]),
+            area: Area::default(),
+            from_tree: false,
+            pos: 0,
+            prev: 0,
+            prev_seconds: 0,
+            to_seq: u64::MAX,
+        }
+    }
+
+    fn read_back(area: Area) -> Result<Vec<(u64, Measurement)>, StoreError> {
+        let mut read = Vec::new();
+        merge(
+            vec![cursor(Blocks::Measurements("signups".into()), area)],
+            |seq, visited| read.extend(visited.to_measurement().map(|m| (seq, m))),
+        )?;
+        Ok(read)
+    }
+
+    fn written() -> (KpiArea, Vec<(u64, Measurement)>) {
+        let mut kpi = KpiArea::default();
+        let measurements: Vec<(u64, Measurement)> = (0..40_i64)
+            .map(|i| (3 + 2 * i.cast_unsigned(), measurement(i)))
+            .collect();
+        for (seq, m) in &measurements {
+            kpi.push(*seq, m);
+        }
+        (kpi, measurements)
+    }
+
+    /// Bit-for-bit: NaN is not equal to itself.
+    fn same(a: &[(u64, Measurement)], b: &[(u64, Measurement)]) -> bool {
+        a.len() == b.len()
+            && a.iter().zip(b).all(|((s, x), (t, y))| {
+                s == t
+                    && x.value.to_bits() == y.value.to_bits()
+                    && (x.occurred_at, &x.labels, &x.subject, &x.kpi_id)
+                        == (y.occurred_at, &y.labels, &y.subject, &y.kpi_id)
+            })
+    }
+
+    #[test]
+    fn measurements_read_back_as_written_from_memory_and_from_a_block() {
+        let (kpi, measurements) = written();
+        assert!(same(&read_back(kpi.area.clone()).unwrap(), &measurements));
+        let stored = Area::decode(&kpi.area.encode()).expect("decodes");
+        assert!(same(&read_back(stored).unwrap(), &measurements));
+    }
+
+    #[test]
+    fn a_damaged_block_is_refused() {
+        let (kpi, _) = written();
+        let block = kpi.area.encode();
+        for at in 0..block.len() {
+            for flip in [0x01, 0x80, 0xff] {
+                let mut damaged = block.clone();
+                damaged[at] ^= flip;
+                assert!(
+                    Area::decode(&damaged).is_none(),
+                    "{flip:#x} at {at} decodes"
+                );
+            }
+            assert!(
+                Area::decode(&block[..at]).is_none(),
+                "a block cut at {at} decodes"
+            );
+        }
+    }
+
+    #[test]
+    fn damaged_entries_are_errors_not_panics() {
+        let (kpi, _) = written();
+        for at in 0..kpi.area.bytes.len() {
+            for flip in [0x01, 0x80, 0xff] {
+                let mut area = kpi.area.clone();
+                area.bytes[at] ^= flip;
+                let _ = read_back(area);
+            }
+            let mut area = kpi.area.clone();
+            area.bytes.truncate(at);
+            let _ = read_back(area);
+        }
     }
 }

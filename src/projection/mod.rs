@@ -16,7 +16,7 @@ use std::sync::{Arc, RwLock, RwLockReadGuard};
 
 pub use aggregates::{AggregateQuery, Aggregates, AnsweredBucket, Fill, Footprint, Grains};
 pub use catalog::CatalogView;
-pub use history::{History, HistoryOptions};
+pub use history::{History, HistoryOptions, Visited};
 pub use snapshot::{Snapshot, SnapshotError};
 
 use crate::domain::{Catalog, Event, Measurement};
@@ -274,14 +274,22 @@ impl AggregateView {
         // KPIs whose kind or timezone changed: refolded once at the end, under their final
         // definition, which is what the incremental path arrives at too.
         let mut to_rebuild = BTreeSet::new();
-        self.history.visit(kpi_ids, seq, |seq, _, event| {
-            if kpi_of(&event).is_none_or(|id| kpi_ids.contains(&id))
-                && let Some(kpi_id) =
-                    aggregates.apply(seq, &event, |seq| measurement_at(&self.log, seq))
-            {
-                to_rebuild.insert(kpi_id);
-            }
-        })?;
+        self.history
+            .visit(kpi_ids, seq, |seq, visited| match visited {
+                Visited::Event(_, event) => {
+                    if kpi_of(&event).is_none_or(|id| kpi_ids.contains(&id))
+                        && let Some(kpi_id) =
+                            aggregates.apply(seq, &event, |seq| measurement_at(&self.log, seq))
+                    {
+                        to_rebuild.insert(kpi_id);
+                    }
+                }
+                Visited::Measurement {
+                    kpi_id,
+                    labels,
+                    observation,
+                } => aggregates.record(kpi_id, labels, observation),
+            })?;
         for kpi_id in to_rebuild {
             rebuild_kpi(&self.history, &mut aggregates, &kpi_id, seq)?;
         }
@@ -297,8 +305,8 @@ fn rebuild_kpi(
     to_seq: u64,
 ) -> Result<(), StoreError> {
     let mut measurements = Vec::new();
-    history.visit_measurements(kpi_id, to_seq, |seq, _, event| {
-        if let Event::MeasurementRecorded(m) = event {
+    history.visit_measurements(kpi_id, to_seq, |seq, visited| {
+        if let Some(m) = visited.to_measurement() {
             measurements.push((seq, m));
         }
     })?;
