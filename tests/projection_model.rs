@@ -286,3 +286,70 @@ proptest! {
         run(ops);
     }
 }
+
+/// Appends the KPIs' definitions and ten measurements of `revenue` with `value` to a new
+/// log in `log_dir`, and restores the read models with the history index in `history_dir`
+/// (which the listener keeps current), closing both gracefully.
+fn fill(log_dir: &std::path::Path, history_dir: &std::path::Path, value: f64) {
+    let log = EventLog::open(log_dir, StoreOptions::default()).expect("open");
+    let options = HistoryOptions {
+        flush_every_events: 3,
+        ..HistoryOptions::default()
+    };
+    let history = History::open(history_dir, &log, options).expect("history");
+    let models =
+        ReadModels::restore(&log, &log_dir.join("no-snapshots"), history).expect("restore");
+    append(
+        &log,
+        (0..KPIS.len())
+            .map(|i| Event::KpiDefined {
+                definition: definition(i, KPIS[i].2, KPIS[i].1),
+            })
+            .collect(),
+    );
+    let measurements = (0..10)
+        .map(|hour| {
+            Event::MeasurementRecorded(Measurement {
+                kpi_id: "revenue".into(),
+                value,
+                occurred_at: start() + TimeDelta::hours(hour),
+                labels: BTreeMap::from([("channel".into(), "web".into())]),
+                subject: None,
+                event_id: None,
+            })
+        })
+        .collect();
+    append(&log, measurements);
+    models.history.close().expect("close the history index");
+    log.close().expect("close");
+}
+
+/// A history index that another log does not continue (a log restored from elsewhere, or
+/// cut and continued by `kpi-server recover`) is discarded at open and rebuilt from the
+/// log that is there, even when both end at the same seq.
+#[test]
+fn an_index_of_another_log_is_rebuilt() {
+    let dir = tempfile::tempdir().unwrap();
+    let history_dir = dir.path().join("history");
+    fill(&dir.path().join("first"), &history_dir, 1.0);
+    // Same events, same seqs, another value: its own index elsewhere, so the one in
+    // `history_dir` still covers the first log up to the same head seq.
+    let second = dir.path().join("second");
+    fill(&second, &dir.path().join("second-history"), 2.0);
+    let log = EventLog::open(&second, StoreOptions::default()).expect("open");
+    let history = History::open(&history_dir, &log, HistoryOptions::default()).expect("history");
+    let models = ReadModels::restore(&log, &second.join("no-snapshots"), history).expect("restore");
+    let head = log.head().seq;
+    let ids: Vec<&str> = KPIS.iter().map(|(id, _, _)| *id).collect();
+    let past = models
+        .aggregates
+        .as_of(head, &ids, Grains::default())
+        .expect("as of");
+    let (catalog, reference) = fold_log(&log, head);
+    assert_eq!(answers(&past), answers(&reference));
+    assert_eq!(
+        models.history.catalog_as_of(head).expect("catalog"),
+        catalog
+    );
+    log.close().expect("close");
+}
