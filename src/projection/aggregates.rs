@@ -642,6 +642,7 @@ impl Aggregates {
             for series in kpi.series.values() {
                 for (slot, buckets) in series.grains.iter().enumerate() {
                     footprint.buckets[slot] += buckets.len();
+                    footprint.bytes[slot] += buckets.bytes();
                 }
             }
         }
@@ -730,6 +731,8 @@ pub struct Footprint {
     pub series: usize,
     /// Bucket states per grain, in the order of [`Grain::ALL`].
     pub buckets: [usize; 6],
+    /// Bytes the buckets of each grain hold (entries and their states' heap).
+    pub bytes: [usize; 6],
 }
 
 /// A merged bucket: its summary, and its sum when it can be a ratio operand.

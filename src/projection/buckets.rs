@@ -234,6 +234,22 @@ impl BucketMap {
             .chain(&self.tail)
     }
 
+    /// Bytes the map holds: its entries (the chunks' and the tail's capacity) and what
+    /// their states hold on the heap.
+    pub fn bytes(&self) -> usize {
+        let entries = self
+            .chunks
+            .iter()
+            .map(|chunk| chunk.capacity())
+            .sum::<usize>()
+            + self.tail.capacity();
+        entries * std::mem::size_of::<Entry>()
+            + self
+                .iter()
+                .map(|(_, state)| state.heap_bytes())
+                .sum::<usize>()
+    }
+
     /// Appends a bucket whose key is above every key held (decoding a stored map), with
     /// `coming` more (this one included) expected: a new chunk is sized for them.
     fn push_last(&mut self, entry: Entry, coming: usize) -> Result<(), BucketKey> {

@@ -318,6 +318,24 @@ impl BucketState {
         }
     }
 
+    /// Bytes the state holds on the heap beyond its 16 inline bytes (its box and what
+    /// that points to), for the read model's memory accounting.
+    pub fn heap_bytes(&self) -> usize {
+        use std::mem::size_of;
+        match &self.0 {
+            Repr::Empty(_) | Repr::One(..) | Repr::Count(_) => 0,
+            Repr::Sum(_) => size_of::<SumState>(),
+            Repr::Average(_) => size_of::<AverageState>(),
+            Repr::Min(_) => size_of::<MinState>(),
+            Repr::Max(_) => size_of::<MaxState>(),
+            Repr::Last(_) => size_of::<LastState>(),
+            Repr::Nps(_) => size_of::<NpsState>(),
+            Repr::Csat(_) => size_of::<CsatState>(),
+            Repr::Percentile(s) => size_of::<PercentileState>() + s.heap_bytes(),
+            Repr::Distinct(s) => size_of::<DistinctState>() + s.heap_bytes(),
+        }
+    }
+
     /// Applies one measurement. Only NPS and CSAT can refuse (a value that is not a score);
     /// the bucket is then unchanged.
     #[inline]
@@ -615,6 +633,59 @@ mod tests {
             seq: 1,
             subject: None,
         }
+    }
+
+    #[test]
+    fn heap_bytes_follow_the_form_a_state_is_in() {
+        let mut sum = BucketState::new(KpiKind::Sum).unwrap();
+        assert_eq!(sum.heap_bytes(), 0, "empty is inline");
+        sum.record(observation(1.0)).unwrap();
+        assert_eq!(sum.heap_bytes(), 0, "one value is inline");
+        sum.record(observation(2.0)).unwrap();
+        assert_eq!(sum.heap_bytes(), std::mem::size_of::<SumState>());
+
+        let mut percentile = BucketState::new(KpiKind::Percentile).unwrap();
+        let mut last = 0;
+        for value in 0..(PERCENTILE_EXACT_LIMIT + 10) {
+            percentile.record(observation(value as f64 + 1.0)).unwrap();
+            let bytes = percentile.heap_bytes();
+            match value {
+                0 => assert_eq!(bytes, 0, "one value is inline"),
+                1 => assert_eq!(bytes, std::mem::size_of::<PercentileState>() + 16),
+                // The exact form grows by one f64 per value.
+                _ if value < PERCENTILE_EXACT_LIMIT => assert_eq!(bytes, last + 8),
+                _ => {}
+            }
+            last = bytes;
+        }
+        assert!(
+            last > std::mem::size_of::<PercentileState>(),
+            "a sketch has bins"
+        );
+
+        let mut distinct = BucketState::new(KpiKind::Distinct).unwrap();
+        let before = {
+            distinct
+                .record(Observation {
+                    subject: Some("a"),
+                    ..observation(1.0)
+                })
+                .unwrap();
+            distinct.heap_bytes()
+        };
+        for i in 0..1000 {
+            let subject = format!("subject-{i}");
+            distinct
+                .record(Observation {
+                    subject: Some(&subject),
+                    ..observation(1.0)
+                })
+                .unwrap();
+        }
+        assert!(
+            distinct.heap_bytes() > before + 4000,
+            "a HyperLogLog is larger than a few hashes"
+        );
     }
 
     #[test]

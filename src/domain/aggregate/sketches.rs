@@ -212,6 +212,17 @@ impl fmt::Debug for PercentileState {
 }
 
 impl PercentileState {
+    /// Bytes its values or its sketch take on the heap.
+    pub fn heap_bytes(&self) -> usize {
+        match &self.0 {
+            PercentileForm::Exact(values) => std::mem::size_of_val::<[f64]>(values),
+            PercentileForm::Sketch(sketch) => {
+                std::mem::size_of::<PercentileSketch>()
+                    + sketch.sketch.length() * std::mem::size_of::<u64>()
+            }
+        }
+    }
+
     /// Adds one value. The value after [`PERCENTILE_EXACT_LIMIT`] turns the exact form
     /// into a sketch of all of them.
     #[inline]
@@ -434,6 +445,13 @@ fn deserialize_subjects<'de, D: Deserializer<'de>>(
 }
 
 impl DistinctState {
+    /// Bytes its sketch takes on the heap beyond its handle.
+    pub fn heap_bytes(&self) -> usize {
+        self.subjects
+            .size_of()
+            .saturating_sub(std::mem::size_of::<usize>())
+    }
+
     /// Counts one measurement and adds its subject.
     #[inline]
     pub fn record(&mut self, subject: Option<&str>) {
