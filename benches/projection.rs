@@ -165,7 +165,7 @@ fn restore(c: &mut Criterion) {
             let history_dir = tempfile::tempdir().unwrap();
             let history =
                 History::open(history_dir.path(), &log, HistoryOptions::default()).unwrap();
-            let models = ReadModels::restore(&log, &no_snapshots, history).unwrap();
+            let models = ReadModels::restore(&log, &no_snapshots, history, None).unwrap();
             assert_eq!(models.restored.replayed_events, replayed);
         });
     });

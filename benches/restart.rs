@@ -264,6 +264,12 @@ fn start(name: &str, dir: &Path) -> KpiService {
         &dir.join(LOG_DIR),
         &dir.join(SNAPSHOT_DIR),
         &dir.join(HISTORY_DIR),
+        kpi_service::projection::TierOptions {
+            pages_dir: dir.join(kpi_service::PAGES_DIR),
+            budget: kpi_service::config::Config::with_data_dir(dir)
+                .bucket_memory_bytes()
+                .unwrap(),
+        },
         StoreOptions::default(),
     )
     .unwrap();

@@ -28,6 +28,15 @@ pub const DEFAULT_MIN_FREE_DISK_MB: u64 = crate::store::DEFAULT_MIN_FREE_BYTES /
 /// Default longest graceful shutdown, in seconds: under systemd's default stop timeout
 /// (90 s) and Kubernetes' default grace period (30 s).
 pub const DEFAULT_SHUTDOWN_TIMEOUT_SECS: u32 = 20;
+/// Default memory budget of the whole process, in MiB: the service must fit a small device.
+pub const DEFAULT_MEMORY_BUDGET_MIB: u32 = 256;
+/// What the budget holds besides the buckets and the event ids, in MiB: the log's sled
+/// cache (64 MiB), the history index's (8 MiB), and 48 MiB for the rest (the history's
+/// part in memory, the live window, request buffers, stacks, code).
+const MEMORY_BESIDES_BUCKETS_MIB: u64 = 64 + 8 + 48;
+/// The least memory the buckets may be given, in MiB: the newest buckets of a thousand
+/// KPIs.
+const MIN_BUCKET_MEMORY_MIB: u64 = 16;
 
 /// What `kpi-server` does; without a command it serves.
 #[derive(Debug, Clone, PartialEq, Eq, clap::Subcommand)]
@@ -87,6 +96,18 @@ pub struct Config {
         value_parser = clap::value_parser!(u32).range(1..=16 * 1024 * 1024)
     )]
     pub dedup_memory_kib: u32,
+
+    /// Memory the whole process keeps to, in MiB. The buckets of the read models get what
+    /// is left after the event ids (`--dedup-memory-kib`) and 120 MiB for the rest (sled's
+    /// caches, buffers); the oldest buckets beyond it are stored in <data-dir>/pages/ and
+    /// read from there when asked.
+    #[arg(
+        long,
+        env = "KPI_MEMORY_BUDGET",
+        default_value_t = DEFAULT_MEMORY_BUDGET_MIB,
+        value_parser = clap::value_parser!(u32).range(1..)
+    )]
+    pub memory_budget: u32,
 
     /// Most server streams (ReplayEvents, WatchKpis) open at once; more get RESOURCE_EXHAUSTED.
     #[arg(
@@ -156,6 +177,7 @@ impl Config {
             max_future_skew_secs: DEFAULT_MAX_FUTURE_SKEW_SECS,
             dedup_window_hours: DEFAULT_DEDUP_WINDOW_HOURS,
             dedup_memory_kib: DEFAULT_DEDUP_MEMORY_KIB,
+            memory_budget: DEFAULT_MEMORY_BUDGET_MIB,
             max_streams: DEFAULT_MAX_STREAMS,
             heartbeat_ms: DEFAULT_HEARTBEAT_MS,
             snapshot_every_events: DEFAULT_SNAPSHOT_EVERY_EVENTS,
@@ -188,6 +210,24 @@ impl Config {
     /// Bytes of memory for the newest event ids of the deduplication index.
     pub fn dedup_memory_bytes(&self) -> usize {
         usize::try_from(u64::from(self.dedup_memory_kib) * 1024).unwrap_or(usize::MAX)
+    }
+
+    /// Bytes the read models' buckets may hold in memory: the memory budget less the event
+    /// ids and what the rest of the process needs; an error naming the smallest budget
+    /// that works when that leaves less than 16 MiB.
+    pub fn bucket_memory_bytes(&self) -> Result<usize, String> {
+        let dedup_mib = u64::from(self.dedup_memory_kib).div_ceil(1024);
+        let least = MEMORY_BESIDES_BUCKETS_MIB + dedup_mib + MIN_BUCKET_MEMORY_MIB;
+        let buckets = u64::from(self.memory_budget)
+            .checked_sub(MEMORY_BESIDES_BUCKETS_MIB + dedup_mib)
+            .filter(|mib| *mib >= MIN_BUCKET_MEMORY_MIB)
+            .ok_or_else(|| {
+                format!(
+                    "--memory-budget {} MiB is too small: with --dedup-memory-kib {} it must be at least {least} MiB",
+                    self.memory_budget, self.dedup_memory_kib
+                )
+            })?;
+        Ok(usize::try_from(buckets * 1024 * 1024).unwrap_or(usize::MAX))
     }
 
     /// The deduplication window of event ids.
@@ -225,6 +265,15 @@ mod tests {
                 accept_other_history: false
             })
         );
+    }
+
+    #[test]
+    fn the_buckets_get_the_budget_less_the_rest() {
+        let config = Config::with_data_dir("/tmp/x");
+        assert_eq!(config.bucket_memory_bytes(), Ok((256 - 120 - 16) << 20));
+        let small = Config::parse_from(["kpi-server", "--memory-budget", "100"]);
+        let error = small.bucket_memory_bytes().expect_err("too small");
+        assert!(error.contains("at least 152 MiB"), "{error}");
     }
 
     #[test]

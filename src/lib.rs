@@ -51,6 +51,9 @@ pub const SNAPSHOT_DIR: &str = "snapshots";
 /// Directory of the history index (each KPI's events, `projection::history`) inside the
 /// data directory.
 pub const HISTORY_DIR: &str = "history";
+/// Directory of the buckets that left memory (`projection::pages`) inside the data
+/// directory.
+pub const PAGES_DIR: &str = "pages";
 /// How long new events may wait for a snapshot when fewer than `--snapshot-every-events`
 /// arrive.
 const SNAPSHOT_EVERY: Duration = Duration::from_secs(300);
@@ -113,6 +116,9 @@ pub enum RunError {
         /// What went wrong.
         source: StoreError,
     },
+    /// The configuration cannot work.
+    #[error("configuration: {0}")]
+    Config(String),
     /// The gRPC transport failed.
     #[error("grpc server: {0}")]
     Transport(#[from] tonic::transport::Error),
@@ -157,6 +163,10 @@ pub async fn run(
     let log_dir = config.data_dir.join(LOG_DIR);
     let snapshot_dir = config.data_dir.join(SNAPSHOT_DIR);
     let history_dir = config.data_dir.join(HISTORY_DIR);
+    let tier = projection::TierOptions {
+        pages_dir: config.data_dir.join(PAGES_DIR),
+        budget: config.bucket_memory_bytes().map_err(RunError::Config)?,
+    };
     let service_options = ServiceOptions {
         snapshot_dir,
         max_future_skew: config.max_future_skew(),
@@ -169,6 +179,7 @@ pub async fn run(
             &log_dir,
             &service_options.snapshot_dir,
             &history_dir,
+            tier,
             options,
         )?;
         let service = KpiService::with_models(log.clone(), models, service_options);

@@ -10,8 +10,10 @@ use chrono::{DateTime, TimeDelta, TimeZone, Utc};
 use chrono_tz::Tz;
 use kpi_service::domain::Catalog;
 use kpi_service::domain::{Direction, Event, Grain, KpiDefinition, KpiKind, Measurement};
+use kpi_service::projection::pages::PageStore;
 use kpi_service::projection::{
     AggregateQuery, Aggregates, AnsweredBucket, Fill, Grains, History, HistoryOptions, ReadModels,
+    Tier,
 };
 use kpi_service::store::{AppendRequest, EventLog, StoreOptions};
 use proptest::prelude::*;
@@ -110,8 +112,15 @@ fn answers_in(aggregates: &Aggregates, grains: &[Grain]) -> Vec<Vec<AnsweredBuck
     all
 }
 
-fn run(ops: Vec<Op>) {
+/// Runs `ops`; with a `budget`, the buckets beyond it leave memory for the page store.
+fn run(ops: Vec<Op>, budget: Option<usize>) {
     let dir = tempfile::tempdir().unwrap();
+    let tier = || {
+        budget.map(|budget| Tier {
+            store: std::sync::Arc::new(PageStore::open(&dir.path().join("pages")).expect("pages")),
+            budget,
+        })
+    };
     let open = || EventLog::open(dir.path(), StoreOptions::default()).expect("open");
     let mut log = open();
     let mut kinds: Vec<(KpiKind, Tz)> = KPIS.iter().map(|(_, kind, tz)| (*kind, *tz)).collect();
@@ -131,7 +140,7 @@ fn run(ops: Vec<Op>) {
         };
         History::open(&dir.path().join("history"), log, options).expect("history")
     };
-    let mut models = ReadModels::restore(&log, &snapshots, history(&log)).expect("restore");
+    let mut models = ReadModels::restore(&log, &snapshots, history(&log), tier()).expect("restore");
     let mut versions = vec![1u64; KPIS.len()];
     let mut standing: Vec<u64> = Vec::new();
     for op in ops {
@@ -202,7 +211,8 @@ fn run(ops: Vec<Op>) {
                 log.close().expect("close");
                 drop(models);
                 log = open();
-                models = ReadModels::restore(&log, &snapshots, history(&log)).expect("restore");
+                models =
+                    ReadModels::restore(&log, &snapshots, history(&log), tier()).expect("restore");
                 if snapshot {
                     assert_eq!(models.restored.replayed_events, 0);
                 }
@@ -245,7 +255,25 @@ fn run(ops: Vec<Op>) {
             "incremental vs rebuild"
         );
     }
+    if let Some(budget) = budget {
+        let aggregates = models.aggregates.read();
+        let held = aggregates.bytes();
+        let all: usize = rebuilt_bytes(&log);
+        if all > 4 * budget {
+            assert!(
+                !aggregates.page_files().is_empty(),
+                "{all} bytes of buckets, budget {budget}: some must be stored"
+            );
+            assert!(held < all, "{held} of {all} bytes held in memory");
+        }
+    }
     log.close().expect("close");
+}
+
+/// Bytes the buckets of a fold of the whole log hold in memory.
+fn rebuilt_bytes(log: &EventLog) -> usize {
+    let (_, aggregates) = fold_log(log, log.head().seq);
+    aggregates.footprint().bytes.iter().sum()
 }
 
 /// The catalog and aggregates at `to_seq`, folded from the log itself (the reference the
@@ -283,7 +311,14 @@ proptest! {
 
     #[test]
     fn incremental_projection_equals_a_rebuild(ops in prop::collection::vec(op(), 1..12)) {
-        run(ops);
+        run(ops, None);
+    }
+
+    /// The same with a memory budget of 2 KiB: most buckets are stored as pages, read back
+    /// for queries, changes, retractions, refolds and after restarts.
+    #[test]
+    fn buckets_beyond_the_budget_answer_the_same(ops in prop::collection::vec(op(), 1..12)) {
+        run(ops, Some(2048));
     }
 }
 
@@ -298,7 +333,7 @@ fn fill(log_dir: &std::path::Path, history_dir: &std::path::Path, value: f64) {
     };
     let history = History::open(history_dir, &log, options).expect("history");
     let models =
-        ReadModels::restore(&log, &log_dir.join("no-snapshots"), history).expect("restore");
+        ReadModels::restore(&log, &log_dir.join("no-snapshots"), history, None).expect("restore");
     append(
         &log,
         (0..KPIS.len())
@@ -338,7 +373,8 @@ fn an_index_of_another_log_is_rebuilt() {
     fill(&second, &dir.path().join("second-history"), 2.0);
     let log = EventLog::open(&second, StoreOptions::default()).expect("open");
     let history = History::open(&history_dir, &log, HistoryOptions::default()).expect("history");
-    let models = ReadModels::restore(&log, &second.join("no-snapshots"), history).expect("restore");
+    let models =
+        ReadModels::restore(&log, &second.join("no-snapshots"), history, None).expect("restore");
     let head = log.head().seq;
     let ids: Vec<&str> = KPIS.iter().map(|(id, _, _)| *id).collect();
     let past = models

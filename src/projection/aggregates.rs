@@ -7,6 +7,7 @@
 //! bucket starts in the KPI's timezone, so a late measurement updates its own past bucket.
 
 use std::collections::BTreeMap;
+use std::ops::ControlFlow;
 
 // Series and KPIs are found by hash on every measurement: foldhash (randomly seeded) is several
 // times faster than SipHash on label maps and ids.
@@ -20,7 +21,8 @@ use crate::domain::aggregate::{
 };
 use crate::domain::calendar::{self, Bucket, BucketKey, Calendar};
 use crate::domain::{Event, Grain, KpiDefinition, KpiKind, Measurement, Rejection};
-use crate::projection::buckets::BucketMap;
+use crate::projection::buckets::{BucketMap, PageIo};
+use crate::projection::pages::PageStore;
 
 /// Most series (label combinations) one KPI may have. Each series keeps buckets for six
 /// grains, so an unbounded label (a user id as a label value) would grow memory without
@@ -137,16 +139,17 @@ impl KpiAggregates {
         })
     }
 
-    fn record(&mut self, measurement: &Measurement, seq: u64, grains: Grains) {
-        self.observe(
-            &measurement.labels,
-            Observation::of(measurement, seq),
-            grains,
-        );
-    }
-
-    /// Folds one measurement of the series `labels` into its buckets.
-    fn observe(&mut self, labels: &Labels, observation: Observation<'_>, grains: Grains) {
+    /// Folds one measurement of the series `labels` into its buckets; `bytes` follows
+    /// what the buckets hold in memory. Fails when a stored chunk cannot be read back: the
+    /// KPI must then be refolded.
+    fn observe(
+        &mut self,
+        labels: &Labels,
+        observation: Observation<'_>,
+        grains: Grains,
+        io: &mut PageIo<'_>,
+        bytes: &mut usize,
+    ) -> std::io::Result<()> {
         let calendar = &mut self.calendar;
         let empty = &self.empty;
         let series = match self.series.get_mut(labels) {
@@ -158,16 +161,25 @@ impl KpiAggregates {
                 continue;
             }
             let key = calendar.bucket_of(grain, observation.occurred_at).key();
-            let state = series.grains[slot].get_or_insert_with(key, || empty.clone());
+            let mut created = false;
+            let state = series.grains[slot].get_or_insert_with(key, io, || {
+                created = true;
+                empty.clone()
+            })?;
+            let before = state.heap_bytes();
             // Stored measurements were validated against this kind; a score outside its
             // range can only come from a definition changed since, which rebuilds.
             let _ = state.record(observation);
+            *bytes = (*bytes + state.heap_bytes() + if created { ENTRY_BYTES } else { 0 })
+                .saturating_sub(before);
         }
+        Ok(())
     }
 
     /// Takes one recorded measurement back out of its buckets. Returns false when a bucket
-    /// cannot subtract it exactly (sketches, extremes, LAST): the KPI must be refolded.
-    fn retract(&mut self, measurement: &Measurement, seq: u64) -> bool {
+    /// cannot subtract it exactly (sketches, extremes, LAST) or cannot be read back: the
+    /// KPI must be refolded.
+    fn retract(&mut self, measurement: &Measurement, seq: u64, io: &mut PageIo<'_>) -> bool {
         let calendar = &mut self.calendar;
         let Some(series) = self.series.get_mut(&measurement.labels) else {
             return true;
@@ -176,19 +188,42 @@ impl KpiAggregates {
         let mut exact = true;
         for (slot, grain) in Grain::ALL.into_iter().enumerate() {
             let key = calendar.bucket_of(grain, measurement.occurred_at).key();
-            if let Some(state) = series.grains[slot].get_mut(&key) {
-                match state.retract(observation) {
+            match series.grains[slot].get_mut(&key, io) {
+                Ok(Some(state)) => match state.retract(observation) {
                     Ok(Retracted::Exact) => {
-                        if state.count() == 0 {
-                            series.grains[slot].remove(&key);
+                        if state.count() == 0 && series.grains[slot].remove(&key, io).is_err() {
+                            exact = false;
                         }
                     }
                     Ok(Retracted::MinMaxStale) | Err(_) => exact = false,
-                }
+                },
+                Ok(None) => {}
+                Err(_) => exact = false,
             }
         }
         exact
     }
+
+    /// Bytes its buckets hold in memory.
+    fn bytes(&self) -> usize {
+        self.series
+            .values()
+            .flat_map(|series| &series.grains)
+            .map(BucketMap::bytes)
+            .sum()
+    }
+}
+
+/// Bytes one bucket takes in a map besides its state's heap.
+const ENTRY_BYTES: usize = std::mem::size_of::<(BucketKey, BucketState)>();
+
+/// Where buckets beyond the memory budget go.
+#[derive(Debug, Clone)]
+pub struct Tier {
+    /// The page files.
+    pub store: std::sync::Arc<PageStore>,
+    /// Bytes the buckets may hold in memory; beyond it the oldest leave.
+    pub budget: usize,
 }
 
 /// The calendar a deserialised KPI holds until [`Aggregates::restore_calendars`] runs.
@@ -212,6 +247,19 @@ pub struct Aggregates {
     /// The grains folded (every one but in as-of folds).
     #[serde(skip)]
     grains: Grains,
+    /// The latest occurred_at folded in (Unix seconds): how old a bucket is, for eviction.
+    latest: i64,
+    /// Where buckets beyond the memory budget go; `None`: every bucket stays in memory.
+    #[serde(skip)]
+    tier: Option<Tier>,
+    /// Bytes the buckets hold in memory (counted exactly at each eviction, followed
+    /// approximately between them).
+    #[serde(skip)]
+    bytes: usize,
+    /// Bytes at which the next eviction runs: the budget, or more when the last one could
+    /// not get below it (so a model that cannot shrink is not walked on every event).
+    #[serde(skip)]
+    evict_above: usize,
 }
 
 impl Aggregates {
@@ -302,15 +350,16 @@ impl Aggregates {
                 self.retracted.insert(*retracted_seq, seq);
                 let measurement = measurement_at(*retracted_seq)?;
                 let kpi = self.measured.get_mut(&measurement.kpi_id)?;
-                let exact = kpi.retract(&measurement, *retracted_seq);
+                let mut io = PageIo::new(self.tier.as_ref().map(|tier| &*tier.store));
+                let exact = kpi.retract(&measurement, *retracted_seq, &mut io);
+                self.bytes += io.paged_in;
                 (!exact).then(|| measurement.kpi_id.clone())
             }
-            Event::MeasurementRecorded(measurement) => {
-                if let Some(kpi) = self.measured.get_mut(&measurement.kpi_id) {
-                    kpi.record(measurement, seq, self.grains);
-                }
-                None
-            }
+            Event::MeasurementRecorded(measurement) => self.observe(
+                &measurement.kpi_id,
+                &measurement.labels,
+                Observation::of(measurement, seq),
+            ),
             Event::KpiDefined { definition } => {
                 self.define(definition.clone(), 1);
                 None
@@ -363,9 +412,142 @@ impl Aggregates {
     /// `MeasurementRecorded` (for a fold that reads measurements without their events).
     pub fn record(&mut self, kpi_id: &str, labels: &Labels, observation: Observation<'_>) {
         self.seq = observation.seq;
-        if let Some(kpi) = self.measured.get_mut(kpi_id) {
-            kpi.observe(labels, observation, self.grains);
+        if let Some(kpi_id) = self.observe(kpi_id, labels, observation) {
+            tracing::error!(
+                kpi_id,
+                "stored buckets cannot be read back in an as-of fold"
+            );
         }
+    }
+
+    /// Folds one measurement into its buckets, then moves the oldest buckets out of memory
+    /// when they pass the budget. Returns the KPI to refold when one of its stored chunks
+    /// cannot be read back.
+    fn observe(
+        &mut self,
+        kpi_id: &str,
+        labels: &Labels,
+        observation: Observation<'_>,
+    ) -> Option<String> {
+        let kpi = self.measured.get_mut(kpi_id)?;
+        self.latest = self.latest.max(observation.occurred_at.timestamp());
+        let mut io = PageIo::new(self.tier.as_ref().map(|tier| &*tier.store));
+        let folded = kpi.observe(labels, observation, self.grains, &mut io, &mut self.bytes);
+        self.bytes += io.paged_in;
+        if let Err(error) = folded {
+            tracing::error!(%error, kpi_id, "stored buckets cannot be read back; refolding the kpi");
+            return Some(kpi_id.to_owned());
+        }
+        self.keep_to_budget();
+        None
+    }
+
+    /// Gives the model a memory budget for its buckets and the page store the buckets
+    /// beyond it go to, and moves buckets out at once if they pass it.
+    pub fn set_tier(&mut self, tier: Tier) {
+        self.tier = Some(tier);
+        self.bytes = self.measured.values().map(KpiAggregates::bytes).sum();
+        self.keep_to_budget();
+    }
+
+    /// Bytes the buckets hold in memory.
+    pub fn bytes(&self) -> usize {
+        self.bytes
+    }
+
+    /// The page files the buckets refer to.
+    pub fn page_files(&self) -> std::collections::HashSet<u32> {
+        self.measured
+            .values()
+            .flat_map(|kpi| kpi.series.values())
+            .flat_map(|series| &series.grains)
+            .flat_map(BucketMap::pages)
+            .map(|page| page.file())
+            .collect()
+    }
+
+    /// When the buckets pass the budget, moves the oldest (by the end of their bucket,
+    /// against the latest occurred_at) out of memory until they hold three quarters of it.
+    fn keep_to_budget(&mut self) {
+        let Some(tier) = &self.tier else {
+            return;
+        };
+        if self.bytes <= tier.budget.max(self.evict_above) {
+            return;
+        }
+        // Bytes by age class: class 0 has ended at most an hour before the latest, class
+        // c between 2^(c-1) and 2^c hours before it.
+        const CLASSES: usize = 48;
+        let class_of = |age_seconds: i64| -> usize {
+            let hours = u64::try_from(age_seconds / 3600).unwrap_or(0);
+            usize::try_from(u64::BITS - hours.leading_zeros())
+                .unwrap_or(CLASSES - 1)
+                .min(CLASSES - 1)
+        };
+        let latest = self.latest;
+        let mut by_class = [0usize; CLASSES];
+        let mut total = 0;
+        for kpi in self.measured.values() {
+            for series in kpi.series.values() {
+                for (slot, buckets) in series.grains.iter().enumerate() {
+                    let length = NOMINAL_SECONDS[slot];
+                    total += buckets.bytes();
+                    buckets.visit_resident(|key, bytes| {
+                        let ended = key.unix_seconds().saturating_add(length);
+                        by_class[class_of(latest.saturating_sub(ended))] += bytes;
+                    });
+                }
+            }
+        }
+        let target = tier.budget / 4 * 3;
+        let mut freeing = 0;
+        let mut class = CLASSES;
+        while class > 0 && total.saturating_sub(freeing) > target {
+            class -= 1;
+            freeing += by_class[class];
+        }
+        // Buckets that ended more than this before the latest leave memory.
+        let age = if class == 0 {
+            i64::MIN / 4
+        } else {
+            3600i64 << (class - 1)
+        };
+        let store = tier.store.clone();
+        let mut freed = 0;
+        let mut failed = None;
+        for kpi in self.measured.values_mut() {
+            for series in kpi.series.values_mut() {
+                for (slot, buckets) in series.grains.iter_mut().enumerate() {
+                    let cutoff = latest
+                        .saturating_sub(age)
+                        .saturating_sub(NOMINAL_SECONDS[slot]);
+                    match buckets.evict_below(BucketKey::from_unix_seconds(cutoff), &store) {
+                        Ok(bytes) => freed += bytes,
+                        Err(error) => failed = Some(error),
+                    }
+                }
+            }
+        }
+        if let Some(error) = failed {
+            tracing::error!(%error, "buckets cannot be stored; they stay in memory");
+        }
+        self.bytes = total.saturating_sub(freed);
+        self.evict_above = if self.bytes > tier.budget {
+            tracing::warn!(
+                held = self.bytes,
+                budget = tier.budget,
+                "the newest buckets alone pass the memory budget"
+            );
+            self.bytes + tier.budget / 4
+        } else {
+            tier.budget
+        };
+        tracing::debug!(
+            freed,
+            held = self.bytes,
+            budget = tier.budget,
+            "buckets moved out of memory"
+        );
     }
 
     /// Replaces the buckets of `kpi_id` by a fold of `measurements` (its stored
@@ -375,11 +557,21 @@ impl Aggregates {
         kpi_id: &str,
         measurements: impl IntoIterator<Item = (u64, &'a Measurement)>,
     ) {
-        if let Some(kpi) = self.measured.get_mut(kpi_id) {
-            kpi.series.clear();
-            for (seq, measurement) in measurements {
-                if !self.retracted.contains_key(&seq) {
-                    kpi.record(measurement, seq, self.grains);
+        let Some(kpi) = self.measured.get_mut(kpi_id) else {
+            return;
+        };
+        self.bytes = self.bytes.saturating_sub(kpi.bytes());
+        kpi.series.clear();
+        for (seq, measurement) in measurements {
+            if !self.retracted.contains_key(&seq) {
+                let observation = Observation::of(measurement, seq);
+                if self
+                    .observe(kpi_id, &measurement.labels, observation)
+                    .is_some()
+                {
+                    // A chunk written during this refold cannot be read back: the page
+                    // store fails; what was folded so far stays.
+                    return;
                 }
             }
         }
@@ -392,7 +584,9 @@ impl Aggregates {
 
     fn define(&mut self, definition: KpiDefinition, version: u64) {
         let id = definition.id.clone();
-        self.measured.remove(&id);
+        if let Some(kpi) = self.measured.remove(&id) {
+            self.bytes = self.bytes.saturating_sub(kpi.bytes());
+        }
         self.ratios.remove(&id);
         match KpiAggregates::new(definition.clone(), version) {
             Some(kpi) => {
@@ -618,7 +812,15 @@ impl Aggregates {
         let summary = kpi
             .series
             .get(labels)
-            .and_then(|series| series.grains[slot(grain)].get(&bucket.key()))
+            .and_then(|series| {
+                series.grains[slot(grain)]
+                    .get(&bucket.key(), self.store())
+                    .map_err(|error| {
+                        tracing::error!(%error, kpi_id, "stored buckets cannot be read back");
+                    })
+                    .ok()
+                    .flatten()
+            })
             .map_or_else(
                 || empty_summary(kpi.definition.kind, Fill::Absent),
                 |state| Some(state.summary()),
@@ -629,6 +831,11 @@ impl Aggregates {
             summary,
             definition_version: kpi.version,
         })
+    }
+
+    /// The page store stored chunks are read from.
+    fn store(&self) -> Option<&PageStore> {
+        self.tier.as_ref().map(|tier| &*tier.store)
     }
 
     /// What the aggregates hold, for memory accounting (restart benchmark, logs).
@@ -687,18 +894,37 @@ impl Aggregates {
                 .filter_map(|key| labels.get(key).map(|value| (key.clone(), value.clone())))
                 .collect();
             let group = groups.entry(group_labels).or_default();
-            for (key, state) in series.grains[slot].range_from(first) {
-                if key.start() >= query.end {
-                    break;
-                }
-                match group.get_mut(key) {
-                    Some(merged) => merged.merge(state).map_err(|e| {
-                        Rejection::precondition("kpi_id", format!("buckets do not merge: {e}"))
-                    })?,
-                    None => {
-                        group.insert(*key, state.clone());
+            let mut merge_error = None;
+            series.grains[slot]
+                .visit_from(first, self.store(), |key, state| {
+                    if key.start() >= query.end {
+                        return ControlFlow::Break(());
                     }
-                }
+                    match group.get_mut(key) {
+                        Some(merged) => {
+                            if let Err(error) = merged.merge(state) {
+                                merge_error = Some(error);
+                                return ControlFlow::Break(());
+                            }
+                        }
+                        None => {
+                            group.insert(*key, state.clone());
+                        }
+                    }
+                    ControlFlow::Continue(())
+                })
+                .map_err(|error| {
+                    tracing::error!(%error, kpi_id, "stored buckets cannot be read back");
+                    Rejection::precondition(
+                        "kpi_id",
+                        format!("stored buckets of kpi '{kpi_id}' cannot be read: {error}"),
+                    )
+                })?;
+            if let Some(error) = merge_error {
+                return Err(Rejection::precondition(
+                    "kpi_id",
+                    format!("buckets do not merge: {error}"),
+                ));
             }
         }
         Ok(groups
@@ -831,6 +1057,17 @@ fn empty_summary(kind: KpiKind, fill: Fill) -> Option<Summary> {
         }),
     }
 }
+
+/// The nominal length of a bucket of each grain, in the order of [`Grain::ALL`] (the
+/// longest month, quarter and year): a bucket with key k has ended by k plus this.
+const NOMINAL_SECONDS: [i64; 6] = [
+    3600,
+    86_400,
+    7 * 86_400,
+    31 * 86_400,
+    92 * 86_400,
+    366 * 86_400,
+];
 
 /// Index of a grain in `Series::grains`.
 fn slot(grain: Grain) -> usize {

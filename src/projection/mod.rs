@@ -8,18 +8,20 @@ pub mod buckets;
 pub mod catalog;
 pub mod history;
 pub mod live;
+pub mod pages;
 pub mod snapshot;
 
 use std::collections::BTreeSet;
 use std::path::Path;
 use std::sync::{Arc, RwLock, RwLockReadGuard};
 
-pub use aggregates::{AggregateQuery, Aggregates, AnsweredBucket, Fill, Footprint, Grains};
+pub use aggregates::{AggregateQuery, Aggregates, AnsweredBucket, Fill, Footprint, Grains, Tier};
 pub use catalog::CatalogView;
 pub use history::{History, HistoryOptions, Visited};
 pub use snapshot::{Snapshot, SnapshotError};
 
 use crate::domain::{Catalog, Event, Measurement};
+use crate::projection::pages::PageStore;
 use crate::store::{
     AcknowledgedHead, CommitListener, Committed, EventLog, LogReader, StoreError, StoreOptions,
 };
@@ -34,8 +36,19 @@ pub struct ReadModels {
     pub live: Arc<live::LiveFeed>,
     /// Each KPI's measurements and the other events, for as-of questions and refolds.
     pub history: Arc<History>,
+    /// Where the buckets beyond the memory budget are; `None` when all stay in memory.
+    pub pages: Option<Arc<PageStore>>,
     /// What the start cost.
     pub restored: Restored,
+}
+
+/// Where the buckets beyond a memory budget go.
+#[derive(Debug, Clone)]
+pub struct TierOptions {
+    /// The page directory.
+    pub pages_dir: std::path::PathBuf,
+    /// Bytes the buckets may hold in memory.
+    pub budget: usize,
 }
 
 /// How the read models were restored at start.
@@ -58,12 +71,15 @@ impl ReadModels {
     /// Loads the snapshot in `snapshot_dir` (when it belongs to `log`), folds the log's
     /// tail after it (and after what `history` covers) in one pass, and registers the
     /// models for committed events. Call before the first append, so no event is missed.
+    /// With a `tier`, buckets beyond its budget are stored in its page store (and page
+    /// files the snapshot does not refer to are deleted); without, all stay in memory.
     pub fn restore(
         log: &EventLog,
         snapshot_dir: &Path,
         history: History,
+        tier: Option<Tier>,
     ) -> Result<Self, StoreError> {
-        Self::restore_from(log, snapshot::load(snapshot_dir), history)
+        Self::restore_from(log, snapshot::load(snapshot_dir), history, tier)
     }
 
     /// [`ReadModels::restore`] from a snapshot already loaded (not yet checked against
@@ -72,6 +88,7 @@ impl ReadModels {
         log: &EventLog,
         loaded: Result<Option<Snapshot>, SnapshotError>,
         history: History,
+        tier: Option<Tier>,
     ) -> Result<Self, StoreError> {
         let checked = loaded.and_then(|loaded| loaded.map(|s| snapshot::check(s, log)).transpose());
         let (mut catalog, mut aggregates, snapshot_seq) = match checked {
@@ -82,6 +99,16 @@ impl ReadModels {
                 (Catalog::default(), Aggregates::default(), 0)
             }
         };
+        let pages = tier.as_ref().map(|tier| tier.store.clone());
+        if let Some(tier) = tier {
+            if let Err(error) = tier
+                .store
+                .retain(&aggregates.page_files(), tier.store.next_file())
+            {
+                tracing::warn!(%error, "page files no snapshot refers to could not be deleted");
+            }
+            aggregates.set_tier(tier);
+        }
         let head = log.head().seq;
         let reader = log.reader();
         let history = Arc::new(history);
@@ -130,6 +157,7 @@ impl ReadModels {
             aggregates,
             live: live_feed,
             history,
+            pages,
             restored: Restored {
                 snapshot_seq,
                 replayed_events,
@@ -177,22 +205,40 @@ impl ReadModels {
                 }
             }
         };
+        // Files appended to from here on are kept whatever the snapshot refers to.
+        let first_new_file = self.pages.as_ref().map(|pages| pages.next_file());
+        let mut referred = aggregates.page_files();
+        if let Some(pages) = &self.pages {
+            // The snapshot refers to pages written before it was taken: durable first.
+            pages.sync().map_err(|source| SnapshotError::Io {
+                path: snapshot_dir.to_owned(),
+                source,
+            })?;
+        }
         snapshot::write(
             snapshot_dir,
             &mut Snapshot::new(seq, hash, catalog, aggregates),
             min_free,
         )?;
+        if let (Some(pages), Some(first_new_file)) = (&self.pages, first_new_file) {
+            referred.extend(self.aggregates.read().page_files());
+            if let Err(error) = pages.retain(&referred, first_new_file) {
+                tracing::warn!(%error, "page files nothing refers to could not be deleted");
+            }
+        }
         Ok(seq)
     }
 }
 
 /// Opens the event log in `log_dir` and restores the read models, using the snapshot in
 /// `snapshot_dir` (the log must reach its seq with its hash, the read models take their
-/// state from it) and the history index in `history_dir`. What `run` does before serving.
+/// state from it), the history index in `history_dir`, and the page store and memory
+/// budget of `tier`. What `run` does before serving.
 pub fn open(
     log_dir: &Path,
     snapshot_dir: &Path,
     history_dir: &Path,
+    tier: TierOptions,
     options: StoreOptions,
 ) -> Result<(EventLog, ReadModels), StoreError> {
     let history_options = HistoryOptions {
@@ -227,8 +273,16 @@ pub fn open(
     });
     let log = log?;
     let history = History::open(history_dir, &log, history_options)?;
+    let store = PageStore::open(&tier.pages_dir).map_err(|source| StoreError::Io {
+        path: tier.pages_dir.clone(),
+        source,
+    })?;
+    let tier = Tier {
+        store: Arc::new(store),
+        budget: tier.budget,
+    };
     let ready_after = started.elapsed();
-    let mut models = ReadModels::restore_from(&log, loaded, history)?;
+    let mut models = ReadModels::restore_from(&log, loaded, history, Some(tier))?;
     models.restored.snapshot_load = loaded_after;
     models.restored.log_open = opened_after;
     models.restored.models = started.elapsed() - ready_after;

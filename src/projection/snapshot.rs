@@ -27,8 +27,10 @@ pub const SNAPSHOT_FILE: &str = "projection.snapshot";
 /// the encoded snapshot as raw bytes, a checksum ends the file, buckets are stored as
 /// sequences (`projection::buckets`), and a PERCENTILE bucket is stored as its exact values
 /// (up to 128) or as its sketch, where 5 always stored a sketch. Format 7: no dedup index
-/// entries (the log keeps its own, `store/dedup`).
-const FORMAT: u32 = 7;
+/// entries (the log keeps its own, `store/dedup`). Format 8: a bucket map is stored as its
+/// chunks (their buckets, or the page a chunk that left memory is stored in,
+/// `projection::pages`) then its tail, and the aggregates keep the latest occurred_at.
+const FORMAT: u32 = 8;
 
 /// Parts the measured KPIs' buckets are stored in, so a restart decodes them on every core.
 const MEASURED_PARTS: usize = 16;

@@ -1,0 +1,334 @@
+//! Stored pages of the aggregate read model: chunks of buckets that left memory to keep the
+//! read model within its memory budget, in append-only files under `<data-dir>/pages/`.
+//!
+//! A page is written once and never changed: a chunk that is changed after it left memory
+//! is read back, and when it leaves memory again it is written as a new page. A page is
+//! found by its [`PageRef`] (file, offset, length, CRC-32), which the in-memory model and
+//! the read-model snapshot hold. So a snapshot refers only to pages written before it, and
+//! [`PageStore::sync`] makes them durable before the snapshot file is written: after a
+//! crash the snapshot finds every page it names, and pages written after it are garbage.
+//!
+//! Files are named by a counter (`00000001.pages`, ...) and rotated at
+//! [`MAX_FILE_BYTES`]. A store opened again never appends to a file written before (its
+//! end may be torn by a crash): it starts a new one. [`PageStore::retain`] deletes the
+//! files no live model and no snapshot refers to any more.
+//!
+//! Page bytes are LZ4-compressed. Reads check the length and checksum and never allocate
+//! more than a page's recorded length.
+
+use std::collections::{HashMap, HashSet};
+use std::fs::{self, File, OpenOptions};
+use std::io::{self, Write};
+use std::os::unix::fs::FileExt;
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex, PoisonError, RwLock};
+
+use serde::{Deserialize, Serialize};
+
+use crate::store::{create_dir_durably, sync_dir};
+
+/// A page file is closed for appends once it reaches this size, so that files whose
+/// pages are all replaced can be deleted.
+pub const MAX_FILE_BYTES: u64 = 64 * 1024 * 1024;
+/// Most bytes one page may hold after compression: a chunk of 256 buckets of the largest
+/// states (HyperLogLogs of 12 KiB) is about 3 MiB.
+const MAX_PAGE_BYTES: u32 = 64 * 1024 * 1024;
+/// Suffix of page file names.
+const SUFFIX: &str = ".pages";
+
+/// Where a page is stored.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+pub struct PageRef {
+    file: u32,
+    offset: u64,
+    len: u32,
+    crc: u32,
+}
+
+impl PageRef {
+    /// The file the page is in.
+    pub fn file(self) -> u32 {
+        self.file
+    }
+}
+
+/// The append-only page files of one data directory.
+#[derive(Debug)]
+pub struct PageStore {
+    dir: PathBuf,
+    /// Files open for reading, by number.
+    readers: RwLock<HashMap<u32, Arc<File>>>,
+    writer: Mutex<Writer>,
+}
+
+/// The file pages are appended to.
+#[derive(Debug)]
+struct Writer {
+    /// Number of the file appended to; `None` until the first page of this open.
+    current: Option<(u32, Arc<File>)>,
+    /// Number of the next file to create.
+    next: u32,
+    /// Bytes in the current file.
+    size: u64,
+    /// Files written since the last sync, and whether one of them is new.
+    unsynced: HashSet<u32>,
+    new_file: bool,
+}
+
+impl PageStore {
+    /// Opens (creating it durably) the page directory `dir`. Appends go to a new file.
+    pub fn open(dir: &Path) -> io::Result<Self> {
+        create_dir_durably(dir)?;
+        let mut readers = HashMap::new();
+        let mut last = 0;
+        for entry in fs::read_dir(dir)? {
+            let entry = entry?;
+            let Some(number) = file_number(&entry.path()) else {
+                continue;
+            };
+            last = last.max(number);
+            readers.insert(number, Arc::new(File::open(entry.path())?));
+        }
+        Ok(Self {
+            dir: dir.to_owned(),
+            readers: RwLock::new(readers),
+            writer: Mutex::new(Writer {
+                current: None,
+                next: last + 1,
+                size: 0,
+                unsynced: HashSet::new(),
+                new_file: false,
+            }),
+        })
+    }
+
+    /// Appends one page (compressed) and returns where it is. Not durable until
+    /// [`PageStore::sync`].
+    pub fn write(&self, bytes: &[u8]) -> io::Result<PageRef> {
+        let compressed = lz4_flex::compress_prepend_size(bytes);
+        let len = u32::try_from(compressed.len())
+            .ok()
+            .filter(|len| *len <= MAX_PAGE_BYTES)
+            .ok_or_else(|| io::Error::new(io::ErrorKind::InvalidInput, "page too large"))?;
+        let mut writer = self.writer.lock().unwrap_or_else(PoisonError::into_inner);
+        if writer.current.is_none() || writer.size >= MAX_FILE_BYTES {
+            let number = writer.next;
+            let path = self.path(number);
+            let file = Arc::new(
+                OpenOptions::new()
+                    .read(true)
+                    .append(true)
+                    .create_new(true)
+                    .open(&path)?,
+            );
+            writer.next += 1;
+            writer.size = 0;
+            writer.new_file = true;
+            writer.current = Some((number, file.clone()));
+            self.readers
+                .write()
+                .unwrap_or_else(PoisonError::into_inner)
+                .insert(number, file);
+        }
+        let (number, file) = match &writer.current {
+            Some((number, file)) => (*number, file.clone()),
+            None => unreachable!("a file was opened above"),
+        };
+        let offset = writer.size;
+        (&*file).write_all(&compressed)?;
+        writer.size += u64::from(len);
+        writer.unsynced.insert(number);
+        Ok(PageRef {
+            file: number,
+            offset,
+            len,
+            crc: crc32fast::hash(&compressed),
+        })
+    }
+
+    /// Reads the page at `page`, checking its checksum.
+    pub fn read(&self, page: PageRef) -> io::Result<Vec<u8>> {
+        let file = self
+            .readers
+            .read()
+            .unwrap_or_else(PoisonError::into_inner)
+            .get(&page.file)
+            .cloned()
+            .ok_or_else(|| damaged(format!("page file {} is missing", page.file)))?;
+        if page.len > MAX_PAGE_BYTES {
+            return Err(damaged(format!("page of {} bytes", page.len)));
+        }
+        let mut compressed = vec![0; page.len as usize];
+        file.read_exact_at(&mut compressed, page.offset)?;
+        if crc32fast::hash(&compressed) != page.crc {
+            return Err(damaged(format!(
+                "page at {} of file {} has another checksum",
+                page.offset, page.file
+            )));
+        }
+        lz4_flex::decompress_size_prepended(&compressed)
+            .map_err(|error| damaged(format!("page does not decompress: {error}")))
+    }
+
+    /// Makes every page written so far durable (and the names of new files).
+    pub fn sync(&self) -> io::Result<()> {
+        let (files, new_file) = {
+            let mut writer = self.writer.lock().unwrap_or_else(PoisonError::into_inner);
+            let files: Vec<u32> = writer.unsynced.drain().collect();
+            (files, std::mem::take(&mut writer.new_file))
+        };
+        let readers = self.readers.read().unwrap_or_else(PoisonError::into_inner);
+        for number in files {
+            if let Some(file) = readers.get(&number) {
+                file.sync_data()?;
+            }
+        }
+        drop(readers);
+        if new_file {
+            sync_dir(&self.dir)?;
+        }
+        Ok(())
+    }
+
+    /// The number the next page file will have: files created from now on number at
+    /// least this.
+    pub fn next_file(&self) -> u32 {
+        let writer = self.writer.lock().unwrap_or_else(PoisonError::into_inner);
+        writer
+            .current
+            .as_ref()
+            .map_or(writer.next, |(number, _)| *number)
+    }
+
+    /// Deletes every file numbered below `below` but those in `live` and the one appended
+    /// to.
+    pub fn retain(&self, live: &HashSet<u32>, below: u32) -> io::Result<()> {
+        let current = self
+            .writer
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .current
+            .as_ref()
+            .map(|(number, _)| *number);
+        let dead: Vec<u32> = self
+            .readers
+            .read()
+            .unwrap_or_else(PoisonError::into_inner)
+            .keys()
+            .copied()
+            .filter(|number| *number < below && !live.contains(number) && Some(*number) != current)
+            .collect();
+        if dead.is_empty() {
+            return Ok(());
+        }
+        for number in &dead {
+            self.readers
+                .write()
+                .unwrap_or_else(PoisonError::into_inner)
+                .remove(number);
+            match fs::remove_file(self.path(*number)) {
+                Ok(()) => {}
+                Err(error) if error.kind() == io::ErrorKind::NotFound => {}
+                Err(error) => return Err(error),
+            }
+        }
+        sync_dir(&self.dir)
+    }
+
+    /// Numbers of the page files there are.
+    pub fn files(&self) -> HashSet<u32> {
+        self.readers
+            .read()
+            .unwrap_or_else(PoisonError::into_inner)
+            .keys()
+            .copied()
+            .collect()
+    }
+
+    fn path(&self, number: u32) -> PathBuf {
+        self.dir.join(format!("{number:08}{SUFFIX}"))
+    }
+}
+
+/// The number of a page file, from its name.
+fn file_number(path: &Path) -> Option<u32> {
+    path.file_name()?
+        .to_str()?
+        .strip_suffix(SUFFIX)?
+        .parse()
+        .ok()
+}
+
+fn damaged(reason: String) -> io::Error {
+    io::Error::new(io::ErrorKind::InvalidData, reason)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn pages_read_back_across_files_and_opens() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = PageStore::open(dir.path()).unwrap();
+        let big = vec![7u8; 1000];
+        let first = store.write(&big).unwrap();
+        let second = store.write(b"second page").unwrap();
+        assert_eq!(store.read(first).unwrap(), big);
+        assert_eq!(store.read(second).unwrap(), b"second page");
+        store.sync().unwrap();
+        drop(store);
+
+        let store = PageStore::open(dir.path()).unwrap();
+        assert_eq!(store.read(second).unwrap(), b"second page");
+        let third = store.write(b"third").unwrap();
+        assert_ne!(
+            third.file(),
+            first.file(),
+            "a new open appends to a new file"
+        );
+        assert_eq!(store.read(third).unwrap(), b"third");
+        assert_eq!(store.read(first).unwrap(), big);
+    }
+
+    #[test]
+    fn a_damaged_page_is_refused() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = PageStore::open(dir.path()).unwrap();
+        let page = store.write(b"some bucket bytes").unwrap();
+        store.sync().unwrap();
+        let path = store.path(page.file());
+        let mut bytes = fs::read(&path).unwrap();
+        let last = bytes.len() - 1;
+        bytes[last] ^= 0xff;
+        fs::write(&path, bytes).unwrap();
+        let error = store.read(page).unwrap_err();
+        assert_eq!(error.kind(), io::ErrorKind::InvalidData);
+        let wrong_length = PageRef {
+            len: page.len + 1,
+            ..page
+        };
+        assert!(store.read(wrong_length).is_err());
+    }
+
+    #[test]
+    fn retain_deletes_only_files_nothing_refers_to() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = PageStore::open(dir.path()).unwrap();
+        let old = store.write(b"old").unwrap();
+        drop(store);
+        let store = PageStore::open(dir.path()).unwrap();
+        let kept = store.write(b"kept").unwrap();
+        drop(store);
+        let store = PageStore::open(dir.path()).unwrap();
+        let current = store.write(b"current").unwrap();
+        store
+            .retain(&HashSet::from([kept.file()]), store.next_file() + 1)
+            .unwrap();
+        assert!(store.read(old).is_err(), "nothing referred to it");
+        assert!(!store.path(old.file()).exists());
+        assert_eq!(store.read(kept).unwrap(), b"kept");
+        assert_eq!(store.read(current).unwrap(), b"current", "appended to");
+        assert_eq!(store.files(), HashSet::from([kept.file(), current.file()]));
+    }
+}
