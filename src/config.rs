@@ -89,6 +89,8 @@ pub struct Config {
 
     /// Memory for the newest event ids of the deduplication index, in KiB; older ids are
     /// spilled to run files in the log directory (about one byte of memory per id stays).
+    /// While the disk is nearly full (less than twice --min-free-disk-mb available), nothing
+    /// is spilled: ids stay in memory past this bound until there is room again.
     #[arg(
         long,
         env = "KPI_DEDUP_MEMORY_KIB",

@@ -51,7 +51,8 @@
 //! (`projection::open` does it in the same pass as the read models' tail); an index the
 //! log does not continue (the log ends before `covered`, or its hash there differs, as
 //! after `kpi-server recover`), one of another format, or one sled cannot open is removed
-//! and rebuilt from the log.
+//! and rebuilt from the log. A directory lock still held after a few seconds
+//! (`store::open_sled`) is not damage: the open fails with `StoreError::AlreadyInUse`.
 
 use std::collections::VecDeque;
 use std::path::{Path, PathBuf};
@@ -68,7 +69,8 @@ use crate::domain::aggregate::Observation;
 use crate::domain::{Catalog, Event, Measurement};
 use crate::projection::aggregates::Labels;
 use crate::store::{
-    self, CommitListener, Committed, EventLog, GENESIS_HASH, Hash, LogReader, StoreError,
+    self, CommitListener, Committed, EventLog, GENESIS_HASH, Hash, LogReader, OpenSledError,
+    StoreError,
 };
 
 /// Events between two writes of the index by default: at most this many events of the log
@@ -399,18 +401,18 @@ impl History {
     pub fn open(dir: &Path, log: &EventLog, options: HistoryOptions) -> Result<Self, StoreError> {
         let db = match open_db(dir) {
             Ok(db) => db,
-            Err(error) if is_locked(&error) => {
+            Err(OpenSledError::Locked(_)) => {
                 return Err(StoreError::AlreadyInUse {
                     path: dir.to_owned(),
                 });
             }
-            Err(error) => {
+            Err(OpenSledError::Sled(error)) => {
                 tracing::warn!(%error, dir = %dir.display(), "history index unreadable; rebuilding it from the log");
                 std::fs::remove_dir_all(dir).map_err(|source| StoreError::Io {
                     path: dir.to_owned(),
                     source,
                 })?;
-                open_db(dir)?
+                open_db(dir).map_err(sled::Error::from)?
             }
         };
         let tree = db.open_tree(TREE)?;
@@ -688,31 +690,13 @@ impl Drop for History {
     }
 }
 
-/// Opens sled in `dir`, waiting a moment for a lock a closing index still holds (sled's
-/// threads release it shortly after the last handle is dropped).
-fn open_db(dir: &Path) -> Result<sled::Db, sled::Error> {
-    let deadline = std::time::Instant::now() + LOCK_PATIENCE;
-    loop {
-        match sled::Config::new()
-            .path(dir)
-            .cache_capacity(SLED_CACHE_BYTES)
-            .open()
-        {
-            // sled 0.34 reports a held directory lock only as this message.
-            Err(sled::Error::Io(io))
-                if io.to_string().contains("could not acquire lock")
-                    && std::time::Instant::now() < deadline =>
-            {
-                std::thread::sleep(Duration::from_millis(20));
-            }
-            opened => return opened,
-        }
-    }
-}
-
-/// Whether sled refused `dir` because another handle holds it.
-fn is_locked(error: &sled::Error) -> bool {
-    matches!(error, sled::Error::Io(io) if io.to_string().contains("could not acquire lock"))
+/// Opens sled in `dir` with the index's cache, waiting up to [`LOCK_PATIENCE`] for a lock a
+/// closing index still holds (see [`store::open_sled`]).
+fn open_db(dir: &Path) -> Result<sled::Db, OpenSledError> {
+    let config = sled::Config::new()
+        .path(dir)
+        .cache_capacity(SLED_CACHE_BYTES);
+    store::open_sled(&config, LOCK_PATIENCE)
 }
 
 /// The seq a stored `covered` names, if the log continues it.

@@ -48,6 +48,14 @@
 //! head (found by binary search, since recorded_at never decreases with seq). An id older
 //! than the window is appended again.
 //!
+//! # Opening
+//!
+//! sled refuses a directory whose lock another handle holds, and its background threads
+//! release the lock only shortly after the last handle is dropped. [`open_sled`] (also used
+//! by the history index) retries while the lock is held, for a patience the caller picks,
+//! and then reports the lock apart from other errors; the log reports it as
+//! [`StoreError::AlreadyInUse`].
+//!
 //! # Failure policy
 //!
 //! A failed write or flush stops the writer for good: that group and every later append
@@ -970,36 +978,70 @@ const SLED_CACHE_BYTES: u64 = 64 * 1024 * 1024;
 
 /// Opens sled in `dir`, telling a held lock apart from other I/O errors.
 fn open_db(dir: &Path) -> Result<sled::Db, StoreError> {
-    let deadline = std::time::Instant::now() + LOCK_PATIENCE;
+    // No periodic flusher: it would make sled's file durable without the directory
+    // (see `durability.rs`); the flusher and syncer make every group durable instead.
+    let config = sled::Config::new()
+        .path(dir)
+        .cache_capacity(SLED_CACHE_BYTES)
+        .flush_every_ms(None);
+    match open_sled(&config, LOCK_PATIENCE) {
+        Ok(db) => Ok(db),
+        Err(OpenSledError::Locked(_)) => Err(StoreError::AlreadyInUse {
+            path: dir.to_owned(),
+        }),
+        Err(OpenSledError::Sled(sled::Error::Corruption { .. })) => Err(StoreError::Corrupt {
+            seq: 0,
+            reason: format!(
+                "sled cannot read its log in {}: a file of it is damaged; restore the data directory from a backup",
+                dir.display()
+            ),
+        }),
+        Err(OpenSledError::Sled(other)) => Err(StoreError::Sled(other)),
+    }
+}
+
+/// Why [`open_sled`] failed.
+#[derive(Debug)]
+pub(crate) enum OpenSledError {
+    /// The directory's lock was still held when the patience ran out: another process (or
+    /// a handle of this one that is not closed) has the database open. Holds sled's error.
+    Locked(sled::Error),
+    /// Any other error of sled's open (I/O, a damaged file, an unsupported setting).
+    Sled(sled::Error),
+}
+
+impl From<OpenSledError> for sled::Error {
+    fn from(error: OpenSledError) -> Self {
+        match error {
+            OpenSledError::Locked(error) | OpenSledError::Sled(error) => error,
+        }
+    }
+}
+
+/// Opens the sled database `config` names (its path, cache size and other settings are
+/// the caller's), with patience for the directory's lock: while sled reports the lock
+/// held, it tries again every 20 ms until `patience` has passed, then reports
+/// [`OpenSledError::Locked`]. sled's background threads release the lock shortly after the
+/// last handle of a database is dropped, so a reopen in this process right after a close
+/// can see it held for a moment; a lock held longer is another open handle. Every other
+/// error is returned at once as [`OpenSledError::Sled`]. Shared by the log ([`open_db`])
+/// and the history index (`projection::history`).
+pub(crate) fn open_sled(
+    config: &sled::Config,
+    patience: std::time::Duration,
+) -> Result<sled::Db, OpenSledError> {
+    let deadline = std::time::Instant::now() + patience;
     loop {
-        // No periodic flusher: it would make sled's file durable without the directory
-        // (see `durability.rs`); the flusher and syncer make every group durable instead.
-        match sled::Config::new()
-            .path(dir)
-            .cache_capacity(SLED_CACHE_BYTES)
-            .flush_every_ms(None)
-            .open()
-        {
+        match config.open() {
             Ok(db) => return Ok(db),
             // sled 0.34 reports a held directory lock only as this message.
             Err(sled::Error::Io(io)) if io.to_string().contains("could not acquire lock") => {
                 if std::time::Instant::now() >= deadline {
-                    return Err(StoreError::AlreadyInUse {
-                        path: dir.to_owned(),
-                    });
+                    return Err(OpenSledError::Locked(sled::Error::Io(io)));
                 }
                 std::thread::sleep(std::time::Duration::from_millis(20));
             }
-            Err(sled::Error::Corruption { .. }) => {
-                return Err(StoreError::Corrupt {
-                    seq: 0,
-                    reason: format!(
-                        "sled cannot read its log in {}: a file of it is damaged; restore the data directory from a backup",
-                        dir.display()
-                    ),
-                });
-            }
-            Err(other) => return Err(StoreError::Sled(other)),
+            Err(other) => return Err(OpenSledError::Sled(other)),
         }
     }
 }
