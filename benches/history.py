@@ -33,7 +33,7 @@ to check the script and the binaries.
 Nothing is built: the script takes kpi-server and kpi-load from --bin-dir (default
 $CARGO_TARGET_DIR/release, else target/release; run `cargo build --release` first).
 --server-arg passes flags through to kpi-server (repeatable, e.g.
---server-arg=--memory-budget=256MiB). The data directory is a temporary one, removed at
+--server-arg=--memory-budget=256). The data directory is a temporary one, removed at
 the end unless --keep, or --data-dir (kept). The server is always stopped on exit, also
 after Ctrl-C, SIGTERM or an error. Python 3 standard library only; not part of CI.
 """
@@ -103,7 +103,7 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
         epilog=(
             "example: cargo build --release && python3 benches/history.py\n"
             "         python3 benches/history.py --quick\n"
-            "         python3 benches/history.py --server-arg=--memory-budget=256MiB --rounds 5"
+            "         python3 benches/history.py --server-arg=--memory-budget=256 --rounds 5"
         ),
     )
     workload = parser.add_argument_group("workload")

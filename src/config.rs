@@ -99,10 +99,10 @@ pub struct Config {
     )]
     pub dedup_memory_kib: u32,
 
-    /// Memory the whole process keeps to, in MiB. The buckets of the read models get what
-    /// is left after the event ids (`--dedup-memory-kib`) and 120 MiB for the rest (sled's
-    /// caches, buffers); the oldest buckets beyond it are stored in <data-dir>/pages/ and
-    /// read from there when asked.
+    /// Memory budget, in MiB. The buckets of the read models get what is left after the
+    /// event ids (`--dedup-memory-kib`) and 120 MiB reserved for the rest (sled's caches,
+    /// buffers); the buckets that ended longest ago are stored in <data-dir>/pages/ beyond
+    /// that share and read from there when asked.
     #[arg(
         long,
         env = "KPI_MEMORY_BUDGET",

@@ -9,6 +9,12 @@ use kpi_service::config::Command;
 use tokio::net::TcpListener;
 use tracing_subscriber::EnvFilter;
 
+/// mimalloc instead of glibc's malloc: the read models free old buckets and allocate new
+/// ones all the time from several threads, and glibc's per-thread arenas kept the freed
+/// memory (resident 600 MiB for a 337 MiB peak heap in the history benchmark).
+#[global_allocator]
+static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
 fn main() -> ExitCode {
     let config = Config::parse();
     tracing_subscriber::fmt()

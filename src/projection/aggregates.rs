@@ -283,21 +283,20 @@ impl Aggregates {
         }
     }
 
-    /// The measured KPIs' buckets in `parts` independently decodable byte strings (bincode),
-    /// for a snapshot: most of a restart is decoding them, and parts decode on all cores.
-    pub fn encode_measured(&self, parts: usize) -> Result<Vec<Vec<u8>>, String> {
+    /// Part `part` of `parts` of the measured KPIs' buckets, an independently decodable
+    /// byte string (bincode), for a snapshot: most of a restart is decoding them, and parts
+    /// decode on all cores. Encoded one at a time, so a snapshot holds one part's bytes.
+    pub fn encode_measured(&self, part: usize, parts: usize) -> Result<Vec<u8>, String> {
         let parts = parts.max(1);
-        let mut split: Vec<Vec<(&String, &KpiAggregates)>> = vec![Vec::new(); parts];
-        for (i, entry) in self.measured.iter().enumerate() {
-            split[i % parts].push(entry);
-        }
-        split
+        let share: Vec<(&String, &KpiAggregates)> = self
+            .measured
             .iter()
-            .map(|part| {
-                bincode::serde::encode_to_vec(part, bincode::config::standard())
-                    .map_err(|e| e.to_string())
-            })
-            .collect()
+            .enumerate()
+            .filter(|(i, _)| i % parts == part)
+            .map(|(_, entry)| entry)
+            .collect();
+        bincode::serde::encode_to_vec(&share, bincode::config::standard())
+            .map_err(|e| e.to_string())
     }
 
     /// Decodes parts written by [`Aggregates::encode_measured`] on up to `threads`

@@ -2,9 +2,11 @@
 //! and the chain hash at that seq, in one file written atomically (temporary file, fsync,
 //! rename, fsync of the directory), so a restart replays only the log's tail.
 //!
-//! The file is the bincode encoding of [`Snapshot`], then the measured KPIs' buckets in
-//! [`MEASURED_PARTS`] parts (bincode each, decoded straight from the file's bytes on all
-//! cores), then a CRC-32 of everything before it, little-endian.
+//! The file is the format (u32, little-endian), the measured KPIs' buckets in
+//! [`MEASURED_PARTS`] parts (bincode each, written one at a time so that a snapshot holds
+//! only one part's bytes, decoded straight from the file's bytes on all cores), then the
+//! bincode encoding of [`Snapshot`] (which holds the parts' lengths), its length (u64),
+//! and a CRC-32 of everything before it, little-endian.
 //!
 //! A snapshot that is missing, unreadable, damaged (its checksum differs), of another
 //! format, or that does not match the log (its hash differs from the log's hash at its seq, or it is ahead of the log) is
@@ -29,7 +31,8 @@ pub const SNAPSHOT_FILE: &str = "projection.snapshot";
 /// (up to 128) or as its sketch, where 5 always stored a sketch. Format 7: no dedup index
 /// entries (the log keeps its own, `store/dedup`). Format 8: a bucket map is stored as its
 /// chunks (their buckets, or the page a chunk that left memory is stored in,
-/// `projection::pages`) then its tail, and the aggregates keep the latest occurred_at.
+/// `projection::pages`) then its tail, and the aggregates keep the latest occurred_at; the
+/// parts come before the encoded snapshot, the format first as 4 plain bytes.
 const FORMAT: u32 = 8;
 
 /// Parts the measured KPIs' buckets are stored in, so a restart decodes them on every core.
@@ -122,35 +125,18 @@ fn io_error(path: &Path) -> impl FnOnce(std::io::Error) -> SnapshotError + '_ {
 /// snapshot, which only makes restarts faster.
 pub fn write(dir: &Path, snapshot: &mut Snapshot, min_free: u64) -> Result<u64, SnapshotError> {
     crate::store::create_dir_durably(dir).map_err(io_error(dir))?;
-    let parts = snapshot
-        .aggregates
-        .encode_measured(MEASURED_PARTS)
-        .map_err(SnapshotError::Decode)?;
-    snapshot.parts = parts.iter().map(|part| widen(part.len())).collect();
-    let head = bincode::serde::encode_to_vec(&*snapshot, bincode::config::standard())
-        .map_err(|e| SnapshotError::Decode(e.to_string()))?;
     let path = dir.join(SNAPSHOT_FILE);
     let temporary = dir.join(format!("{SNAPSHOT_FILE}.tmp"));
-    let needed: u64 = widen(head.len()) + parts.iter().map(|p| widen(p.len())).sum::<u64>();
-    let stats = rustix::fs::statvfs(dir).map_err(|e| io_error(dir)(e.into()))?;
-    let available = stats.f_bavail.saturating_mul(stats.f_frsize);
-    if available < needed.saturating_add(min_free) {
-        return Err(SnapshotError::NoSpace {
-            needed,
-            available,
-            min_free,
-        });
-    }
     let mut file = fs::File::create(&temporary).map_err(io_error(&temporary))?;
-    let mut checksum = crc32fast::Hasher::new();
-    let mut size = 0;
-    for piece in std::iter::once(&head).chain(&parts) {
-        checksum.update(piece);
-        file.write_all(piece).map_err(io_error(&temporary))?;
-        size += widen(piece.len());
-    }
-    file.write_all(&checksum.finalize().to_le_bytes())
-        .map_err(io_error(&temporary))?;
+    let written = write_parts(dir, &temporary, &mut file, snapshot, min_free);
+    let size = match written {
+        Ok(size) => size,
+        Err(error) => {
+            drop(file);
+            let _ = fs::remove_file(&temporary);
+            return Err(error);
+        }
+    };
     file.sync_all().map_err(io_error(&temporary))?;
     drop(file);
     fs::rename(&temporary, &path).map_err(io_error(&path))?;
@@ -158,6 +144,52 @@ pub fn write(dir: &Path, snapshot: &mut Snapshot, min_free: u64) -> Result<u64, 
     fs::File::open(dir)
         .and_then(|d| d.sync_all())
         .map_err(io_error(dir))?;
+    Ok(size)
+}
+
+/// Writes the snapshot's pieces into `file`, each only while it leaves `min_free` bytes
+/// available in `dir`; returns the file's size.
+fn write_parts(
+    dir: &Path,
+    temporary: &Path,
+    file: &mut fs::File,
+    snapshot: &mut Snapshot,
+    min_free: u64,
+) -> Result<u64, SnapshotError> {
+    let mut checksum = crc32fast::Hasher::new();
+    let mut size = 0;
+    let mut put = |piece: &[u8]| -> Result<(), SnapshotError> {
+        let needed = widen(piece.len());
+        let stats = rustix::fs::statvfs(dir).map_err(|e| io_error(dir)(e.into()))?;
+        let available = stats.f_bavail.saturating_mul(stats.f_frsize);
+        if available < needed.saturating_add(min_free) {
+            return Err(SnapshotError::NoSpace {
+                needed,
+                available,
+                min_free,
+            });
+        }
+        checksum.update(piece);
+        file.write_all(piece).map_err(io_error(temporary))?;
+        size += needed;
+        Ok(())
+    };
+    put(&FORMAT.to_le_bytes())?;
+    snapshot.parts.clear();
+    for part in 0..MEASURED_PARTS {
+        let bytes = snapshot
+            .aggregates
+            .encode_measured(part, MEASURED_PARTS)
+            .map_err(SnapshotError::Decode)?;
+        put(&bytes)?;
+        snapshot.parts.push(widen(bytes.len()));
+    }
+    let head = bincode::serde::encode_to_vec(&*snapshot, bincode::config::standard())
+        .map_err(|e| SnapshotError::Decode(e.to_string()))?;
+    put(&head)?;
+    put(&widen(head.len()).to_le_bytes())?;
+    let checksum = checksum.finalize().to_le_bytes();
+    file.write_all(&checksum).map_err(io_error(temporary))?;
     Ok(size + CHECKSUM_BYTES)
 }
 
@@ -200,8 +232,10 @@ pub struct Undecoded {
     pub snapshot: Snapshot,
     /// The file's bytes.
     file: Vec<u8>,
-    /// Where the encoded snapshot ends and the parts begin in `file`.
+    /// Where the parts begin in `file`.
     parts_at: usize,
+    /// Where they end (the encoded snapshot begins).
+    parts_end: usize,
 }
 
 /// Reads the snapshot in `dir`, checks its checksum and format, and decodes all but its
@@ -214,29 +248,47 @@ pub fn load_undecoded(dir: &Path) -> Result<Option<Undecoded>, SnapshotError> {
         Err(error) => return Err(io_error(&path)(error)),
     };
     let damaged = |what: &str| SnapshotError::Decode(format!("damaged snapshot: {what}"));
+    // The format comes first: another build's layout is refused before anything else.
+    let format = file
+        .first_chunk::<4>()
+        .map(|bytes| u32::from_le_bytes(*bytes))
+        .ok_or_else(|| damaged("shorter than its format"))?;
+    if format != FORMAT {
+        return Err(SnapshotError::Format { found: format });
+    }
     let content_len = file
         .len()
         .checked_sub(4)
         .ok_or_else(|| damaged("shorter than its checksum"))?;
     let (content, stored) = file.split_at(content_len);
     let stored: [u8; 4] = stored.try_into().map_err(|_| damaged("no checksum"))?;
-    // The format comes first: another build's layout is refused before anything else.
-    let (format, _): (u32, usize) =
-        bincode::serde::decode_from_slice(content, bincode::config::standard())
-            .map_err(|e| SnapshotError::Decode(e.to_string()))?;
-    if format != FORMAT {
-        return Err(SnapshotError::Format { found: format });
-    }
     if crc32fast::hash(content) != u32::from_le_bytes(stored) {
         return Err(damaged("checksum mismatch"));
     }
-    let (snapshot, parts_at): (Snapshot, usize) =
-        bincode::serde::decode_from_slice(content, bincode::config::standard())
+    let head_len = content
+        .last_chunk::<8>()
+        .map(|bytes| u64::from_le_bytes(*bytes))
+        .and_then(|len| usize::try_from(len).ok())
+        .ok_or_else(|| damaged("no length of the snapshot"))?;
+    let head_at = content
+        .len()
+        .checked_sub(8)
+        .and_then(|end| end.checked_sub(head_len))
+        .filter(|at| *at >= 4)
+        .ok_or_else(|| damaged("the snapshot runs past the file"))?;
+    let (snapshot, _): (Snapshot, usize) =
+        bincode::serde::decode_from_slice(&content[head_at..], bincode::config::standard())
             .map_err(|e| SnapshotError::Decode(e.to_string()))?;
+    if snapshot.format != FORMAT {
+        return Err(SnapshotError::Format {
+            found: snapshot.format,
+        });
+    }
     Ok(Some(Undecoded {
         snapshot,
         file,
-        parts_at,
+        parts_at: 4,
+        parts_end: head_at,
     }))
 }
 
@@ -248,8 +300,9 @@ impl Undecoded {
             mut snapshot,
             file,
             parts_at,
+            parts_end,
         } = self;
-        let content = &file[..file.len() - 4];
+        let content = &file[..parts_end];
         let mut parts = Vec::with_capacity(snapshot.parts.len());
         let mut start = parts_at;
         for &len in &snapshot.parts {
