@@ -117,7 +117,9 @@ fn run(ops: Vec<Op>, budget: Option<usize>) {
     let dir = tempfile::tempdir().unwrap();
     let tier = || {
         budget.map(|budget| Tier {
-            store: std::sync::Arc::new(PageStore::open(&dir.path().join("pages")).expect("pages")),
+            store: std::sync::Arc::new(
+                PageStore::open(&dir.path().join("pages"), 0).expect("pages"),
+            ),
             budget,
         })
     };
@@ -387,5 +389,67 @@ fn an_index_of_another_log_is_rebuilt() {
         models.history.catalog_as_of(head).expect("catalog"),
         catalog
     );
+    log.close().expect("close");
+}
+
+/// A snapshot that refers to a page file that is gone is not used: the read models are
+/// rebuilt from the log and answer as before, instead of failing on the missing pages.
+#[test]
+fn a_snapshot_whose_pages_are_gone_is_rebuilt() {
+    let dir = tempfile::tempdir().unwrap();
+    let open = || EventLog::open(&dir.path().join("log"), StoreOptions::default()).expect("open");
+    let mut log = open();
+    append(
+        &log,
+        (0..KPIS.len())
+            .map(|i| Event::KpiDefined {
+                definition: definition(i, KPIS[i].2, KPIS[i].1),
+            })
+            .collect(),
+    );
+    let measurements = (0..2000u32)
+        .map(|i| {
+            Event::MeasurementRecorded(Measurement {
+                kpi_id: "revenue".into(),
+                value: f64::from(i % 10),
+                occurred_at: start() + TimeDelta::hours(i64::from(i * 7)),
+                labels: BTreeMap::from([("channel".into(), "web".into())]),
+                subject: None,
+                event_id: None,
+            })
+        })
+        .collect();
+    append(&log, measurements);
+    let pages = dir.path().join("pages");
+    let tier = || {
+        Some(Tier {
+            store: std::sync::Arc::new(PageStore::open(&pages, 0).expect("pages")),
+            budget: 2048,
+        })
+    };
+    let history = |log: &EventLog| {
+        History::open(&dir.path().join("history"), log, HistoryOptions::default()).expect("history")
+    };
+    let snapshots = dir.path().join("snapshots");
+    let models = ReadModels::restore(&log, &snapshots, history(&log), tier()).expect("restore");
+    let before = answers(&models.aggregates.read());
+    assert!(
+        !models.aggregates.read().page_files().is_empty(),
+        "pages are used"
+    );
+    let seq = models.snapshot(&log, &snapshots, 0).expect("snapshot");
+    models.history.close().expect("close the history index");
+    log.close().expect("close");
+    drop(models);
+    for entry in std::fs::read_dir(&pages).expect("pages") {
+        std::fs::remove_file(entry.expect("entry").path()).expect("remove");
+    }
+    log = open();
+    let models = ReadModels::restore(&log, &snapshots, history(&log), tier()).expect("restore");
+    assert_eq!(
+        models.restored.snapshot_seq, 0,
+        "the snapshot at {seq} is not used"
+    );
+    assert_eq!(answers(&models.aggregates.read()), before);
     log.close().expect("close");
 }

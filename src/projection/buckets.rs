@@ -759,7 +759,7 @@ mod tests {
             ascending in any::<bool>(),
         ) {
             let dir = tempfile::tempdir().expect("temporary directory");
-            let store = PageStore::open(dir.path()).expect("page store");
+            let store = PageStore::open(dir.path(), 0).expect("page store");
             let pages = Some(&store);
             let mut map = BucketMap::default();
             let mut model: BTreeMap<i64, u64> = BTreeMap::new();

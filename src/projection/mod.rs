@@ -90,7 +90,26 @@ impl ReadModels {
         history: History,
         tier: Option<Tier>,
     ) -> Result<Self, StoreError> {
-        let checked = loaded.and_then(|loaded| loaded.map(|s| snapshot::check(s, log)).transpose());
+        let checked = loaded
+            .and_then(|loaded| loaded.map(|s| snapshot::check(s, log)).transpose())
+            .and_then(|checked| match (checked, &tier) {
+                (Some(snapshot), Some(tier)) => {
+                    let present = tier.store.files();
+                    match snapshot
+                        .aggregates
+                        .page_files()
+                        .into_iter()
+                        .find(|file| !present.contains(file))
+                    {
+                        Some(file) => Err(SnapshotError::Mismatch {
+                            seq: snapshot.seq,
+                            reason: format!("page file {file} it refers to is missing"),
+                        }),
+                        None => Ok(Some(snapshot)),
+                    }
+                }
+                (checked, _) => Ok(checked),
+            });
         let (mut catalog, mut aggregates, snapshot_seq) = match checked {
             Ok(Some(snapshot)) => (snapshot.catalog, snapshot.aggregates, snapshot.seq),
             Ok(None) => (Catalog::default(), Aggregates::default(), 0),
@@ -273,10 +292,13 @@ pub fn open(
     });
     let log = log?;
     let history = History::open(history_dir, &log, history_options)?;
-    let store = PageStore::open(&tier.pages_dir).map_err(|source| StoreError::Io {
-        path: tier.pages_dir.clone(),
-        source,
-    })?;
+    let store =
+        PageStore::open(&tier.pages_dir, history_options.min_free_bytes).map_err(|source| {
+            StoreError::Io {
+                path: tier.pages_dir.clone(),
+                source,
+            }
+        })?;
     let tier = Tier {
         store: Arc::new(store),
         budget: tier.budget,

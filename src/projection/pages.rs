@@ -14,7 +14,10 @@
 //! files no live model and no snapshot refers to any more.
 //!
 //! Page bytes are LZ4-compressed. Reads check the length and checksum and never allocate
-//! more than a page's recorded length.
+//! more than a page's recorded length. A page is written only while twice the log's
+//! free-space minimum stays free (as the other derived files, `store::room_beside_guard`);
+//! otherwise the write fails and the buckets stay in memory. A failed write ends its file:
+//! the next page starts a new one, so a torn page never shifts the pages after it.
 
 use std::collections::{HashMap, HashSet};
 use std::fs::{self, File, OpenOptions};
@@ -25,7 +28,7 @@ use std::sync::{Arc, Mutex, PoisonError, RwLock};
 
 use serde::{Deserialize, Serialize};
 
-use crate::store::{create_dir_durably, sync_dir};
+use crate::store::{create_dir_durably, room_beside_guard, sync_dir};
 
 /// A page file is closed for appends once it reaches this size, so that files whose
 /// pages are all replaced can be deleted.
@@ -56,6 +59,8 @@ impl PageRef {
 #[derive(Debug)]
 pub struct PageStore {
     dir: PathBuf,
+    /// The log's free-space minimum; pages leave twice it free.
+    min_free: u64,
     /// Files open for reading, by number.
     readers: RwLock<HashMap<u32, Arc<File>>>,
     writer: Mutex<Writer>,
@@ -76,8 +81,9 @@ struct Writer {
 }
 
 impl PageStore {
-    /// Opens (creating it durably) the page directory `dir`. Appends go to a new file.
-    pub fn open(dir: &Path) -> io::Result<Self> {
+    /// Opens (creating it durably) the page directory `dir`, whose pages leave twice
+    /// `min_free` bytes free on its file system. Appends go to a new file.
+    pub fn open(dir: &Path, min_free: u64) -> io::Result<Self> {
         create_dir_durably(dir)?;
         let mut readers = HashMap::new();
         let mut last = 0;
@@ -91,6 +97,7 @@ impl PageStore {
         }
         Ok(Self {
             dir: dir.to_owned(),
+            min_free,
             readers: RwLock::new(readers),
             writer: Mutex::new(Writer {
                 current: None,
@@ -110,6 +117,12 @@ impl PageStore {
             .ok()
             .filter(|len| *len <= MAX_PAGE_BYTES)
             .ok_or_else(|| io::Error::new(io::ErrorKind::InvalidInput, "page too large"))?;
+        if !room_beside_guard(&self.dir, self.min_free, u64::from(len)) {
+            return Err(io::Error::new(
+                io::ErrorKind::StorageFull,
+                "no room for a page beside twice the free-space minimum",
+            ));
+        }
         let mut writer = self.writer.lock().unwrap_or_else(PoisonError::into_inner);
         if writer.current.is_none() || writer.size >= MAX_FILE_BYTES {
             let number = writer.next;
@@ -135,7 +148,12 @@ impl PageStore {
             None => unreachable!("a file was opened above"),
         };
         let offset = writer.size;
-        (&*file).write_all(&compressed)?;
+        if let Err(error) = (&*file).write_all(&compressed) {
+            // Part of the page may be in the file: the next page goes to a new one.
+            writer.current = None;
+            writer.unsynced.insert(number);
+            return Err(error);
+        }
         writer.size += u64::from(len);
         writer.unsynced.insert(number);
         Ok(PageRef {
@@ -270,7 +288,7 @@ mod tests {
     #[test]
     fn pages_read_back_across_files_and_opens() {
         let dir = tempfile::tempdir().unwrap();
-        let store = PageStore::open(dir.path()).unwrap();
+        let store = PageStore::open(dir.path(), 0).unwrap();
         let big = vec![7u8; 1000];
         let first = store.write(&big).unwrap();
         let second = store.write(b"second page").unwrap();
@@ -279,7 +297,7 @@ mod tests {
         store.sync().unwrap();
         drop(store);
 
-        let store = PageStore::open(dir.path()).unwrap();
+        let store = PageStore::open(dir.path(), 0).unwrap();
         assert_eq!(store.read(second).unwrap(), b"second page");
         let third = store.write(b"third").unwrap();
         assert_ne!(
@@ -294,7 +312,7 @@ mod tests {
     #[test]
     fn a_damaged_page_is_refused() {
         let dir = tempfile::tempdir().unwrap();
-        let store = PageStore::open(dir.path()).unwrap();
+        let store = PageStore::open(dir.path(), 0).unwrap();
         let page = store.write(b"some bucket bytes").unwrap();
         store.sync().unwrap();
         let path = store.path(page.file());
@@ -314,13 +332,13 @@ mod tests {
     #[test]
     fn retain_deletes_only_files_nothing_refers_to() {
         let dir = tempfile::tempdir().unwrap();
-        let store = PageStore::open(dir.path()).unwrap();
+        let store = PageStore::open(dir.path(), 0).unwrap();
         let old = store.write(b"old").unwrap();
         drop(store);
-        let store = PageStore::open(dir.path()).unwrap();
+        let store = PageStore::open(dir.path(), 0).unwrap();
         let kept = store.write(b"kept").unwrap();
         drop(store);
-        let store = PageStore::open(dir.path()).unwrap();
+        let store = PageStore::open(dir.path(), 0).unwrap();
         let current = store.write(b"current").unwrap();
         store
             .retain(&HashSet::from([kept.file()]), store.next_file() + 1)
