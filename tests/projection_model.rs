@@ -84,6 +84,19 @@ fn append(log: &EventLog, events: Vec<Event>) -> Vec<u64> {
     .collect()
 }
 
+/// Defines every KPI of [`KPIS`] with its kind and timezone.
+fn define_all(log: &EventLog) {
+    append(
+        log,
+        KPIS.iter()
+            .enumerate()
+            .map(|(i, (_, kind, tz))| Event::KpiDefined {
+                definition: definition(i, *tz, *kind),
+            })
+            .collect(),
+    );
+}
+
 /// The grains the answers compare.
 const GRAINS: [Grain; 4] = [Grain::Day, Grain::Week, Grain::Month, Grain::Year];
 
@@ -126,14 +139,7 @@ fn run(ops: Vec<Op>, budget: Option<usize>) {
     let open = || EventLog::open(dir.path(), StoreOptions::default()).expect("open");
     let mut log = open();
     let mut kinds: Vec<(KpiKind, Tz)> = KPIS.iter().map(|(_, kind, tz)| (*kind, *tz)).collect();
-    append(
-        &log,
-        (0..KPIS.len())
-            .map(|i| Event::KpiDefined {
-                definition: definition(i, kinds[i].1, kinds[i].0),
-            })
-            .collect(),
-    );
+    define_all(&log);
     let snapshots = dir.path().join("snapshots");
     let history = |log: &EventLog| {
         let options = HistoryOptions {
@@ -399,14 +405,7 @@ fn a_snapshot_whose_pages_are_gone_is_rebuilt() {
     let dir = tempfile::tempdir().unwrap();
     let open = || EventLog::open(&dir.path().join("log"), StoreOptions::default()).expect("open");
     let mut log = open();
-    append(
-        &log,
-        (0..KPIS.len())
-            .map(|i| Event::KpiDefined {
-                definition: definition(i, KPIS[i].2, KPIS[i].1),
-            })
-            .collect(),
-    );
+    define_all(&log);
     let measurements = (0..2000u32)
         .map(|i| {
             Event::MeasurementRecorded(Measurement {
