@@ -10,7 +10,8 @@
 //!
 //! A snapshot that is missing, unreadable, damaged (its checksum differs), of another
 //! format, or that does not match the log (its hash differs from the log's hash at its seq, or it is ahead of the log) is
-//! discarded with a warning and the read models are rebuilt from the whole log.
+//! discarded with a warning and the read models are rebuilt from the whole log; so is one
+//! that refers to a page file that is missing (`ReadModels::restore_from`).
 
 use std::fs;
 use std::io::Write;
