@@ -29,9 +29,11 @@
 //! At open the manifest and its runs are checked (checksums, the chain hash at the covered
 //! seq, the window they were kept for) and the log after the covered seq is read into the
 //! active part; anything missing or damaged discards them all and the index is rebuilt
-//! from the segments inside the window, spilling as it goes. A run page found damaged
-//! later makes the lookups that need it scan the log's window instead, and the next open
-//! rebuild.
+//! from the segments inside the window, spilling as it goes; so does a damaged page that a
+//! merge during that read meets. A run page found damaged later (by a lookup or a merge)
+//! makes the lookups that need it scan the log's window instead, and the merge thread
+//! removes the manifest so that the next open rebuilds; until then parts are still
+//! spilled as runs, which only the running index knows.
 //!
 //! Callers hash and copy their ids ([`EventIdKey`]) on their own threads, so the single
 //! writer only probes and moves.
@@ -383,10 +385,10 @@ impl RunSet {
 
     /// Writes `part` as a run (when it has ids) and records that the runs cover the log up
     /// to `covered`.
+    /// After damage was seen (the manifest is gone), the run is written all the same and
+    /// serves lookups until the next open, which rebuilds: the part's ids must not leave
+    /// memory without a run to find them in.
     fn spill(&mut self, part: &MemIndex, covered: (u64, Hash)) -> Result<(), RunError> {
-        if self.abandoned {
-            return Ok(());
-        }
         let entries = part.sorted_entries();
         let count = u64::try_from(entries.len()).unwrap_or(u64::MAX);
         let bytes = count
@@ -413,7 +415,9 @@ impl RunSet {
             new_run = Some(Arc::new(run));
         }
         (manifest.covered_seq, manifest.covered_hash) = covered;
-        if let Err(error) = self.store_manifest(manifest) {
+        if self.abandoned {
+            self.manifest = manifest;
+        } else if let Err(error) = self.store_manifest(manifest) {
             if let Some(run) = new_run {
                 let _ = std::fs::remove_file(run.path());
             }
@@ -457,7 +461,8 @@ impl RunSet {
 
 /// Opens the dedup index of the log in `log_dir` (whose segments are `tree`, head `head`):
 /// takes the runs its manifest lists when they check out and reads the log after them,
-/// else rebuilds from the window.
+/// else rebuilds from the window. A run found damaged while merging during that read
+/// discards them all, and the index is rebuilt.
 pub fn open(
     log_dir: &Path,
     tree: &sled::Tree,
@@ -465,19 +470,56 @@ pub fn open(
     options: &StoreOptions,
 ) -> Result<(DedupIndex, RunSet), StoreError> {
     let dir = log_dir.join(DEDUP_DIR);
-    let io_error = |source| StoreError::Io {
+    durability::create_dir_durably(&dir).map_err(|source| StoreError::Io {
         path: dir.clone(),
         source,
-    };
-    durability::create_dir_durably(&dir).map_err(io_error)?;
+    })?;
+    match load(
+        &dir,
+        tree,
+        head,
+        options,
+        usable_runs(&dir, tree, head, options),
+    )? {
+        Loaded::Ready(loaded) => Ok(*loaded),
+        Loaded::Damaged(error) => {
+            tracing::warn!(%error, dir = %dir.display(), "a dedup run was found damaged at start; rebuilding the index from the log's window");
+            match load(&dir, tree, head, options, Ok(None))? {
+                Loaded::Ready(loaded) => Ok(*loaded),
+                // Runs written moments ago read back damaged: the disk itself is failing.
+                Loaded::Damaged(error) => Err(StoreError::Io {
+                    path: dir,
+                    source: std::io::Error::other(error.to_string()),
+                }),
+            }
+        }
+    }
+}
+
+/// What [`load`] ends with.
+enum Loaded {
+    Ready(Box<(DedupIndex, RunSet)>),
+    /// A merge found this damage in a run the manifest lists.
+    Damaged(RunError),
+}
+
+/// Builds the index from `found` (the manifest and its runs, or why there are none) and
+/// the log after what they cover.
+fn load(
+    dir: &Path,
+    tree: &sled::Tree,
+    head: &LogHead,
+    options: &StoreOptions,
+    found: Result<Option<UsableRuns>, String>,
+) -> Result<Loaded, StoreError> {
     let memory_bytes = options.dedup_memory_bytes;
-    let (mut index, mut runs) = match usable_runs(&dir, tree, head, options) {
+    let (mut index, mut runs) = match found {
         Ok(Some((manifest, opened))) => {
             let hasher = EventIdHasher::with_key(manifest.key);
             let mut index = DedupIndex::new(options.dedup_window, hasher, memory_bytes);
             index.runs = opened.clone();
             let runs = RunSet {
-                dir: dir.clone(),
+                dir: dir.to_owned(),
                 manifest,
                 runs: opened,
                 min_free: options.min_free_bytes,
@@ -493,18 +535,25 @@ pub fn open(
             }
             let hasher = EventIdHasher::default();
             let index = DedupIndex::new(options.dedup_window, hasher.clone(), memory_bytes);
-            let runs = RunSet::fresh(&dir, &hasher, options.dedup_window, options.min_free_bytes);
+            let runs = RunSet::fresh(dir, &hasher, options.dedup_window, options.min_free_bytes);
             (index, runs)
         }
     };
     remove_unlisted(
-        &dir,
+        dir,
         &runs.manifest,
         !index.runs.is_empty() || runs.manifest.covered_seq > 0,
     )
-    .map_err(io_error)?;
+    .map_err(|source| StoreError::Io {
+        path: dir.to_owned(),
+        source,
+    })?;
     let after_seq = runs.manifest.covered_seq;
     let mut scanned = 0u64;
+    // Cleared when a spill fails (no room beside the free-space minimum, say): the rest
+    // of the read stays in memory, and the running index spills it later.
+    let mut spilling = true;
+    let mut damaged = None;
     reader::rebuild_dedup(
         tree,
         head,
@@ -513,49 +562,58 @@ pub fn open(
         |index, last_seq, hash, events| {
             scanned += events;
             index.note_appended(events);
-            if index.should_freeze() {
-                spill_now(index, &mut runs, (last_seq, hash))?;
+            if spilling && damaged.is_none() && index.should_freeze() {
+                match spill_now(index, &mut runs, (last_seq, hash)) {
+                    Ok(spilled) => spilling = spilled,
+                    Err(error) => damaged = Some(error),
+                }
             }
             Ok(())
         },
     )?;
+    if let Some(error) = damaged {
+        return Ok(Loaded::Damaged(error));
+    }
     // A long read (a rebuild, or a log written before the runs existed) is recorded now,
     // so the next start does not read it again.
-    if head.seq > runs.manifest.covered_seq && scanned >= FREEZE_EVENTS {
-        spill_now(&mut index, &mut runs, (head.seq, head.hash))?;
+    if spilling
+        && head.seq > runs.manifest.covered_seq
+        && scanned >= FREEZE_EVENTS
+        && let Err(error) = spill_now(&mut index, &mut runs, (head.seq, head.hash))
+    {
+        return Ok(Loaded::Damaged(error));
     }
-    Ok((index, runs))
+    Ok(Loaded::Ready(Box::new((index, runs))))
 }
 
-/// Spills the active part on the opening thread, and merges while the policy asks. On a
-/// file system without room for the run beside the log's free-space minimum, the ids stay
-/// in memory (the running index spills them later): a start that may open the log must
-/// not fail for want of room for derived files.
+/// Spills the active part on the opening thread, and merges while the policy asks;
+/// whether the part was spilled. A spill that fails (no room for the run beside the log's
+/// free-space minimum, say) leaves the ids in the active part, where the running index
+/// spills them later: a start that may open the log must not fail for derived files. A
+/// merge that fails is left to the merge thread, but one that finds a damaged run is the
+/// error: the runs cannot be trusted.
 fn spill_now(
     index: &mut DedupIndex,
     runs: &mut RunSet,
     covered: (u64, Hash),
-) -> Result<(), StoreError> {
-    let bytes = u64::try_from(index.active.len())
-        .unwrap_or(u64::MAX)
-        .saturating_mul(RUN_BYTES_PER_ID)
-        .saturating_add(RUN_BYTES_FIXED);
-    if !space::room_beside_guard(&runs.dir, runs.min_free, bytes) {
-        tracing::warn!(dir = %runs.dir.display(), "no room to spill the dedup index at start; its ids stay in memory until there is");
-        return Ok(());
+) -> Result<bool, RunError> {
+    if let Err(error) = runs.spill(&index.active, covered) {
+        tracing::warn!(%error, dir = %runs.dir.display(), "cannot spill the dedup index at start; its ids stay in memory until the running index can");
+        return Ok(false);
     }
     let part = index.freeze();
-    let dir = runs.dir.clone();
-    let dedup_error = |error: RunError| StoreError::Io {
-        path: dir.clone(),
-        source: std::io::Error::other(error.to_string()),
-    };
-    runs.spill(&part, covered).map_err(dedup_error)?;
-    while let Some(inputs) = runs.pick_merge() {
-        merge(runs, &inputs, 0, &AtomicBool::new(false)).map_err(dedup_error)?;
-    }
     index.install(runs.runs.clone(), Some(&part));
-    Ok(())
+    while let Some(inputs) = runs.pick_merge() {
+        match merge(runs, &inputs, 0, &AtomicBool::new(false)) {
+            Ok(()) => index.install(runs.runs.clone(), None),
+            Err(error @ RunError::Damaged(_)) => return Err(error),
+            Err(error) => {
+                tracing::warn!(%error, dir = %runs.dir.display(), "merging dedup runs at start failed; the merge thread retries");
+                break;
+            }
+        }
+    }
+    Ok(true)
 }
 
 /// Merges `inputs` (runs of `runs`) into one, leaving out entries at or below
@@ -855,7 +913,12 @@ impl Background {
                 runs.manifest.next_run += 1;
                 (inputs, number, runs.dir.clone(), runs.min_free)
             };
-            let merged = write_merged(&dir, number, &inputs, drop_through, &self.stop, min_free)?;
+            let merged = write_merged(&dir, number, &inputs, drop_through, &self.stop, min_free)
+                .inspect_err(|error| {
+                    if matches!(error, RunError::Damaged(_)) {
+                        damage_seen.store(true, Ordering::Release);
+                    }
+                })?;
             let mut runs = lock(&self.runs);
             install_merged(&mut runs, &inputs, merged)?;
             let installed = runs.runs.clone();
