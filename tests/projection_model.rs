@@ -9,7 +9,9 @@ use std::collections::{BTreeMap, BTreeSet};
 use chrono::{DateTime, TimeDelta, TimeZone, Utc};
 use chrono_tz::Tz;
 use kpi_service::domain::Catalog;
-use kpi_service::domain::{Direction, Event, Grain, KpiDefinition, KpiKind, Measurement};
+use kpi_service::domain::{
+    Direction, Event, Grain, KpiDefinition, KpiKind, Measurement, Rejection,
+};
 use kpi_service::projection::pages::PageStore;
 use kpi_service::projection::{
     AggregateQuery, Aggregates, AnsweredBucket, Fill, Grains, History, HistoryOptions, ReadModels,
@@ -398,13 +400,10 @@ fn an_index_of_another_log_is_rebuilt() {
     log.close().expect("close");
 }
 
-/// A snapshot that refers to a page file that is gone is not used: the read models are
-/// rebuilt from the log and answer as before, instead of failing on the missing pages.
-#[test]
-fn a_snapshot_whose_pages_are_gone_is_rebuilt() {
-    let dir = tempfile::tempdir().unwrap();
-    let open = || EventLog::open(&dir.path().join("log"), StoreOptions::default()).expect("open");
-    let mut log = open();
+/// A log of 2,000 hourly measurements of `revenue` in `dir`, and a page store tier for
+/// it with a 2 KiB budget (nearly every bucket leaves memory).
+fn paged_log(dir: &std::path::Path) -> (EventLog, impl Fn() -> Option<Tier>) {
+    let log = EventLog::open(&dir.join("log"), StoreOptions::default()).expect("open");
     define_all(&log);
     let measurements = (0..2000u32)
         .map(|i| {
@@ -419,13 +418,23 @@ fn a_snapshot_whose_pages_are_gone_is_rebuilt() {
         })
         .collect();
     append(&log, measurements);
-    let pages = dir.path().join("pages");
-    let tier = || {
+    let pages = dir.join("pages");
+    let tier = move || {
         Some(Tier {
             store: std::sync::Arc::new(PageStore::open(&pages, 0).expect("pages")),
             budget: 2048,
         })
     };
+    (log, tier)
+}
+
+/// A snapshot that refers to a page file that is gone is not used: the read models are
+/// rebuilt from the log and answer as before, instead of failing on the missing pages.
+#[test]
+fn a_snapshot_whose_pages_are_gone_is_rebuilt() {
+    let dir = tempfile::tempdir().unwrap();
+    let open = || EventLog::open(&dir.path().join("log"), StoreOptions::default()).expect("open");
+    let (mut log, tier) = paged_log(dir.path());
     let history = |log: &EventLog| {
         History::open(&dir.path().join("history"), log, HistoryOptions::default()).expect("history")
     };
@@ -440,7 +449,7 @@ fn a_snapshot_whose_pages_are_gone_is_rebuilt() {
     models.history.close().expect("close the history index");
     log.close().expect("close");
     drop(models);
-    for entry in std::fs::read_dir(&pages).expect("pages") {
+    for entry in std::fs::read_dir(dir.path().join("pages")).expect("pages") {
         std::fs::remove_file(entry.expect("entry").path()).expect("remove");
     }
     log = open();
@@ -450,5 +459,46 @@ fn a_snapshot_whose_pages_are_gone_is_rebuilt() {
         "the snapshot at {seq} is not used"
     );
     assert_eq!(answers(&models.aggregates.read()), before);
+    log.close().expect("close");
+}
+
+/// Pages damaged under a running model: a query that needs them is refused as
+/// UNAVAILABLE (never answered without them), and the KPI is rebuilt from the history
+/// index, after which it answers as before.
+#[test]
+fn damaged_pages_are_refused_then_rebuilt_from_the_log() {
+    let dir = tempfile::tempdir().unwrap();
+    let (log, tier) = paged_log(dir.path());
+    let history = History::open(&dir.path().join("history"), &log, HistoryOptions::default())
+        .expect("history");
+    let models =
+        ReadModels::restore(&log, &dir.path().join("snapshots"), history, tier()).expect("restore");
+    let before = answers(&models.aggregates.read());
+    for entry in std::fs::read_dir(dir.path().join("pages")).expect("pages") {
+        let path = entry.expect("entry").path();
+        let mut bytes = std::fs::read(&path).expect("read");
+        for at in (0..bytes.len()).step_by(64) {
+            bytes[at] ^= 0x5a;
+        }
+        std::fs::write(&path, bytes).expect("write");
+    }
+    let query = AggregateQuery {
+        kpi_id: "revenue".into(),
+        grain: Grain::Day,
+        start: start(),
+        end: start() + TimeDelta::days(2 * 366),
+        filter: BTreeMap::new(),
+        group_by: vec!["channel".into()],
+        fill: Fill::None,
+    };
+    let refused = models.aggregates.read().query(&query);
+    assert!(
+        matches!(&refused, Err(Rejection::Unavailable { field, .. }) if field == "kpi_id"),
+        "{refused:?}"
+    );
+    assert!(models.aggregates.heal(), "the kpi is rebuilt");
+    assert!(!models.aggregates.heal(), "once");
+    assert_eq!(answers(&models.aggregates.read()), before);
+    models.history.close().expect("close the history index");
     log.close().expect("close");
 }

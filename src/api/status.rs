@@ -59,6 +59,11 @@ pub fn rejection_status(rejection: &Rejection) -> Status {
             message,
             ErrorDetails::with_bad_request_violation(field, reason),
         ),
+        Rejection::Unavailable { field, reason } => Status::with_error_details(
+            Code::Unavailable,
+            message,
+            ErrorDetails::with_precondition_failure_violation("STATE", field, reason),
+        ),
         Rejection::ResourceExhausted { field, reason } => Status::with_error_details(
             Code::ResourceExhausted,
             message,

@@ -48,6 +48,15 @@ pub enum Rejection {
         /// Where the range ends now.
         reason: String,
     },
+    /// Derived state the answer needs cannot be read now and is being rebuilt from the log
+    /// (UNAVAILABLE): the same request succeeds when it is retried.
+    #[error("{field}: {reason}")]
+    Unavailable {
+        /// Path of the field naming what the state is about.
+        field: String,
+        /// What cannot be read, and why.
+        reason: String,
+    },
     /// A limit of the service would be passed (RESOURCE_EXHAUSTED).
     #[error("{field}: {reason}")]
     ResourceExhausted {
@@ -109,6 +118,7 @@ impl Rejection {
             | Self::AlreadyExists { field, .. }
             | Self::FailedPrecondition { field, .. }
             | Self::OutOfRange { field, .. }
+            | Self::Unavailable { field, .. }
             | Self::ResourceExhausted { field, .. } => Some(field),
             Self::VersionMismatch { .. } => Some("expected_version"),
         }
@@ -123,6 +133,7 @@ impl Rejection {
             | Self::AlreadyExists { field, .. }
             | Self::FailedPrecondition { field, .. }
             | Self::OutOfRange { field, .. }
+            | Self::Unavailable { field, .. }
             | Self::ResourceExhausted { field, .. } => *field = format!("{prefix}.{field}"),
             Self::VersionMismatch { .. } => {}
         }

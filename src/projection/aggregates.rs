@@ -6,8 +6,9 @@
 //! group-by combination; a RATIO KPI is answered from its operands' series. Bucket keys are
 //! bucket starts in the KPI's timezone, so a late measurement updates its own past bucket.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, BTreeSet};
 use std::ops::ControlFlow;
+use std::sync::{Arc, Mutex};
 
 // Series and KPIs are found by hash on every measurement: foldhash (randomly seeded) is several
 // times faster than SipHash on label maps and ids.
@@ -21,7 +22,7 @@ use crate::domain::aggregate::{
 };
 use crate::domain::calendar::{self, Bucket, BucketKey, Calendar};
 use crate::domain::{Event, Grain, KpiDefinition, KpiKind, Measurement, Rejection};
-use crate::projection::buckets::{BucketMap, PageIo};
+use crate::projection::buckets::{BucketMap, ENTRY_BYTES, PageIo};
 use crate::projection::pages::PageStore;
 
 /// Most series (label combinations) one KPI may have. Each series keeps buckets for six
@@ -214,9 +215,6 @@ impl KpiAggregates {
     }
 }
 
-/// Bytes one bucket takes in a map besides its state's heap.
-const ENTRY_BYTES: usize = std::mem::size_of::<(BucketKey, BucketState)>();
-
 /// Where buckets beyond the memory budget go.
 #[derive(Debug, Clone)]
 pub struct Tier {
@@ -260,6 +258,10 @@ pub struct Aggregates {
     /// not get below it (so a model that cannot shrink is not walked on every event).
     #[serde(skip)]
     evict_above: usize,
+    /// KPIs a query found stored buckets of unreadable, for
+    /// [`AggregateView::heal`](super::AggregateView::heal) to rebuild (shared by clones).
+    #[serde(skip)]
+    unreadable: Arc<Mutex<BTreeSet<String>>>,
 }
 
 impl Aggregates {
@@ -811,15 +813,14 @@ impl Aggregates {
         let summary = kpi
             .series
             .get(labels)
-            .and_then(|series| {
+            .map(|series| {
                 series.grains[slot(grain)]
                     .get(&bucket.key(), self.store())
-                    .map_err(|error| {
-                        tracing::error!(%error, kpi_id, "stored buckets cannot be read back");
-                    })
-                    .ok()
-                    .flatten()
+                    .map_err(|error| self.unreadable(kpi_id, &error))
             })
+            .transpose()
+            .ok()?
+            .flatten()
             .map_or_else(
                 || empty_summary(kpi.definition.kind, Fill::Absent),
                 |state| Some(state.summary()),
@@ -833,6 +834,32 @@ impl Aggregates {
     }
 
     /// The page store stored chunks are read from.
+    /// Notes that stored buckets of `kpi_id` cannot be read, for
+    /// [`AggregateView::heal`](super::AggregateView::heal); the rejection to answer with.
+    fn unreadable(&self, kpi_id: &str, error: &std::io::Error) -> Rejection {
+        tracing::error!(%error, kpi_id, "stored buckets cannot be read back; the kpi is rebuilt from the log");
+        self.unreadable
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .insert(kpi_id.to_owned());
+        Rejection::Unavailable {
+            field: "kpi_id".to_owned(),
+            reason: format!(
+                "stored buckets of kpi '{kpi_id}' cannot be read ({error}); they are being rebuilt from the log, retry"
+            ),
+        }
+    }
+
+    /// The KPIs whose stored buckets a query found unreadable since the last call.
+    pub fn take_unreadable(&self) -> BTreeSet<String> {
+        std::mem::take(
+            &mut *self
+                .unreadable
+                .lock()
+                .unwrap_or_else(std::sync::PoisonError::into_inner),
+        )
+    }
+
     fn store(&self) -> Option<&PageStore> {
         self.tier.as_ref().map(|tier| &*tier.store)
     }
@@ -912,13 +939,7 @@ impl Aggregates {
                     }
                     ControlFlow::Continue(())
                 })
-                .map_err(|error| {
-                    tracing::error!(%error, kpi_id, "stored buckets cannot be read back");
-                    Rejection::precondition(
-                        "kpi_id",
-                        format!("stored buckets of kpi '{kpi_id}' cannot be read: {error}"),
-                    )
-                })?;
+                .map_err(|error| self.unreadable(kpi_id, &error))?;
             if let Some(error) = merge_error {
                 return Err(Rejection::precondition(
                     "kpi_id",

@@ -37,7 +37,7 @@ pub const TAIL: usize = 32;
 type Entry = (BucketKey, BucketState);
 
 /// Bytes one entry takes in a chunk's or the tail's vector.
-const ENTRY_BYTES: usize = std::mem::size_of::<Entry>();
+pub const ENTRY_BYTES: usize = std::mem::size_of::<Entry>();
 
 /// A chunk of buckets: in memory, or stored as a page.
 #[derive(Debug, Clone)]

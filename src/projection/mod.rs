@@ -337,6 +337,22 @@ impl AggregateView {
             .unwrap_or_else(std::sync::PoisonError::into_inner)
     }
 
+    /// Rebuilds from the history index the KPIs whose stored buckets a query found
+    /// unreadable (a damaged page file); whether there were any. Runs after every commit,
+    /// and from the query that found them so that its retry can be answered at once.
+    pub fn heal(&self) -> bool {
+        let kpi_ids = self.read().take_unreadable();
+        if kpi_ids.is_empty() {
+            return false;
+        }
+        let mut aggregates = self
+            .aggregates
+            .write()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        heal(&self.history, &mut aggregates, kpi_ids);
+        true
+    }
+
     /// The aggregates of the KPIs `kpi_ids` in `grains` as known at `seq`: a fold of their
     /// events up to it, read from the history index (the KPIs' measurements and the other
     /// events). Questions about other grains are refused.
@@ -370,6 +386,23 @@ impl AggregateView {
             rebuild_kpi(&self.history, &mut aggregates, &kpi_id, seq)?;
         }
         Ok(aggregates)
+    }
+}
+
+/// Refolds `kpi_ids` up to the seq `aggregates` are at.
+fn heal(history: &History, aggregates: &mut Aggregates, kpi_ids: BTreeSet<String>) {
+    let to_seq = aggregates.seq();
+    for kpi_id in kpi_ids {
+        match rebuild_kpi(history, aggregates, &kpi_id, to_seq) {
+            Ok(()) => tracing::info!(
+                kpi_id,
+                to_seq,
+                "rebuilt the buckets of a kpi whose stored buckets could not be read"
+            ),
+            Err(error) => {
+                tracing::error!(%error, kpi_id, "cannot rebuild the buckets of a kpi whose stored buckets could not be read")
+            }
+        }
     }
 }
 
@@ -437,6 +470,10 @@ impl CommitListener for AggregateView {
                     tracing::error!(%error, kpi_id, "cannot rebuild the buckets of a changed kpi");
                 }
             }
+        }
+        let unreadable = aggregates.take_unreadable();
+        if !unreadable.is_empty() {
+            heal(&self.history, &mut aggregates, unreadable);
         }
     }
 }

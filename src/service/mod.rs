@@ -693,7 +693,15 @@ impl KpiService {
             None => {
                 // A large answer takes milliseconds: off the async executor.
                 let aggregates = self.aggregates.clone();
-                Ok(blocking(move || aggregates.read().query(&query)).await??)
+                Ok(blocking(move || {
+                    let answer = aggregates.read().query(&query);
+                    // Buckets that could not be read are rebuilt from the log: once more.
+                    if answer.is_err() && aggregates.heal() {
+                        return aggregates.read().query(&query);
+                    }
+                    answer
+                })
+                .await??)
             }
         }
     }
