@@ -11,11 +11,28 @@ use tracing_subscriber::EnvFilter;
 
 /// mimalloc instead of glibc's malloc: the read models free old buckets and allocate new
 /// ones all the time from several threads, and glibc's per-thread arenas kept the freed
-/// memory (resident 600 MiB for a 337 MiB peak heap in the history benchmark).
+/// memory (resident 600 MiB for a 337 MiB peak heap in the history benchmark). Built
+/// without transparent huge pages (the `no_thp` feature), and it returns freed memory to
+/// the system at once ([`return_freed_memory_at_once`]): with mimalloc's defaults a 4 M
+/// ingest ended at 476 MiB resident, with both at 329 MiB (BENCHMARKS.md).
 #[global_allocator]
 static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
 
+/// `mi_option_purge_delay` of mimalloc's `mimalloc.h` (libmimalloc-sys names no constant
+/// for it): how many milliseconds freed memory waits before it is returned to the system.
+const MI_OPTION_PURGE_DELAY: libmimalloc_sys::mi_option_t = 15;
+
+/// Sets mimalloc's purge delay to 0 (its default is 10 ms, and arenas wait ten times
+/// that): the buckets that leave memory are freed in bursts, and with the delay the next
+/// burst of allocations came before the last one's memory was returned.
+fn return_freed_memory_at_once() {
+    // SAFETY: mi_option_set only stores the value in mimalloc's option table (an atomic
+    // store); mimalloc reads the purge delay each time it purges.
+    unsafe { libmimalloc_sys::mi_option_set(MI_OPTION_PURGE_DELAY, 0) };
+}
+
 fn main() -> ExitCode {
+    return_freed_memory_at_once();
     let config = Config::parse();
     tracing_subscriber::fmt()
         .with_env_filter(
