@@ -503,16 +503,14 @@ impl Aggregates {
         let target = tier.budget / 4 * 3;
         let mut freeing = 0;
         let mut class = CLASSES;
-        while class > 0 && total.saturating_sub(freeing) > target {
+        // Class 0 (buckets still open, or ended within the hour) stays: the next
+        // measurements go there, and storing them would only have them read back.
+        while class > 1 && total.saturating_sub(freeing) > target {
             class -= 1;
             freeing += by_class[class];
         }
         // Buckets that ended more than this before the latest leave memory.
-        let age = if class == 0 {
-            i64::MIN / 4
-        } else {
-            3600i64 << (class - 1)
-        };
+        let age = 3600i64 << (class - 1);
         let store = tier.store.clone();
         let mut freed = 0;
         let mut failed = None;

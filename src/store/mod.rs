@@ -973,8 +973,9 @@ const LOCK_PATIENCE: std::time::Duration = std::time::Duration::from_secs(1);
 
 /// sled's own cache of tree pages. Its default (1 GiB) filled with the segments a long
 /// ingest had written, which nothing reads again soon: the read models answer queries, and
-/// followers far behind read through the operating system's page cache.
-const SLED_CACHE_BYTES: u64 = 64 * 1024 * 1024;
+/// followers far behind read through the operating system's page cache. What it holds
+/// counts against the memory budget (`--memory-budget`), so it is small.
+const SLED_CACHE_BYTES: u64 = 16 * 1024 * 1024;
 
 /// Opens sled in `dir`, telling a held lock apart from other I/O errors.
 fn open_db(dir: &Path) -> Result<sled::Db, StoreError> {
