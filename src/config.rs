@@ -34,7 +34,7 @@ pub const DEFAULT_MEMORY_BUDGET_MIB: u32 = 256;
 /// cache (16 MiB), the history index's (8 MiB), and 96 MiB for the rest (sled's own
 /// tables and buffers, about 50 MiB; the history's part in memory, the live window,
 /// request buffers, stacks, code). A bucket share of 168 MiB (this rest at 48 MiB) ran
-/// 15 % faster but 30-70 MiB larger (BENCHMARKS.md).
+/// 15 % faster but 30-80 MiB larger (BENCHMARKS.md).
 const MEMORY_BESIDES_BUCKETS_MIB: u64 = 16 + 8 + 96;
 /// The least memory the buckets may be given, in MiB: the newest buckets of a thousand
 /// KPIs.

@@ -400,9 +400,9 @@ fn an_index_of_another_log_is_rebuilt() {
     log.close().expect("close");
 }
 
-/// A log of 2,000 hourly measurements of `revenue` in `dir`, and a page store tier for
-/// it with a 2 KiB budget (nearly every bucket leaves memory).
-fn paged_log(dir: &std::path::Path) -> (EventLog, impl Fn() -> Option<Tier>) {
+/// A log of 2,000 measurements of `revenue` in `dir`, 7 hours apart, and a page store
+/// tier for it with a budget of `budget` bytes (2 KiB: nearly every bucket leaves memory).
+fn paged_log(dir: &std::path::Path, budget: usize) -> (EventLog, impl Fn() -> Option<Tier>) {
     let log = EventLog::open(&dir.join("log"), StoreOptions::default()).expect("open");
     define_all(&log);
     let measurements = (0..2000u32)
@@ -422,10 +422,20 @@ fn paged_log(dir: &std::path::Path) -> (EventLog, impl Fn() -> Option<Tier>) {
     let tier = move || {
         Some(Tier {
             store: std::sync::Arc::new(PageStore::open(&pages, 0).expect("pages")),
-            budget: 2048,
+            budget,
         })
     };
     (log, tier)
+}
+
+/// [`paged_log`] with its read models restored (history index, no snapshot).
+fn paged_models(dir: &std::path::Path, budget: usize) -> (EventLog, ReadModels) {
+    let (log, tier) = paged_log(dir, budget);
+    let history =
+        History::open(&dir.join("history"), &log, HistoryOptions::default()).expect("history");
+    let models =
+        ReadModels::restore(&log, &dir.join("snapshots"), history, tier()).expect("restore");
+    (log, models)
 }
 
 /// A snapshot that refers to a page file that is gone is not used: the read models are
@@ -434,7 +444,7 @@ fn paged_log(dir: &std::path::Path) -> (EventLog, impl Fn() -> Option<Tier>) {
 fn a_snapshot_whose_pages_are_gone_is_rebuilt() {
     let dir = tempfile::tempdir().unwrap();
     let open = || EventLog::open(&dir.path().join("log"), StoreOptions::default()).expect("open");
-    let (mut log, tier) = paged_log(dir.path());
+    let (mut log, tier) = paged_log(dir.path(), 2048);
     let history = |log: &EventLog| {
         History::open(&dir.path().join("history"), log, HistoryOptions::default()).expect("history")
     };
@@ -468,29 +478,10 @@ fn a_snapshot_whose_pages_are_gone_is_rebuilt() {
 #[test]
 fn damaged_pages_are_refused_then_rebuilt_from_the_log() {
     let dir = tempfile::tempdir().unwrap();
-    let (log, tier) = paged_log(dir.path());
-    let history = History::open(&dir.path().join("history"), &log, HistoryOptions::default())
-        .expect("history");
-    let models =
-        ReadModels::restore(&log, &dir.path().join("snapshots"), history, tier()).expect("restore");
+    let (log, models) = paged_models(dir.path(), 2048);
     let before = answers(&models.aggregates.read());
-    for entry in std::fs::read_dir(dir.path().join("pages")).expect("pages") {
-        let path = entry.expect("entry").path();
-        let mut bytes = std::fs::read(&path).expect("read");
-        for at in (0..bytes.len()).step_by(64) {
-            bytes[at] ^= 0x5a;
-        }
-        std::fs::write(&path, bytes).expect("write");
-    }
-    let query = AggregateQuery {
-        kpi_id: "revenue".into(),
-        grain: Grain::Day,
-        start: start(),
-        end: start() + TimeDelta::days(2 * 366),
-        filter: BTreeMap::new(),
-        group_by: vec!["channel".into()],
-        fill: Fill::None,
-    };
+    damage_page_files(dir.path());
+    let query = revenue_query(Grain::Day, start(), start() + TimeDelta::days(2 * 366));
     let refused = models.aggregates.read().query(&query);
     assert!(
         matches!(&refused, Err(Rejection::Unavailable { field, .. }) if field == "kpi_id"),
@@ -499,6 +490,69 @@ fn damaged_pages_are_refused_then_rebuilt_from_the_log() {
     assert!(models.aggregates.heal(), "the kpi is rebuilt");
     assert!(!models.aggregates.heal(), "once");
     assert_eq!(answers(&models.aggregates.read()), before);
+    models.history.close().expect("close the history index");
+    log.close().expect("close");
+}
+
+/// Changes a byte in every 64 of every page file under `dir`.
+fn damage_page_files(dir: &std::path::Path) {
+    for entry in std::fs::read_dir(dir.join("pages")).expect("pages") {
+        let path = entry.expect("entry").path();
+        let mut bytes = std::fs::read(&path).expect("read");
+        for at in (0..bytes.len()).step_by(64) {
+            bytes[at] ^= 0x5a;
+        }
+        std::fs::write(&path, bytes).expect("write");
+    }
+}
+
+/// The buckets of `revenue` in `grain` from `from` to `to`, by channel.
+fn revenue_query(grain: Grain, from: DateTime<Utc>, to: DateTime<Utc>) -> AggregateQuery {
+    AggregateQuery {
+        kpi_id: "revenue".into(),
+        grain,
+        start: from,
+        end: to,
+        filter: BTreeMap::new(),
+        group_by: vec!["channel".into()],
+        fill: Fill::None,
+    }
+}
+
+/// However small the budget, the buckets still open and those that ended within the hour
+/// stay in memory: the next measurements go there. With a budget below what they alone
+/// hold and every page file damaged, the newest hour is still answered (from memory)
+/// while an old one is refused.
+#[test]
+fn the_newest_buckets_stay_in_memory_under_any_budget() {
+    let dir = tempfile::tempdir().unwrap();
+    let (log, models) = paged_models(dir.path(), 64);
+    // paged_log's last measurement is at hour 7 * 1999.
+    let latest = start() + TimeDelta::hours(7 * 1999);
+    let newest = revenue_query(Grain::Hour, latest, latest + TimeDelta::hours(1));
+    let answered = models
+        .aggregates
+        .read()
+        .query(&newest)
+        .expect("newest hour");
+    assert_eq!(answered.len(), 1, "{answered:?}");
+    damage_page_files(dir.path());
+    assert_eq!(
+        models
+            .aggregates
+            .read()
+            .query(&newest)
+            .expect("newest hour, pages damaged"),
+        answered
+    );
+    let oldest = revenue_query(Grain::Hour, start(), start() + TimeDelta::hours(1));
+    assert!(
+        matches!(
+            models.aggregates.read().query(&oldest),
+            Err(Rejection::Unavailable { .. })
+        ),
+        "the oldest hour is stored"
+    );
     models.history.close().expect("close the history index");
     log.close().expect("close");
 }
