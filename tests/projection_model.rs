@@ -274,6 +274,10 @@ fn run(ops: Vec<Op>, budget: Option<usize>) {
                 !aggregates.page_files().is_empty(),
                 "{all} bytes of buckets, budget {budget}: some must be stored"
             );
+        }
+        // A stored chunk keeps a 72-byte entry in its map's directory: storing pays once
+        // the maps hold more than a few buckets each.
+        if all > 8 * budget {
             assert!(held < all, "{held} of {all} bytes held in memory");
         }
     }

@@ -22,7 +22,7 @@ use crate::domain::aggregate::{
 };
 use crate::domain::calendar::{self, Bucket, BucketKey, Calendar};
 use crate::domain::{Event, Grain, KpiDefinition, KpiKind, Measurement, Rejection};
-use crate::projection::buckets::{BucketMap, ENTRY_BYTES, PageIo};
+use crate::projection::buckets::{BucketMap, PageIo};
 use crate::projection::pages::PageStore;
 
 /// Most series (label combinations) one KPI may have. Each series keeps buckets for six
@@ -140,19 +140,17 @@ impl KpiAggregates {
         })
     }
 
-    /// Folds one measurement of the series `labels` into its buckets; `bytes` follows
-    /// what the buckets hold in memory. Fails when a stored chunk cannot be read back: the
-    /// KPI must then be refolded.
+    /// Folds one measurement of the series `labels` into its buckets (the change of their
+    /// bytes counted in `io`). Fails when a stored chunk cannot be read back: the KPI must
+    /// then be refolded.
     fn observe(
         &mut self,
         labels: &Labels,
         observation: Observation<'_>,
         grains: Grains,
         io: &mut PageIo<'_>,
-        bytes: &mut usize,
     ) -> std::io::Result<()> {
         let calendar = &mut self.calendar;
-        let empty = &self.empty;
         let series = match self.series.get_mut(labels) {
             Some(series) => series,
             None => self.series.entry(labels.clone()).or_default(),
@@ -162,17 +160,7 @@ impl KpiAggregates {
                 continue;
             }
             let key = calendar.bucket_of(grain, observation.occurred_at).key();
-            let mut created = false;
-            let state = series.grains[slot].get_or_insert_with(key, io, || {
-                created = true;
-                empty.clone()
-            })?;
-            let before = state.heap_bytes();
-            // Stored measurements were validated against this kind; a score outside its
-            // range can only come from a definition changed since, which rebuilds.
-            let _ = state.record(observation);
-            *bytes = (*bytes + state.heap_bytes() + if created { ENTRY_BYTES } else { 0 })
-                .saturating_sub(before);
+            series.grains[slot].record(key, observation, &self.empty, io)?;
         }
         Ok(())
     }
@@ -190,7 +178,7 @@ impl KpiAggregates {
         for (slot, grain) in Grain::ALL.into_iter().enumerate() {
             let key = calendar.bucket_of(grain, measurement.occurred_at).key();
             match series.grains[slot].get_mut(&key, io) {
-                Ok(Some(state)) => match state.retract(observation) {
+                Ok(Some(state)) => match counted(io, state, |state| state.retract(observation)) {
                     Ok(Retracted::Exact) => {
                         if state.count() == 0 && series.grains[slot].remove(&key, io).is_err() {
                             exact = false;
@@ -205,7 +193,7 @@ impl KpiAggregates {
         exact
     }
 
-    /// Bytes its buckets hold in memory.
+    /// Bytes its buckets hold on the heap.
     fn bytes(&self) -> usize {
         self.series
             .values()
@@ -213,6 +201,22 @@ impl KpiAggregates {
             .map(BucketMap::bytes)
             .sum()
     }
+}
+
+/// Runs `change` on `state`, counting the change of its heap in `io`.
+fn counted<T>(
+    io: &mut PageIo<'_>,
+    state: &mut BucketState,
+    change: impl FnOnce(&mut BucketState) -> T,
+) -> T {
+    let before = state.heap_bytes();
+    let result = change(state);
+    let after = state.heap_bytes();
+    io.delta = io
+        .delta
+        .saturating_add_unsigned(after)
+        .saturating_sub_unsigned(before);
+    result
 }
 
 /// Where buckets beyond the memory budget go.
@@ -353,7 +357,7 @@ impl Aggregates {
                 let kpi = self.measured.get_mut(&measurement.kpi_id)?;
                 let mut io = PageIo::new(self.tier.as_ref().map(|tier| &*tier.store));
                 let exact = kpi.retract(&measurement, *retracted_seq, &mut io);
-                self.bytes += io.paged_in;
+                self.bytes = self.bytes.saturating_add_signed(io.delta);
                 (!exact).then(|| measurement.kpi_id.clone())
             }
             Event::MeasurementRecorded(measurement) => self.observe(
@@ -433,8 +437,8 @@ impl Aggregates {
         let kpi = self.measured.get_mut(kpi_id)?;
         self.latest = self.latest.max(observation.occurred_at.timestamp());
         let mut io = PageIo::new(self.tier.as_ref().map(|tier| &*tier.store));
-        let folded = kpi.observe(labels, observation, self.grains, &mut io, &mut self.bytes);
-        self.bytes += io.paged_in;
+        let folded = kpi.observe(labels, observation, self.grains, &mut io);
+        self.bytes = self.bytes.saturating_add_signed(io.delta);
         if let Err(error) = folded {
             tracing::error!(%error, kpi_id, "stored buckets cannot be read back; refolding the kpi");
             return Some(kpi_id.to_owned());
@@ -469,6 +473,8 @@ impl Aggregates {
 
     /// When the buckets pass the budget, moves the oldest (by the end of their bucket,
     /// against the latest occurred_at) out of memory until they hold three quarters of it.
+    /// Late measurements kept beside stored chunks are written into new pages once they
+    /// pass an eighth of the budget, the longest lists first, until half of them are.
     fn keep_to_budget(&mut self) {
         let Some(tier) = &self.tier else {
             return;
@@ -485,8 +491,12 @@ impl Aggregates {
                 .unwrap_or(CLASSES - 1)
                 .min(CLASSES - 1)
         };
+        // Late measurements by the size of their list: class c holds lists of 2^c to
+        // 2^(c+1) - 1 bytes.
+        let size_class = |bytes: usize| usize::try_from(usize::BITS - 1 - bytes.leading_zeros());
         let latest = self.latest;
         let mut by_class = [0usize; CLASSES];
+        let mut late_by_size = [0usize; usize::BITS as usize];
         let mut total = 0;
         for kpi in self.measured.values() {
             for series in kpi.series.values() {
@@ -497,11 +507,28 @@ impl Aggregates {
                         let ended = key.unix_seconds().saturating_add(length);
                         by_class[class_of(latest.saturating_sub(ended))] += bytes;
                     });
+                    buckets.visit_late(|bytes| {
+                        if let Ok(class) = size_class(bytes) {
+                            late_by_size[class] += bytes;
+                        }
+                    });
                 }
             }
         }
+        let late: usize = late_by_size.iter().sum();
+        // Lists of at least this many bytes are written out (none: usize::MAX).
+        let mut late_least = usize::MAX;
+        let mut late_freeing = 0;
+        if late > tier.budget / 8 {
+            let mut class = late_by_size.len();
+            while class > 0 && late_freeing < late / 2 {
+                class -= 1;
+                late_freeing += late_by_size[class];
+            }
+            late_least = 1 << class;
+        }
         let target = tier.budget / 4 * 3;
-        let mut freeing = 0;
+        let mut freeing = late_freeing;
         let mut class = CLASSES;
         // Class 0 (buckets still open, or ended within the hour) stays: the next
         // measurements go there, and storing them would only have them read back.
@@ -512,7 +539,7 @@ impl Aggregates {
         // Buckets that ended more than this before the latest leave memory.
         let age = 3600i64 << (class - 1);
         let store = tier.store.clone();
-        let mut freed = 0;
+        let (mut freed, mut late_freed, mut held) = (0, 0, 0);
         let mut failed = None;
         for kpi in self.measured.values_mut() {
             for series in kpi.series.values_mut() {
@@ -524,13 +551,20 @@ impl Aggregates {
                         Ok(bytes) => freed += bytes,
                         Err(error) => failed = Some(error),
                     }
+                    if late_least < usize::MAX {
+                        match buckets.flush_late(late_least, &store) {
+                            Ok(bytes) => late_freed += bytes,
+                            Err(error) => failed = Some(error),
+                        }
+                    }
+                    held += buckets.bytes();
                 }
             }
         }
         if let Some(error) = failed {
             tracing::error!(%error, "buckets cannot be stored; they stay in memory");
         }
-        self.bytes = total.saturating_sub(freed);
+        self.bytes = held;
         self.evict_above = if self.bytes > tier.budget {
             tracing::warn!(
                 held = self.bytes,
@@ -542,7 +576,10 @@ impl Aggregates {
             tier.budget
         };
         tracing::debug!(
+            before = total,
             freed,
+            late,
+            late_freed,
             held = self.bytes,
             budget = tier.budget,
             "buckets moved out of memory"

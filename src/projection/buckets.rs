@@ -14,19 +14,34 @@
 //! read model under its lock) copies only the chunk pointers, and a chunk is copied when it
 //! is next changed while a clone still holds it, so writers are never held up by a copy of
 //! everything.
+//!
+//! A chunk that left memory (a page, `projection::pages`) is not read back for a late
+//! measurement to one of its buckets: the measurement is kept beside the chunk's page, and
+//! recorded onto the chunk's buckets whenever the chunk is read. Those are the same
+//! `record` calls in the same (seq) order as if the chunk had stayed in memory, so every
+//! answer is bit-identical to a fold that never stored a chunk. A chunk's late
+//! measurements are bounded by a quarter of the bytes the chunk held: past that it is read
+//! back into memory; [`BucketMap::flush_late`] writes them into a new page.
+//!
+//! [`BucketMap::bytes`] counts what a map holds on the heap (vector capacities, the chunk
+//! directory, states' heap, late measurements), and every change reports its effect on
+//! that count exactly through [`PageIo::delta`], so the read model's memory budget is
+//! kept against what is really allocated.
 
 use std::io;
-use std::ops::ControlFlow;
+use std::mem::size_of;
+use std::ops::{ControlFlow, Range};
 use std::sync::Arc;
 
+use chrono::{DateTime, Utc};
 use serde::{Deserialize, Deserializer, Serialize, Serializer};
 
-use crate::domain::aggregate::BucketState;
+use crate::domain::aggregate::{BucketState, Observation};
 use crate::domain::calendar::BucketKey;
 use crate::projection::pages::{PageRef, PageStore};
 
 /// Most entries of one chunk: an insert into a chunk moves at most this many 24-byte
-/// entries (6 KiB), and the chunk directory of two years of hours has about 10 entries.
+/// entries (6 KiB), and the chunk directory of two years of hours has about 70 entries.
 pub const CHUNK: usize = 256;
 
 /// Most entries of the owned tail before they move into the chunks: a clone copies at most
@@ -37,13 +52,18 @@ pub const TAIL: usize = 32;
 type Entry = (BucketKey, BucketState);
 
 /// Bytes one entry takes in a chunk's or the tail's vector.
-pub const ENTRY_BYTES: usize = std::mem::size_of::<Entry>();
+pub const ENTRY_BYTES: usize = size_of::<Entry>();
 
-/// A chunk of buckets: in memory, or stored as a page.
+/// Bytes of the allocation that shares a resident chunk: the `Arc`'s two counts and the
+/// vector's pointer, capacity and length.
+const SHARED_BYTES: usize = 2 * size_of::<usize>() + size_of::<Vec<Entry>>();
+
+/// A chunk of buckets: in memory, or stored as a page with the late measurements to it
+/// that arrived since.
 #[derive(Debug, Clone)]
 enum Chunk {
     Resident(Arc<Vec<Entry>>),
-    Stored(Stored),
+    Stored(Stored, Option<Box<Late>>),
 }
 
 /// A chunk that left memory: its page and what it holds.
@@ -57,43 +77,161 @@ struct Stored {
     page: PageRef,
 }
 
+/// Measurements to the buckets of a stored chunk that arrived after it was stored, in
+/// arrival order.
+#[derive(Debug, Clone)]
+struct Late {
+    /// The smallest and the largest of their keys.
+    first: BucketKey,
+    last: BucketKey,
+    observations: Vec<LateObservation>,
+}
+
+/// One late measurement: its bucket and what the bucket records of it.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+struct LateObservation {
+    key: BucketKey,
+    value: f64,
+    occurred_at: DateTime<Utc>,
+    seq: u64,
+    subject: Option<Box<str>>,
+}
+
+impl LateObservation {
+    fn new(key: BucketKey, observation: Observation<'_>) -> Self {
+        Self {
+            key,
+            value: observation.value,
+            occurred_at: observation.occurred_at,
+            seq: observation.seq,
+            subject: observation.subject.map(Box::from),
+        }
+    }
+
+    fn observation(&self) -> Observation<'_> {
+        Observation {
+            value: self.value,
+            occurred_at: self.occurred_at,
+            seq: self.seq,
+            subject: self.subject.as_deref(),
+        }
+    }
+}
+
+impl Late {
+    fn of(observations: Vec<LateObservation>) -> Option<Self> {
+        let first = observations.iter().map(|late| late.key).min()?;
+        let last = observations.iter().map(|late| late.key).max()?;
+        Some(Self {
+            first,
+            last,
+            observations,
+        })
+    }
+
+    /// Bytes it holds on the heap, its box included.
+    fn bytes(&self) -> usize {
+        size_of::<Self>()
+            + self.observations.capacity() * size_of::<LateObservation>()
+            + self
+                .observations
+                .iter()
+                .map(|late| late.subject.as_ref().map_or(0, |subject| subject.len()))
+                .sum::<usize>()
+    }
+
+    /// Records the observations onto `entries` (a stored chunk's buckets), adding the
+    /// buckets that are new.
+    fn record_onto(&self, entries: &mut Vec<Entry>) -> io::Result<()> {
+        let empty = entries
+            .first()
+            .and_then(|(_, state)| BucketState::new(state.kind()))
+            .ok_or_else(|| damaged("late measurements to a chunk without buckets"))?;
+        for late in &self.observations {
+            let position = match entries.binary_search_by_key(&late.key, |(key, _)| *key) {
+                Ok(position) => position,
+                Err(position) => {
+                    entries.insert(position, (late.key, empty.clone()));
+                    position
+                }
+            };
+            // As a measurement to a bucket in memory (`BucketMap::record`).
+            let _ = entries[position].1.record(late.observation());
+        }
+        Ok(())
+    }
+}
+
 impl Chunk {
     fn first(&self) -> Option<BucketKey> {
         match self {
             Self::Resident(entries) => entries.first().map(|(key, _)| *key),
-            Self::Stored(stored) => Some(stored.first),
+            Self::Stored(stored, late) => Some(
+                late.as_ref()
+                    .map_or(stored.first, |late| late.first.min(stored.first)),
+            ),
         }
     }
 
     fn last(&self) -> Option<BucketKey> {
         match self {
             Self::Resident(entries) => entries.last().map(|(key, _)| *key),
-            Self::Stored(stored) => Some(stored.last),
+            Self::Stored(stored, late) => Some(
+                late.as_ref()
+                    .map_or(stored.last, |late| late.last.max(stored.last)),
+            ),
         }
     }
 
+    /// Buckets it holds; for a stored chunk, those of its page (a late measurement may
+    /// add one more when it is read).
     fn len(&self) -> usize {
         match self {
             Self::Resident(entries) => entries.len(),
-            Self::Stored(stored) => stored.len as usize,
+            Self::Stored(stored, _) => stored.len as usize,
+        }
+    }
+
+    /// Bytes it holds on the heap but for its states' own heap: a resident chunk's shared
+    /// vector, a stored chunk's late measurements.
+    fn fixed_bytes(&self) -> usize {
+        match self {
+            Self::Resident(entries) => SHARED_BYTES + entries.capacity() * ENTRY_BYTES,
+            Self::Stored(_, late) => late.as_deref().map_or(0, Late::bytes),
+        }
+    }
+
+    /// Bytes of its late measurements.
+    fn late_bytes(&self) -> usize {
+        match self {
+            Self::Stored(_, Some(late)) => late.bytes(),
+            Self::Stored(_, None) | Self::Resident(_) => 0,
         }
     }
 }
 
-/// Where stored chunks are read from and written to, and what reading them back added to
-/// memory.
+/// Where stored chunks are read from and written to, and how the calls made with it
+/// changed the maps' [`BucketMap::bytes`].
 #[derive(Debug, Default)]
 pub struct PageIo<'a> {
     /// The page store; `None` for a model that never stores chunks (an as-of fold).
     pub store: Option<&'a PageStore>,
-    /// Bytes of the chunks read back into memory.
-    pub paged_in: usize,
+    /// Bytes the maps hold now less those they held before.
+    pub delta: isize,
 }
 
 impl<'a> PageIo<'a> {
     /// Page I/O through `store`.
     pub fn new(store: Option<&'a PageStore>) -> Self {
-        Self { store, paged_in: 0 }
+        Self { store, delta: 0 }
+    }
+
+    /// Counts a change from `before` to `after` bytes.
+    fn count(&mut self, before: usize, after: usize) {
+        self.delta = self
+            .delta
+            .saturating_add_unsigned(after)
+            .saturating_sub_unsigned(before);
     }
 }
 
@@ -101,13 +239,13 @@ impl<'a> PageIo<'a> {
 ///
 /// The newest buckets lie in an owned tail, the older ones in chunks, which are shared in
 /// memory or stored as pages. A measurement close to now (most of them) touches only the
-/// tail, whose buffer the map points to directly; a late one goes to its chunk, which is
-/// read back into memory first when it was stored.
+/// tail, whose buffer the map points to directly; a late one goes to its chunk, or is kept
+/// beside it when the chunk is stored.
 ///
 /// Architecture invariant: every chunk is non-empty and sorted, holds at most [`CHUNK`]
-/// entries, and every key of a chunk is below every key of the next one; `sealed_last` is
-/// the last chunk's last key; the tail is sorted, holds at most [`TAIL`] entries, and
-/// every tail key is above `sealed_last`.
+/// entries, and every key of a chunk (its late measurements' included) is below every key
+/// of the next one; `sealed_last` is the last chunk's last key; the tail is sorted, holds
+/// at most [`TAIL`] entries, and every tail key is above `sealed_last`.
 #[derive(Debug, Clone, Default)]
 pub struct BucketMap {
     chunks: Vec<Chunk>,
@@ -125,8 +263,16 @@ enum Place {
     Stored(usize),
 }
 
-/// The entries of a stored page.
-fn decode_page(store: Option<&PageStore>, stored: &Stored) -> io::Result<Vec<Entry>> {
+fn damaged(reason: &str) -> io::Error {
+    io::Error::new(io::ErrorKind::InvalidData, reason)
+}
+
+/// The buckets of a stored chunk: its page's, with its late measurements recorded.
+fn read_stored(
+    store: Option<&PageStore>,
+    stored: &Stored,
+    late: Option<&Late>,
+) -> io::Result<Vec<Entry>> {
     let store = store.ok_or_else(|| {
         io::Error::new(
             io::ErrorKind::NotFound,
@@ -134,7 +280,7 @@ fn decode_page(store: Option<&PageStore>, stored: &Stored) -> io::Result<Vec<Ent
         )
     })?;
     let bytes = store.read(stored.page)?;
-    let (entries, _): (Vec<Entry>, usize) =
+    let (mut entries, _): (Vec<Entry>, usize) =
         bincode::serde::decode_from_slice(&bytes, bincode::config::standard())
             .map_err(|error| io::Error::new(io::ErrorKind::InvalidData, error.to_string()))?;
     let sorted = entries.windows(2).all(|pair| pair[0].0 < pair[1].0);
@@ -143,25 +289,61 @@ fn decode_page(store: Option<&PageStore>, stored: &Stored) -> io::Result<Vec<Ent
         || entries.first().map(|(key, _)| *key) != Some(stored.first)
         || entries.last().map(|(key, _)| *key) != Some(stored.last)
     {
-        return Err(io::Error::new(
-            io::ErrorKind::InvalidData,
+        return Err(damaged(
             "a stored chunk holds other buckets than its reference says",
         ));
+    }
+    if let Some(late) = late {
+        late.record_onto(&mut entries)?;
     }
     Ok(entries)
 }
 
 /// Bytes `entries` hold: the vector's capacity and the states' heap.
 fn entries_bytes(entries: &Vec<Entry>) -> usize {
-    entries.capacity() * ENTRY_BYTES
-        + entries
-            .iter()
-            .map(|(_, state)| state.heap_bytes())
-            .sum::<usize>()
+    entries.capacity() * ENTRY_BYTES + heap_bytes(entries)
+}
+
+/// Bytes the states of `entries` hold on the heap.
+fn heap_bytes(entries: &[Entry]) -> usize {
+    entries
+        .iter()
+        .map(|(_, state)| state.heap_bytes())
+        .sum::<usize>()
+}
+
+/// `entries` in resident chunks of at most [`CHUNK`] entries, as even as may be.
+fn into_chunks(entries: Vec<Entry>) -> Vec<Chunk> {
+    if entries.len() <= CHUNK {
+        return vec![Chunk::Resident(Arc::new(entries))];
+    }
+    let pieces = entries.len().div_ceil(CHUNK);
+    let size = entries.len().div_ceil(pieces);
+    let mut entries = entries.into_iter();
+    (0..pieces)
+        .map(|_| Chunk::Resident(Arc::new(entries.by_ref().take(size).collect())))
+        .collect()
+}
+
+/// Writes resident `entries` as a page; the stored chunk that refers to it.
+fn store_entries(entries: &Vec<Entry>, store: &PageStore) -> io::Result<Stored> {
+    let (Some((first, _)), Some((last, _))) = (entries.first(), entries.last()) else {
+        return Err(damaged("an empty chunk"));
+    };
+    let bytes = bincode::serde::encode_to_vec(entries, bincode::config::standard())
+        .map_err(|error| io::Error::new(io::ErrorKind::InvalidData, error.to_string()))?;
+    Ok(Stored {
+        first: *first,
+        last: *last,
+        len: u32::try_from(entries.len()).unwrap_or(u32::MAX),
+        bytes: u64::try_from(SHARED_BYTES + entries_bytes(entries)).unwrap_or(u64::MAX),
+        page: store.write(&bytes)?,
+    })
 }
 
 impl BucketMap {
-    /// Number of buckets, stored ones included.
+    /// Number of buckets, stored ones included (a bucket that only a late measurement to
+    /// a stored chunk made is counted once the chunk is read back).
     pub fn len(&self) -> usize {
         self.chunks.iter().map(Chunk::len).sum::<usize>() + self.tail.len()
     }
@@ -196,7 +378,7 @@ impl BucketMap {
             Chunk::Resident(entries) => {
                 Place::Chunk(index, entries.binary_search_by_key(&key, |(k, _)| *k))
             }
-            Chunk::Stored(_) => Place::Stored(index),
+            Chunk::Stored(..) => Place::Stored(index),
         }
     }
 
@@ -210,13 +392,50 @@ impl BucketMap {
         Ok(place)
     }
 
-    /// Reads stored chunk `index` back into memory.
-    fn page_in(&mut self, index: usize, io: &mut PageIo<'_>) -> io::Result<()> {
-        if let Chunk::Stored(stored) = &self.chunks[index] {
-            let entries = decode_page(io.store, stored)?;
-            io.paged_in += entries_bytes(&entries);
-            self.chunks[index] = Chunk::Resident(Arc::new(entries));
+    /// Bytes of the chunk directory and of the vectors of chunks `chunks` (and the tail's
+    /// when `tail`), without the states' heap: what a change of those chunks changes.
+    fn vector_bytes(&self, chunks: Range<usize>, tail: bool) -> usize {
+        self.chunks.capacity() * size_of::<Chunk>()
+            + self
+                .chunks
+                .get(chunks)
+                .unwrap_or_default()
+                .iter()
+                .map(Chunk::fixed_bytes)
+                .sum::<usize>()
+            + if tail {
+                self.tail.capacity() * ENTRY_BYTES
+            } else {
+                0
+            }
+    }
+
+    /// Makes room in the chunk directory for `more` chunks, growing it by a quarter
+    /// rather than doubling it: an entry takes 72 bytes and most maps hold a few chunks.
+    fn reserve_chunks(&mut self, more: usize) {
+        if self.chunks.len() + more > self.chunks.capacity() {
+            self.chunks
+                .reserve_exact(more.max(self.chunks.len() / 4 + 1));
         }
+    }
+
+    /// Reads stored chunk `index` back into memory, with its late measurements recorded
+    /// (as more than one chunk if they made it pass [`CHUNK`] buckets).
+    fn page_in(&mut self, index: usize, io: &mut PageIo<'_>) -> io::Result<()> {
+        let Chunk::Stored(stored, late) = &self.chunks[index] else {
+            return Ok(());
+        };
+        let entries = read_stored(io.store, stored, late.as_deref())?;
+        let heap = heap_bytes(&entries);
+        let before = self.vector_bytes(index..index + 1, false);
+        let pieces = into_chunks(entries);
+        let added = pieces.len();
+        self.reserve_chunks(added - 1);
+        self.chunks.splice(index..=index, pieces);
+        io.count(
+            before,
+            self.vector_bytes(index..index + added, false) + heap,
+        );
         Ok(())
     }
 
@@ -237,6 +456,7 @@ impl BucketMap {
     }
 
     /// The state of bucket `key`, to change it (read back into memory first if stored).
+    /// The caller counts a change of the state's heap in `io`.
     pub fn get_mut(
         &mut self,
         key: &BucketKey,
@@ -244,21 +464,90 @@ impl BucketMap {
     ) -> io::Result<Option<&mut BucketState>> {
         Ok(match self.locate_resident(*key, io)? {
             Place::Tail(Ok(position)) => Some(&mut self.tail[position].1),
-            Place::Chunk(index, Ok(position)) => Some(&mut self.resident_mut(index)[position].1),
+            Place::Chunk(index, Ok(position)) => {
+                Some(&mut self.resident_mut(index, io)[position].1)
+            }
             Place::Tail(Err(_)) | Place::Chunk(_, Err(_)) | Place::Stored(_) => None,
         })
     }
 
-    /// Chunk `index`, in memory, to change it.
-    fn resident_mut(&mut self, index: usize) -> &mut Vec<Entry> {
+    /// Chunk `index`, in memory, to change it: copied first if a clone shares it (the
+    /// copy's capacity counted in `io`).
+    fn resident_mut(&mut self, index: usize, io: &mut PageIo<'_>) -> &mut Vec<Entry> {
+        let before = self.chunks[index].fixed_bytes();
         match &mut self.chunks[index] {
-            Chunk::Resident(entries) => Arc::make_mut(entries),
-            Chunk::Stored(_) => unreachable!("the chunk was read back before it is changed"),
+            Chunk::Resident(entries) => {
+                let entries = Arc::make_mut(entries);
+                io.count(before, SHARED_BYTES + entries.capacity() * ENTRY_BYTES);
+                entries
+            }
+            Chunk::Stored(..) => unreachable!("the chunk was read back before it is changed"),
         }
     }
 
-    /// The state of bucket `key`, inserted from `new` when the bucket is not held yet.
-    pub fn get_or_insert_with(
+    /// Records `observation` in bucket `key`, made from `empty` when it is new. A
+    /// measurement to a stored chunk is kept beside it while the chunk's late measurements
+    /// stay within a quarter of the bytes it held; otherwise the chunk is read back first.
+    /// A state that refuses the observation stays as it was (see [`BucketState::record`]).
+    pub fn record(
+        &mut self,
+        key: BucketKey,
+        observation: Observation<'_>,
+        empty: &BucketState,
+        io: &mut PageIo<'_>,
+    ) -> io::Result<()> {
+        if let Place::Stored(index) = self.locate(key)
+            && self.keep_late(index, key, observation, io)
+        {
+            return Ok(());
+        }
+        let state = self.get_or_insert_with(key, io, || empty.clone())?;
+        let before = state.heap_bytes();
+        // Stored measurements were validated against this kind; a score outside its range
+        // can only come from a definition changed since, which rebuilds.
+        let _ = state.record(observation);
+        let after = state.heap_bytes();
+        io.count(before, after);
+        Ok(())
+    }
+
+    /// Keeps `observation` beside stored chunk `index` if its late measurements have room
+    /// for it; whether they had.
+    fn keep_late(
+        &mut self,
+        index: usize,
+        key: BucketKey,
+        observation: Observation<'_>,
+        io: &mut PageIo<'_>,
+    ) -> bool {
+        let Chunk::Stored(stored, late) = &mut self.chunks[index] else {
+            return false;
+        };
+        let room =
+            usize::try_from(stored.bytes / 4).unwrap_or(usize::MAX) / size_of::<LateObservation>();
+        let held = late.as_ref().map_or(0, |late| late.observations.len());
+        if held >= room {
+            return false;
+        }
+        let before = late.as_deref().map_or(0, Late::bytes);
+        let observation = LateObservation::new(key, observation);
+        match late {
+            Some(late) => {
+                late.first = late.first.min(key);
+                late.last = late.last.max(key);
+                late.observations.push(observation);
+            }
+            None => {
+                *late = Late::of(vec![observation]).map(Box::new);
+            }
+        }
+        io.count(before, late.as_deref().map_or(0, Late::bytes));
+        true
+    }
+
+    /// The state of bucket `key`, inserted from `new` when the bucket is not held yet
+    /// (the vectors that grow counted in `io`, the new state's heap not).
+    fn get_or_insert_with(
         &mut self,
         key: BucketKey,
         io: &mut PageIo<'_>,
@@ -266,23 +555,28 @@ impl BucketMap {
     ) -> io::Result<&mut BucketState> {
         let mut place = self.locate_resident(key, io)?;
         if matches!(place, Place::Tail(Err(_))) && self.tail.len() == TAIL {
+            let last = self.chunks.len().saturating_sub(1);
+            let before = self.vector_bytes(last..self.chunks.len(), true);
             self.seal_tail();
+            io.count(before, self.vector_bytes(last..self.chunks.len(), true));
             place = self.locate_resident(key, io)?;
         }
         let place = match place {
             Place::Tail(Err(position)) => {
+                let before = self.tail.capacity();
                 self.tail.insert(position, (key, new()));
+                io.count(before * ENTRY_BYTES, self.tail.capacity() * ENTRY_BYTES);
                 Place::Tail(Ok(position))
             }
             Place::Chunk(index, Err(position)) => {
-                let (index, position) = self.insert_at(index, position, (key, new()));
+                let (index, position) = self.insert_at(index, position, (key, new()), io);
                 Place::Chunk(index, Ok(position))
             }
             found => found,
         };
         Ok(match place {
             Place::Tail(Ok(position)) => &mut self.tail[position].1,
-            Place::Chunk(index, Ok(position)) => &mut self.resident_mut(index)[position].1,
+            Place::Chunk(index, Ok(position)) => &mut self.resident_mut(index, io)[position].1,
             Place::Tail(Err(_)) | Place::Chunk(_, Err(_)) | Place::Stored(_) => {
                 unreachable!("the bucket was inserted above")
             }
@@ -305,27 +599,42 @@ impl BucketMap {
         }
         let rest: Vec<Entry> = entries.collect();
         if !rest.is_empty() {
+            self.reserve_chunks(1);
             self.chunks.push(Chunk::Resident(Arc::new(rest)));
         }
         self.tail = Vec::with_capacity(TAIL);
     }
 
     /// Inserts `entry` at `position` of resident chunk `index`, splitting a full chunk;
-    /// returns where the entry ended up.
-    fn insert_at(&mut self, index: usize, position: usize, entry: Entry) -> (usize, usize) {
-        if self.chunks[index].len() < CHUNK {
-            self.resident_mut(index).insert(position, entry);
-            return (index, position);
-        }
-        let upper = self.resident_mut(index).split_off(CHUNK / 2);
-        self.chunks
-            .insert(index + 1, Chunk::Resident(Arc::new(upper)));
-        let (index, position) = if position <= CHUNK / 2 {
+    /// returns where the entry ended up. The vectors that grow are counted in `io`.
+    fn insert_at(
+        &mut self,
+        index: usize,
+        position: usize,
+        entry: Entry,
+        io: &mut PageIo<'_>,
+    ) -> (usize, usize) {
+        let before = self.vector_bytes(index..index + 1, false);
+        let (at, chunks) = (index, self.chunks.len());
+        let mut copy = PageIo::default();
+        let (index, position) = if self.chunks[index].len() < CHUNK {
+            self.resident_mut(index, &mut copy).insert(position, entry);
             (index, position)
         } else {
-            (index + 1, position - CHUNK / 2)
+            let upper = self.resident_mut(index, &mut copy).split_off(CHUNK / 2);
+            self.reserve_chunks(1);
+            self.chunks
+                .insert(index + 1, Chunk::Resident(Arc::new(upper)));
+            let (index, position) = if position <= CHUNK / 2 {
+                (index, position)
+            } else {
+                (index + 1, position - CHUNK / 2)
+            };
+            self.resident_mut(index, &mut copy).insert(position, entry);
+            (index, position)
         };
-        self.resident_mut(index).insert(position, entry);
+        let changed = at..at + 1 + self.chunks.len() - chunks;
+        io.count(before, self.vector_bytes(changed, false));
         (index, position)
     }
 
@@ -335,22 +644,33 @@ impl BucketMap {
         key: &BucketKey,
         io: &mut PageIo<'_>,
     ) -> io::Result<Option<BucketState>> {
-        Ok(match self.locate_resident(*key, io)? {
+        let removed = match self.locate_resident(*key, io)? {
             Place::Tail(Ok(position)) => Some(self.tail.remove(position).1),
             Place::Chunk(index, Ok(position)) => {
-                let (_, state) = self.resident_mut(index).remove(position);
-                if self.chunks[index].len() == 0 {
+                let before = self.vector_bytes(index..index + 1, false);
+                let (_, state) = self
+                    .resident_mut(index, &mut PageIo::default())
+                    .remove(position);
+                let after = if self.chunks[index].len() == 0 {
                     self.chunks.remove(index);
-                }
+                    self.vector_bytes(0..0, false)
+                } else {
+                    self.vector_bytes(index..index + 1, false)
+                };
+                io.count(before, after);
                 self.sealed_last = self.chunks.last().and_then(Chunk::last);
                 Some(state)
             }
             Place::Tail(Err(_)) | Place::Chunk(_, Err(_)) | Place::Stored(_) => None,
-        })
+        };
+        if let Some(state) = &removed {
+            io.count(state.heap_bytes(), 0);
+        }
+        Ok(removed)
     }
 
     /// Calls `visit` with the buckets from key `first` on, in key order, until it breaks.
-    /// Stored chunks in the way are read, not kept.
+    /// Stored chunks in the way are read (with their late measurements), not kept.
     pub fn visit_from(
         &self,
         first: BucketKey,
@@ -365,8 +685,8 @@ impl BucketMap {
             let read;
             let entries: &[Entry] = match chunk {
                 Chunk::Resident(entries) => entries,
-                Chunk::Stored(stored) => {
-                    read = decode_page(store, stored)?;
+                Chunk::Stored(stored, late) => {
+                    read = read_stored(store, stored, late.as_deref())?;
                     &read
                 }
             };
@@ -392,7 +712,7 @@ impl BucketMap {
             .iter()
             .filter_map(|chunk| match chunk {
                 Chunk::Resident(entries) => Some(entries.iter()),
-                Chunk::Stored(_) => None,
+                Chunk::Stored(..) => None,
             })
             .flatten()
             .chain(&self.tail)
@@ -401,22 +721,19 @@ impl BucketMap {
     /// The pages of the stored chunks.
     pub fn pages(&self) -> impl Iterator<Item = PageRef> + '_ {
         self.chunks.iter().filter_map(|chunk| match chunk {
-            Chunk::Stored(stored) => Some(stored.page),
+            Chunk::Stored(stored, _) => Some(stored.page),
             Chunk::Resident(_) => None,
         })
     }
 
-    /// Bytes the map holds in memory: its entries (the chunks' and the tail's capacity)
-    /// and what their states hold on the heap.
+    /// Bytes the map holds on the heap: its chunk directory, its vectors' capacity, what
+    /// their states hold, and the late measurements kept beside stored chunks.
     pub fn bytes(&self) -> usize {
-        self.chunks
-            .iter()
-            .map(|chunk| match chunk {
-                Chunk::Resident(entries) => entries_bytes(entries),
-                Chunk::Stored(_) => 0,
-            })
-            .sum::<usize>()
-            + entries_bytes(&self.tail)
+        self.vector_bytes(0..self.chunks.len(), true)
+            + self
+                .resident()
+                .map(|(_, state)| state.heap_bytes())
+                .sum::<usize>()
     }
 
     /// Calls `visit` with the key and bytes of every bucket in memory, as
@@ -427,52 +744,111 @@ impl BucketMap {
         }
     }
 
+    /// Calls `visit` with the bytes of the late measurements of every stored chunk that
+    /// has some, as [`BucketMap::flush_late`] would free them.
+    pub fn visit_late(&self, mut visit: impl FnMut(usize)) {
+        for chunk in &self.chunks {
+            let bytes = chunk.late_bytes();
+            if bytes > 0 {
+                visit(bytes);
+            }
+        }
+    }
+
     /// Stores the buckets in memory whose key is below `cutoff`: the chunks below it as
     /// they are, and the part of the tail below it as a chunk of its own. Returns the bytes
-    /// that left memory.
+    /// of the buckets that left memory.
     pub fn evict_below(&mut self, cutoff: BucketKey, store: &PageStore) -> io::Result<usize> {
         let old_tail = self.tail.partition_point(|(key, _)| *key < cutoff);
         if old_tail > 0 {
             let rest = self.tail.split_off(old_tail);
             let sealed = std::mem::replace(&mut self.tail, rest);
             self.sealed_last = sealed.last().map(|(key, _)| *key);
+            self.reserve_chunks(1);
             self.chunks.push(Chunk::Resident(Arc::new(sealed)));
         }
         let mut freed = 0;
-        for chunk in &mut self.chunks {
-            let Chunk::Resident(entries) = chunk else {
+        let mut index = 0;
+        while index < self.chunks.len() {
+            let Chunk::Resident(entries) = &self.chunks[index] else {
+                index += 1;
                 continue;
             };
-            let (Some((first, _)), Some((last, _))) = (entries.first(), entries.last()) else {
-                continue;
-            };
-            if *last >= cutoff {
+            if entries.last().is_none_or(|(last, _)| *last >= cutoff) {
                 break;
             }
-            let bytes = bincode::serde::encode_to_vec(&**entries, bincode::config::standard())
-                .map_err(|error| io::Error::new(io::ErrorKind::InvalidData, error.to_string()))?;
-            let held = entries_bytes(entries);
-            let stored = Stored {
-                first: *first,
-                last: *last,
-                len: u32::try_from(entries.len()).unwrap_or(u32::MAX),
-                bytes: u64::try_from(held).unwrap_or(u64::MAX),
-                page: store.write(&bytes)?,
+            freed += SHARED_BYTES + entries_bytes(entries);
+            // A chunk that fits into the stored one before it joins it: evictions that
+            // cut a tail store a few buckets at a time, and chunks stay near full.
+            let joined = match index.checked_sub(1).map(|before| &self.chunks[before]) {
+                Some(Chunk::Stored(before, None))
+                    if before.len as usize + entries.len() <= CHUNK =>
+                {
+                    let mut joined = read_stored(Some(store), before, None)?;
+                    joined.extend(entries.iter().cloned());
+                    Some(joined)
+                }
+                _ => None,
             };
-            freed += held;
-            *chunk = Chunk::Stored(stored);
+            match joined {
+                Some(joined) => {
+                    self.chunks[index - 1] = Chunk::Stored(store_entries(&joined, store)?, None);
+                    self.chunks.remove(index);
+                }
+                None => {
+                    self.chunks[index] = Chunk::Stored(store_entries(entries, store)?, None);
+                    index += 1;
+                }
+            }
+        }
+        Ok(freed)
+    }
+
+    /// Writes the stored chunks whose late measurements hold at least `least` bytes as new
+    /// pages with those measurements recorded; returns the bytes of late measurements
+    /// that left memory.
+    pub fn flush_late(&mut self, least: usize, store: &PageStore) -> io::Result<usize> {
+        let mut freed = 0;
+        let mut index = 0;
+        while index < self.chunks.len() {
+            let chunk = &self.chunks[index];
+            let bytes = chunk.late_bytes();
+            let Chunk::Stored(stored, late) = chunk else {
+                index += 1;
+                continue;
+            };
+            if bytes == 0 || bytes < least {
+                index += 1;
+                continue;
+            }
+            let entries = read_stored(Some(store), stored, late.as_deref())?;
+            let pieces: Vec<Chunk> = into_chunks(entries)
+                .iter()
+                .map(|piece| match piece {
+                    Chunk::Resident(entries) => {
+                        store_entries(entries, store).map(|stored| Chunk::Stored(stored, None))
+                    }
+                    Chunk::Stored(..) => unreachable!("into_chunks makes resident chunks"),
+                })
+                .collect::<io::Result<_>>()?;
+            let added = pieces.len();
+            self.reserve_chunks(added - 1);
+            self.chunks.splice(index..=index, pieces);
+            freed += bytes;
+            index += added;
         }
         Ok(freed)
     }
 }
 
-/// How a map is stored in a snapshot: its chunks in order, each its entries or its page,
-/// then the tail.
+/// How a map is stored in a snapshot: its chunks in order, each its entries or its page
+/// (with its late measurements), then the tail.
 #[derive(Serialize)]
 enum PartOut<'a> {
     Entries(&'a [Entry]),
     Stored(Stored),
     Tail(&'a [Entry]),
+    StoredLate(Stored, &'a [LateObservation]),
 }
 
 /// [`PartOut`] as read back.
@@ -481,6 +857,7 @@ enum PartIn {
     Entries(Vec<Entry>),
     Stored(Stored),
     Tail(Vec<Entry>),
+    StoredLate(Stored, Vec<LateObservation>),
 }
 
 impl Serialize for BucketMap {
@@ -490,7 +867,10 @@ impl Serialize for BucketMap {
             .iter()
             .map(|chunk| match chunk {
                 Chunk::Resident(entries) => PartOut::Entries(entries),
-                Chunk::Stored(stored) => PartOut::Stored(*stored),
+                Chunk::Stored(stored, None) => PartOut::Stored(*stored),
+                Chunk::Stored(stored, Some(late)) => {
+                    PartOut::StoredLate(*stored, &late.observations)
+                }
             })
             .chain(std::iter::once(PartOut::Tail(&self.tail)))
             .collect();
@@ -512,6 +892,7 @@ impl<'de> Deserialize<'de> for BucketMap {
             ordered
         };
         let sorted = |entries: &[Entry]| entries.windows(2).all(|pair| pair[0].0 < pair[1].0);
+        let out_of_order = || D::Error::custom("bucket keys are not above the ones before");
         let mut tail_seen = false;
         for part in parts {
             if tail_seen {
@@ -524,41 +905,46 @@ impl<'de> Deserialize<'de> for BucketMap {
                         return Err(D::Error::custom("an empty bucket chunk"));
                     };
                     if entries.len() > CHUNK || !sorted(&entries) || !in_order(*first, *last) {
-                        return Err(D::Error::custom(
-                            "bucket keys are not above the ones before",
-                        ));
+                        return Err(out_of_order());
                     }
                     map.chunks.push(Chunk::Resident(Arc::new(entries)));
                 }
+                PartIn::Stored(stored) | PartIn::StoredLate(stored, _)
+                    if stored.len == 0 || stored.len as usize > CHUNK =>
+                {
+                    return Err(out_of_order());
+                }
                 PartIn::Stored(stored) => {
-                    if stored.len == 0
-                        || stored.len as usize > CHUNK
-                        || !in_order(stored.first, stored.last)
-                    {
-                        return Err(D::Error::custom(
-                            "bucket keys are not above the ones before",
-                        ));
+                    if !in_order(stored.first, stored.last) {
+                        return Err(out_of_order());
                     }
-                    map.chunks.push(Chunk::Stored(stored));
+                    map.chunks.push(Chunk::Stored(stored, None));
+                }
+                PartIn::StoredLate(stored, observations) => {
+                    let late = Late::of(observations)
+                        .ok_or_else(|| D::Error::custom("an empty list of late measurements"))?;
+                    let chunk = Chunk::Stored(stored, Some(Box::new(late)));
+                    match (chunk.first(), chunk.last()) {
+                        (Some(first), Some(last)) if in_order(first, last) => {}
+                        _ => return Err(out_of_order()),
+                    }
+                    map.chunks.push(chunk);
                 }
                 PartIn::Tail(entries) => {
                     tail_seen = true;
                     if entries.len() > TAIL || !sorted(&entries) {
-                        return Err(D::Error::custom(
-                            "bucket keys are not above the ones before",
-                        ));
+                        return Err(out_of_order());
                     }
                     if let (Some((first, _)), Some((last, _))) = (entries.first(), entries.last())
                         && !in_order(*first, *last)
                     {
-                        return Err(D::Error::custom(
-                            "bucket keys are not above the ones before",
-                        ));
+                        return Err(out_of_order());
                     }
                     map.tail = entries;
                 }
             }
         }
+        map.chunks.shrink_to_fit();
         map.sealed_last = map.chunks.last().and_then(Chunk::last);
         Ok(map)
     }
@@ -600,9 +986,22 @@ mod tests {
             .iter()
             .map(|chunk| match chunk {
                 Chunk::Resident(entries) => entries.to_vec(),
-                Chunk::Stored(stored) => decode_page(store, stored).expect("page reads"),
+                Chunk::Stored(stored, late) => {
+                    read_stored(store, stored, late.as_deref()).expect("page reads")
+                }
             })
             .collect()
+    }
+
+    /// Late measurements kept beside the stored chunks.
+    fn late_count(map: &BucketMap) -> usize {
+        map.chunks
+            .iter()
+            .map(|chunk| match chunk {
+                Chunk::Stored(_, Some(late)) => late.observations.len(),
+                Chunk::Stored(_, None) | Chunk::Resident(_) => 0,
+            })
+            .sum()
     }
 
     fn insert(map: &mut BucketMap, k: i64, n: u64) {
@@ -630,8 +1029,10 @@ mod tests {
     fn check_invariant(map: &BucketMap, store: Option<&PageStore>) {
         let mut previous = None;
         let mut len = 0;
+        let late = late_count(map);
         for chunk in chunk_entries(map, store) {
-            assert!(!chunk.is_empty() && chunk.len() <= CHUNK);
+            // Late measurements may add buckets to a stored chunk when it is read.
+            assert!(!chunk.is_empty() && chunk.len() <= CHUNK + late);
             for (k, _) in chunk.iter() {
                 assert!(previous < Some(*k), "keys in order");
                 previous = Some(*k);
@@ -648,7 +1049,14 @@ mod tests {
             previous = Some(*k);
         }
         len += map.tail.len();
-        assert_eq!(len, map.len());
+        if late == 0 {
+            assert_eq!(len, map.len());
+        } else {
+            assert!(
+                map.len() <= len,
+                "stored buckets count those of their pages"
+            );
+        }
     }
 
     fn contents(map: &BucketMap) -> Vec<(i64, u64)> {
@@ -725,6 +1133,158 @@ mod tests {
         assert_eq!(count(&map, 5, None), Some(7));
     }
 
+    /// The bytes of a state, to compare states bit for bit.
+    fn encoded(state: &BucketState) -> Vec<u8> {
+        bincode::serde::encode_to_vec(state, bincode::config::standard()).expect("encodes")
+    }
+
+    /// Every bucket of `map`: its summary, and its encoding but for DISTINCT buckets
+    /// (whose sketch keeps the same hashes in another order once it was read from a page).
+    fn encoded_all(map: &BucketMap, store: Option<&PageStore>) -> Vec<(i64, String, Vec<u8>)> {
+        let mut got = Vec::new();
+        map.visit_from(key(i64::MIN), store, |k, s| {
+            let bytes = if s.kind() == KpiKind::Distinct {
+                Vec::new()
+            } else {
+                encoded(s)
+            };
+            got.push((k.unix_seconds(), format!("{:?}", s.summary()), bytes));
+            ControlFlow::Continue(())
+        })
+        .expect("page reads");
+        got
+    }
+
+    /// Values whose compensated sums and HyperLogLogs depend on the order they come in.
+    fn awkward(i: u64) -> Observation<'static> {
+        const SUBJECTS: [&str; 5] = ["ann", "bob", "cyd", "dee", "eve"];
+        let value = match i % 4 {
+            0 => 1e16,
+            1 => 0.1,
+            2 => -1e16,
+            _ => 3.3e-7 * i as f64,
+        };
+        Observation {
+            value,
+            occurred_at: chrono::DateTime::UNIX_EPOCH + chrono::TimeDelta::seconds(i as i64),
+            seq: i,
+            subject: Some(SUBJECTS[usize::try_from(i % 5).expect("small")]),
+        }
+    }
+
+    #[test]
+    fn late_measurements_beside_a_stored_chunk_answer_bit_for_bit_as_in_memory() {
+        for kind in [
+            KpiKind::Sum,
+            KpiKind::Average,
+            KpiKind::Distinct,
+            KpiKind::Last,
+        ] {
+            let dir = tempfile::tempdir().expect("temporary directory");
+            let store = PageStore::open(dir.path(), 0).expect("page store");
+            let empty = BucketState::new(kind).expect("a kind with buckets");
+            let (mut plain, mut paged) = (BucketMap::default(), BucketMap::default());
+            let mut seq = 0;
+            let mut record = |plain: &mut BucketMap, paged: &mut BucketMap, k: i64| {
+                seq += 1;
+                let mut io = PageIo::new(Some(&store));
+                let observation = awkward(seq);
+                plain
+                    .record(key(k), observation, &empty, &mut PageIo::default())
+                    .expect("memory");
+                paged
+                    .record(key(k), observation, &empty, &mut io)
+                    .expect("page reads");
+            };
+            for k in 0..3 * CHUNK as i64 {
+                record(&mut plain, &mut paged, 2 * k);
+            }
+            paged
+                .evict_below(key(4 * CHUNK as i64), &store)
+                .expect("pages write");
+            let stored = paged.pages().count();
+            assert!(stored >= 2, "{kind:?}: chunks stored");
+            // Late measurements to stored buckets, new buckets between them and below all.
+            for k in [5, 6, 7, 6, -3, 301, 302, 5, 511, 0, -3] {
+                record(&mut plain, &mut paged, k);
+            }
+            assert_eq!(paged.pages().count(), stored, "{kind:?}: nothing read back");
+            assert_eq!(late_count(&paged), 11, "{kind:?}: kept beside the pages");
+            check_invariant(&paged, Some(&store));
+            let want = encoded_all(&plain, None);
+            assert_eq!(
+                encoded_all(&paged, Some(&store)),
+                want,
+                "{kind:?}: read with them"
+            );
+
+            let mut round = paged.clone();
+            let bytes = bincode::serde::encode_to_vec(&round, bincode::config::standard())
+                .expect("encodes");
+            round = bincode::serde::decode_from_slice(&bytes, bincode::config::standard())
+                .expect("decodes")
+                .0;
+            assert_eq!(
+                encoded_all(&round, Some(&store)),
+                want,
+                "{kind:?}: after a snapshot"
+            );
+
+            let mut io = PageIo::new(Some(&store));
+            let state = round
+                .get_mut(&key(6), &mut io)
+                .expect("page reads")
+                .expect("held");
+            let held = plain.get(&key(6), None).expect("memory").expect("held");
+            assert_eq!(state.summary(), held.summary());
+            assert_eq!(
+                encoded_all(&round, Some(&store)),
+                want,
+                "{kind:?}: read back"
+            );
+
+            let freed = paged.flush_late(0, &store).expect("pages write");
+            assert!(freed > 0);
+            assert_eq!(late_count(&paged), 0, "{kind:?}: written out");
+            check_invariant(&paged, Some(&store));
+            assert_eq!(
+                encoded_all(&paged, Some(&store)),
+                want,
+                "{kind:?}: after the flush"
+            );
+        }
+    }
+
+    #[test]
+    fn a_chunk_whose_late_measurements_pass_a_quarter_of_it_is_read_back() {
+        let dir = tempfile::tempdir().expect("temporary directory");
+        let store = PageStore::open(dir.path(), 0).expect("page store");
+        let empty = BucketState::new(KpiKind::Count).expect("COUNT has buckets");
+        let mut map = BucketMap::default();
+        let mut io = PageIo::new(Some(&store));
+        for k in 0..2 * CHUNK as i64 {
+            map.record(key(k), awkward(1), &empty, &mut io)
+                .expect("memory");
+        }
+        map.evict_below(key(CHUNK as i64), &store)
+            .expect("pages write");
+        let Chunk::Stored(stored, None) = map.chunks[0] else {
+            panic!("the first chunk is stored");
+        };
+        let room = stored.bytes as usize / 4 / size_of::<LateObservation>();
+        assert!(room > 4, "room for {room}");
+        for _ in 0..room {
+            map.record(key(3), awkward(2), &empty, &mut io)
+                .expect("page reads");
+        }
+        assert_eq!(late_count(&map), room);
+        map.record(key(3), awkward(3), &empty, &mut io)
+            .expect("page reads");
+        assert_eq!(late_count(&map), 0);
+        assert!(matches!(map.chunks[0], Chunk::Resident(_)), "read back");
+        assert_eq!(count(&map, 3, None), Some(room as u64 + 2));
+    }
+
     /// One operation of the model test.
     #[derive(Debug, Clone)]
     enum Op {
@@ -734,6 +1294,8 @@ mod tests {
         RoundTrip,
         /// Store the buckets below this key.
         Evict(i64),
+        /// Write out the late measurements of lists of at least this many bytes.
+        Flush(usize),
     }
 
     fn op() -> impl Strategy<Value = Op> {
@@ -744,7 +1306,8 @@ mod tests {
             2 => k.clone().prop_map(Op::Remove),
             1 => k.clone().prop_map(Op::Range),
             1 => Just(Op::RoundTrip),
-            1 => k.prop_map(Op::Evict),
+            2 => k.prop_map(Op::Evict),
+            1 => prop_oneof![Just(0usize), 100usize..2000].prop_map(Op::Flush),
         ]
     }
 
@@ -763,22 +1326,37 @@ mod tests {
             let pages = Some(&store);
             let mut map = BucketMap::default();
             let mut model: BTreeMap<i64, u64> = BTreeMap::new();
+            // SUM buckets: their heap grows from the second measurement on.
+            let empty = BucketState::new(KpiKind::Sum).expect("SUM has buckets");
+            let mut io = PageIo::new(pages);
             if ascending {
                 // A run of in-order buckets first, as a time-ordered ingest makes.
                 for k in (0..3000).step_by(3) {
-                    insert(&mut map, k, 1);
+                    map.record(key(k), awkward(1), &empty, &mut io).expect("memory");
                     model.insert(k, 1);
                 }
             }
+            // What the changes report of the map's bytes, against what it holds.
+            let mut tracked = map.bytes().cast_signed() - io.delta;
             for op in ops {
-                let mut io = PageIo::new(pages);
+                tracked += io.delta;
+                prop_assert_eq!(tracked, map.bytes().cast_signed(), "bytes counted exactly");
+                io = PageIo::new(pages);
                 match op {
                     Op::Insert(k, n) => {
-                        let entry = map
-                            .get_or_insert_with(key(k), &mut io, || state(0))
-                            .expect("page reads");
-                        *entry = state(entry.count() + n);
+                        for i in 0..n {
+                            map.record(key(k), awkward(i), &empty, &mut io).expect("page reads");
+                        }
                         *model.entry(k).or_default() += n;
+                    }
+                    Op::Flush(least) => {
+                        let late = late_count(&map);
+                        map.flush_late(least, &store).expect("pages write");
+                        prop_assert!(late_count(&map) <= late);
+                        if least == 0 {
+                            prop_assert_eq!(late_count(&map), 0);
+                        }
+                        tracked = map.bytes().cast_signed();
                     }
                     Op::Remove(k) => {
                         prop_assert_eq!(
@@ -799,12 +1377,15 @@ mod tests {
                                 .expect("decodes");
                         prop_assert_eq!(from(&decoded, i64::MIN, pages), from(&map, i64::MIN, pages));
                         map = decoded;
+                        tracked = map.bytes().cast_signed();
                     }
                     Op::Evict(k) => {
-                        let before = map.bytes();
+                        let (before, directory) = (map.bytes(), map.chunks.capacity());
                         let freed = map.evict_below(key(k), &store).expect("pages write");
-                        prop_assert!(map.bytes() <= before, "eviction frees memory");
-                        prop_assert!(freed > 0 || before == map.bytes());
+                        let grown = (map.chunks.capacity() - directory) * size_of::<Chunk>();
+                        prop_assert!(map.bytes() <= before + grown, "eviction frees memory");
+                        prop_assert!(freed > 0 || before + grown == map.bytes());
+                        tracked = map.bytes().cast_signed();
                         prop_assert!(map.tail.iter().all(|(key, _)| key.unix_seconds() >= k));
                         let below = map.resident().filter(|(key, _)| key.unix_seconds() < k);
                         // Only a chunk that also holds newer buckets stays in memory.
@@ -816,7 +1397,8 @@ mod tests {
                     }
                 }
                 check_invariant(&map, pages);
-                prop_assert_eq!(map.len(), model.len());
+                prop_assert!(map.len() <= model.len());
+                prop_assert_eq!(from(&map, i64::MIN, pages).len(), model.len());
                 for probe in [0, 1, 1500, 2999] {
                     prop_assert_eq!(count(&map, probe, pages), model.get(&probe).copied());
                 }

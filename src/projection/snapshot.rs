@@ -33,7 +33,9 @@ pub const SNAPSHOT_FILE: &str = "projection.snapshot";
 /// entries (the log keeps its own, `store/dedup`). Format 8: a bucket map is stored as its
 /// chunks (their buckets, or the page a chunk that left memory is stored in,
 /// `projection::pages`) then its tail, and the aggregates keep the latest occurred_at; the
-/// parts come before the encoded snapshot, the format first as 4 plain bytes.
+/// parts come before the encoded snapshot, the format first as 4 plain bytes; a stored
+/// chunk may carry the late measurements kept beside it (a variant added at the end, so
+/// earlier format-8 files still read; a build before it refuses such a file and rebuilds).
 const FORMAT: u32 = 8;
 
 /// Parts the measured KPIs' buckets are stored in, so a restart decodes them on every core.
