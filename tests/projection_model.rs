@@ -404,22 +404,25 @@ fn an_index_of_another_log_is_rebuilt() {
     log.close().expect("close");
 }
 
+/// A measurement of `revenue` on the web channel `hour` hours after the test's start.
+fn revenue_at(hour: u32, value: f64) -> Event {
+    Event::MeasurementRecorded(Measurement {
+        kpi_id: "revenue".into(),
+        value,
+        occurred_at: start() + TimeDelta::hours(i64::from(hour)),
+        labels: BTreeMap::from([("channel".into(), "web".into())]),
+        subject: None,
+        event_id: None,
+    })
+}
+
 /// A log of 2,000 measurements of `revenue` in `dir`, 7 hours apart, and a page store
 /// tier for it with a budget of `budget` bytes (2 KiB: nearly every bucket leaves memory).
 fn paged_log(dir: &std::path::Path, budget: usize) -> (EventLog, impl Fn() -> Option<Tier>) {
     let log = EventLog::open(&dir.join("log"), StoreOptions::default()).expect("open");
     define_all(&log);
     let measurements = (0..2000u32)
-        .map(|i| {
-            Event::MeasurementRecorded(Measurement {
-                kpi_id: "revenue".into(),
-                value: f64::from(i % 10),
-                occurred_at: start() + TimeDelta::hours(i64::from(i * 7)),
-                labels: BTreeMap::from([("channel".into(), "web".into())]),
-                subject: None,
-                event_id: None,
-            })
-        })
+        .map(|i| revenue_at(i * 7, f64::from(i % 10)))
         .collect();
     append(&log, measurements);
     let pages = dir.join("pages");
@@ -435,11 +438,16 @@ fn paged_log(dir: &std::path::Path, budget: usize) -> (EventLog, impl Fn() -> Op
 /// [`paged_log`] with its read models restored (history index, no snapshot).
 fn paged_models(dir: &std::path::Path, budget: usize) -> (EventLog, ReadModels) {
     let (log, tier) = paged_log(dir, budget);
-    let history =
-        History::open(&dir.join("history"), &log, HistoryOptions::default()).expect("history");
-    let models =
-        ReadModels::restore(&log, &dir.join("snapshots"), history, tier()).expect("restore");
+    let models = restore_paged(dir, &log, tier());
     (log, models)
+}
+
+/// The read models of a [`paged_log`] directory restored from its snapshot directory and
+/// history index.
+fn restore_paged(dir: &std::path::Path, log: &EventLog, tier: Option<Tier>) -> ReadModels {
+    let history =
+        History::open(&dir.join("history"), log, HistoryOptions::default()).expect("history");
+    ReadModels::restore(log, &dir.join("snapshots"), history, tier).expect("restore")
 }
 
 /// A snapshot that refers to a page file that is gone is not used: the read models are
@@ -449,11 +457,8 @@ fn a_snapshot_whose_pages_are_gone_is_rebuilt() {
     let dir = tempfile::tempdir().unwrap();
     let open = || EventLog::open(&dir.path().join("log"), StoreOptions::default()).expect("open");
     let (mut log, tier) = paged_log(dir.path(), 2048);
-    let history = |log: &EventLog| {
-        History::open(&dir.path().join("history"), log, HistoryOptions::default()).expect("history")
-    };
     let snapshots = dir.path().join("snapshots");
-    let models = ReadModels::restore(&log, &snapshots, history(&log), tier()).expect("restore");
+    let models = restore_paged(dir.path(), &log, tier());
     let before = answers(&models.aggregates.read());
     assert!(
         !models.aggregates.read().page_files().is_empty(),
@@ -467,11 +472,63 @@ fn a_snapshot_whose_pages_are_gone_is_rebuilt() {
         std::fs::remove_file(entry.expect("entry").path()).expect("remove");
     }
     log = open();
-    let models = ReadModels::restore(&log, &snapshots, history(&log), tier()).expect("restore");
+    let models = restore_paged(dir.path(), &log, tier());
     assert_eq!(
         models.restored.snapshot_seq, 0,
         "the snapshot at {seq} is not used"
     );
+    assert_eq!(answers(&models.aggregates.read()), before);
+    log.close().expect("close");
+}
+
+/// Names of the page files in `dir`'s page store.
+fn page_file_names(dir: &std::path::Path) -> BTreeSet<std::ffi::OsString> {
+    std::fs::read_dir(dir.join("pages"))
+        .expect("pages")
+        .map(|entry| entry.expect("entry").file_name())
+        .collect()
+}
+
+/// Chunks read back and stored again leave their old pages behind as garbage. A page file
+/// that is more than half garbage has its live pages moved to the file appended to, and
+/// the next snapshot deletes it: the page files do not grow with every rewrite.
+#[test]
+fn page_files_mostly_garbage_are_compacted_away() {
+    let dir = tempfile::tempdir().unwrap();
+    let open = || EventLog::open(&dir.path().join("log"), StoreOptions::default()).expect("open");
+    let (mut log, tier) = paged_log(dir.path(), 2048);
+    let snapshots = dir.path().join("snapshots");
+    let models = restore_paged(dir.path(), &log, tier());
+    models.snapshot(&log, &snapshots, 0).expect("snapshot");
+    let first = page_file_names(dir.path());
+    assert!(!first.is_empty(), "pages are used");
+    models.history.close().expect("close the history index");
+    log.close().expect("close");
+    drop(models);
+
+    // Opened again, pages go to a new file. Late measurements to the older two thirds of
+    // the buckets have their chunks read back and stored again; the last third's pages
+    // stay live in the first file.
+    log = open();
+    let models = restore_paged(dir.path(), &log, tier());
+    let late = (0..1300u32).map(|i| revenue_at(i * 7, 1.5)).collect();
+    append(&log, late);
+    models.snapshot(&log, &snapshots, 0).expect("snapshot");
+    let now = page_file_names(dir.path());
+    assert!(
+        first.iter().all(|file| !now.contains(file)),
+        "{first:?} compacted away, {now:?} left"
+    );
+    let (_, reference) = fold_log(&log, log.head().seq);
+    let before = answers(&models.aggregates.read());
+    assert_eq!(before, answers(&reference));
+    models.history.close().expect("close the history index");
+    log.close().expect("close");
+    drop(models);
+
+    log = open();
+    let models = restore_paged(dir.path(), &log, tier());
+    assert_ne!(models.restored.snapshot_seq, 0, "the snapshot is used");
     assert_eq!(answers(&models.aggregates.read()), before);
     log.close().expect("close");
 }

@@ -726,6 +726,23 @@ impl BucketMap {
         })
     }
 
+    /// Copies the pages of the stored chunks that lie in `files` to the file appended to
+    /// (compaction: those files can then be deleted once no snapshot refers to them).
+    pub fn move_pages(
+        &mut self,
+        files: &std::collections::HashSet<u32>,
+        store: &PageStore,
+    ) -> io::Result<()> {
+        for chunk in &mut self.chunks {
+            if let Chunk::Stored(stored, _) = chunk
+                && files.contains(&stored.page.file())
+            {
+                stored.page = store.copy(stored.page)?;
+            }
+        }
+        Ok(())
+    }
+
     /// Bytes the map holds on the heap: its chunk directory, its vectors' capacity, what
     /// their states hold, and the late measurements kept beside stored chunks.
     pub fn bytes(&self) -> usize {

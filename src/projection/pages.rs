@@ -11,7 +11,10 @@
 //! Files are named by a counter (`00000001.pages`, ...) and rotated at
 //! [`MAX_FILE_BYTES`]. A store opened again never appends to a file written before (its
 //! end may be torn by a crash): it starts a new one. [`PageStore::retain`] deletes the
-//! files no live model and no snapshot refers to any more.
+//! files no live model and no snapshot refers to any more. Compaction
+//! (`Aggregates::compact_pages`) copies the live pages of a file that is more than half
+//! garbage to the file appended to ([`PageStore::copy`]), so that the next snapshot's
+//! `retain` deletes it.
 //!
 //! Page bytes are LZ4-compressed. Reads check the length and checksum and never allocate
 //! more than a page's recorded length. A page is written only while twice the log's
@@ -52,6 +55,11 @@ impl PageRef {
     /// The file the page is in.
     pub fn file(self) -> u32 {
         self.file
+    }
+
+    /// Bytes it takes in its file.
+    pub fn stored_bytes(self) -> u32 {
+        self.len
     }
 }
 
@@ -112,7 +120,27 @@ impl PageStore {
     /// Appends one page (compressed) and returns where it is. Not durable until
     /// [`PageStore::sync`].
     pub fn write(&self, bytes: &[u8]) -> io::Result<PageRef> {
-        let compressed = lz4_flex::compress_prepend_size(bytes);
+        self.append(&lz4_flex::compress_prepend_size(bytes))
+    }
+
+    /// Appends a copy of `page` (as stored, checked) to the file appended to, for
+    /// compaction; returns where the copy is. Not durable until [`PageStore::sync`].
+    pub fn copy(&self, page: PageRef) -> io::Result<PageRef> {
+        self.append(&self.read_compressed(page)?)
+    }
+
+    /// Bytes of each page file.
+    pub fn file_sizes(&self) -> io::Result<HashMap<u32, u64>> {
+        self.readers
+            .read()
+            .unwrap_or_else(PoisonError::into_inner)
+            .iter()
+            .map(|(number, file)| Ok((*number, file.metadata()?.len())))
+            .collect()
+    }
+
+    /// Appends compressed page bytes.
+    fn append(&self, compressed: &[u8]) -> io::Result<PageRef> {
         let len = u32::try_from(compressed.len())
             .ok()
             .filter(|len| *len <= MAX_PAGE_BYTES)
@@ -148,7 +176,7 @@ impl PageStore {
             None => unreachable!("a file was opened above"),
         };
         let offset = writer.size;
-        if let Err(error) = (&*file).write_all(&compressed) {
+        if let Err(error) = (&*file).write_all(compressed) {
             // Part of the page may be in the file: the next page goes to a new one.
             writer.current = None;
             writer.unsynced.insert(number);
@@ -160,12 +188,18 @@ impl PageStore {
             file: number,
             offset,
             len,
-            crc: crc32fast::hash(&compressed),
+            crc: crc32fast::hash(compressed),
         })
     }
 
     /// Reads the page at `page`, checking its checksum.
     pub fn read(&self, page: PageRef) -> io::Result<Vec<u8>> {
+        lz4_flex::decompress_size_prepended(&self.read_compressed(page)?)
+            .map_err(|error| damaged(format!("page does not decompress: {error}")))
+    }
+
+    /// The stored (compressed) bytes of `page`, checksum checked.
+    fn read_compressed(&self, page: PageRef) -> io::Result<Vec<u8>> {
         let file = self
             .readers
             .read()
@@ -184,8 +218,7 @@ impl PageStore {
                 page.offset, page.file
             )));
         }
-        lz4_flex::decompress_size_prepended(&compressed)
-            .map_err(|error| damaged(format!("page does not decompress: {error}")))
+        Ok(compressed)
     }
 
     /// Makes every page written so far durable (and the names of new files).
@@ -307,6 +340,23 @@ mod tests {
         );
         assert_eq!(store.read(third).unwrap(), b"third");
         assert_eq!(store.read(first).unwrap(), big);
+    }
+
+    #[test]
+    fn a_copied_page_reads_the_same_from_the_file_appended_to() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = PageStore::open(dir.path(), 0).unwrap();
+        let old = store.write(b"bucket bytes").unwrap();
+        drop(store);
+        let store = PageStore::open(dir.path(), 0).unwrap();
+        let copy = store.copy(old).unwrap();
+        assert_ne!(copy.file(), old.file());
+        assert_eq!(copy.file(), store.next_file());
+        assert_eq!(store.read(copy).unwrap(), b"bucket bytes");
+        assert_eq!(copy.stored_bytes(), old.stored_bytes());
+        let sizes = store.file_sizes().unwrap();
+        assert_eq!(sizes[&old.file()], u64::from(old.stored_bytes()));
+        assert_eq!(sizes[&copy.file()], u64::from(copy.stored_bytes()));
     }
 
     #[test]
