@@ -585,32 +585,35 @@ impl Aggregates {
         );
     }
 
-    /// Moves the live pages out of page files that are more than half garbage (pages of
-    /// chunks read back or written again since), oldest files first and at most
-    /// [`COMPACT_BYTES`] per call, so that the next snapshot lets them be deleted: the
-    /// page files then hold about twice what the model refers to, however long it runs.
+    /// Once the page files hold more than twice the pages the model refers to, moves the
+    /// live pages out of the files that are most garbage (at most [`COMPACT_BYTES`] per
+    /// call), so that the next snapshot lets those files be deleted: the page files stay
+    /// within about twice what the model refers to, however long it runs, and no more is
+    /// copied than that takes.
     fn compact_pages(&mut self, store: &PageStore) -> std::io::Result<()> {
         let mut live: std::collections::HashMap<u32, u64> = std::collections::HashMap::new();
         for page in self.page_refs() {
             *live.entry(page.file()).or_default() += u64::from(page.stored_bytes());
         }
+        let sizes = store.file_sizes()?;
+        if sizes.values().sum::<u64>() <= 2 * live.values().sum::<u64>() {
+            return Ok(());
+        }
         let appended = store.next_file();
-        let mut sparse: Vec<(u32, u64)> = store
-            .file_sizes()?
+        // Files still referred to, sparsest first; files with nothing live are deleted by
+        // the next snapshot as they are.
+        let mut sparse: Vec<(u32, u64, u64)> = sizes
             .into_iter()
-            .filter(|(file, size)| {
-                *file < appended && live.get(file).copied().unwrap_or(0) * 2 < *size
+            .filter(|(file, _)| *file < appended)
+            .filter_map(|(file, size)| {
+                let live = live.get(&file).copied().filter(|live| *live > 0)?;
+                (live * 2 < size).then_some((file, live, size))
             })
-            .map(|(file, _)| (file, live.get(&file).copied().unwrap_or(0)))
             .collect();
-        sparse.sort_unstable();
+        sparse.sort_unstable_by_key(|(file, live, size)| (*live * 1000 / *size, *file));
         let mut moving = std::collections::HashSet::new();
         let mut bytes = 0;
-        for (file, live) in sparse {
-            if live == 0 {
-                // Nothing live: the next snapshot's retain deletes it.
-                continue;
-            }
+        for (file, live, _) in sparse {
             if bytes + live > COMPACT_BYTES && !moving.is_empty() {
                 break;
             }

@@ -12,9 +12,9 @@
 //! [`MAX_FILE_BYTES`]. A store opened again never appends to a file written before (its
 //! end may be torn by a crash): it starts a new one. [`PageStore::retain`] deletes the
 //! files no live model and no snapshot refers to any more. Compaction
-//! (`Aggregates::compact_pages`) copies the live pages of a file that is more than half
-//! garbage to the file appended to ([`PageStore::copy`]), so that the next snapshot's
-//! `retain` deletes it.
+//! (`Aggregates::compact_pages`), once the files hold more than twice the live pages,
+//! copies the live pages of the files that are most garbage to the file appended to
+//! ([`PageStore::copy`]), so that the next snapshot's `retain` deletes them.
 //!
 //! Page bytes are LZ4-compressed. Reads check the length and checksum and never allocate
 //! more than a page's recorded length. A page is written only while twice the log's
