@@ -145,7 +145,7 @@ impl Mounted {
         }
         // The kernel has ended the connection, so the session's loop ends too. (Not
         // `umount_and_join`: it would try to unmount the path a second time.)
-        session.join()?;
+        join_ended(session)?;
         let report = self
             .state
             .lock()
@@ -160,7 +160,7 @@ impl Mounted {
     pub fn unmount(mut self) -> io::Result<()> {
         if let Some(session) = self.session.take() {
             unmount_waiting(&self.mountpoint, self.unmount_patience)?;
-            session.join()?;
+            join_ended(session)?;
         }
         Ok(())
     }
@@ -172,7 +172,7 @@ impl Drop for Mounted {
             return;
         };
         if unmount_path(&self.mountpoint, false).is_ok() {
-            let _ = session.join();
+            let _ = join_ended(session);
             return;
         }
         // Something still uses the mount (a test failed with a server still running):
@@ -185,6 +185,16 @@ impl Drop for Mounted {
             );
         }
         drop(session);
+    }
+}
+
+/// Waits for the loop of a session whose mount was removed. The loop ends with ENODEV
+/// (fuser's normal end), or with ECONNABORTED when the kernel ended the connection while
+/// the loop was reading from or replying to it: both are the end the unmount asked for.
+fn join_ended(session: BackgroundSession) -> io::Result<()> {
+    match session.join() {
+        Err(error) if error.kind() == io::ErrorKind::ConnectionAborted => Ok(()),
+        ended => ended,
     }
 }
 
