@@ -181,7 +181,7 @@ impl KpiAggregates {
         for (slot, grain) in Grain::ALL.into_iter().enumerate() {
             let key = calendar.bucket_of(grain, measurement.occurred_at).key();
             match series.grains[slot].get_mut(&key, io) {
-                Ok(Some(state)) => match counted(io, state, |state| state.retract(observation)) {
+                Ok(Some(state)) => match io.counted(state, |state| state.retract(observation)) {
                     Ok(Retracted::Exact) => {
                         if state.count() == 0 && series.grains[slot].remove(&key, io).is_err() {
                             exact = false;
@@ -204,22 +204,6 @@ impl KpiAggregates {
             .map(BucketMap::bytes)
             .sum()
     }
-}
-
-/// Runs `change` on `state`, counting the change of its heap in `io`.
-fn counted<T>(
-    io: &mut PageIo<'_>,
-    state: &mut BucketState,
-    change: impl FnOnce(&mut BucketState) -> T,
-) -> T {
-    let before = state.heap_bytes();
-    let result = change(state);
-    let after = state.heap_bytes();
-    io.delta = io
-        .delta
-        .saturating_add_unsigned(after)
-        .saturating_sub_unsigned(before);
-    result
 }
 
 /// Where buckets beyond the memory budget go.

@@ -226,6 +226,18 @@ impl<'a> PageIo<'a> {
         Self { store, delta: 0 }
     }
 
+    /// Runs `change` on `state`, counting the change of its heap.
+    pub fn counted<T>(
+        &mut self,
+        state: &mut BucketState,
+        change: impl FnOnce(&mut BucketState) -> T,
+    ) -> T {
+        let before = state.heap_bytes();
+        let result = change(state);
+        self.count(before, state.heap_bytes());
+        result
+    }
+
     /// Counts a change from `before` to `after` bytes.
     fn count(&mut self, before: usize, after: usize) {
         self.delta = self
@@ -385,6 +397,11 @@ impl BucketMap {
     /// Where `key` is or would be, with its chunk in memory.
     fn locate_resident(&mut self, key: BucketKey, io: &mut PageIo<'_>) -> io::Result<Place> {
         let place = self.locate(key);
+        self.paged_in(key, place, io)
+    }
+
+    /// `place` (where `key` is), with a stored chunk there read back into memory first.
+    fn paged_in(&mut self, key: BucketKey, place: Place, io: &mut PageIo<'_>) -> io::Result<Place> {
         if let Place::Stored(index) = place {
             self.page_in(index, io)?;
             return Ok(self.locate(key));
@@ -496,18 +513,18 @@ impl BucketMap {
         empty: &BucketState,
         io: &mut PageIo<'_>,
     ) -> io::Result<()> {
-        if let Place::Stored(index) = self.locate(key)
+        let place = self.locate(key);
+        if let Place::Stored(index) = place
             && self.keep_late(index, key, observation, io)
         {
             return Ok(());
         }
-        let state = self.get_or_insert_with(key, io, || empty.clone())?;
-        let before = state.heap_bytes();
+        let state = self.get_or_insert_at(key, place, io, || empty.clone())?;
         // Stored measurements were validated against this kind; a score outside its range
         // can only come from a definition changed since, which rebuilds.
-        let _ = state.record(observation);
-        let after = state.heap_bytes();
-        io.count(before, after);
+        io.counted(state, |state| {
+            let _ = state.record(observation);
+        });
         Ok(())
     }
 
@@ -545,15 +562,16 @@ impl BucketMap {
         true
     }
 
-    /// The state of bucket `key`, inserted from `new` when the bucket is not held yet
-    /// (the vectors that grow counted in `io`, the new state's heap not).
-    fn get_or_insert_with(
+    /// The state of bucket `key`, which is at `place`, inserted from `new` when the bucket
+    /// is not held yet (the vectors that grow counted in `io`, the new state's heap not).
+    fn get_or_insert_at(
         &mut self,
         key: BucketKey,
+        place: Place,
         io: &mut PageIo<'_>,
         new: impl FnOnce() -> BucketState,
     ) -> io::Result<&mut BucketState> {
-        let mut place = self.locate_resident(key, io)?;
+        let mut place = self.paged_in(key, place, io)?;
         if matches!(place, Place::Tail(Err(_))) && self.tail.len() == TAIL {
             let last = self.chunks.len().saturating_sub(1);
             let before = self.vector_bytes(last..self.chunks.len(), true);
@@ -1022,8 +1040,10 @@ mod tests {
     }
 
     fn insert(map: &mut BucketMap, k: i64, n: u64) {
-        *map.get_or_insert_with(key(k), &mut PageIo::default(), || state(0))
-            .expect("no pages") = state(n);
+        *map.get_or_insert_at(key(k), map.locate(key(k)), &mut PageIo::default(), || {
+            state(0)
+        })
+        .expect("no pages") = state(n);
     }
 
     fn count(map: &BucketMap, k: i64, store: Option<&PageStore>) -> Option<u64> {
