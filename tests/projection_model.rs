@@ -146,6 +146,9 @@ fn run(ops: Vec<Op>, budget: Option<usize>) {
     let history = |log: &EventLog| {
         let options = HistoryOptions {
             flush_every_events: 7,
+            // Checkpoints after a few measurements: as-of folds start from them.
+            checkpoint_every: 3,
+            checkpoint_span_per_byte: 0,
             ..HistoryOptions::default()
         };
         History::open(&dir.path().join("history"), log, options).expect("history")
@@ -241,6 +244,17 @@ fn run(ops: Vec<Op>, budget: Option<usize>) {
                 let ids: Vec<&str> = KPIS.iter().map(|(id, _, _)| *id).collect();
                 let (catalog, aggregates) = fold_log(&log, seq);
                 let grain = GRAINS[grain];
+                // The parts handed to the index's writer are stored and checkpointed.
+                assert!(
+                    models
+                        .history
+                        .wait_stored(std::time::Duration::from_secs(10))
+                );
+                assert!(
+                    models
+                        .aggregates
+                        .wait_checkpoints(std::time::Duration::from_secs(10))
+                );
                 let past = models
                     .aggregates
                     .as_of(seq, &ids, Grains::only([grain]))
@@ -343,6 +357,8 @@ fn fill(log_dir: &std::path::Path, history_dir: &std::path::Path, value: f64) {
     let log = EventLog::open(log_dir, StoreOptions::default()).expect("open");
     let options = HistoryOptions {
         flush_every_events: 3,
+        checkpoint_every: 2,
+        checkpoint_span_per_byte: 0,
         ..HistoryOptions::default()
     };
     let history = History::open(history_dir, &log, options).expect("history");
@@ -369,13 +385,26 @@ fn fill(log_dir: &std::path::Path, history_dir: &std::path::Path, value: f64) {
         })
         .collect();
     append(&log, measurements);
+    let patience = std::time::Duration::from_secs(10);
+    assert!(models.history.wait_stored(patience));
+    assert!(models.aggregates.wait_checkpoints(patience));
+    let head = log.head().seq;
+    assert!(
+        models
+            .history
+            .checkpoint("revenue", head, |_, _| Ok(()))
+            .unwrap()
+            .is_some(),
+        "no as-of checkpoint of revenue"
+    );
     models.history.close().expect("close the history index");
     log.close().expect("close");
 }
 
 /// A history index that another log does not continue (a log restored from elsewhere, or
 /// cut and continued by `kpi-server recover`) is discarded at open and rebuilt from the
-/// log that is there, even when both end at the same seq.
+/// log that is there, even when both end at the same seq; its as-of checkpoints are not
+/// used.
 #[test]
 fn an_index_of_another_log_is_rebuilt() {
     let dir = tempfile::tempdir().unwrap();
@@ -397,6 +426,17 @@ fn an_index_of_another_log_is_rebuilt() {
         .expect("as of");
     let (catalog, reference) = fold_log(&log, head);
     assert_eq!(answers(&past), answers(&reference));
+    // The first log's checkpoints are still there, and name another chain hash: months
+    // are checkpointed grains, so this fold would start from them if it took them.
+    for seq in [head - 3, head] {
+        let month = Grains::only([Grain::Month]);
+        let past = models.aggregates.as_of(seq, &ids, month).expect("as of");
+        let (_, reference) = fold_log(&log, seq);
+        assert_eq!(
+            answers_in(&past, &[Grain::Month]),
+            answers_in(&reference, &[Grain::Month])
+        );
+    }
     assert_eq!(
         models.history.catalog_as_of(head).expect("catalog"),
         catalog

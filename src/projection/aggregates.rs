@@ -326,6 +326,55 @@ impl Aggregates {
         Ok(())
     }
 
+    /// The state of the measured KPI `kpi_id` (definition, version and the buckets of the
+    /// grains this model folds), an independently decodable byte string (bincode) for an
+    /// as-of checkpoint, with the number of buckets in it; `None` when the model does not
+    /// measure the KPI.
+    pub fn encode_kpi(&self, kpi_id: &str) -> Option<Result<(Vec<u8>, usize), String>> {
+        let kpi = self.measured.get(kpi_id)?;
+        let buckets = kpi
+            .series
+            .values()
+            .flat_map(|series| &series.grains)
+            .map(BucketMap::len)
+            .sum();
+        Some(
+            bincode::serde::encode_to_vec(kpi, bincode::config::standard())
+                .map(|bytes| (bytes, buckets))
+                .map_err(|e| e.to_string()),
+        )
+    }
+
+    /// Puts a KPI state written by [`Aggregates::encode_kpi`] into this model as the state
+    /// of `kpi_id`, keeping the buckets of the grains this model folds only. Refuses a
+    /// state of another KPI or one that refers to stored pages (a fold has none).
+    pub fn install_kpi(&mut self, kpi_id: &str, bytes: &[u8]) -> Result<(), String> {
+        let (mut kpi, _): (KpiAggregates, usize) =
+            bincode::serde::decode_from_slice(bytes, bincode::config::standard())
+                .map_err(|e| e.to_string())?;
+        if kpi.definition.id != kpi_id {
+            return Err(format!("a state of kpi '{}'", kpi.definition.id));
+        }
+        for series in kpi.series.values_mut() {
+            for (slot, grain) in Grain::ALL.into_iter().enumerate() {
+                let map = &mut series.grains[slot];
+                if map.pages().next().is_some() {
+                    return Err("a state that refers to stored pages".to_owned());
+                }
+                if !self.grains.contains(grain) {
+                    *map = BucketMap::default();
+                }
+            }
+        }
+        kpi.calendar = Calendar::new(kpi.definition.timezone);
+        self.ratios.remove(kpi_id);
+        self.bytes = self.bytes.saturating_add(kpi.bytes());
+        if let Some(old) = self.measured.insert(kpi_id.to_owned(), kpi) {
+            self.bytes = self.bytes.saturating_sub(old.bytes());
+        }
+        Ok(())
+    }
+
     /// Folds one committed event. `measurement_at` finds a stored measurement by seq (a
     /// retraction names only the seq it withdraws). Returns the id of a KPI whose buckets
     /// are no longer valid (its kind or timezone changed, or a retraction cannot be

@@ -68,6 +68,7 @@ use foldhash::HashMap;
 use crate::domain::aggregate::Observation;
 use crate::domain::{Catalog, Event, Measurement};
 use crate::projection::aggregates::Labels;
+use crate::projection::pages::{PageRef, PageStore};
 use crate::store::{
     self, CommitListener, Committed, EventLog, GENESIS_HASH, Hash, LogReader, OpenSledError,
     StoreError,
@@ -85,6 +86,17 @@ const MAX_AREA_BYTES: usize = 2 * MAX_PART_BYTES;
 const FORMAT: u8 = 3;
 /// The tree of the index.
 const TREE: &str = "history";
+/// The tree of the as-of checkpoints (see [`crate::projection::as_of`]): where each is.
+const CHECKPOINTS_TREE: &str = "checkpoints";
+/// The directory, in the index's, of the checkpoints' page files.
+const CHECKPOINTS_DIR: &str = "checkpoints";
+/// Checkpoints tried, newest first, before a fold starts without one.
+const CHECKPOINT_TRIES: usize = 4;
+/// Measurements of a KPI between two of its as-of checkpoints by default.
+pub const DEFAULT_CHECKPOINT_EVERY: u64 = 4096;
+/// By default checkpoints add at most half to the index: one is stored only when the
+/// measurements it follows take twice its bytes.
+pub const DEFAULT_CHECKPOINT_SPAN_PER_BYTE: u64 = 2;
 /// The key of the covered seq.
 const COVERED_KEY: &[u8] = b"covered";
 /// First byte of a KPI's measurement blocks.
@@ -105,6 +117,12 @@ pub struct HistoryOptions {
     pub flush_every_events: u64,
     /// The log's free-space minimum: the index writes only while twice this stays free.
     pub min_free_bytes: u64,
+    /// Measurements of a KPI after which it gets its next as-of checkpoint (see
+    /// [`DEFAULT_CHECKPOINT_EVERY`]); 0: none.
+    pub checkpoint_every: u64,
+    /// A checkpoint is stored only when the measurements since the KPI's last one take at
+    /// least this many times its bytes in the index (before compression); 0: always.
+    pub checkpoint_span_per_byte: u64,
 }
 
 impl Default for HistoryOptions {
@@ -112,14 +130,35 @@ impl Default for HistoryOptions {
         Self {
             flush_every_events: DEFAULT_FLUSH_EVERY_EVENTS,
             min_free_bytes: store::DEFAULT_MIN_FREE_BYTES,
+            checkpoint_every: DEFAULT_CHECKPOINT_EVERY,
+            checkpoint_span_per_byte: DEFAULT_CHECKPOINT_SPAN_PER_BYTE,
         }
     }
 }
 
+/// A part the writer has stored: what the as-of checkpoints follow.
+#[derive(Debug, Clone)]
+pub struct StoredPart {
+    /// Its last seq: the index holds every event up to it.
+    pub last_seq: u64,
+    /// The KPIs measured in it, with their measurement counts and the bytes of those
+    /// in the index (before compression).
+    pub measured: Vec<(String, u64, u64)>,
+}
+
+/// Who hears of stored parts; emptied when the writer stops, which ends their loops.
+type StoredListeners = Arc<Mutex<Vec<Sender<StoredPart>>>>;
+
 /// The history index of one data directory.
 pub struct History {
     tree: sled::Tree,
+    checkpoints: sled::Tree,
+    checkpoint_pages: PageStore,
     db: sled::Db,
+    dir: PathBuf,
+    checkpoint_every: u64,
+    checkpoint_span_per_byte: u64,
+    stored_listeners: StoredListeners,
     state: Arc<Mutex<State>>,
     to_writer: Mutex<Option<Sender<Arc<Part>>>>,
     writer: Mutex<Option<JoinHandle<()>>>,
@@ -372,6 +411,15 @@ impl Blocks {
     }
 }
 
+/// A checkpoint's key: the KPI id, a 0 byte (ids are slugs), the seq (u64 BE).
+fn checkpoint_key(kpi_id: &str, seq: u64) -> Vec<u8> {
+    let mut key = Vec::with_capacity(kpi_id.len() + 9);
+    key.extend_from_slice(kpi_id.as_bytes());
+    key.push(0);
+    key.extend_from_slice(&seq.to_be_bytes());
+    key
+}
+
 fn part_key(kind: u8, first_seq: u64) -> Vec<u8> {
     let mut key = Vec::with_capacity(9 + crate::domain::kpi::MAX_ID_LEN);
     key.push(kind);
@@ -416,6 +464,15 @@ impl History {
             }
         };
         let tree = db.open_tree(TREE)?;
+        let checkpoints = db.open_tree(CHECKPOINTS_TREE)?;
+        let checkpoints_dir = dir.join(CHECKPOINTS_DIR);
+        let checkpoint_pages =
+            PageStore::open(&checkpoints_dir, options.min_free_bytes).map_err(|source| {
+                StoreError::Io {
+                    path: checkpoints_dir,
+                    source,
+                }
+            })?;
         let covered = match tree.get(COVERED_KEY)? {
             None => 0,
             Some(value) => match check_covered(&value, log) {
@@ -450,8 +507,10 @@ impl History {
         }));
         let (to_writer, parts) = std::sync::mpsc::channel();
         let stopping = Arc::new(AtomicBool::new(false));
+        let stored_listeners = StoredListeners::default();
         let writer = Writer {
             stopping: stopping.clone(),
+            listeners: stored_listeners.clone(),
             tree: tree.clone(),
             state: state.clone(),
             log: log.reader(),
@@ -467,7 +526,13 @@ impl History {
             })?;
         Ok(Self {
             tree,
+            checkpoints,
+            checkpoint_pages,
             db,
+            dir: dir.to_owned(),
+            checkpoint_span_per_byte: options.checkpoint_span_per_byte,
+            checkpoint_every: options.checkpoint_every,
+            stored_listeners,
             state,
             to_writer: Mutex::new(Some(to_writer)),
             writer: Mutex::new(Some(writer)),
@@ -588,20 +653,131 @@ impl History {
         {
             tracing::error!("the history index writer panicked");
         }
+        // Their loops end.
+        self.stored_listeners
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .clear();
     }
 
-    /// Calls `visit` for every event up to `to_seq` that concerns one of `kpi_ids`
-    /// (measurements of them, and every event that is not a measurement), in seq order.
+    /// Waits until every part in memory but the open one is stored, up to `patience`;
+    /// whether it is (false while the writer waits for room or has failed).
+    pub fn wait_stored(&self, patience: Duration) -> bool {
+        let deadline = std::time::Instant::now() + patience;
+        loop {
+            if lock(&self.state).frozen.is_empty() {
+                return true;
+            }
+            if std::time::Instant::now() >= deadline {
+                return false;
+            }
+            std::thread::sleep(Duration::from_millis(1));
+        }
+    }
+
+    /// Hands every part stored from now on (its last seq and measured KPIs) to the
+    /// returned receiver, until the writer stops.
+    pub fn subscribe_stored(&self) -> Receiver<StoredPart> {
+        let (sender, receiver) = std::sync::mpsc::channel();
+        self.stored_listeners
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .push(sender);
+        receiver
+    }
+
+    /// The index's directory.
+    pub fn dir(&self) -> &Path {
+        &self.dir
+    }
+
+    /// Whether the index is closing (or closed): background work on it should stop.
+    pub fn closing(&self) -> bool {
+        self.stopping.load(Ordering::Relaxed)
+    }
+
+    /// Measurements of a KPI after which it gets its next as-of checkpoint (0: none), and
+    /// how many times its bytes they must take (see [`HistoryOptions`]).
+    pub fn checkpoint_cadence(&self) -> (u64, u64) {
+        (self.checkpoint_every, self.checkpoint_span_per_byte)
+    }
+
+    /// The seq up to which parts are stored.
+    pub fn stored_seq(&self) -> u64 {
+        lock(&self.state).stored
+    }
+
+    /// The latest checkpoint of `kpi_id` at or before `seq` that `usable` accepts (its
+    /// seq and bytes), trying at most [`CHECKPOINT_TRIES`]: a crash can lose the newest
+    /// pages while their keys survive.
+    pub fn checkpoint(
+        &self,
+        kpi_id: &str,
+        seq: u64,
+        mut usable: impl FnMut(u64, &[u8]) -> Result<(), String>,
+    ) -> Result<Option<(u64, Vec<u8>)>, StoreError> {
+        let range = checkpoint_key(kpi_id, 0)..=checkpoint_key(kpi_id, seq);
+        for found in self.checkpoints.range(range).rev().take(CHECKPOINT_TRIES) {
+            let (key, value) = found?;
+            let at = key
+                .len()
+                .checked_sub(8)
+                .and_then(|start| key.get(start..))
+                .and_then(|bytes| bytes.try_into().ok())
+                .map(u64::from_be_bytes)
+                .unwrap_or(0);
+            let read = bincode::serde::decode_from_slice::<PageRef, _>(
+                &value,
+                bincode::config::standard(),
+            )
+            .map_err(|error| error.to_string())
+            .and_then(|(page, _)| {
+                self.checkpoint_pages
+                    .read(page)
+                    .map_err(|error| error.to_string())
+            })
+            .and_then(|bytes| usable(at, &bytes).map(|()| bytes));
+            match read {
+                Ok(bytes) if at > 0 => return Ok(Some((at, bytes))),
+                Ok(_) => {}
+                Err(reason) => {
+                    tracing::warn!(kpi_id, at, reason, "as-of checkpoint not used");
+                }
+            }
+        }
+        Ok(None)
+    }
+
+    /// Stores `bytes` as the checkpoint of `kpi_id` at `seq` (a page of the checkpoint
+    /// files, not synced: a crash may lose it, see [`History::checkpoint`]); the bytes
+    /// it takes on disk.
+    pub fn put_checkpoint(&self, kpi_id: &str, seq: u64, bytes: &[u8]) -> Result<u64, StoreError> {
+        let io = |source| StoreError::Io {
+            path: self.dir.join(CHECKPOINTS_DIR),
+            source,
+        };
+        let page = self.checkpoint_pages.write(bytes).map_err(io)?;
+        let value = bincode::serde::encode_to_vec(page, bincode::config::standard())
+            .map_err(|error| io(std::io::Error::other(error.to_string())))?;
+        self.checkpoints
+            .insert(checkpoint_key(kpi_id, seq), value)?;
+        Ok(u64::from(page.stored_bytes()))
+    }
+
+    /// Calls `visit` for every event in `from..=to_seq` that is not a measurement, and
+    /// every measurement of each of `kpis` from its own first seq up to `to_seq`, in seq
+    /// order.
     pub fn visit(
         &self,
-        kpi_ids: &[&str],
+        from: u64,
+        kpis: &[(&str, u64)],
         to_seq: u64,
         visit: impl FnMut(u64, Visited<'_>),
     ) -> Result<(), StoreError> {
-        let mut cursors = Vec::with_capacity(kpi_ids.len() + 1);
-        cursors.push(self.cursor(Blocks::Others, to_seq));
-        for kpi_id in kpi_ids {
-            cursors.push(self.cursor(Blocks::Measurements((*kpi_id).to_owned()), to_seq));
+        let mut cursors = Vec::with_capacity(kpis.len() + 1);
+        cursors.push(self.cursor(Blocks::Others, from, to_seq));
+        for (kpi_id, from) in kpis {
+            cursors.push(self.cursor(Blocks::Measurements((*kpi_id).to_owned()), *from, to_seq));
         }
         merge(cursors, visit)
     }
@@ -613,14 +789,14 @@ impl History {
         to_seq: u64,
         visit: impl FnMut(u64, Visited<'_>),
     ) -> Result<(), StoreError> {
-        let cursor = self.cursor(Blocks::Measurements(kpi_id.to_owned()), to_seq);
+        let cursor = self.cursor(Blocks::Measurements(kpi_id.to_owned()), 1, to_seq);
         merge(vec![cursor], visit)
     }
 
     /// The catalog (KPIs and targets) as known at `seq`.
     pub fn catalog_as_of(&self, seq: u64) -> Result<Catalog, StoreError> {
         let mut catalog = Catalog::default();
-        let cursor = self.cursor(Blocks::Others, seq);
+        let cursor = self.cursor(Blocks::Others, 1, seq);
         merge(vec![cursor], |seq, visited| {
             if let Visited::Event(recorded_at, event) = visited {
                 catalog.apply(seq, recorded_at, &event);
@@ -630,9 +806,9 @@ impl History {
         Ok(catalog)
     }
 
-    /// The entries of `blocks` up to `to_seq`: those of the stored parts, then copies of
-    /// the areas of the parts in memory, taken at one moment.
-    fn cursor(&self, blocks: Blocks, to_seq: u64) -> Cursor {
+    /// The entries of `blocks` in `from..=to_seq`: those of the stored parts, then copies
+    /// of the areas of the parts in memory, taken at one moment.
+    fn cursor(&self, blocks: Blocks, from: u64, to_seq: u64) -> Cursor {
         let state = lock(&self.state);
         let memory = state
             .frozen
@@ -640,11 +816,15 @@ impl History {
             .map(|part| &**part)
             .chain(std::iter::once(&state.open))
             .filter_map(|part| blocks.of(part))
-            .filter(|area| area.count > 0 && area.first_seq <= to_seq)
+            .filter(|area| area.count > 0 && area.first_seq <= to_seq && area.last_seq >= from)
             .cloned()
             .collect();
-        let stored = state
+        // The part holding `from` is the last one starting at or before it.
+        let first = state
             .parts
+            .partition_point(|&first_seq| first_seq <= from)
+            .saturating_sub(1);
+        let stored = state.parts[first..]
             .iter()
             .copied()
             .take_while(|&first_seq| first_seq <= to_seq)
@@ -658,6 +838,7 @@ impl History {
             stored_to,
             memory,
             area: Area::default(),
+            from,
             from_tree: false,
             pos: 0,
             prev: 0,
@@ -732,6 +913,7 @@ fn check_covered(value: &[u8], log: &EventLog) -> Result<u64, String> {
 /// The `kpi-history` thread: stores frozen parts in order.
 struct Writer {
     stopping: Arc<AtomicBool>,
+    listeners: StoredListeners,
     tree: sled::Tree,
     state: Arc<Mutex<State>>,
     log: LogReader,
@@ -772,6 +954,25 @@ impl Writer {
             {
                 state.frozen.pop_front();
             }
+            drop(state);
+            let mut listeners = self
+                .listeners
+                .lock()
+                .unwrap_or_else(PoisonError::into_inner);
+            if !listeners.is_empty() {
+                let stored = StoredPart {
+                    last_seq: part.last_seq,
+                    measured: part
+                        .measurements
+                        .iter()
+                        .map(|(kpi_id, kpi)| {
+                            let bytes = widen(kpi.area.bytes.len());
+                            (kpi_id.clone(), u64::from(kpi.area.count), bytes)
+                        })
+                        .collect(),
+                };
+                listeners.retain(|listener| listener.send(stored.clone()).is_ok());
+            }
         }
     }
 
@@ -803,6 +1004,8 @@ struct Cursor {
     stored_to: u64,
     memory: VecDeque<Area>,
     area: Area,
+    /// Entries before this seq are skipped.
+    from: u64,
     from_tree: bool,
     pos: usize,
     prev: u64,
@@ -887,6 +1090,9 @@ impl Cursor {
                 self.prev = seq;
                 if let Entry::Measurement { occurred_at, .. } = &entry {
                     self.prev_seconds = occurred_at.timestamp();
+                }
+                if seq < self.from {
+                    continue;
                 }
                 return Ok(Some(entry));
             }
@@ -1069,9 +1275,10 @@ mod tests {
         }
     }
 
-    fn cursor(blocks: Blocks, area: Area) -> Cursor {
+    fn cursor(blocks: Blocks, area: Area, from: u64) -> Cursor {
         let db = sled::Config::new().temporary(true).open().unwrap();
         Cursor {
+            from,
             tree: db.open_tree(TREE).unwrap(),
             blocks,
             stored: VecDeque::new(),
@@ -1087,9 +1294,13 @@ mod tests {
     }
 
     fn read_back(area: Area) -> Result<Vec<(u64, Measurement)>, StoreError> {
+        read_back_from(area, 0)
+    }
+
+    fn read_back_from(area: Area, from: u64) -> Result<Vec<(u64, Measurement)>, StoreError> {
         let mut read = Vec::new();
         merge(
-            vec![cursor(Blocks::Measurements("signups".into()), area)],
+            vec![cursor(Blocks::Measurements("signups".into()), area, from)],
             |seq, visited| read.extend(visited.to_measurement().map(|m| (seq, m))),
         )?;
         Ok(read)
@@ -1123,6 +1334,25 @@ mod tests {
         assert!(same(&read_back(kpi.area.clone()).unwrap(), &measurements));
         let stored = Area::decode(&kpi.area.encode()).expect("decodes");
         assert!(same(&read_back(stored).unwrap(), &measurements));
+    }
+
+    #[test]
+    fn a_cursor_from_a_seq_skips_the_entries_before_it() {
+        let (kpi, measurements) = written();
+        let stored = Area::decode(&kpi.area.encode()).expect("decodes");
+        for from in [0, 3, 4, 5, 40, 81, 82, 1000] {
+            let expected: Vec<_> = measurements
+                .iter()
+                .filter(|(seq, _)| *seq >= from)
+                .cloned()
+                .collect();
+            for area in [kpi.area.clone(), stored.clone()] {
+                assert!(
+                    same(&read_back_from(area, from).unwrap(), &expected),
+                    "from {from}"
+                );
+            }
+        }
     }
 
     #[test]

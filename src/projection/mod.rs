@@ -4,6 +4,7 @@
 
 pub mod aggregates;
 pub mod analysis;
+pub mod as_of;
 pub mod buckets;
 pub mod catalog;
 pub mod history;
@@ -131,6 +132,8 @@ impl ReadModels {
         let head = log.head().seq;
         let reader = log.reader();
         let history = Arc::new(history);
+        // Before the tail: parts it fills are stored while it is read.
+        let checkpoints_done = as_of::start_checkpoints(&history, log.reader())?;
         let history_seq = history.seq();
         let mut to_rebuild = BTreeSet::new();
         let mut replayed_events = 0;
@@ -163,6 +166,7 @@ impl ReadModels {
             aggregates: RwLock::new(aggregates),
             log: reader,
             history: history.clone(),
+            checkpoints_done,
         });
         let live_feed = Arc::new(live::LiveFeed::new(head));
         // First: a refold of the aggregates reads its own group's events through it.
@@ -324,6 +328,8 @@ pub struct AggregateView {
     log: LogReader,
     /// For as-of questions and refolds.
     history: Arc<History>,
+    /// The last seq the `kpi-checkpoints` thread has handled.
+    checkpoints_done: Arc<std::sync::atomic::AtomicU64>,
 }
 
 impl AggregateView {
@@ -354,38 +360,21 @@ impl AggregateView {
     }
 
     /// The aggregates of the KPIs `kpi_ids` in `grains` as known at `seq`: a fold of their
-    /// events up to it, read from the history index (the KPIs' measurements and the other
-    /// events). Questions about other grains are refused.
+    /// events up to it, read from the history index, from the KPIs' checkpoints when
+    /// `grains` are all checkpointed ([`as_of`]). Questions about other grains are refused.
     pub fn as_of(
         &self,
         seq: u64,
         kpi_ids: &[&str],
         grains: Grains,
     ) -> Result<Aggregates, StoreError> {
-        let mut aggregates = Aggregates::folding(grains);
-        // KPIs whose kind or timezone changed: refolded once at the end, under their final
-        // definition, which is what the incremental path arrives at too.
-        let mut to_rebuild = BTreeSet::new();
-        self.history
-            .visit(kpi_ids, seq, |seq, visited| match visited {
-                Visited::Event(_, event) => {
-                    if kpi_of(&event).is_none_or(|id| kpi_ids.contains(&id))
-                        && let Some(kpi_id) =
-                            aggregates.apply(seq, &event, |seq| measurement_at(&self.log, seq))
-                    {
-                        to_rebuild.insert(kpi_id);
-                    }
-                }
-                Visited::Measurement {
-                    kpi_id,
-                    labels,
-                    observation,
-                } => aggregates.record(kpi_id, labels, observation),
-            })?;
-        for kpi_id in to_rebuild {
-            rebuild_kpi(&self.history, &mut aggregates, &kpi_id, seq)?;
-        }
-        Ok(aggregates)
+        as_of::fold(&self.history, &self.log, seq, kpi_ids, grains)
+    }
+
+    /// Waits up to `patience` until the as-of checkpoints of every stored part of the
+    /// history index are made; whether they are.
+    pub fn wait_checkpoints(&self, patience: std::time::Duration) -> bool {
+        as_of::wait_checkpoints(&self.history, &self.checkpoints_done, patience)
     }
 }
 
