@@ -85,6 +85,7 @@ async fn every_scenario_runs_against_the_real_server() {
         as_of_random: false,
         as_of_seed: 1,
         duration_secs: None,
+        trend: false,
     };
     let report = load::query(&addr, Arc::clone(&workload), &options, &hidden)
         .await
@@ -101,6 +102,24 @@ async fn every_scenario_runs_against_the_real_server() {
     );
     assert!(
         report.items > 20 * 20 && report.items <= 20 * 24,
+        "{}",
+        report.table()
+    );
+
+    // The same buckets through GetTrend, each call as of a random seq.
+    let options = QueryOptions {
+        trend: true,
+        as_of_random: true,
+        ..options
+    };
+    let report = load::query(&addr, Arc::clone(&workload), &options, &hidden)
+        .await
+        .unwrap();
+    assert_eq!(report.ops, 20);
+    assert_eq!(extra(&report, "errors"), 0, "{}", report.table());
+    assert_eq!(extra(&report, "rpc"), "GetTrend");
+    assert!(
+        report.items > 0 && report.items <= 20 * 24,
         "{}",
         report.table()
     );
@@ -480,6 +499,7 @@ fn query_options(requests: u64, question: AggregateQuestion) -> QueryOptions {
         as_of_random: false,
         as_of_seed: 1,
         duration_secs: None,
+        trend: false,
     }
 }
 

@@ -1,5 +1,6 @@
 //! `kpi-load query`: concurrent `Query.GetAggregates` calls for the latest buckets of one
-//! KPI (by default 24 months up to the workload's end), each timed until its stream ends.
+//! KPI (by default 24 months up to the workload's end), each timed until its stream ends;
+//! or, with `--trend`, `Query.GetTrend` calls over the same buckets.
 //!
 //! Variants for a history benchmark: `--end-offset-buckets K` asks buckets that end K
 //! buckets before the workload's end (old data, not touched by recent writes), and
@@ -25,7 +26,7 @@ use crate::domain::{Grain, kpi::parse_timezone};
 use crate::proto::audit_client::AuditClient;
 use crate::proto::kpi_catalog_client::KpiCatalogClient;
 use crate::proto::query_client::QueryClient;
-use crate::proto::{self, GetAggregatesRequest, to_proto};
+use crate::proto::{self, GetAggregatesRequest, GetTrendRequest, to_proto};
 use crate::workload::Workload;
 
 /// The question of the query scenarios (GetAggregates and the raw-sled scan): the latest
@@ -103,6 +104,10 @@ pub struct QueryOptions {
     /// slow calls, such as as-of questions on a long log; the report counts the calls made.
     #[arg(long)]
     pub duration_secs: Option<u64>,
+    /// Call Query.GetTrend instead (a window of --buckets buckets evaluated at the range's
+    /// end, no forecast); items are the buckets of its answers.
+    #[arg(long)]
+    pub trend: bool,
 }
 
 /// Which point of the log the calls ask about.
@@ -269,6 +274,13 @@ pub async fn query(
         end: Some(to_proto::timestamp(end)),
         ..GetAggregatesRequest::default()
     };
+    let trend = options.trend.then(|| GetTrendRequest {
+        kpi_id: request.kpi_id.clone(),
+        grain: request.grain,
+        window: options.question.buckets,
+        evaluated_at: request.end,
+        ..GetTrendRequest::default()
+    });
     let channels = connect_many(addr, options.connections.min(options.concurrency)).await?;
     let remaining = Arc::new(AtomicU64::new(options.requests));
     let started = Instant::now();
@@ -281,9 +293,11 @@ pub async fn query(
         let mut client = QueryClient::new(channels[caller % channels.len()].clone());
         let remaining = Arc::clone(&remaining);
         let request = request.clone();
+        let trend = trend.clone();
         let progress = progress.clone();
         callers.spawn(async move {
             let mut asked = Asked::default();
+            let call = |left| total_requests - left;
             // Take one request at a time from the shared count until none is left (or
             // the time is up); the count taken numbers the call, for its as-of draw.
             while let Ok(left) =
@@ -292,13 +306,28 @@ pub async fn query(
                 if deadline.is_some_and(|deadline| Instant::now() >= deadline) {
                     break;
                 }
-                let call = total_requests - left;
-                let request = GetAggregatesRequest {
-                    as_of: point.for_call(call),
-                    ..request.clone()
-                };
+                let as_of = point.for_call(call(left));
                 let sent = Instant::now();
-                let outcome = count_buckets(&mut client, request).await;
+                let outcome = match &trend {
+                    Some(trend) => {
+                        let request = GetTrendRequest {
+                            as_of,
+                            ..trend.clone()
+                        };
+                        client
+                            .get_trend(request)
+                            .await
+                            .map(|answer| answer.into_inner().buckets.len())
+                            .map(|len| u64::try_from(len).unwrap_or(u64::MAX))
+                    }
+                    None => {
+                        let request = GetAggregatesRequest {
+                            as_of,
+                            ..request.clone()
+                        };
+                        count_buckets(&mut client, request).await
+                    }
+                };
                 asked.latencies.record(sent.elapsed());
                 asked.calls += 1;
                 progress.inc(1);
@@ -343,6 +372,14 @@ pub async fn query(
             ("concurrency", Value::from(options.concurrency)),
             ("requests", Value::from(options.requests)),
             ("as_of", point.param()),
+            (
+                "rpc",
+                Value::from(if options.trend {
+                    "GetTrend"
+                } else {
+                    "GetAggregates"
+                }),
+            ),
         ]
         .into_iter()
         .chain(options.question.params())
