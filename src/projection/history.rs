@@ -13,7 +13,8 @@
 //! per flush and doubled the data directory):
 //! - `e` ‖ first seq of the part (u64 BE) → a block of the part's other events
 //!   (definitions, targets, retractions, lost events), all KPIs together, since there are
-//!   few; written for every part, even without such events, so these keys list the parts;
+//!   few; written for every part, even without such events, so these keys list the parts
+//!   (at open, with whether each block has events: readers of them skip the empty ones);
 //! - `m` ‖ first seq of the part (u64 BE) ‖ KPI id → a block of the part's measurements
 //!   of that KPI, when it has some;
 //! - `covered` → the format byte, a seq (u64 LE) and the log's chain hash after it: the
@@ -173,8 +174,9 @@ pub struct History {
 struct State {
     /// The tree holds every event up to this seq.
     stored: u64,
-    /// First seqs of the parts stored, ascending.
-    parts: Vec<u64>,
+    /// First seqs of the parts stored, ascending, each with whether it has other events
+    /// than measurements (a reader of those skips the others).
+    parts: Vec<(u64, bool)>,
     /// Parts handed to the writer, oldest first, not yet stored.
     frozen: VecDeque<Arc<Part>>,
     /// The part being filled.
@@ -427,17 +429,20 @@ fn part_key(kind: u8, first_seq: u64) -> Vec<u8> {
     key
 }
 
-/// The parts the tree holds (their first seqs, from the keys of their other-event blocks),
-/// up to `covered`; `None` when a key is damaged.
-fn stored_parts(tree: &sled::Tree, covered: u64) -> Option<Vec<u64>> {
+/// The parts the tree holds (their first seqs, from the keys of their other-event blocks,
+/// and whether those blocks have events, from their counts), up to `covered`; `None` when
+/// a key or a block's head is damaged.
+fn stored_parts(tree: &sled::Tree, covered: u64) -> Option<Vec<(u64, bool)>> {
     let mut parts = Vec::new();
-    for key in tree.scan_prefix([OTHERS]).keys() {
-        let key = key.ok()?;
+    for entry in tree.scan_prefix([OTHERS]) {
+        let (key, value) = entry.ok()?;
         let first_seq = u64::from_be_bytes(key.get(1..9)?.try_into().ok()?);
         if key.len() != 9 || first_seq > covered {
             return None;
         }
-        parts.push(first_seq);
+        // The block's format byte, then its count (see the module doc).
+        let count = u32::from_le_bytes(value.get(1..5)?.try_into().ok()?);
+        parts.push((first_seq, count > 0));
     }
     Some(parts)
 }
@@ -822,12 +827,14 @@ impl History {
         // The part holding `from` is the last one starting at or before it.
         let first = state
             .parts
-            .partition_point(|&first_seq| first_seq <= from)
+            .partition_point(|&(first_seq, _)| first_seq <= from)
             .saturating_sub(1);
+        let others = matches!(blocks, Blocks::Others);
         let stored = state.parts[first..]
             .iter()
-            .copied()
-            .take_while(|&first_seq| first_seq <= to_seq)
+            .take_while(|&&(first_seq, _)| first_seq <= to_seq)
+            .filter(|&&(_, has_others)| has_others || !others)
+            .map(|&(first_seq, _)| first_seq)
             .collect();
         let stored_to = state.stored;
         drop(state);
@@ -946,7 +953,7 @@ impl Writer {
             }
             let mut state = lock(&self.state);
             state.stored = part.last_seq;
-            state.parts.push(part.first_seq);
+            state.parts.push((part.first_seq, part.others.count > 0));
             if state
                 .frozen
                 .front()
