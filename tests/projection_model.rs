@@ -372,7 +372,7 @@ fn fill(log_dir: &std::path::Path, history_dir: &std::path::Path, value: f64) {
             })
             .collect(),
     );
-    let measurements = (0..10)
+    let measurements: Vec<Event> = (0..10)
         .map(|hour| {
             Event::MeasurementRecorded(Measurement {
                 kpi_id: "revenue".into(),
@@ -384,7 +384,10 @@ fn fill(log_dir: &std::path::Path, history_dir: &std::path::Path, value: f64) {
             })
         })
         .collect();
-    append(&log, measurements);
+    // In batches, so that the index stores several parts, each with a checkpoint.
+    for batch in measurements.chunks(2) {
+        append(&log, batch.to_vec());
+    }
     let patience = std::time::Duration::from_secs(10);
     assert!(models.history.wait_stored(patience));
     assert!(models.aggregates.wait_checkpoints(patience));
@@ -441,6 +444,50 @@ fn an_index_of_another_log_is_rebuilt() {
         models.history.catalog_as_of(head).expect("catalog"),
         catalog
     );
+    log.close().expect("close");
+}
+
+/// Checkpoints that cannot be used are passed over: bytes that are not a checkpoint (the
+/// newest, so an older one is used), and another KPI's state filed under a KPI; the
+/// answers are still a fold's.
+#[test]
+fn unusable_checkpoints_are_passed_over() {
+    let dir = tempfile::tempdir().unwrap();
+    let (log_dir, history_dir) = (dir.path().join("log"), dir.path().join("history"));
+    fill(&log_dir, &history_dir, 1.0);
+    let log = EventLog::open(&log_dir, StoreOptions::default()).expect("open");
+    let history = History::open(&history_dir, &log, HistoryOptions::default()).expect("history");
+    let head = log.head().seq;
+    let (at, bytes) = history
+        .checkpoint("revenue", head, |_, _| Ok(()))
+        .unwrap()
+        .expect("a checkpoint of revenue");
+    assert!(
+        history
+            .checkpoint("revenue", at - 1, |_, _| Ok(()))
+            .unwrap()
+            .is_some(),
+        "one older checkpoint of revenue to fall back on"
+    );
+    history.put_checkpoint("signups", at, &bytes).unwrap();
+    // In its place: the newest is no checkpoint.
+    history
+        .put_checkpoint("revenue", at, b"not a checkpoint")
+        .unwrap();
+    let models =
+        ReadModels::restore(&log, &log_dir.join("no-snapshots"), history, None).expect("restore");
+    let ids: Vec<&str> = KPIS.iter().map(|(id, _, _)| *id).collect();
+    for grain in [Grain::Month, Grain::Year] {
+        let past = models
+            .aggregates
+            .as_of(head, &ids, Grains::only([grain]))
+            .expect("as of");
+        let (_, reference) = fold_log(&log, head);
+        assert_eq!(
+            answers_in(&past, &[grain]),
+            answers_in(&reference, &[grain])
+        );
+    }
     log.close().expect("close");
 }
 
