@@ -196,9 +196,12 @@ struct Maker {
     /// Measurements of each KPI since its last checkpoint (or the start): their count and
     /// bytes in the history index (before compression).
     since: HashMap<String, (u64, u64)>,
-    /// Bytes of each KPI's last checkpoint (before compression), or of the last one it
-    /// declined to store.
-    last: HashMap<String, u64>,
+    /// Bytes of measurements each KPI needs since its last checkpoint before the next is
+    /// tried: the last checkpoint's bytes times `checkpoint_span_per_byte`, and after a
+    /// checkpoint was declined (it would have taken more), also half as many again as
+    /// when it was tried, so that a KPI whose state grows with its measurements is not
+    /// folded again at every part.
+    needed: HashMap<String, u64>,
     /// The last seq of the last part handled.
     done: Arc<AtomicU64>,
 }
@@ -213,17 +216,19 @@ impl Maker {
             let since = self.since.entry(kpi_id.clone()).or_default();
             *since = (since.0.saturating_add(count), since.1.saturating_add(bytes));
             let (count, bytes) = *since;
-            let last = self.last.get(&kpi_id).copied().unwrap_or(0);
-            let needed = last.saturating_mul(span_per_byte);
+            let needed = self.needed.get(&kpi_id).copied().unwrap_or(0);
             if count < every || bytes < needed {
                 continue;
             }
             match self.make(history, &kpi_id, part.last_seq, bytes, span_per_byte) {
                 Ok(Some((size, stored))) => {
-                    self.last.insert(kpi_id.clone(), size);
+                    let mut needed = size.saturating_mul(span_per_byte);
                     if stored {
-                        self.since.insert(kpi_id, (0, 0));
+                        self.since.insert(kpi_id.clone(), (0, 0));
+                    } else {
+                        needed = needed.max(bytes.saturating_add(bytes / 2));
                     }
+                    self.needed.insert(kpi_id, needed);
                 }
                 // Not measured (any more): nothing to checkpoint until it is again.
                 Ok(None) => {
@@ -264,11 +269,12 @@ impl Maker {
         })?;
         let bytes = encode(&self.log.hash_at(at)?, &state);
         let size = u64::try_from(bytes.len()).unwrap_or(u64::MAX);
-        if size.saturating_mul(span_per_byte) > span {
-            return Ok(Some((size, false)));
+        let stored = size.saturating_mul(span_per_byte) <= span;
+        if stored {
+            history.put_checkpoint(kpi_id, at, &bytes)?;
         }
-        history.put_checkpoint(kpi_id, at, &bytes)?;
-        Ok(Some((size, true)))
+        tracing::debug!(kpi_id, at, size, span, stored, "as-of checkpoint");
+        Ok(Some((size, stored)))
     }
 }
 
@@ -284,7 +290,7 @@ pub fn start_checkpoints(
     let mut maker = Maker {
         log,
         since: HashMap::default(),
-        last: HashMap::default(),
+        needed: HashMap::default(),
         done: done.clone(),
     };
     // Not an `Arc`: the thread must not keep the index (and its directory lock) open.
