@@ -1022,7 +1022,8 @@ struct Cursor {
 
 /// A decoded entry; a measurement's labels and subject stay in its cursor's area.
 enum Entry {
-    Event(u64, DateTime<Utc>, Event),
+    /// Boxed: entries move through the merge by value, most of them measurements.
+    Event(u64, DateTime<Utc>, Box<Event>),
     Measurement {
         seq: u64,
         series: usize,
@@ -1149,7 +1150,7 @@ impl Cursor {
                 let len = reader.varint().ok_or_else(|| damaged(seq))?;
                 let record = reader.take(len).ok_or_else(|| damaged(seq))?;
                 let (recorded_at, event) = store::decode_record(seq, record)?;
-                Entry::Event(seq, recorded_at, event)
+                Entry::Event(seq, recorded_at, Box::new(event))
             }
             Blocks::Measurements(_) => self
                 .measurement_at(&mut reader, seq)
@@ -1215,7 +1216,7 @@ fn merge(
         // subject are still in its area.
         match heads[i].take() {
             Some(Entry::Event(seq, recorded_at, event)) => {
-                visit(seq, Visited::Event(recorded_at, event));
+                visit(seq, Visited::Event(recorded_at, *event));
             }
             Some(Entry::Measurement {
                 seq,
