@@ -20,6 +20,11 @@
 //! - `covered` → the format byte, a seq (u64 LE) and the log's chain hash after it: the
 //!   tree holds every event up to that seq, and nothing after it.
 //!
+//! The same database holds the as-of checkpoints (tree `checkpoints`, their pages in
+//! `checkpoints/` beside sled's files), which [`crate::projection::as_of`] reads and its
+//! thread writes through [`History::checkpoint`] and [`History::put_checkpoint`]; they
+//! name the chain hash they follow, so an index discarded and rebuilt keeps them.
+//!
 //! A KPI's stored measurements are read with one point lookup per part (the parts' first
 //! seqs are in memory: one per 100,000 events).
 //!
@@ -713,7 +718,7 @@ impl History {
     }
 
     /// The latest checkpoint of `kpi_id` at or before `seq` that `usable` accepts (its
-    /// seq and bytes), trying at most [`CHECKPOINT_TRIES`]: a crash can lose the newest
+    /// seq and bytes), trying at most four, newest first: a crash can lose the newest
     /// pages while their keys survive.
     pub fn checkpoint(
         &self,
