@@ -44,7 +44,7 @@ use std::time::Duration;
 use foldhash::HashMap;
 
 use crate::domain::Grain;
-use crate::projection::history::StoredPart;
+use crate::projection::history::{StoredPart, wait_until};
 use crate::projection::{Aggregates, Grains, History, Visited, kpi_of, measurement_at};
 use crate::store::{LogReader, StoreError};
 
@@ -318,14 +318,7 @@ fn run(history: &Weak<History>, parts: &Receiver<StoredPart>, maker: &mut Maker)
 /// Waits up to `patience` until the checkpoint thread `done` has handled every part
 /// `history` has stored; whether it has.
 pub fn wait_checkpoints(history: &History, done: &AtomicU64, patience: Duration) -> bool {
-    let deadline = std::time::Instant::now() + patience;
-    loop {
-        if done.load(Ordering::Acquire) >= history.stored_seq() {
-            return true;
-        }
-        if std::time::Instant::now() >= deadline {
-            return false;
-        }
-        std::thread::sleep(Duration::from_millis(1));
-    }
+    wait_until(patience, || {
+        done.load(Ordering::Acquire) >= history.stored_seq()
+    })
 }

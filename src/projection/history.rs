@@ -378,6 +378,20 @@ impl<'a> Reader<'a> {
     }
 }
 
+/// Polls `done` every millisecond for up to `patience`; whether it became true.
+pub(crate) fn wait_until(patience: Duration, mut done: impl FnMut() -> bool) -> bool {
+    let deadline = std::time::Instant::now() + patience;
+    loop {
+        if done() {
+            return true;
+        }
+        if std::time::Instant::now() >= deadline {
+            return false;
+        }
+        std::thread::sleep(Duration::from_millis(1));
+    }
+}
+
 fn widen(len: usize) -> u64 {
     u64::try_from(len).unwrap_or(u64::MAX)
 }
@@ -673,16 +687,7 @@ impl History {
     /// Waits until every part in memory but the open one is stored, up to `patience`;
     /// whether it is (false while the writer waits for room or has failed).
     pub fn wait_stored(&self, patience: Duration) -> bool {
-        let deadline = std::time::Instant::now() + patience;
-        loop {
-            if lock(&self.state).frozen.is_empty() {
-                return true;
-            }
-            if std::time::Instant::now() >= deadline {
-                return false;
-            }
-            std::thread::sleep(Duration::from_millis(1));
-        }
+        wait_until(patience, || lock(&self.state).frozen.is_empty())
     }
 
     /// Hands every part stored from now on (its last seq and measured KPIs) to the
