@@ -1,6 +1,6 @@
 //! Damage to the stored log: detected, reported with the seq, never served as if whole,
 //! and no acknowledged seq ever given to another event; `kpi-server recover` records the
-//! loss on purpose.
+//! loss on purpose. A damaged history index, derived from the log, is rebuilt instead.
 
 mod common;
 
@@ -173,8 +173,28 @@ async fn check_recovered(dir: &Path, first: u64, last: u64, before_loss: (&str, 
         .await
         .expect("retry of an old id");
     assert_eq!((again[0].seq, again[0].duplicate), (before_loss.1, true));
+    assert_eq!(
+        revenue_count(&server, None).await,
+        u64::try_from(kept).unwrap() + 1
+    );
+    server.stop().await;
+}
+
+/// A stopped server's directory: `revenue` (SUM) defined at seq 1, then `batches` unary
+/// batches of 10 measurements with ids `{prefix}-..` (see [`fill`]); with the last seq.
+async fn filled_dir(prefix: &str, batches: usize) -> (tempfile::TempDir, u64) {
+    let dir = tempfile::tempdir().unwrap();
+    let server = TestServer::start(dir.path()).await;
+    server.define(kpi("revenue", KpiKind::Sum)).await;
+    let acknowledged = fill(&server, prefix, batches).await;
+    server.stop().await;
+    (dir, acknowledged)
+}
+
+/// How many measurements `revenue`'s YEAR buckets count, as of `as_of` (now if `None`).
+async fn revenue_count(server: &TestServer, as_of: Option<proto::AsOf>) -> u64 {
     let year = common::buckets(
-        &server,
+        server,
         proto::GetAggregatesRequest {
             kpi_id: "revenue".into(),
             grain: proto::Grain::Year.into(),
@@ -183,29 +203,18 @@ async fn check_recovered(dir: &Path, first: u64, last: u64, before_loss: (&str, 
                 seconds: 4_102_444_800,
                 nanos: 0,
             }),
+            as_of,
             ..Default::default()
         },
     )
     .await
     .expect("aggregates");
-    let total: u64 = year.iter().map(|bucket| bucket.count).sum();
-    assert_eq!(total, u64::try_from(kept).unwrap() + 1);
-    server.stop().await;
-}
-
-/// A server with 300 acknowledged batches of 10 (`corr-0000-0` .. `corr-0299-9`), stopped.
-async fn filled_dir() -> (tempfile::TempDir, u64) {
-    let dir = tempfile::tempdir().unwrap();
-    let server = TestServer::start(dir.path()).await;
-    server.define(kpi("revenue", KpiKind::Sum)).await;
-    let acknowledged = fill(&server, "corr", 300).await;
-    server.stop().await;
-    (dir, acknowledged)
+    year.iter().map(|bucket| bucket.count).sum()
 }
 
 #[tokio::test]
 async fn damage_in_an_older_record_is_refused_and_recovered_without_reusing_a_seq() {
-    let (dir, acknowledged) = filled_dir().await;
+    let (dir, acknowledged) = filled_dir("corr", 300).await;
     // seq 1 defines the KPI; batch 150's fourth measurement is seq 2 + 150 * 10 + 3.
     assert!(flip_marker(&dir.path().join("log/db"), &unique_tag(150, 3)) > 0);
     let error = start_result(dir.path()).await.err().expect("refused");
@@ -225,7 +234,7 @@ async fn damage_in_an_older_record_is_refused_and_recovered_without_reusing_a_se
 
 #[tokio::test]
 async fn damage_in_the_newest_record_is_refused_and_recovered() {
-    let (dir, acknowledged) = filled_dir().await;
+    let (dir, acknowledged) = filled_dir("corr", 300).await;
     assert!(flip_marker(&dir.path().join("log/db"), &unique_tag(299, 9)) > 0);
     let error = start_result(dir.path()).await.err().expect("refused");
     let head = missing_events(error, acknowledged);
@@ -374,11 +383,7 @@ async fn a_deleted_blob_that_sled_needs_is_reported_not_a_crash() {
 
 #[tokio::test]
 async fn an_older_log_beside_a_newer_snapshot_is_refused_and_recovered() {
-    let dir = tempfile::tempdir().unwrap();
-    let server = TestServer::start(dir.path()).await;
-    server.define(kpi("revenue", KpiKind::Sum)).await;
-    let old_head = fill(&server, "early", 20).await;
-    server.stop().await;
+    let (dir, old_head) = filled_dir("early", 20).await;
     let log = dir.path().join("log");
     let kept = dir.path().join("log.kept");
     copy_dir(&log, &kept);
@@ -396,4 +401,72 @@ async fn an_older_log_beside_a_newer_snapshot_is_refused_and_recovered() {
     assert_eq!(recovery.lost, Some((old_head + 1, acknowledged)));
     let first_id = format!("early-0000-0-{}", unique_tag(0, 0));
     check_recovered(dir.path(), old_head + 1, acknowledged, (&first_id, 2)).await;
+}
+
+/// Builds a sled database in `dir` that sled 0.34 cannot open without panicking, the way a
+/// power cut left the history index once: an empty `conf`, no snapshot file, and pages of
+/// the data file lost (zeroed) while later ones survived. Which pages sled needs depends on
+/// its layout, so this tries damage patterns until sled's own open panics; returns the
+/// damaged `db` file's bytes.
+fn a_db_sled_panics_on(dir: &Path) -> Vec<u8> {
+    let built = dir.join("built");
+    {
+        let db = sled::Config::new().path(&built).open().expect("sled");
+        for tree in 0..8_u32 {
+            let tree = db.open_tree(tree.to_be_bytes()).expect("tree");
+            for key in 0..1000_u32 {
+                tree.insert(key.to_be_bytes(), vec![7_u8; 200])
+                    .expect("insert");
+            }
+            db.flush().expect("flush");
+        }
+    }
+    let whole = std::fs::read(built.join("db")).expect("db file");
+    let pages = whole.len() / 4096;
+    let mut state = 0x9e37_79b9_7f4a_7c15_u64;
+    let mut next = move || {
+        state ^= state << 13;
+        state ^= state >> 7;
+        state ^= state << 17;
+        usize::try_from(state % 1_000_000).unwrap()
+    };
+    for attempt in 0..100 {
+        let mut bytes = whole.clone();
+        let around = next() % pages;
+        for _ in 0..=next() % 40 {
+            let page = (around + next() % 64).min(pages - 1);
+            bytes[page * 4096..(page + 1) * 4096].fill(0);
+        }
+        let trial = dir.join(format!("trial-{attempt}"));
+        std::fs::create_dir_all(&trial).unwrap();
+        std::fs::write(trial.join("db"), &bytes).unwrap();
+        std::fs::write(trial.join("conf"), b"").unwrap();
+        let opened = std::panic::catch_unwind(|| sled::Config::new().path(&trial).open().is_ok());
+        if opened.is_err() {
+            return bytes;
+        }
+    }
+    panic!("no damage pattern made sled panic");
+}
+
+#[tokio::test]
+async fn a_history_index_whose_open_panics_in_sled_is_rebuilt() {
+    let (dir, head) = filled_dir("hist", 20).await;
+
+    let scratch = tempfile::tempdir().unwrap();
+    let damaged = a_db_sled_panics_on(scratch.path());
+    let history = dir.path().join("history");
+    std::fs::remove_dir_all(&history).expect("remove the index");
+    std::fs::create_dir_all(&history).unwrap();
+    std::fs::write(history.join("db"), damaged).unwrap();
+    std::fs::write(history.join("conf"), b"").unwrap();
+
+    let server = start_result(dir.path())
+        .await
+        .expect("a damaged history index is rebuilt, not a failed start");
+    assert_eq!(server.log_info().await.head_seq, head);
+    // The definition is seq 1; the 200 measurements follow it.
+    assert_eq!(revenue_count(&server, None).await, 200);
+    assert_eq!(revenue_count(&server, common::as_of_seq(101)).await, 100);
+    server.stop().await;
 }

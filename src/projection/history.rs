@@ -56,7 +56,8 @@
 //! The index is derived from the log. At open the log after `covered` is read again
 //! (`projection::open` does it in the same pass as the read models' tail); an index the
 //! log does not continue (the log ends before `covered`, or its hash there differs, as
-//! after `kpi-server recover`), one of another format, or one sled cannot open is removed
+//! after `kpi-server recover`), one of another format, or one sled cannot open (an error, or
+//! a panic of sled's recovery after a power cut, which `store::open_sled` catches) is removed
 //! and rebuilt from the log. A directory lock still held after a few seconds
 //! (`store::open_sled`) is not damage: the open fails with `StoreError::AlreadyInUse`.
 

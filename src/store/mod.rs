@@ -1027,13 +1027,30 @@ impl From<OpenSledError> for sled::Error {
 /// can see it held for a moment; a lock held longer is another open handle. Every other
 /// error is returned at once as [`OpenSledError::Sled`]. Shared by the log ([`open_db`])
 /// and the history index (`projection::history`).
+///
+/// sled 0.34 panics on some damaged files instead of returning an error (a power cut
+/// that leaves an empty `conf` and no snapshot beside the data file makes its recovery
+/// panic with "tried to serialize Uninitialized"). The panic is caught and returned as
+/// [`OpenSledError::Sled`] (a `ReportableBug` with the panic's message), so the history
+/// index is rebuilt and a damaged log fails its open with an error, not a crash.
 pub(crate) fn open_sled(
     config: &sled::Config,
     patience: std::time::Duration,
 ) -> Result<sled::Db, OpenSledError> {
     let deadline = std::time::Instant::now() + patience;
     loop {
-        match config.open() {
+        let opened = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| config.open()))
+            .unwrap_or_else(|panic| {
+                let message = panic
+                    .downcast_ref::<&str>()
+                    .map(|text| (*text).to_owned())
+                    .or_else(|| panic.downcast_ref::<String>().cloned())
+                    .unwrap_or_else(|| "a panic without a message".to_owned());
+                Err(sled::Error::ReportableBug(format!(
+                    "sled panicked while opening the database: {message}"
+                )))
+            });
+        match opened {
             Ok(db) => return Ok(db),
             // sled 0.34 reports a held directory lock only as this message.
             Err(sled::Error::Io(io)) if io.to_string().contains("could not acquire lock") => {
