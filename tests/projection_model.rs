@@ -136,6 +136,7 @@ fn run(ops: Vec<Op>, budget: Option<usize>) {
                 PageStore::open(&dir.path().join("pages"), 0).expect("pages"),
             ),
             budget,
+            gives_way_to: None,
         })
     };
     let open = || EventLog::open(dir.path(), StoreOptions::default()).expect("open");
@@ -517,9 +518,70 @@ fn paged_log(dir: &std::path::Path, budget: usize) -> (EventLog, impl Fn() -> Op
         Some(Tier {
             store: std::sync::Arc::new(PageStore::open(&pages, 0).expect("pages")),
             budget,
+            gives_way_to: None,
         })
     };
     (log, tier)
+}
+
+/// The buckets' budget also pays for the dedup index's run filters: with a budget that
+/// holds every bucket and half the runs' memory, a model that gives way to the runs stores
+/// its oldest buckets as pages where one that does not keeps them all, and both answer
+/// like a fold of the log.
+#[test]
+fn the_buckets_give_way_to_the_dedup_runs() {
+    let dir = tempfile::tempdir().unwrap();
+    let log_dir = dir.path().join("log");
+    let log = EventLog::open(&log_dir, StoreOptions::default()).expect("open");
+    define_all(&log);
+    let measurements = (0..2000u32)
+        .map(|i| match revenue_at(i * 7, f64::from(i % 10)) {
+            Event::MeasurementRecorded(m) => Event::MeasurementRecorded(Measurement {
+                event_id: Some(format!("sale-{i}")),
+                ..m
+            }),
+            other => other,
+        })
+        .collect();
+    let head = *append(&log, measurements).last().expect("appended");
+    log.close().expect("close");
+    // Reopened with room for few ids in memory: the open spills the window into runs.
+    let options = StoreOptions {
+        dedup_memory_bytes: 4096,
+        ..StoreOptions::default()
+    };
+    let log = EventLog::open(&log_dir, options).expect("reopen");
+    let runs = log.dedup_run_memory();
+    assert!(log.dedup_stats().runs > 0, "{:?}", log.dedup_stats());
+    assert!(runs.bytes() > 0);
+    let (_, reference) = fold_log(&log, head);
+    let budget = reference.bytes() + runs.bytes() / 2;
+    let restore = |name: &str, gives_way_to| {
+        let tier = Tier {
+            store: std::sync::Arc::new(
+                PageStore::open(&dir.path().join(name).join("pages"), 0).expect("pages"),
+            ),
+            budget,
+            gives_way_to,
+        };
+        let history = History::open(
+            &dir.path().join(name).join("history"),
+            &log,
+            HistoryOptions::default(),
+        )
+        .expect("history");
+        ReadModels::restore(&log, &dir.path().join(name), history, Some(tier)).expect("restore")
+    };
+    let apart = restore("apart", None);
+    let giving = restore("giving", Some(runs));
+    assert!(apart.aggregates.read().page_files().is_empty());
+    assert!(!giving.aggregates.read().page_files().is_empty());
+    assert_eq!(answers(&apart.aggregates.read()), answers(&reference));
+    assert_eq!(answers(&giving.aggregates.read()), answers(&reference));
+    for models in [apart, giving] {
+        models.history.close().expect("close the history index");
+    }
+    log.close().expect("close");
 }
 
 /// [`paged_log`] with its read models restored (history index, no snapshot).

@@ -24,6 +24,7 @@ use crate::domain::calendar::{self, Bucket, BucketKey, Calendar};
 use crate::domain::{Event, Grain, KpiDefinition, KpiKind, Measurement, Rejection};
 use crate::projection::buckets::{BucketMap, PageIo};
 use crate::projection::pages::PageStore;
+use crate::store::RunMemory;
 
 /// Most series (label combinations) one KPI may have. Each series keeps buckets for six
 /// grains, so an unbounded label (a user id as a label value) would grow memory without
@@ -213,6 +214,11 @@ pub struct Tier {
     pub store: std::sync::Arc<PageStore>,
     /// Bytes the buckets may hold in memory; beyond it the oldest leave.
     pub budget: usize,
+    /// Memory outside the buckets that their budget also pays for, as it grows and
+    /// shrinks: the dedup index's run filters (about a byte per id in the window). The
+    /// buckets keep to the budget less it, but to no less than a quarter of the budget:
+    /// below that every measurement would wait for buckets read back from their pages.
+    pub gives_way_to: Option<RunMemory>,
 }
 
 /// The calendar a deserialised KPI holds until [`Aggregates::restore_calendars`] runs.
@@ -245,8 +251,8 @@ pub struct Aggregates {
     /// approximately between them).
     #[serde(skip)]
     bytes: usize,
-    /// Bytes at which the next eviction runs: the budget, or more when the last one could
-    /// not get below it (so a model that cannot shrink is not walked on every event).
+    /// Bytes at which the next eviction runs when the last one could not get below the
+    /// budget (so a model that cannot shrink is not walked on every event); 0 otherwise.
     #[serde(skip)]
     evict_above: usize,
     /// KPIs a query found stored buckets of unreadable, for
@@ -506,8 +512,17 @@ impl Aggregates {
     /// Late measurements kept beside stored chunks are written into new pages once they
     /// pass an eighth of the budget, the longest lists first, until half of them are.
     fn keep_to_budget(&mut self) {
-        let Some(Tier { store, budget }) = self.tier.clone() else {
+        let Some(Tier {
+            store,
+            budget,
+            gives_way_to,
+        }) = self.tier.clone()
+        else {
             return;
+        };
+        let budget = match gives_way_to {
+            Some(others) => budget.saturating_sub(others.bytes()).max(budget / 4),
+            None => budget,
         };
         if self.bytes <= budget.max(self.evict_above) {
             return;
@@ -605,7 +620,7 @@ impl Aggregates {
             );
             self.bytes + budget / 4
         } else {
-            budget
+            0
         };
         tracing::debug!(
             before = total,

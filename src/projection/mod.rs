@@ -306,6 +306,7 @@ pub fn open(
     let tier = Tier {
         store: Arc::new(store),
         budget: tier.budget,
+        gives_way_to: Some(log.dedup_run_memory()),
     };
     let ready_after = started.elapsed();
     let mut models = ReadModels::restore_from(&log, loaded, history, Some(tier))?;

@@ -93,7 +93,7 @@ use tokio::sync::{mpsc, oneshot};
 use crate::domain::Event;
 
 pub use chain::{GENESIS_HASH, Hash, next_hash};
-pub use dedup::DedupStats;
+pub use dedup::{DedupStats, RunMemory};
 pub use durability::{create_dir_durably, sync_dir};
 pub use error::{AppendError, StoreError};
 pub use reader::{ReadEvents, decode_record};
@@ -652,6 +652,12 @@ impl EventLog {
     /// The sizes of the dedup index (ids in memory and in run files, memory held).
     pub fn dedup_stats(&self) -> DedupStats {
         lock(&self.inner.shared.dedup).stats()
+    }
+
+    /// The memory the dedup index's run files hold, kept up to date as runs are written,
+    /// merged and dropped (the read models' bucket budget gives way to it).
+    pub fn dedup_run_memory(&self) -> RunMemory {
+        lock(&self.inner.shared.dedup).run_memory()
     }
 
     /// Recomputes the whole chain up to the committed head at call time: keys, seq

@@ -46,7 +46,7 @@ use std::collections::VecDeque;
 use std::hash::Hasher;
 use std::io::Read;
 use std::path::{Path, PathBuf};
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::mpsc::{Receiver, RecvTimeoutError, SyncSender};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
@@ -167,6 +167,24 @@ pub struct DedupStats {
     pub memory_bytes: u64,
 }
 
+/// Bytes of memory the dedup index's run files hold (their filters and fences), shared
+/// with whoever keeps a memory budget beside it: the read models' buckets give way to it.
+/// Set whenever the runs the index consults change.
+#[derive(Debug, Clone, Default)]
+pub struct RunMemory(Arc<AtomicUsize>);
+
+impl RunMemory {
+    /// The bytes as last set.
+    pub fn bytes(&self) -> usize {
+        self.0.load(Ordering::Relaxed)
+    }
+
+    fn set(&self, runs: &[Arc<Run>]) {
+        let bytes = runs.iter().map(|run| run.memory_bytes()).sum();
+        self.0.store(bytes, Ordering::Relaxed);
+    }
+}
+
 /// The index the writer and `find_event_id` ask (see the module doc).
 #[derive(Debug)]
 pub struct DedupIndex {
@@ -179,6 +197,8 @@ pub struct DedupIndex {
     frozen: Vec<Arc<MemIndex>>,
     /// The runs the manifest lists.
     runs: Vec<Arc<Run>>,
+    /// What `runs` hold in memory.
+    run_memory: RunMemory,
     /// The oldest recorded_at inside the window at the last `expire`.
     cutoff: Option<DateTime<Utc>>,
     /// Events appended since the last freeze.
@@ -197,6 +217,7 @@ impl DedupIndex {
             memory_bytes,
             frozen: Vec::new(),
             runs: Vec::new(),
+            run_memory: RunMemory::default(),
             cutoff: None,
             events_since_freeze: 0,
             damage_seen: Arc::new(AtomicBool::new(false)),
@@ -321,10 +342,16 @@ impl DedupIndex {
     /// Takes the runs the manifest now lists; `spilled` (frozen part now in a run) is no
     /// longer consulted.
     fn install(&mut self, runs: Vec<Arc<Run>>, spilled: Option<&Arc<MemIndex>>) {
+        self.run_memory.set(&runs);
         self.runs = runs;
         if let Some(spilled) = spilled {
             self.frozen.retain(|part| !Arc::ptr_eq(part, spilled));
         }
+    }
+
+    /// What its run files hold in memory, as it changes.
+    pub fn run_memory(&self) -> RunMemory {
+        self.run_memory.clone()
     }
 
     /// The index's sizes.
@@ -517,7 +544,7 @@ fn load(
         Ok(Some((manifest, opened))) => {
             let hasher = EventIdHasher::with_key(manifest.key);
             let mut index = DedupIndex::new(options.dedup_window, hasher, memory_bytes);
-            index.runs = opened.clone();
+            index.install(opened.clone(), None);
             let runs = RunSet {
                 dir: dir.to_owned(),
                 manifest,
