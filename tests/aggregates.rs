@@ -586,10 +586,10 @@ async fn bad_questions_get_a_clear_status() {
     for (question, code, field) in cases {
         let err = buckets(&server, question.clone()).await.unwrap_err();
         assert_eq!(err.code(), code, "{question:?}: {err:?}");
-        assert!(
-            err.message().starts_with(field),
-            "{field}: {}",
-            err.message()
+        assert_eq!(
+            common::violated_field(&err).as_deref(),
+            Some(field),
+            "{err:?}"
         );
     }
     server.stop().await;
@@ -812,10 +812,10 @@ async fn label_combinations_per_kpi_are_limited() {
         .await
         .unwrap_err();
     assert_eq!(err.code(), Code::ResourceExhausted, "{err:?}");
-    assert!(
-        err.message().starts_with("measurements[0].labels"),
-        "{}",
-        err.message()
+    assert_eq!(
+        common::violated_field(&err).as_deref(),
+        Some("measurements[0].labels"),
+        "{err:?}"
     );
     // Existing combinations still take measurements.
     server

@@ -365,10 +365,10 @@ async fn every_bad_measurement_is_refused_and_nothing_of_its_batch_is_stored() {
             expected_field
         };
         assert_eq!(err.code(), code, "{name}: {err:?}");
-        assert!(
-            err.message().starts_with(&expected_field),
-            "{name}: message {:?} should name {expected_field}",
-            err.message()
+        assert_eq!(
+            common::violated_field(&err).as_deref(),
+            Some(expected_field.as_str()),
+            "{name}: {err:?}"
         );
         if code != Code::FailedPrecondition {
             assert_eq!(bad_request_field(&err), Some(expected_field), "{name}");

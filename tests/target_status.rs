@@ -437,7 +437,11 @@ async fn trends_report_changes_fit_and_forecast() {
         .await
         .unwrap_err();
     assert_eq!(err.code(), Code::InvalidArgument);
-    assert!(err.message().starts_with("window"), "{}", err.message());
+    assert_eq!(
+        common::violated_field(&err).as_deref(),
+        Some("window"),
+        "{err:?}"
+    );
     server.stop().await;
 }
 
@@ -451,7 +455,11 @@ async fn bad_status_requests_name_the_field() {
         .await
         .unwrap_err();
     assert_eq!(err.code(), Code::InvalidArgument);
-    assert!(err.message().starts_with("selector"), "{}", err.message());
+    assert_eq!(
+        common::violated_field(&err).as_deref(),
+        Some("selector"),
+        "{err:?}"
+    );
     let err = status_at(
         &server,
         Selector::TargetId("nothing".into()),
@@ -461,7 +469,11 @@ async fn bad_status_requests_name_the_field() {
     .await
     .unwrap_err();
     assert_eq!(err.code(), Code::NotFound);
-    assert!(err.message().starts_with("target_id"), "{}", err.message());
+    assert_eq!(
+        common::violated_field(&err).as_deref(),
+        Some("target_id"),
+        "{err:?}"
+    );
     let err = status_at(
         &server,
         Selector::KpiId("profit".into()),
@@ -471,7 +483,11 @@ async fn bad_status_requests_name_the_field() {
     .await
     .unwrap_err();
     assert_eq!(err.code(), Code::NotFound);
-    assert!(err.message().starts_with("kpi_id"), "{}", err.message());
+    assert_eq!(
+        common::violated_field(&err).as_deref(),
+        Some("kpi_id"),
+        "{err:?}"
+    );
     server.stop().await;
 }
 

@@ -192,10 +192,8 @@ impl AuditApi {
 
 /// The envelope of a stored event, with the record bytes verbatim.
 fn envelope(stored: StoredEvent) -> Result<proto::EventEnvelope, Status> {
-    let event = proto::EventRecord::decode(stored.record.as_ref()).map_err(|e| {
-        tracing::error!(seq = stored.seq, error = %e, "stored record does not decode");
-        Status::internal("a stored record does not decode; run VerifyLog")
-    })?;
+    let event = proto::EventRecord::decode(stored.record.as_ref())
+        .map_err(|error| super::status::undecodable_record_status(stored.seq, &error))?;
     Ok(proto::EventEnvelope {
         seq: stored.seq,
         recorded_at: Some(to_proto::timestamp(stored.recorded_at)),

@@ -30,7 +30,7 @@ impl<T> Waiting<'_, T> {
         loop {
             tokio::select! {
                 () = self.shutdown.cancelled() => {
-                    let unavailable = tonic::Status::unavailable("the server is shutting down");
+                    let unavailable = super::status::store_status(&crate::store::StoreError::Closed);
                     let _ = self.sender.send(Err(unavailable)).await;
                     return false;
                 }
@@ -57,7 +57,7 @@ pub(crate) async fn read_for_stream<T: Send + 'static, R: Send + 'static>(
     let status = match tokio::task::spawn_blocking(read).await {
         Ok(Ok(value)) => return Some(value),
         Ok(Err(error)) => super::status::store_status(&error),
-        Err(error) => tonic::Status::internal(format!("log read failed: {error}")),
+        Err(error) => crate::service::ServiceError::TaskFailed(error.to_string()).into(),
     };
     let _ = sender.send(Err(status)).await;
     None

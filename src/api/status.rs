@@ -114,6 +114,13 @@ pub fn store_status(error: &StoreError) -> Status {
     }
 }
 
+/// The status of a stored record that does not decode as an `EventRecord` (the log is
+/// damaged there: VerifyLog names the range).
+pub fn undecodable_record_status(seq: u64, error: &prost::DecodeError) -> Status {
+    tracing::error!(seq, %error, "stored record does not decode");
+    Status::internal("a stored record does not decode; run VerifyLog")
+}
+
 impl From<Rejection> for Status {
     fn from(rejection: Rejection) -> Self {
         rejection_status(&rejection)

@@ -301,6 +301,26 @@ pub fn as_of_seq(seq: u64) -> Option<proto::AsOf> {
     })
 }
 
+/// The field a refusal names in its google.rpc details: a BadRequest field violation, or
+/// the subject of a PreconditionFailure or QuotaFailure violation.
+pub fn violated_field(status: &tonic::Status) -> Option<String> {
+    use tonic_types::StatusExt;
+    let details = status.get_error_details();
+    details
+        .bad_request()
+        .and_then(|b| b.field_violations.first().map(|v| v.field.clone()))
+        .or_else(|| {
+            details
+                .precondition_failure()
+                .and_then(|p| p.violations.first().map(|v| v.subject.clone()))
+        })
+        .or_else(|| {
+            details
+                .quota_failure()
+                .and_then(|q| q.violations.first().map(|v| v.subject.clone()))
+        })
+}
+
 /// The field named by the google.rpc.BadRequest detail of `status`, if any.
 pub fn bad_request_field(status: &tonic::Status) -> Option<String> {
     use tonic_types::StatusExt;
