@@ -38,7 +38,7 @@ fn request(first: u64, len: u64, run: u64) -> AppendRequest {
         events: (first..first + len)
             .map(|index| measurement(index, run))
             .collect(),
-        definitions_unchanged_since: None,
+        validation_unchanged_since: None,
     }
 }
 

@@ -71,7 +71,7 @@ fn fill(dir: &Path, n: u64, with_ids: bool, abort: bool) {
                         .collect();
                     log.append_blocking(AppendRequest {
                         events,
-                        definitions_unchanged_since: None,
+                        validation_unchanged_since: None,
                     })
                     .unwrap();
                     first += threads * BATCH;

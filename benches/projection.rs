@@ -137,7 +137,7 @@ fn restore(c: &mut Criterion) {
         events: vec![Event::KpiDefined {
             definition: definition("k", KpiKind::Sum),
         }],
-        definitions_unchanged_since: None,
+        validation_unchanged_since: None,
     })
     .unwrap();
     // Generated a million at a time: ten million events at once would hold gigabytes.
@@ -147,7 +147,7 @@ fn restore(c: &mut Criterion) {
         for chunk in measurements("k", count).chunks(10_000) {
             log.append_blocking(AppendRequest {
                 events: chunk.to_vec(),
-                definitions_unchanged_since: None,
+                validation_unchanged_since: None,
             })
             .unwrap();
         }

@@ -188,7 +188,7 @@ fn build(dir: &Path, events: u64) {
                 definition: definition(kpi),
             })
             .collect(),
-        definitions_unchanged_since: None,
+        validation_unchanged_since: None,
     })
     .unwrap();
     let ids: Vec<String> = (0..KPIS).map(kpi_id).collect();
@@ -202,7 +202,7 @@ fn build(dir: &Path, events: u64) {
             .collect();
         log.append_blocking(AppendRequest {
             events: batch,
-            definitions_unchanged_since: None,
+            validation_unchanged_since: None,
         })
         .unwrap();
         appended += count;

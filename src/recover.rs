@@ -131,7 +131,7 @@ pub fn recover(config: &Config, accept_other_history: bool) -> Result<Recovery, 
                 .collect();
             log.append_blocking(AppendRequest {
                 events,
-                definitions_unchanged_since: None,
+                validation_unchanged_since: None,
             })
             .map_err(|error| match error {
                 crate::store::AppendError::Store(store) => store,

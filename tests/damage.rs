@@ -267,7 +267,7 @@ async fn legacy_dir(dir: &Path, events: usize) -> (u64, Vec<PathBuf>) {
         let append = |events: Vec<Event>| {
             log.append_blocking(AppendRequest {
                 events,
-                definitions_unchanged_since: None,
+                validation_unchanged_since: None,
             })
             .expect("append")
         };

@@ -78,7 +78,7 @@ fn definition(index: usize, tz: Tz, kind: KpiKind) -> KpiDefinition {
 fn append(log: &EventLog, events: Vec<Event>) -> Vec<u64> {
     log.append_blocking(AppendRequest {
         events,
-        definitions_unchanged_since: None,
+        validation_unchanged_since: None,
     })
     .expect("append")
     .into_iter()

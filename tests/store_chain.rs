@@ -323,7 +323,7 @@ fn appends_after_close_are_refused() {
     let error = log
         .append_blocking(AppendRequest {
             events: vec![measurement("revenue_web_shop", 1.0, None)],
-            definitions_unchanged_since: None,
+            validation_unchanged_since: None,
         })
         .unwrap_err();
     assert!(

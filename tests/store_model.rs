@@ -64,7 +64,7 @@ enum EventSpec {
     /// A measurement of one of a few KPIs, with an id from a small pool (so retries
     /// happen) or none.
     Measurement { kpi: u8, value: i16, id: Option<u8> },
-    /// An event that changes definitions (moves the guard).
+    /// An event that affects validation (moves the guard).
     Retire { kpi: u8 },
 }
 
@@ -90,7 +90,8 @@ enum Guard {
     None,
     /// The current head: never refused, since appends here are one per group.
     Fresh,
-    /// This many seqs before the head: refused if a definition changed since.
+    /// This many seqs before the head: refused if an event that affects validation came
+    /// since.
     Stale(u8),
 }
 
@@ -139,8 +140,8 @@ fn op() -> impl Strategy<Value = Op> {
 struct Model {
     events: Vec<Event>,
     ids: HashMap<String, u64>,
-    /// Seq of the last definition change appended since the log was (re)opened.
-    last_definition_seq: u64,
+    /// Seq of the last event that affects validation appended since the log was (re)opened.
+    last_validation_change_seq: u64,
 }
 
 impl Model {
@@ -149,7 +150,7 @@ impl Model {
     }
 
     fn append(&mut self, events: &[Event], guard: Option<u64>) -> Result<Vec<Outcome>, ()> {
-        if guard.is_some_and(|since| self.last_definition_seq > since) {
+        if guard.is_some_and(|since| self.last_validation_change_seq > since) {
             return Err(());
         }
         let mut outcomes = Vec::new();
@@ -163,8 +164,8 @@ impl Model {
             if let Some(id) = event.event_id() {
                 self.ids.insert(id.to_owned(), seq);
             }
-            if event.changes_definitions() {
-                self.last_definition_seq = seq;
+            if event.affects_validation() {
+                self.last_validation_change_seq = seq;
             }
             outcomes.push(Outcome::Appended { seq });
         }
@@ -220,11 +221,11 @@ fn run_model(ops: Vec<Op>) {
                 let expected = model.append(&events, guard);
                 let actual = log.append_blocking(AppendRequest {
                     events,
-                    definitions_unchanged_since: guard,
+                    validation_unchanged_since: guard,
                 });
                 match (expected, actual) {
                     (Ok(expected), Ok(actual)) => assert_eq!(actual, expected),
-                    (Err(()), Err(AppendError::DefinitionsChanged { .. })) => {}
+                    (Err(()), Err(AppendError::ValidationStale { .. })) => {}
                     (expected, actual) => panic!("expected {expected:?}, got {actual:?}"),
                 }
             }
@@ -252,14 +253,14 @@ fn run_model(ops: Vec<Op>) {
                 log.close().unwrap();
                 log = open(dir.path());
                 assert_eq!(log.head(), head);
-                model.last_definition_seq = 0;
+                model.last_validation_change_seq = 0;
             }
             Op::DropAndReopen => {
                 let head = log.head();
                 drop(log);
                 log = open(dir.path());
                 assert_eq!(log.head(), head);
-                model.last_definition_seq = 0;
+                model.last_validation_change_seq = 0;
             }
         }
         assert_eq!(log.head().seq, model.head());
@@ -483,10 +484,10 @@ fn the_guard_refuses_requests_validated_before_a_definition_change() {
     );
     let stale = log.append_blocking(AppendRequest {
         events: vec![measurement("signups", 1.0, Some("late"))],
-        definitions_unchanged_since: Some(validated_at),
+        validation_unchanged_since: Some(validated_at),
     });
     assert!(
-        matches!(stale, Err(AppendError::DefinitionsChanged { .. })),
+        matches!(stale, Err(AppendError::ValidationStale { .. })),
         "{stale:?}"
     );
     assert_eq!(log.head().seq, 2, "nothing of a refused request is stored");
@@ -494,7 +495,7 @@ fn the_guard_refuses_requests_validated_before_a_definition_change() {
 
     let fresh = log.append_blocking(AppendRequest {
         events: vec![measurement("signups", 1.0, Some("late"))],
-        definitions_unchanged_since: Some(log.head().seq),
+        validation_unchanged_since: Some(log.head().seq),
     });
     assert_eq!(fresh.unwrap(), [Outcome::Appended { seq: 3 }]);
     log.close().unwrap();
@@ -577,7 +578,7 @@ fn async_appends_from_many_tasks_are_all_durable() {
                         .collect();
                     log.append(AppendRequest {
                         events,
-                        definitions_unchanged_since: None,
+                        validation_unchanged_since: None,
                     })
                     .await
                     .unwrap()

@@ -74,14 +74,15 @@ type WatchedRatio = (Arc<str>, Vec<String>);
 struct WatchedRatios {
     /// Operand KPI id -> (ratio KPI id, the ratio's dimensions).
     by_operand: HashMap<String, Vec<WatchedRatio>>,
-    /// The catalog's last definition change when this was built.
+    /// The catalog's last event that affects validation when this was built.
     built_at: Option<u64>,
 }
 
 impl WatchedRatios {
-    /// Builds the index again when definitions changed since it was built.
-    fn refresh(&mut self, filter: &WatchFilter, aggregates: &Aggregates, definitions_seq: u64) {
-        if self.built_at == Some(definitions_seq) {
+    /// Builds the index again when the catalog may have changed since it was built (an
+    /// event that affects validation came after).
+    fn refresh(&mut self, filter: &WatchFilter, aggregates: &Aggregates, catalog_changed_at: u64) {
+        if self.built_at == Some(catalog_changed_at) {
             return;
         }
         self.by_operand.clear();
@@ -97,7 +98,7 @@ impl WatchedRatios {
                     .push(watched.clone());
             }
         }
-        self.built_at = Some(definitions_seq);
+        self.built_at = Some(catalog_changed_at);
     }
 
     /// The watched ratios over `operand`.
@@ -312,10 +313,10 @@ impl Watcher {
         let from = self.next;
         let mut touches = Vec::new();
         {
-            let definitions_seq = self.service.catalog().read().last_definition_seq();
+            let catalog_changed_at = self.service.catalog().read().last_validation_change_seq();
             let aggregates = self.service.aggregates().read();
             self.ratios
-                .refresh(&self.filter, &aggregates, definitions_seq);
+                .refresh(&self.filter, &aggregates, catalog_changed_at);
         }
         let (filter, ratios) = (&self.filter, &self.ratios);
         let in_window = self.service.live().touches(

@@ -66,8 +66,9 @@ pub struct UpdateRules<'a> {
 pub struct Catalog {
     kpis: BTreeMap<String, KpiEntry>,
     targets: BTreeMap<String, TargetEntry>,
-    /// Seq of the latest definition-changing event folded in; see `Event::changes_definitions`.
-    last_definition_seq: u64,
+    /// Seq of the latest event folded in that affects validation (every event but a
+    /// measurement); see `Event::affects_validation`.
+    last_validation_change_seq: u64,
     /// Seq of the latest event folded in (of any kind).
     seq: u64,
 }
@@ -76,8 +77,8 @@ impl Catalog {
     /// Folds one committed event into the catalog. Measurement events change nothing here.
     pub fn apply(&mut self, seq: u64, recorded_at: DateTime<Utc>, event: &Event) {
         self.seq = self.seq.max(seq);
-        if event.changes_definitions() {
-            self.last_definition_seq = seq;
+        if event.affects_validation() {
+            self.last_validation_change_seq = seq;
         }
         match event {
             Event::KpiDefined { definition } => {
@@ -140,15 +141,15 @@ impl Catalog {
     }
 
     /// Notes that every event up to `seq` is folded in (the ones after the last
-    /// definition change are measurements, which change nothing here).
+    /// event that affects validation are measurements, which change nothing here).
     pub fn advance_to(&mut self, seq: u64) {
         self.seq = self.seq.max(seq);
     }
 
-    /// Seq of the latest definition-changing event folded in. A write validated against
-    /// this catalog is stored only if no such event was appended after it.
-    pub fn last_definition_seq(&self) -> u64 {
-        self.last_definition_seq
+    /// Seq of the latest event folded in that affects validation. A write validated
+    /// against this catalog is stored only if no such event was appended after it.
+    pub fn last_validation_change_seq(&self) -> u64 {
+        self.last_validation_change_seq
     }
 
     /// One KPI, retired or not.
@@ -577,7 +578,7 @@ mod tests {
 
     fn commit(catalog: &mut Catalog, decide: impl FnOnce(&Catalog) -> Result<Event, Rejection>) {
         let event = decide(catalog).expect("accepted");
-        let seq = catalog.last_definition_seq() + 1;
+        let seq = catalog.last_validation_change_seq() + 1;
         catalog.apply(seq, DateTime::UNIX_EPOCH, &event);
     }
 

@@ -64,11 +64,12 @@ pub enum Event {
 }
 
 impl Event {
-    /// Whether the event changes definitions (KPIs or targets) that later commands are
-    /// validated against. Appends of measurements are guarded by the count of such events,
-    /// so a measurement is never stored against a definition that changed after it was
-    /// validated.
-    pub fn changes_definitions(&self) -> bool {
+    /// Whether the event changes what later commands are validated against: every event
+    /// but a measurement (KPI and target definitions, retirements, and retractions, which
+    /// a later retraction of the same measurement is checked against). Appends are guarded
+    /// by the seq of the latest such event, so nothing is stored against a state that
+    /// changed after it was validated.
+    pub fn affects_validation(&self) -> bool {
         !matches!(self, Self::MeasurementRecorded(_))
     }
 

@@ -37,7 +37,7 @@ impl CommitListener for CatalogView {
             .write()
             .unwrap_or_else(std::sync::PoisonError::into_inner);
         for committed in events {
-            if committed.event.changes_definitions() {
+            if committed.event.affects_validation() {
                 catalog.apply(committed.seq, committed.recorded_at, committed.event);
             }
         }

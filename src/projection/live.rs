@@ -1,4 +1,4 @@
-//! Live fan-out, moved by the log's committer after each flush:
+//! Live fan-out, moved by the log's publisher after each durable group:
 //! - the durable head seq as a `tokio::sync::watch` value; followers wait on it and then
 //!   read the new events, so a slow follower never makes the writer buffer anything, and
 //!   catching up after a lag is the same code as following live (no gap, no duplicate);

@@ -1,6 +1,6 @@
 //! Read models folded from the log: rebuilt from it on start, then kept current by the
-//! writer's commit notifications (after the flush, before the acknowledgement, so a client
-//! reads its own writes).
+//! log's publisher, which hands them each durable group (after the flush, before the
+//! acknowledgement, so a client reads its own writes).
 
 pub mod aggregates;
 pub mod analysis;
@@ -198,7 +198,7 @@ impl ReadModels {
         min_free: u64,
     ) -> Result<u64, SnapshotError> {
         let (catalog, aggregates) = loop {
-            // The writer updates the catalog, then the aggregates, for each group: read
+            // The publisher updates the catalog, then the aggregates, for each group: read
             // both when they cover the same seq.
             let catalog = self.catalog.read();
             let aggregates = self.aggregates.read();

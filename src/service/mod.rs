@@ -121,8 +121,8 @@ pub enum TargetSelector {
     Kpi(String),
 }
 
-/// Aggregates to answer from.
-enum Models {
+/// Aggregates to answer from: the live read model, or a fold as of a point of the log.
+enum AggregatesAt {
     /// The live projection.
     Current(Arc<AggregateView>),
     /// A fold of the log up to an as-of point.
@@ -466,15 +466,15 @@ impl KpiService {
                             .map_err(|r| r.within(&format!("measurements[{i}]")))?;
                     }
                 }
-                catalog.last_definition_seq()
+                catalog.last_validation_change_seq()
             };
             let request = AppendRequest {
                 events,
-                definitions_unchanged_since: Some(guard),
+                validation_unchanged_since: Some(guard),
             };
             match self.log.append(request).await {
                 Ok(outcomes) => return Ok(outcomes.into_iter().map(recorded).collect()),
-                Err(AppendError::DefinitionsChanged { events: returned }) => events = returned,
+                Err(AppendError::ValidationStale { events: returned }) => events = returned,
                 Err(AppendError::Store(e)) => return Err(e.into()),
             }
         }
@@ -560,11 +560,11 @@ impl KpiService {
         crate::domain::kpi::validate_slug(&query.kpi_id, "kpi_id")?;
         let grain = query.grain;
         let (_, aggregates) = self
-            .models_at(as_of, &query.kpi_id, move |_| Grains::only([grain]))
+            .catalog_and_aggregates_at(as_of, &query.kpi_id, move |_| Grains::only([grain]))
             .await?;
         Ok(blocking(move || match aggregates {
-            Models::Current(view) => analysis::trend(&view.read(), &query),
-            Models::Past(past) => analysis::trend(&past, &query),
+            AggregatesAt::Current(view) => analysis::trend(&view.read(), &query),
+            AggregatesAt::Past(past) => analysis::trend(&past, &query),
         })
         .await??)
     }
@@ -617,7 +617,9 @@ impl KpiService {
                 Grains::only(grains)
             }
         };
-        let (catalog, aggregates) = self.models_at(as_of, &kpi_id, grains).await?;
+        let (catalog, aggregates) = self
+            .catalog_and_aggregates_at(as_of, &kpi_id, grains)
+            .await?;
         let answer = blocking(move || {
             if catalog.get(&kpi_id).is_none() {
                 return Err(Rejection::not_found("kpi_id", format!("kpi '{kpi_id}'")));
@@ -633,8 +635,8 @@ impl KpiService {
                     .collect::<Result<Vec<_>, _>>()
             };
             match aggregates {
-                Models::Current(view) => judge(&view.read()),
-                Models::Past(past) => judge(&past),
+                AggregatesAt::Current(view) => judge(&view.read()),
+                AggregatesAt::Past(past) => judge(&past),
             }
         })
         .await??;
@@ -644,12 +646,12 @@ impl KpiService {
     /// The catalog and aggregates to answer from: the current ones, or folds of the log up
     /// to the as-of point for `kpi_id` (and a ratio's operands) in the grains `grains`
     /// picks from the catalog as of that point.
-    async fn models_at(
+    async fn catalog_and_aggregates_at(
         &self,
         as_of: Option<AsOf>,
         kpi_id: &str,
         grains: impl FnOnce(&Catalog) -> Grains + Send + 'static,
-    ) -> Result<(Catalog, Models), ServiceError> {
+    ) -> Result<(Catalog, AggregatesAt), ServiceError> {
         match self.resolve_as_of(as_of).await? {
             Some(seq) => {
                 let kpi_ids = self.with_operands(kpi_id);
@@ -662,11 +664,11 @@ impl KpiService {
                     Ok::<_, StoreError>((catalog, past))
                 })
                 .await??;
-                Ok((catalog, Models::Past(Box::new(past))))
+                Ok((catalog, AggregatesAt::Past(Box::new(past))))
             }
             None => Ok((
                 self.catalog.read().clone(),
-                Models::Current(self.aggregates.clone()),
+                AggregatesAt::Current(self.aggregates.clone()),
             )),
         }
     }
@@ -722,7 +724,7 @@ impl KpiService {
     }
 
     /// Appends the one event `decide` derives from the current catalog, re-deciding when
-    /// another definition change got in first.
+    /// another event that affects validation got in first.
     async fn change_definitions(
         &self,
         decide: impl Fn(&Catalog) -> Result<Event, Rejection>,
@@ -730,17 +732,17 @@ impl KpiService {
         for _ in 0..MAX_VALIDATION_ATTEMPTS {
             let (event, guard) = {
                 let catalog = self.catalog.read();
-                (decide(&catalog)?, catalog.last_definition_seq())
+                (decide(&catalog)?, catalog.last_validation_change_seq())
             };
             let request = AppendRequest {
                 events: vec![event],
-                definitions_unchanged_since: Some(guard),
+                validation_unchanged_since: Some(guard),
             };
             match self.log.append(request).await {
                 Ok(outcomes) => {
                     return Ok(outcomes.first().map_or(0, |o| recorded(*o).seq));
                 }
-                Err(AppendError::DefinitionsChanged { .. }) => {}
+                Err(AppendError::ValidationStale { .. }) => {}
                 Err(AppendError::Store(e)) => return Err(e.into()),
             }
         }

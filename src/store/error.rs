@@ -110,11 +110,12 @@ pub enum StoreError {
 /// Why an append was refused or failed. Duplicates are not errors: they are outcomes.
 #[derive(Debug, thiserror::Error)]
 pub enum AppendError {
-    /// An event that changes definitions was appended after the seq the request was
-    /// validated at (`AppendRequest::definitions_unchanged_since`); nothing of the request
-    /// is stored. Validate again against the current catalog and retry.
-    #[error("kpi or target definitions changed after the request was validated")]
-    DefinitionsChanged {
+    /// An event that affects validation (a definition, target, retirement or retraction)
+    /// was appended after the seq the request was validated at
+    /// (`AppendRequest::validation_unchanged_since`); nothing of the request is stored.
+    /// Validate again against the current state and retry.
+    #[error("a definition, target or retraction was stored after the request was validated")]
+    ValidationStale {
         /// The request's events, handed back so the caller can validate them again
         /// without having kept a copy.
         events: Vec<crate::domain::Event>,

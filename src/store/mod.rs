@@ -24,7 +24,7 @@
 //!
 //! Callers encode their records' payloads and hash their event ids on their own threads,
 //! then queue an [`AppendRequest`]. The *writer* thread takes every request queued at
-//! that moment (a *group*), decides each in order (definitions guard, duplicates, seqs),
+//! that moment (a *group*), decides each in order (validation guard, duplicates, seqs),
 //! builds the group's segments (hashing the chain) and writes them in one atomic sled
 //! batch, then hands the group to the *flusher* thread and goes on with the next group.
 //! The flusher takes every group handed to it and calls sled's `flush` once for all of
@@ -67,7 +67,7 @@
 //!
 //! Architecture invariant: this module knows the stored protobuf records but no tonic and
 //! no service logic; validation against the catalog happens before `append`, guarded by
-//! `definitions_unchanged_since`.
+//! `validation_unchanged_since`.
 
 mod chain;
 mod checkpoint;
@@ -215,11 +215,12 @@ pub struct AppendRequest {
     /// dedup window (or earlier in this request or group) are not appended again.
     pub events: Vec<Event>,
     /// Optimistic concurrency for validation done outside the writer: the head seq (or
-    /// any seq) at which the caller read the definitions it validated against. If the
-    /// writer has appended, since it opened, an event that changes definitions at a
-    /// higher seq, the request is refused with [`AppendError::DefinitionsChanged`].
+    /// any seq) at which the caller read the state it validated against. If the writer
+    /// has appended, since it opened, an event that affects validation (any but a
+    /// measurement, `Event::affects_validation`) at a higher seq, the request is refused
+    /// with [`AppendError::ValidationStale`].
     /// `None` appends unconditionally.
-    pub definitions_unchanged_since: Option<u64>,
+    pub validation_unchanged_since: Option<u64>,
 }
 
 /// What happened to one event of a request.
@@ -540,7 +541,7 @@ impl EventLog {
     pub async fn append(&self, request: AppendRequest) -> Result<Vec<Outcome>, AppendError> {
         let AppendRequest {
             events,
-            definitions_unchanged_since: guard,
+            validation_unchanged_since: guard,
         } = request;
         let hasher = self.inner.shared.id_hasher.clone();
         let (events, prepared) = match tokio::runtime::Handle::try_current() {
@@ -580,7 +581,7 @@ impl EventLog {
         let request = WriteRequest {
             events: request.events,
             prepared,
-            guard: request.definitions_unchanged_since,
+            guard: request.validation_unchanged_since,
             reply,
         };
         sender
@@ -964,9 +965,7 @@ fn finish(reply: Reply) -> Result<Vec<Outcome>, AppendError> {
     } = reply;
     drop(prepared);
     match result {
-        Err(AppendError::DefinitionsChanged { .. }) => {
-            Err(AppendError::DefinitionsChanged { events })
-        }
+        Err(AppendError::ValidationStale { .. }) => Err(AppendError::ValidationStale { events }),
         other => other,
     }
 }

@@ -1,8 +1,8 @@
-//! The single writer: grouping of queued requests, the definitions guard, deduplication,
+//! The single writer: grouping of queued requests, the validation guard, deduplication,
 //! seq assignment and segment building, and the preparation callers do for it.
 //!
 //! One thread owns everything that decides what the log contains (head seq and hash, the
-//! last definition change), so none of it needs a lock. It writes each group to sled and
+//! seq of the last event that affects validation), so none of it needs a lock. It writes each group to sled and
 //! hands it to the committer (`commit.rs`), which flushes and answers; meanwhile it
 //! decides the next group, so building a group overlaps the fsync of the one before.
 
@@ -45,7 +45,7 @@ pub struct WriteRequest {
     pub events: Vec<Event>,
     /// Their encoded payloads and id keys.
     pub prepared: PreparedEvents,
-    /// `AppendRequest::definitions_unchanged_since`.
+    /// `AppendRequest::validation_unchanged_since`.
     pub guard: Option<u64>,
     /// Where the answer goes, after the group's flush.
     pub reply: oneshot::Sender<Reply>,
@@ -120,9 +120,9 @@ pub struct Writer {
     legacy_layout: bool,
     /// The head after the last group handed to the committer (not yet durable, maybe).
     head: LogHead,
-    /// Seq of the last event that changes definitions, appended since open (durable or
+    /// Seq of the last event that affects validation, appended since open (durable or
     /// on its way); 0 before any.
-    last_definition_seq: u64,
+    last_validation_change_seq: u64,
     committer: std::sync::mpsc::SyncSender<Applied>,
     /// Frozen parts of the dedup index, for the spill thread.
     spills: std::sync::mpsc::Sender<SpillJob>,
@@ -130,7 +130,7 @@ pub struct Writer {
 
 /// What the writer decided for one request of a group.
 pub enum Decision {
-    /// The definitions guard failed: nothing of the request is appended.
+    /// The validation guard failed: nothing of the request is appended.
     Refused,
     /// One outcome per event.
     Outcomes(Vec<Outcome>),
@@ -172,7 +172,7 @@ impl Writer {
             space: settings.space,
             legacy_layout: settings.legacy_layout,
             head,
-            last_definition_seq: 0,
+            last_validation_change_seq: 0,
             committer,
             spills,
         }
@@ -236,7 +236,8 @@ impl Writer {
         let now = (self.clock)();
         let recorded_at = self.head.recorded_at.map_or(now, |last| now.max(last));
         let first_seq = self.head.seq + 1;
-        let (decisions, appended, last_definition_seq) = self.decide(&mut group, recorded_at);
+        let (decisions, appended, last_validation_change_seq) =
+            self.decide(&mut group, recorded_at);
 
         let mut segments = 0;
         if !appended.is_empty() {
@@ -259,7 +260,7 @@ impl Writer {
                 hash: head_hash,
                 recorded_at: Some(recorded_at),
             };
-            self.last_definition_seq = last_definition_seq;
+            self.last_validation_change_seq = last_validation_change_seq;
             // The group is in sled: a frozen part up to its head can go to a run file.
             let mut dedup = lock(&self.shared.dedup);
             dedup.note_appended(widen(appended.len()));
@@ -291,7 +292,7 @@ impl Writer {
     /// gets the next seq. New ids go into the shared index right away, so later groups
     /// see them; readers only trust entries up to the committed head. Returns the
     /// decisions, the (request, event) indexes to append in seq order, and the last
-    /// definition seq after the group.
+    /// seq of an event that affects validation after the group.
     fn decide(
         &self,
         group: &mut [WriteRequest],
@@ -300,13 +301,13 @@ impl Writer {
         let mut dedup = lock(&self.shared.dedup);
         dedup.expire(recorded_at);
         let mut next_seq = self.head.seq + 1;
-        let mut last_definition_seq = self.last_definition_seq;
+        let mut last_validation_change_seq = self.last_validation_change_seq;
         let mut appended = Vec::new();
         let mut decisions = Vec::with_capacity(group.len());
         for (index, request) in group.iter_mut().enumerate() {
             if request
                 .guard
-                .is_some_and(|since| last_definition_seq > since)
+                .is_some_and(|since| last_validation_change_seq > since)
             {
                 decisions.push(Decision::Refused);
                 continue;
@@ -325,8 +326,8 @@ impl Writer {
                     }
                     dedup.insert(key, next_seq, recorded_at);
                 }
-                if event.changes_definitions() {
-                    last_definition_seq = next_seq;
+                if event.affects_validation() {
+                    last_validation_change_seq = next_seq;
                 }
                 outcomes.push(Outcome::Appended { seq: next_seq });
                 appended.push((index, event_index));
@@ -334,7 +335,7 @@ impl Writer {
             }
             decisions.push(Decision::Outcomes(outcomes));
         }
-        (decisions, appended, last_definition_seq)
+        (decisions, appended, last_validation_change_seq)
     }
 
     /// Builds the segments of the appended events into one sled batch; returns it, the
@@ -399,7 +400,7 @@ pub fn answer(group: Vec<WriteRequest>, decisions: Vec<Decision>) {
     for (request, decision) in group.into_iter().zip(decisions) {
         let result = match decision {
             // The events travel back in the reply's `spent`; `finish` puts them in here.
-            Decision::Refused => Err(AppendError::DefinitionsChanged { events: Vec::new() }),
+            Decision::Refused => Err(AppendError::ValidationStale { events: Vec::new() }),
             Decision::Outcomes(outcomes) => Ok(outcomes),
         };
         request.answer(result);

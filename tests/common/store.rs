@@ -27,7 +27,7 @@ pub fn measurement_at(
 pub fn append(log: &EventLog, events: Vec<Event>) -> Vec<Outcome> {
     log.append_blocking(AppendRequest {
         events,
-        definitions_unchanged_since: None,
+        validation_unchanged_since: None,
     })
     .unwrap()
 }
