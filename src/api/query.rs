@@ -76,7 +76,7 @@ fn aggregate_query(
     Ok((query, as_of(request.as_of)?))
 }
 
-/// An interval of a bucket detail.
+/// An interval of a bucket detail or a forecast.
 fn interval(interval: &aggregate::Interval) -> proto::Interval {
     proto::Interval {
         lower: interval.lower,
@@ -170,15 +170,6 @@ fn trend_query(request: proto::GetTrendRequest) -> Result<(TrendQuery, Option<As
     Ok((query, as_of(request.as_of)?))
 }
 
-/// An interval of the trend module.
-fn prediction_interval(interval: &trend::Interval) -> proto::Interval {
-    proto::Interval {
-        lower: interval.lower,
-        upper: interval.upper,
-        level: interval.level,
-    }
-}
-
 /// The GetTrend response of an answer.
 fn trend_response(answer: &TrendAnswer) -> proto::GetTrendResponse {
     let report = &answer.report;
@@ -202,7 +193,7 @@ fn trend_response(answer: &TrendAnswer) -> proto::GetTrendResponse {
                 start: Some(to_proto::timestamp(at.start)),
                 end: Some(to_proto::timestamp(at.end)),
                 value: prediction.value,
-                interval: prediction.interval.as_ref().map(prediction_interval),
+                interval: prediction.interval.as_ref().map(interval),
             })
             .collect(),
     }

@@ -47,16 +47,7 @@ fn finite(value: f64) -> Option<f64> {
     value.is_finite().then_some(value)
 }
 
-/// A two-sided interval around an estimate.
-#[derive(Debug, Clone, Copy, PartialEq)]
-pub struct Interval {
-    /// Lower bound.
-    pub lower: f64,
-    /// Upper bound.
-    pub upper: f64,
-    /// Coverage, such as 0.95.
-    pub level: f64,
-}
+pub use super::aggregate::Interval;
 
 impl Interval {
     /// `center ± half_width` at [`PREDICTION_LEVEL`]; absent when a bound overflows.

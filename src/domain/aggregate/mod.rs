@@ -529,14 +529,15 @@ pub enum Detail {
     Last(LastDetail),
 }
 
-/// A two-sided interval around an estimate.
+/// A two-sided interval around an estimate: a mean's confidence interval, a forecast's
+/// prediction interval.
 #[derive(Debug, Clone, Copy, PartialEq)]
 pub struct Interval {
     /// Lower bound.
     pub lower: f64,
     /// Upper bound.
     pub upper: f64,
-    /// Confidence level, 0.95.
+    /// Coverage, such as 0.95.
     pub level: f64,
 }
 
