@@ -19,8 +19,6 @@
 //! [`run`] is the entry point: it takes a bound listener and a shutdown future, so tests
 //! start the real server on port 0 and stop it cleanly.
 
-#![warn(missing_docs)]
-
 pub mod api;
 pub mod config;
 pub mod domain;

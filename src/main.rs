@@ -32,6 +32,7 @@ const MI_OPTION_GENERIC_COLLECT: libmimalloc_sys::mi_option_t = 34;
 /// burst of allocations came before the last one's memory was returned. And collects
 /// every 1,000 slow allocations instead of 10,000: an 8 M ingest ended 20 MiB smaller, at
 /// the same rate (BENCHMARKS.md).
+#[allow(unsafe_code)]
 fn return_freed_memory_soon() {
     // SAFETY: mi_option_set only stores the value in mimalloc's option table (an atomic
     // store); mimalloc reads these options each time it purges or collects.
