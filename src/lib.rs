@@ -1,8 +1,9 @@
 //! kpi-service: an embedded-friendly gRPC microservice that tracks Key Performance
 //! Indicators with event sourcing.
 //!
-//! Every change is an immutable event in a hash-chained sled log; the catalog and (later)
-//! aggregates, trends and target status are projections folded from that log.
+//! Every change is an immutable event in a hash-chained sled log; the catalog, aggregates,
+//! trends and target status are projections folded from that log. The load generator,
+//! `kpi-load`, is a crate of its own (`crates/kpi-load`).
 //!
 //! # Layout
 //! - [`domain`]: pure KPI logic (definitions, measurements, events, catalog decisions).
@@ -13,8 +14,6 @@
 //! - [`proto`]: the generated kpi.v1 code and its conversions to and from `domain`.
 //! - [`config`]: flags and environment.
 //! - [`recover`]: `kpi-server recover`, the operator's repair of a log that lost events.
-//! - [`workload`]: the seeded, reproducible workload of the benchmarks and `kpi-load`.
-//! - [`load`]: the `kpi-load` scenarios, a gRPC *client* of a running server.
 //!
 //! [`run`] is the entry point: it takes a bound listener and a shutdown future, so tests
 //! start the real server on port 0 and stop it cleanly.
@@ -22,13 +21,11 @@
 pub mod api;
 pub mod config;
 pub mod domain;
-pub mod load;
 pub mod projection;
 pub mod proto;
 pub mod recover;
 pub mod service;
 pub mod store;
-pub mod workload;
 
 use std::future::Future;
 use std::time::{Duration, Instant};

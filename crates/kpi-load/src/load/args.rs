@@ -2,8 +2,8 @@
 
 use chrono::{DateTime, TimeDelta, Utc};
 
-use crate::domain::Grain;
 use crate::workload::{self, WorkloadConfig};
+use kpi_service::domain::Grain;
 
 /// The flags that choose the workload (the same on every command, so `generate`, `setup`,
 /// `ingest` and `query` agree on the data when given the same values).

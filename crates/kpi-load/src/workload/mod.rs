@@ -21,7 +21,7 @@ use chrono::{DateTime, DurationRound, TimeDelta, Utc};
 use rand::{RngExt, SeedableRng};
 use rand_pcg::Pcg64Mcg;
 
-use crate::proto::{self, to_proto};
+use kpi_service::proto::{self, to_proto};
 
 pub use kpis::{KpiRole, WorkloadKpi};
 

@@ -6,8 +6,8 @@ use std::collections::{BTreeMap, HashMap};
 use chrono::{TimeDelta, TimeZone, Utc};
 
 use super::*;
-use crate::domain::measurement::TimeRules;
-use crate::proto::from_proto;
+use kpi_service::domain::measurement::TimeRules;
+use kpi_service::proto::from_proto;
 
 fn end() -> DateTime<Utc> {
     Utc.with_ymd_and_hms(2026, 3, 1, 12, 0, 0).unwrap()
@@ -101,9 +101,11 @@ fn definitions_and_measurements_are_valid_for_their_kinds() {
         assert!(measurement.occurred_at >= workload.start());
         assert!(event_ids.insert(measurement.event_id.clone().unwrap()));
         match definition.kind {
-            crate::domain::KpiKind::Distinct => assert!(measurement.subject.is_some()),
-            crate::domain::KpiKind::Sum => assert!((5.0..1000.0).contains(&measurement.value)),
-            crate::domain::KpiKind::Percentile => {
+            kpi_service::domain::KpiKind::Distinct => assert!(measurement.subject.is_some()),
+            kpi_service::domain::KpiKind::Sum => {
+                assert!((5.0..1000.0).contains(&measurement.value))
+            }
+            kpi_service::domain::KpiKind::Percentile => {
                 assert!((60.0..=172_800.0).contains(&measurement.value));
             }
             _ => {}

@@ -1,7 +1,7 @@
 //! The workload's KPIs: the source article's eight, as one numbered set
 //! (`revenue_001`, `new_customers_001`, ...), repeated and cut to the requested number.
 
-use crate::proto::{self, KpiKind};
+use kpi_service::proto::{self, KpiKind};
 
 use super::CHANNEL;
 

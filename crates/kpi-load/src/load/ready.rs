@@ -17,9 +17,9 @@ use serde_json::Value;
 
 use super::query::count_buckets;
 use super::{AggregateQuestion, Latencies, LoadError, Report, connect};
-use crate::proto::query_client::QueryClient;
-use crate::proto::{GetAggregatesRequest, to_proto};
 use crate::workload::Workload;
+use kpi_service::proto::query_client::QueryClient;
+use kpi_service::proto::{GetAggregatesRequest, to_proto};
 
 /// Pause between attempts: short beside a restart (tens of milliseconds and up), long
 /// enough not to busy-loop against a port that is not bound yet.

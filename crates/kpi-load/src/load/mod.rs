@@ -31,9 +31,9 @@ use std::time::Duration;
 use indicatif::{ProgressBar, ProgressDrawTarget, ProgressStyle};
 use tonic::transport::{Channel, Endpoint};
 
-use crate::proto::kpi_catalog_client::KpiCatalogClient;
-use crate::proto::{self, KpiDefinition};
 use crate::workload::{Workload, WorkloadError};
+use kpi_service::proto::kpi_catalog_client::KpiCatalogClient;
+use kpi_service::proto::{self, KpiDefinition};
 
 pub use args::{GrainArg, WorkloadArgs};
 pub use generate::generate;

@@ -1,18 +1,18 @@
 //! `kpi-load`: drives a running kpi-server over gRPC with a reproducible workload and
 //! reports throughput and latency (a table on stdout, then one JSON object per line); its
 //! `sled` scenario writes the same workload into raw sled instead, as a baseline.
-//! The scenarios live in `kpi_service::load`; this file parses flags and prints.
+//! The scenarios live in `kpi_load::load`; this file parses flags and prints.
 
 use std::path::PathBuf;
 use std::process::ExitCode;
 use std::sync::Arc;
 
 use clap::{Parser, Subcommand};
-use kpi_service::load::{
+use kpi_load::load::{
     self, IngestOptions, LoadError, QueryOptions, RawSledOptions, ReadyOptions, RecordOptions,
     Report, WatchOptions, WorkloadArgs,
 };
-use kpi_service::workload::Workload;
+use kpi_load::workload::Workload;
 
 /// Load generator for kpi-server: defines the article's KPIs, streams seeded measurements,
 /// and measures ingest, unary record, query and live-watch performance over gRPC; `sled`

@@ -21,13 +21,13 @@ use serde_json::Value;
 use tonic::transport::Channel;
 
 use super::{GrainArg, Latencies, LoadError, Report, connect, connect_many};
-use crate::domain::calendar::{bucket_of, previous_bucket};
-use crate::domain::{Grain, kpi::parse_timezone};
-use crate::proto::audit_client::AuditClient;
-use crate::proto::kpi_catalog_client::KpiCatalogClient;
-use crate::proto::query_client::QueryClient;
-use crate::proto::{self, GetAggregatesRequest, GetTrendRequest, to_proto};
 use crate::workload::Workload;
+use kpi_service::domain::calendar::{bucket_of, previous_bucket};
+use kpi_service::domain::{Grain, kpi::parse_timezone};
+use kpi_service::proto::audit_client::AuditClient;
+use kpi_service::proto::kpi_catalog_client::KpiCatalogClient;
+use kpi_service::proto::query_client::QueryClient;
+use kpi_service::proto::{self, GetAggregatesRequest, GetTrendRequest, to_proto};
 
 /// The question of the query scenarios (GetAggregates and the raw-sled scan): the latest
 /// buckets of one KPI up to the workload's end, or up to some buckets before it.

@@ -9,7 +9,7 @@ use rand_pcg::Pcg64Mcg;
 
 use super::kpis::{KpiRole, WorkloadKpi};
 use super::{CHANNEL, CHANNELS};
-use crate::proto::{self, to_proto};
+use kpi_service::proto::{self, to_proto};
 
 /// Distinct visitors per set of KPIs: enough for a full HyperLogLog, few enough that
 /// visitors come back.

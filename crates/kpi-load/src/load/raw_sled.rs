@@ -43,11 +43,11 @@ use serde_json::Value;
 
 use super::query::AggregateQuestion;
 use super::{Latencies, LoadError, Report};
-use crate::domain::Grain;
-use crate::domain::calendar::{BucketKey, Calendar};
-use crate::domain::kpi::parse_timezone;
-use crate::proto::{self, from_proto};
 use crate::workload::Workload;
+use kpi_service::domain::Grain;
+use kpi_service::domain::calendar::{BucketKey, Calendar};
+use kpi_service::domain::kpi::parse_timezone;
+use kpi_service::proto::{self, from_proto};
 
 /// The tree the measurements go into (a named tree rather than sled's default one, so the
 /// database says what it holds).

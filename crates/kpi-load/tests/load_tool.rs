@@ -1,6 +1,7 @@
 //! The `kpi-load` scenarios through their library entry points against the real server:
 //! small sizes, real outcomes (what the server stored, what the watchers saw).
 
+#[path = "../../../tests/common/mod.rs"]
 mod common;
 
 use std::sync::Arc;
@@ -8,12 +9,12 @@ use std::sync::Arc;
 use chrono::{DurationRound, TimeDelta, Utc};
 use common::TestServer;
 use indicatif::ProgressBar;
-use kpi_service::load::{
+use kpi_load::load::{
     self, AggregateQuestion, GrainArg, IngestOptions, LoadError, QueryOptions, RawSledOptions,
     ReadyOptions, RecordOptions, WatchOptions,
 };
+use kpi_load::workload::{Workload, WorkloadConfig};
 use kpi_service::proto;
-use kpi_service::workload::{Workload, WorkloadConfig};
 
 fn workload(measurements: u64) -> Arc<Workload> {
     let end = Utc::now().duration_trunc(TimeDelta::hours(1)).unwrap();
@@ -242,8 +243,8 @@ async fn raw_sled_agrees_with_the_server(server: &TestServer, workload: &Arc<Wor
     let request = proto::GetAggregatesRequest {
         kpi_id: "revenue_001".into(),
         grain: proto::Grain::Month.into(),
-        start: Some(kpi_service::workload::timestamp(parse("range_start"))),
-        end: Some(kpi_service::workload::timestamp(parse("range_end"))),
+        start: Some(kpi_load::workload::timestamp(parse("range_start"))),
+        end: Some(kpi_load::workload::timestamp(parse("range_end"))),
         fill: proto::Fill::None.into(),
         ..proto::GetAggregatesRequest::default()
     };
@@ -376,10 +377,10 @@ async fn every_aggregate(server: &TestServer, workload: &Workload) -> Vec<proto:
         let request = proto::GetAggregatesRequest {
             kpi_id: kpi.id.clone(),
             grain: proto::Grain::Month.into(),
-            start: Some(kpi_service::workload::timestamp(
+            start: Some(kpi_load::workload::timestamp(
                 workload.start() - TimeDelta::days(62),
             )),
-            end: Some(kpi_service::workload::timestamp(workload.end())),
+            end: Some(kpi_load::workload::timestamp(workload.end())),
             group_by: vec!["channel".into()],
             ..proto::GetAggregatesRequest::default()
         };

@@ -1,13 +1,13 @@
 //! What the aggregate read model holds, per grain, as the kpi-load workload grows: buckets
 //! and bytes (entries plus their states' heap), every fifth of the stream.
 //!
-//! Run with `cargo bench --bench footprint -- MEASUREMENTS KPIS` (default 10,000,000 and
+//! Run with `cargo bench -p kpi-load --bench footprint -- MEASUREMENTS KPIS` (default 10,000,000 and
 //! 1000); no server, the workload folded straight into `Aggregates`.
 
+use kpi_load::workload::{Workload, WorkloadConfig, default_end};
 use kpi_service::domain::{Event, Grain};
 use kpi_service::projection::Aggregates;
 use kpi_service::proto::from_proto;
-use kpi_service::workload::{Workload, WorkloadConfig, default_end};
 
 fn main() {
     let mut args = std::env::args().skip(1).filter(|a| !a.starts_with('-'));

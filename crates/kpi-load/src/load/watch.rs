@@ -28,11 +28,11 @@ use tokio_util::sync::CancellationToken;
 use tonic::transport::Channel;
 
 use super::{Latencies, LoadError, Report, connect, connect_many, setup};
-use crate::proto::ingest_client::IngestClient;
-use crate::proto::query_client::QueryClient;
-use crate::proto::watch_kpis_response::Item;
-use crate::proto::{self, RecordRequest, WatchKpisRequest};
 use crate::workload::{Workload, WorkloadKpi};
+use kpi_service::proto::ingest_client::IngestClient;
+use kpi_service::proto::query_client::QueryClient;
+use kpi_service::proto::watch_kpis_response::Item;
+use kpi_service::proto::{self, RecordRequest, WatchKpisRequest};
 
 /// The producer's period: one Record call per tick.
 const TICK: Duration = Duration::from_millis(10);

@@ -19,8 +19,8 @@ use indicatif::ProgressBar;
 use serde_json::Value;
 
 use super::{Latencies, LoadError, Report};
-use crate::proto::{self, from_proto};
 use crate::workload::{CHANNEL, Workload};
+use kpi_service::proto::{self, from_proto};
 
 /// Measurements generated between progress updates.
 const PROGRESS_EVERY: u64 = 10_000;

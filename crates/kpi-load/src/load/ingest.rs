@@ -25,9 +25,9 @@ use tokio::sync::{Semaphore, mpsc};
 use tokio_stream::wrappers::ReceiverStream;
 
 use super::{Latencies, LoadError, Report, connect, setup};
-use crate::proto::ingest_client::IngestClient;
-use crate::proto::{self, RecordStreamRequest};
 use crate::workload::Workload;
+use kpi_service::proto::ingest_client::IngestClient;
+use kpi_service::proto::{self, RecordStreamRequest};
 
 /// Options of the ingest scenario.
 #[derive(Debug, Clone, clap::Args)]

@@ -9,9 +9,9 @@ use indicatif::ProgressBar;
 use serde_json::Value;
 
 use super::{Latencies, LoadError, Report, connect_many, setup};
-use crate::proto::RecordRequest;
-use crate::proto::ingest_client::IngestClient;
 use crate::workload::Workload;
+use kpi_service::proto::RecordRequest;
+use kpi_service::proto::ingest_client::IngestClient;
 
 /// Options of the record scenario.
 #[derive(Debug, Clone, clap::Args)]
