@@ -31,13 +31,15 @@ impl KpiService {
             Ok(catalog.targets(kpi_id.as_deref()).cloned().collect())
         };
         match self.resolve_as_of(as_of).await? {
-            Some(seq) => {
-                let history = self.models.history.clone();
-                let past = blocking(move || history.catalog_as_of(seq)).await??;
-                Ok(list(&past)?)
-            }
+            Some(seq) => Ok(list(&self.catalog_as_of(seq).await?)?),
             None => Ok(list(&self.catalog.read())?),
         }
+    }
+
+    /// The catalog as known at `seq`, from the history index.
+    async fn catalog_as_of(&self, seq: u64) -> Result<Catalog, ServiceError> {
+        let history = self.models.history.clone();
+        Ok(blocking(move || history.catalog_as_of(seq)).await??)
     }
 
     /// The seq an as-of point names, or `None` when it names the head (answer from the
@@ -145,8 +147,9 @@ impl KpiService {
     ) -> Result<TrendAnswer, ServiceError> {
         crate::domain::kpi::validate_slug(&query.kpi_id, "kpi_id")?;
         let grain = query.grain;
+        let seq = self.resolve_as_of(as_of).await?;
         let (_, aggregates) = self
-            .catalog_and_aggregates_at(as_of, &query.kpi_id, move |_| Grains::only([grain]))
+            .catalog_and_aggregates_at(seq, &query.kpi_id, move |_| Grains::only([grain]))
             .await?;
         Ok(blocking(move || match aggregates {
             AggregatesAt::Current(view) => analysis::trend(&view.read(), &query),
@@ -164,26 +167,28 @@ impl KpiService {
         as_of: Option<AsOf>,
     ) -> Result<Vec<TargetAnswer>, ServiceError> {
         let now = evaluated_at.unwrap_or_else(Utc::now);
-        let kpi_id = match &selector {
-            TargetSelector::Kpi(kpi_id) => {
-                crate::domain::kpi::validate_slug(kpi_id, "kpi_id")?;
-                kpi_id.clone()
-            }
+        match &selector {
+            TargetSelector::Kpi(kpi_id) => crate::domain::kpi::validate_slug(kpi_id, "kpi_id")?,
             TargetSelector::Target(target_id) => {
                 crate::domain::kpi::validate_slug(target_id, "target_id")?;
-                let catalog = match self.resolve_as_of(as_of).await? {
-                    Some(seq) => {
-                        let history = self.models.history.clone();
-                        blocking(move || history.catalog_as_of(seq)).await??
-                    }
-                    None => self.catalog.read().clone(),
+            }
+        }
+        let seq = self.resolve_as_of(as_of).await?;
+        let kpi_id = match &selector {
+            TargetSelector::Kpi(kpi_id) => kpi_id.clone(),
+            TargetSelector::Target(target_id) => {
+                let kpi_of = |catalog: &Catalog| {
+                    catalog
+                        .target(target_id)
+                        .map(|t| t.definition.kpi_id.clone())
+                        .ok_or_else(|| {
+                            Rejection::not_found("target_id", format!("target '{target_id}'"))
+                        })
                 };
-                catalog
-                    .target(target_id)
-                    .map(|t| t.definition.kpi_id.clone())
-                    .ok_or_else(|| {
-                        Rejection::not_found("target_id", format!("target '{target_id}'"))
-                    })?
+                match seq {
+                    Some(seq) => kpi_of(&self.catalog_as_of(seq).await?)?,
+                    None => kpi_of(&self.catalog.read())?,
+                }
             }
         };
         let grains = {
@@ -203,9 +208,7 @@ impl KpiService {
                 Grains::only(grains)
             }
         };
-        let (catalog, aggregates) = self
-            .catalog_and_aggregates_at(as_of, &kpi_id, grains)
-            .await?;
+        let (catalog, aggregates) = self.catalog_and_aggregates_at(seq, &kpi_id, grains).await?;
         let answer = blocking(move || {
             if catalog.get(&kpi_id).is_none() {
                 return Err(Rejection::not_found("kpi_id", format!("kpi '{kpi_id}'")));
@@ -229,16 +232,16 @@ impl KpiService {
         Ok(answer)
     }
 
-    /// The catalog and aggregates to answer from: the current ones, or folds of the log up
-    /// to the as-of point for `kpi_id` (and a ratio's operands) in the grains `grains`
-    /// picks from the catalog as of that point.
+    /// The catalog and aggregates to answer from: the current ones (`seq` is `None`), or
+    /// folds of the log up to `seq` (from [`Self::resolve_as_of`]) for `kpi_id` (and a
+    /// ratio's operands) in the grains `grains` picks from the catalog as of that point.
     async fn catalog_and_aggregates_at(
         &self,
-        as_of: Option<AsOf>,
+        seq: Option<u64>,
         kpi_id: &str,
         grains: impl FnOnce(&Catalog) -> Grains + Send + 'static,
     ) -> Result<(Catalog, AggregatesAt), ServiceError> {
-        match self.resolve_as_of(as_of).await? {
+        match seq {
             Some(seq) => {
                 let kpi_ids = self.with_operands(kpi_id);
                 let history = self.models.history.clone();
