@@ -13,10 +13,9 @@ use std::hint::black_box;
 use chrono::{DateTime, TimeDelta, TimeZone, Utc};
 use chrono_tz::Tz;
 use criterion::{BatchSize, Criterion, Throughput, criterion_group, criterion_main};
+use kpi_service::domain::query::{AggregateQuery, Fill};
 use kpi_service::domain::{Direction, Event, Grain, KpiDefinition, KpiKind, Measurement};
-use kpi_service::projection::{
-    AggregateQuery, Aggregates, Fill, History, HistoryOptions, ReadModels,
-};
+use kpi_service::projection::{Aggregates, History, HistoryOptions, ReadModels};
 use kpi_service::store::{AppendRequest, EventLog, StoreOptions};
 
 const MEASUREMENTS: usize = 1_000_000;

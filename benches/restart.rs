@@ -230,7 +230,7 @@ fn options(dir: &Path) -> ServiceOptions {
 /// The start without a snapshot, then the graceful shutdown's snapshot and close.
 fn cold(dir: &Path) {
     let _ = std::fs::remove_dir_all(dir.join(SNAPSHOT_DIR));
-    let service = start("restart_without_snapshot", dir);
+    let (service, log) = start("restart_without_snapshot", dir);
     let started = Instant::now();
     let seq = service.snapshot().unwrap();
     let snapshot = dir_bytes(&dir.join(SNAPSHOT_DIR));
@@ -241,23 +241,24 @@ fn cold(dir: &Path) {
         memory()
     );
     let started = Instant::now();
-    service.log().close().unwrap();
+    log.close().unwrap();
     println!("  log closed in {:.2} s", started.elapsed().as_secs_f64());
 }
 
 /// The start with the snapshot the cold phase wrote.
 fn warm(dir: &Path) {
-    let service = start("restart_with_snapshot", dir);
+    let (service, log) = start("restart_with_snapshot", dir);
     assert_eq!(
         service.restored().replayed_events,
         0,
         "a snapshot at the head"
     );
-    service.log().close().unwrap();
+    log.close().unwrap();
 }
 
 /// What `kpi_service::run` does before it serves: open the log, restore the read models.
-fn start(name: &str, dir: &Path) -> KpiService {
+/// Returns the service and its log (to close it).
+fn start(name: &str, dir: &Path) -> (KpiService, EventLog) {
     println!("{name}: {}", memory());
     let started = Instant::now();
     let (log, models) = kpi_service::projection::open(
@@ -274,10 +275,11 @@ fn start(name: &str, dir: &Path) -> KpiService {
     )
     .unwrap();
     let opened = started.elapsed();
-    let service = KpiService::with_models(log, models, options(dir));
+    let aggregates = models.aggregates.clone();
+    let service = KpiService::with_models(log.clone(), models, options(dir));
     let total = started.elapsed();
     let restored = service.restored();
-    let footprint = service.aggregates().read().footprint();
+    let footprint = aggregates.read().footprint();
     println!(
         "  snapshot read+decode done after {:.2} s, log open with dedup index done after \
          {:.2} s (side by side), read models (snapshot at {}, {} replayed) {:.2} s; {:.2} s \
@@ -302,7 +304,7 @@ fn start(name: &str, dir: &Path) -> KpiService {
             .collect::<Vec<_>>()
             .join(", ")
     );
-    service
+    (service, log)
 }
 
 /// sled's own open of the log, with the tree's last key read.

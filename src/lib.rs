@@ -73,7 +73,7 @@ async fn snapshot_periodically(service: KpiService, every_events: u64, stop: Can
             () = stop.cancelled() => return,
             _ = ticks.tick() => {}
         }
-        let head = service.log().head().seq;
+        let head = service.head().seq;
         let since = last.elapsed();
         let due = (head >= covered.saturating_add(every_events)
             && since >= last_cost * SNAPSHOT_COST_SHARE)

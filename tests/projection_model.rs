@@ -9,14 +9,12 @@ use std::collections::{BTreeMap, BTreeSet};
 use chrono::{DateTime, TimeDelta, TimeZone, Utc};
 use chrono_tz::Tz;
 use kpi_service::domain::Catalog;
+use kpi_service::domain::query::{AggregateQuery, AnsweredBucket, Fill};
 use kpi_service::domain::{
     Direction, Event, Grain, KpiDefinition, KpiKind, Measurement, Rejection,
 };
 use kpi_service::projection::pages::PageStore;
-use kpi_service::projection::{
-    AggregateQuery, Aggregates, AnsweredBucket, Fill, Grains, History, HistoryOptions, ReadModels,
-    Tier,
-};
+use kpi_service::projection::{Aggregates, Grains, History, HistoryOptions, ReadModels, Tier};
 use kpi_service::store::{AppendRequest, EventLog, StoreOptions};
 use proptest::prelude::*;
 

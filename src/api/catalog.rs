@@ -158,7 +158,7 @@ impl KpiCatalog for CatalogApi {
     ) -> Result<Response<proto::ListTargetsResponse>, Status> {
         let request = request.into_inner();
         let kpi_id = (!request.kpi_id.is_empty()).then_some(request.kpi_id);
-        let as_of = super::query::as_of(request.as_of)?;
+        let as_of = from_proto::as_of(request.as_of)?;
         let targets = self.service.list_targets(kpi_id, as_of).await?;
         Ok(Response::new(proto::ListTargetsResponse {
             targets: targets.iter().map(to_proto::target).collect(),

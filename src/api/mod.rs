@@ -3,11 +3,9 @@
 
 pub mod audit;
 pub mod catalog;
-mod follow;
 pub mod ingest;
 pub mod query;
 pub mod status;
-pub mod watch;
 
 use tonic::service::Routes;
 

@@ -11,6 +11,7 @@ pub mod error;
 pub mod event;
 pub mod kpi;
 pub mod measurement;
+pub mod query;
 pub mod target;
 pub mod target_status;
 pub mod trend;

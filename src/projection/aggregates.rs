@@ -14,13 +14,13 @@ use std::sync::{Arc, Mutex};
 // times faster than SipHash on label maps and ids.
 use foldhash::HashMap;
 
-use chrono::{DateTime, Utc};
 use serde::{Deserialize, Serialize};
 
 use crate::domain::aggregate::{
     BucketState, Observation, RatioOperand, Retracted, Summary, ratio_summary,
 };
 use crate::domain::calendar::{self, Bucket, BucketKey, Calendar};
+use crate::domain::query::{AggregateQuery, AnsweredBucket, Fill, Labels};
 use crate::domain::{Event, Grain, KpiDefinition, KpiKind, Measurement, Rejection};
 use crate::projection::buckets::{BucketMap, PageIo};
 use crate::projection::pages::PageStore;
@@ -38,53 +38,6 @@ const COMPACT_BYTES: u64 = 16 * 1024 * 1024;
 pub const MAX_BUCKETS_PER_QUERY: u64 = 100_000;
 /// Most buckets one answer may hold over all its groups.
 pub const MAX_BUCKETS_PER_ANSWER: usize = 1_000_000;
-
-/// Label values of one series, by dimension.
-pub type Labels = BTreeMap<String, String>;
-
-/// How empty buckets are answered.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
-pub enum Fill {
-    /// Left out.
-    #[default]
-    None,
-    /// Sent with count 0 and no value.
-    Absent,
-    /// Sent with count 0 and value 0.
-    Zero,
-}
-
-/// A GetAggregates question, checked against the KPI by [`Aggregates::query`].
-#[derive(Debug, Clone, PartialEq)]
-pub struct AggregateQuery {
-    /// The KPI.
-    pub kpi_id: String,
-    /// Bucket size.
-    pub grain: Grain,
-    /// Buckets overlapping [start, end) are answered.
-    pub start: DateTime<Utc>,
-    /// End of the range (exclusive).
-    pub end: DateTime<Utc>,
-    /// Equality filter on declared dimensions.
-    pub filter: Labels,
-    /// Dimensions to group by; empty merges all series.
-    pub group_by: Vec<String>,
-    /// Empty buckets.
-    pub fill: Fill,
-}
-
-/// One bucket of one group of an answer.
-#[derive(Debug, Clone, PartialEq)]
-pub struct AnsweredBucket {
-    /// The group's label values (the group-by dimensions).
-    pub labels: Labels,
-    /// Where the bucket lies.
-    pub bucket: Bucket,
-    /// Its aggregate.
-    pub summary: Summary,
-    /// The KPI definition version it was computed under.
-    pub definition_version: u64,
-}
 
 /// The grains a model folds: every one for the live model; for an as-of fold, only those
 /// its question reads (a fold into one grain costs a sixth of a fold into six).

@@ -4,45 +4,19 @@
 
 use chrono::{DateTime, DurationRound, Months, TimeDelta, Utc};
 
-use super::aggregates::{AggregateQuery, Aggregates, AnsweredBucket, Fill, Labels};
+use super::aggregates::Aggregates;
 use crate::domain::calendar::{self, Bucket};
+use crate::domain::query::{
+    AggregateQuery, AnsweredBucket, Fill, Labels, PeriodVerdict, TargetAnswer, TrendAnswer,
+    TrendQuery,
+};
 use crate::domain::target_status::{Estimate, Progress, TargetState, Verdict};
-use crate::domain::trend::{self, Prediction, TrendMethod, TrendReport};
+use crate::domain::trend::{self, Prediction};
 use crate::domain::{Grain, KpiDefinition, KpiKind, Rejection, TargetEntry, TargetMode};
 
 /// Largest trend window and horizon, in buckets: enough for years of months or weeks of
 /// hours, while one request stays a bounded amount of work.
 pub const MAX_TREND_BUCKETS: u32 = 1000;
-
-/// A GetTrend question.
-#[derive(Debug, Clone, PartialEq)]
-pub struct TrendQuery {
-    /// The KPI.
-    pub kpi_id: String,
-    /// Bucket size.
-    pub grain: Grain,
-    /// Buckets in the window (2..=1000), the last one containing `evaluated_at`.
-    pub window: u32,
-    /// Forecast buckets after the window (0..=1000).
-    pub horizon: u32,
-    /// The time whose bucket ends the window.
-    pub evaluated_at: DateTime<Utc>,
-    /// Equality filter on declared dimensions.
-    pub filter: Labels,
-    /// Forecast method.
-    pub method: TrendMethod,
-}
-
-/// The answer to a GetTrend question.
-#[derive(Debug, Clone, PartialEq)]
-pub struct TrendAnswer {
-    /// The window's buckets, oldest first (empty ones included, with count 0).
-    pub buckets: Vec<AnsweredBucket>,
-    /// The statistics.
-    pub report: TrendReport,
-    /// The forecast buckets with their predictions.
-    pub forecast: Vec<(Bucket, Prediction)>,
-}
 
 /// The value a bucket stands for in a trend: its value, or 0 for an empty bucket of a kind
 /// whose empty bucket means zero (SUM, COUNT); an empty AVERAGE has no value.
@@ -141,36 +115,6 @@ pub fn trend(aggregates: &Aggregates, query: &TrendQuery) -> Result<TrendAnswer,
         report,
         forecast,
     })
-}
-
-/// The status of one LEVEL period.
-#[derive(Debug, Clone, PartialEq)]
-pub struct PeriodVerdict {
-    /// The period.
-    pub bucket: Bucket,
-    /// The KPI's value in it, if any.
-    pub actual: Option<f64>,
-    /// Its state.
-    pub state: TargetState,
-    /// Whether it contains the evaluation time.
-    pub current: bool,
-}
-
-/// The status of one target.
-#[derive(Debug, Clone, PartialEq)]
-pub struct TargetAnswer {
-    /// The target.
-    pub target: TargetEntry,
-    /// The verdict.
-    pub verdict: Verdict,
-    /// The KPI's value so far (cumulative sum, or the current period's level).
-    pub actual: Option<f64>,
-    /// Grain of `verdict.required_rate`.
-    pub rate_grain: Grain,
-    /// When the fitted line reaches the target, if it does.
-    pub estimated_reached_at: Option<DateTime<Utc>>,
-    /// LEVEL targets: every period so far.
-    pub periods: Vec<PeriodVerdict>,
 }
 
 /// A count as f64. Counts of measurements and periods stay far below 2^53, where every

@@ -73,8 +73,8 @@ use chrono::{DateTime, Utc};
 use foldhash::HashMap;
 
 use crate::domain::aggregate::Observation;
+use crate::domain::query::Labels;
 use crate::domain::{Catalog, Event, Measurement};
-use crate::projection::aggregates::Labels;
 use crate::projection::pages::{PageRef, PageStore};
 use crate::store::{
     self, CommitListener, Committed, EventLog, GENESIS_HASH, Hash, LogReader, OpenSledError,

@@ -15,7 +15,7 @@ use chrono::{DateTime, Utc};
 use tokio::sync::watch;
 
 use crate::domain::Event;
-use crate::projection::aggregates::Labels;
+use crate::domain::query::Labels;
 use crate::store::{CommitListener, Committed};
 
 /// Touches kept in the window: at 10,000 events/s about three seconds of history, a few

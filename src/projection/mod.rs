@@ -16,7 +16,7 @@ use std::collections::BTreeSet;
 use std::path::Path;
 use std::sync::{Arc, RwLock, RwLockReadGuard};
 
-pub use aggregates::{AggregateQuery, Aggregates, AnsweredBucket, Fill, Footprint, Grains, Tier};
+pub use aggregates::{Aggregates, Footprint, Grains, Tier};
 pub use catalog::CatalogView;
 pub use history::{History, HistoryOptions, Visited};
 pub use snapshot::{Snapshot, SnapshotError};

@@ -372,8 +372,8 @@ mod tests {
     use chrono::{TimeZone, Utc};
 
     use super::*;
+    use crate::domain::query::{AggregateQuery, Fill};
     use crate::domain::{Direction, Event, Grain, KpiDefinition, KpiKind, Measurement};
-    use crate::projection::aggregates::{AggregateQuery, Fill};
 
     /// Aggregates of one SUM KPI with a few measurements, as a snapshot holds them.
     fn aggregates() -> Aggregates {

@@ -7,8 +7,13 @@
 use chrono::{DateTime, Utc};
 use prost_types::Timestamp;
 
+use super::as_of;
 use super::event_record::Payload;
 use crate::domain::kpi::{DEFAULT_RATIO_SCALE, parse_timezone};
+use crate::domain::query::{
+    AggregateQuery, AsOf, Fill, ReplayQuery, ReplayStart, TargetSelector, TrendQuery, WatchQuery,
+};
+use crate::domain::trend::TrendMethod;
 use crate::domain::{
     Direction, Event, Grain, KpiDefinition, KpiKind, Measurement, RatioSettings, Rejection,
     TargetDefinition, TargetMode,
@@ -274,6 +279,122 @@ pub fn event_record(value: proto::EventRecord) -> Result<(DateTime<Utc>, Event),
     Ok((recorded_at, event))
 }
 
+/// The as-of point of a request, if it names one.
+pub fn as_of(value: Option<proto::AsOf>) -> Result<Option<AsOf>, Rejection> {
+    Ok(match value.and_then(|v| v.point) {
+        None => None,
+        Some(as_of::Point::Seq(seq)) => Some(AsOf::Seq(seq)),
+        Some(as_of::Point::RecordedAt(at)) => {
+            Some(AsOf::RecordedAt(timestamp(&at, "as_of.recorded_at")?))
+        }
+    })
+}
+
+/// A GetAggregates request as a query.
+pub fn aggregate_query(
+    request: proto::GetAggregatesRequest,
+) -> Result<(AggregateQuery, Option<AsOf>), Rejection> {
+    let grain =
+        grain(request.grain, "grain")?.ok_or_else(|| Rejection::invalid("grain", "required"))?;
+    let fill = match proto::Fill::try_from(request.fill) {
+        Ok(proto::Fill::Unspecified | proto::Fill::None) => Fill::None,
+        Ok(proto::Fill::Absent) => Fill::Absent,
+        Ok(proto::Fill::Zero) => Fill::Zero,
+        Err(_) => {
+            return Err(Rejection::invalid(
+                "fill",
+                format!("unknown fill number {}", request.fill),
+            ));
+        }
+    };
+    let query = AggregateQuery {
+        start: required_timestamp(request.start.as_ref(), "start")?,
+        end: required_timestamp(request.end.as_ref(), "end")?,
+        kpi_id: request.kpi_id,
+        grain,
+        filter: request.filter,
+        group_by: request.group_by,
+        fill,
+    };
+    Ok((query, as_of(request.as_of)?))
+}
+
+/// A GetTrend request as a query.
+pub fn trend_query(
+    request: proto::GetTrendRequest,
+) -> Result<(TrendQuery, Option<AsOf>), Rejection> {
+    let grain =
+        grain(request.grain, "grain")?.ok_or_else(|| Rejection::invalid("grain", "required"))?;
+    let method = match proto::TrendMethod::try_from(request.method) {
+        Ok(proto::TrendMethod::Unspecified | proto::TrendMethod::Linear) => TrendMethod::Linear,
+        Ok(proto::TrendMethod::Holt) => TrendMethod::Holt,
+        Err(_) => {
+            return Err(Rejection::invalid(
+                "method",
+                format!("unknown method number {}", request.method),
+            ));
+        }
+    };
+    let evaluated_at = match &request.evaluated_at {
+        Some(at) => timestamp(at, "evaluated_at")?,
+        None => Utc::now(),
+    };
+    let query = TrendQuery {
+        kpi_id: request.kpi_id,
+        grain,
+        window: request.window,
+        horizon: request.horizon,
+        evaluated_at,
+        filter: request.filter,
+        method,
+    };
+    Ok((query, as_of(request.as_of)?))
+}
+
+/// The selector of a GetTargetStatus request.
+pub fn target_selector(
+    selector: Option<proto::get_target_status_request::Selector>,
+) -> Result<TargetSelector, Rejection> {
+    use proto::get_target_status_request::Selector;
+    match selector {
+        Some(Selector::TargetId(id)) => Ok(TargetSelector::Target(id)),
+        Some(Selector::KpiId(id)) => Ok(TargetSelector::Kpi(id)),
+        None => Err(Rejection::invalid(
+            "selector",
+            "give a target_id or a kpi_id",
+        )),
+    }
+}
+
+/// A WatchKpis request as a question.
+pub fn watch_query(request: proto::WatchKpisRequest) -> Result<WatchQuery, Rejection> {
+    let grain =
+        grain(request.grain, "grain")?.ok_or_else(|| Rejection::invalid("grain", "required"))?;
+    Ok(WatchQuery {
+        kpi_ids: request.kpi_ids,
+        grain,
+        labels: request.filter,
+        from_seq: request.from_seq,
+    })
+}
+
+/// A ReplayEvents request as a question.
+pub fn replay_query(request: proto::ReplayEventsRequest) -> Result<ReplayQuery, Rejection> {
+    use proto::replay_events_request::Start;
+    let start = match request.start {
+        None => None,
+        Some(Start::FromSeq(seq)) => Some(ReplayStart::Seq(seq)),
+        Some(Start::FromRecordedAt(at)) => {
+            Some(ReplayStart::RecordedAt(timestamp(&at, "from_recorded_at")?))
+        }
+    };
+    Ok(ReplayQuery {
+        start,
+        to_seq: request.to_seq,
+        kpi_ids: request.kpi_ids,
+        follow: request.follow,
+    })
+}
 /// A message field that must be present.
 fn required<T>(value: Option<T>, field: &str) -> Result<T, Rejection> {
     value.ok_or_else(|| Rejection::invalid(field, "required"))

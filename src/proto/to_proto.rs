@@ -1,9 +1,16 @@
-//! Domain types to kpi.v1 messages. Infallible: domain values are valid by construction.
+//! Domain types to kpi.v1 messages. Infallible (but for a stored record's bytes): domain
+//! values are valid by construction.
 
 use chrono::{DateTime, Utc};
 use prost_types::Timestamp;
 
 use super::event_record::Payload;
+use crate::domain::aggregate::{self, Detail};
+use crate::domain::query::{
+    AnsweredBucket, BucketChange, ListedStreams, StreamInfo, StreamKind, TargetAnswer, TrendAnswer,
+};
+use crate::domain::target_status::TargetState;
+use crate::domain::trend;
 use crate::domain::{
     self, Direction, Event, Grain, KpiEntry, KpiKind, Measurement, TargetDefinition, TargetEntry,
     TargetMode,
@@ -211,5 +218,219 @@ pub fn target(entry: &TargetEntry) -> proto::Target {
         version: entry.version,
         updated_at: Some(timestamp(entry.updated_at)),
         seq: entry.seq,
+    }
+}
+
+/// An interval of a bucket detail or a forecast.
+pub fn interval(interval: &aggregate::Interval) -> proto::Interval {
+    proto::Interval {
+        lower: interval.lower,
+        upper: interval.upper,
+        level: interval.level,
+    }
+}
+
+/// One answered bucket of GetAggregates.
+pub fn bucket(answered: &AnsweredBucket) -> proto::Bucket {
+    use proto::bucket::Detail as P;
+    let summary = &answered.summary;
+    let detail = summary.detail.as_ref().map(|detail| match detail {
+        Detail::Average(d) => P::Average(proto::AverageDetail { stddev: d.stddev }),
+        Detail::Ratio(d) => P::Ratio(proto::RatioDetail {
+            numerator: d.numerator,
+            denominator: d.denominator,
+            scale: d.scale,
+            numerator_count: d.numerator_count,
+            denominator_count: d.denominator_count,
+        }),
+        Detail::Nps(d) => P::Nps(proto::NpsDetail {
+            histogram: d.histogram.to_vec(),
+            promoters: d.promoters,
+            passives: d.passives,
+            detractors: d.detractors,
+            interval: Some(interval(&d.interval)),
+            thin_sample: d.thin_sample,
+        }),
+        Detail::Csat(d) => P::Csat(proto::CsatDetail {
+            histogram: d.histogram.to_vec(),
+            satisfied: d.satisfied,
+            interval: Some(interval(&d.interval)),
+            mean_rating: d.mean_rating,
+            mean_rating_interval: d.mean_rating_interval.as_ref().map(interval),
+            thin_sample: d.thin_sample,
+        }),
+        Detail::Percentile(d) => P::Percentile(proto::PercentileDetail {
+            p50: d.p50,
+            p90: d.p90,
+            p95: d.p95,
+            p99: d.p99,
+            relative_error: d.relative_error,
+        }),
+        Detail::Last(d) => P::Last(proto::LastDetail {
+            occurred_at: Some(timestamp(d.occurred_at)),
+            seq: d.seq,
+        }),
+    });
+    proto::Bucket {
+        start: Some(timestamp(answered.bucket.start)),
+        end: Some(timestamp(answered.bucket.end)),
+        labels: answered.labels.clone(),
+        value: summary.value,
+        count: summary.count,
+        sum: summary.sum,
+        min: summary.min,
+        max: summary.max,
+        definition_version: answered.definition_version,
+        detail,
+    }
+}
+
+/// The GetTrend response of an answer.
+pub fn trend_response(answer: &TrendAnswer) -> proto::GetTrendResponse {
+    let report = &answer.report;
+    proto::GetTrendResponse {
+        buckets: answer.buckets.iter().map(bucket).collect(),
+        latest: report.latest,
+        previous: report.previous,
+        absolute_change: report.absolute_change,
+        relative_change: report.relative_change,
+        year_over_year_change: report.year_over_year_change,
+        moving_average: report.moving_average,
+        fit: report.fit.map(|fit| proto::LinearFit {
+            slope: fit.slope,
+            intercept: fit.intercept,
+            r_squared: fit.r_squared,
+        }),
+        forecast: answer
+            .forecast
+            .iter()
+            .map(|(at, prediction)| proto::ForecastPoint {
+                start: Some(timestamp(at.start)),
+                end: Some(timestamp(at.end)),
+                value: prediction.value,
+                interval: prediction.interval.as_ref().map(interval),
+            })
+            .collect(),
+    }
+}
+
+/// The protobuf enum of a target state.
+pub fn target_state(state: TargetState) -> proto::TargetState {
+    match state {
+        TargetState::Achieved => proto::TargetState::Achieved,
+        TargetState::OnTrack => proto::TargetState::OnTrack,
+        TargetState::AtRisk => proto::TargetState::AtRisk,
+        TargetState::OffTrack => proto::TargetState::OffTrack,
+        TargetState::Missed => proto::TargetState::Missed,
+    }
+}
+
+/// The TargetStatus message of an answer.
+pub fn target_status(answer: &TargetAnswer) -> proto::TargetStatus {
+    let verdict = &answer.verdict;
+    proto::TargetStatus {
+        target: Some(target(&answer.target)),
+        state: target_state(verdict.state).into(),
+        reason: verdict.reason.clone(),
+        actual: answer.actual,
+        progress: verdict.progress,
+        elapsed_fraction: verdict.elapsed_fraction,
+        expected_now: verdict.expected_now,
+        projected: verdict.projected.map(|p| p.value),
+        projected_interval: verdict.projected.and_then(|p| {
+            p.lower.zip(p.upper).map(|(lower, upper)| proto::Interval {
+                lower,
+                upper,
+                level: trend::PREDICTION_LEVEL,
+            })
+        }),
+        required_rate: verdict.required_rate,
+        required_rate_grain: grain(answer.rate_grain).into(),
+        estimated_reached_at: answer.estimated_reached_at.map(timestamp),
+        periods: answer
+            .periods
+            .iter()
+            .map(|period| proto::PeriodStatus {
+                start: Some(timestamp(period.bucket.start)),
+                end: Some(timestamp(period.bucket.end)),
+                actual: period.actual,
+                state: target_state(period.state).into(),
+                current: period.current,
+            })
+            .collect(),
+    }
+}
+
+/// A changed bucket as the BucketUpdate message.
+pub fn bucket_update(change: &BucketChange) -> proto::BucketUpdate {
+    proto::BucketUpdate {
+        kpi_id: change.kpi_id.clone(),
+        bucket: Some(bucket(&change.bucket)),
+        seq: change.seq,
+        revised: change.revised,
+        targets: change.targets.iter().map(target_status).collect(),
+    }
+}
+
+/// A watcher's position as the Heartbeat message.
+pub fn heartbeat(head_seq: u64, at: DateTime<Utc>) -> proto::Heartbeat {
+    proto::Heartbeat {
+        head_seq,
+        at: Some(timestamp(at)),
+    }
+}
+
+/// A replay's position as the Checkpoint message.
+pub fn checkpoint(seq: u64, at: DateTime<Utc>) -> proto::Checkpoint {
+    proto::Checkpoint {
+        seq,
+        at: Some(timestamp(at)),
+    }
+}
+
+/// A stored event as the replay envelope: the record bytes verbatim and decoded. The
+/// bytes come from the log, so an error means a damaged or unknown record.
+pub fn envelope(
+    seq: u64,
+    recorded_at: DateTime<Utc>,
+    prev_hash: &[u8],
+    hash: &[u8],
+    record: &[u8],
+) -> Result<proto::EventEnvelope, prost::DecodeError> {
+    use prost::Message;
+    Ok(proto::EventEnvelope {
+        seq,
+        recorded_at: Some(timestamp(recorded_at)),
+        prev_hash: prev_hash.to_vec(),
+        hash: hash.to_vec(),
+        record: record.to_vec(),
+        event: Some(proto::EventRecord::decode(record)?),
+    })
+}
+
+/// The open streams as the ListStreams response.
+pub fn list_streams(listed: &ListedStreams) -> proto::ListStreamsResponse {
+    proto::ListStreamsResponse {
+        streams: listed.streams.iter().map(stream_info).collect(),
+        head_seq: listed.head_seq,
+        max_streams: u32::try_from(listed.max_streams).unwrap_or(u32::MAX),
+        watch_pending_limit: u64::try_from(listed.watch_pending_limit).unwrap_or(u64::MAX),
+    }
+}
+
+/// One open stream as the StreamInfo message.
+fn stream_info(info: &StreamInfo) -> proto::StreamInfo {
+    proto::StreamInfo {
+        id: info.id,
+        kind: match info.kind {
+            StreamKind::WatchKpis => proto::StreamKind::WatchKpis,
+            StreamKind::ReplayEvents => proto::StreamKind::ReplayEvents,
+        } as i32,
+        peer: info.peer.map(|peer| peer.to_string()).unwrap_or_default(),
+        opened_at: Some(timestamp(info.opened_at)),
+        position_seq: info.position,
+        messages_sent: info.sent,
+        pending_updates: info.pending,
+        max_pending_updates: info.max_pending,
     }
 }

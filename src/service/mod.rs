@@ -2,23 +2,28 @@
 //! append to the log, answer from the read models. `api` is a thin layer over this.
 //!
 //! This file holds the service's state, its options and error; `commands.rs` the
-//! commands, `queries.rs` the reads, `streams.rs` the open server streams.
+//! commands, `queries.rs` the reads, `follow/` the server streams that follow the log
+//! (ReplayEvents, WatchKpis), `streams.rs` the register of open streams.
 
 mod commands;
+mod follow;
 mod queries;
 pub mod streams;
+
+pub use follow::{ReplayItem, StreamReceiver, WATCH_PENDING_LIMIT, WatchItem};
 
 use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::Duration;
 
-use chrono::{DateTime, TimeDelta, Utc};
+use chrono::TimeDelta;
 use tokio_util::sync::CancellationToken;
 
+use crate::domain::query::{ListedStreams, StreamKind};
 use crate::domain::{KpiEntry, Rejection};
 use crate::projection::{AggregateView, CatalogView, ReadModels, Restored, SnapshotError};
-use crate::store::{EventLog, StoreError};
-use streams::{StreamHandle, StreamKind, Streams};
+use crate::store::{EventLog, LogHead, StoreError};
+use streams::{StreamHandle, Streams};
 
 /// Most measurements in one Record call or RecordStream batch: large enough to amortise the
 /// flush, small enough that a batch stays far below gRPC's message limit and is validated
@@ -105,30 +110,12 @@ pub enum RetractTarget {
     EventId(String),
 }
 
-/// Which targets GetTargetStatus judges.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub enum TargetSelector {
-    /// One target.
-    Target(String),
-    /// Every target of a KPI.
-    Kpi(String),
-}
-
 /// Aggregates to answer from: the live read model, or a fold as of a point of the log.
 enum AggregatesAt {
     /// The live projection.
     Current(Arc<AggregateView>),
     /// A fold of the log up to an as-of point.
     Past(Box<crate::projection::Aggregates>),
-}
-
-/// A point of the log a query is answered at ("as known at").
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum AsOf {
-    /// The events with seq <= this.
-    Seq(u64),
-    /// The events recorded at or before this time.
-    RecordedAt(DateTime<Utc>),
 }
 
 impl KpiService {
@@ -152,7 +139,7 @@ impl KpiService {
 
     /// A place for one more server stream starting at `position`, or RESOURCE_EXHAUSTED
     /// past the limit.
-    pub fn open_stream(
+    fn open_stream(
         &self,
         kind: StreamKind,
         peer: Option<std::net::SocketAddr>,
@@ -161,34 +148,19 @@ impl KpiService {
         Ok(self.streams.open(kind, peer, position)?)
     }
 
-    /// The open server streams and their limit.
-    pub fn streams(&self) -> &Streams {
-        &self.streams
+    /// ListStreams: the open server streams, their limits and the durable head.
+    pub fn list_streams(&self) -> ListedStreams {
+        ListedStreams {
+            streams: self.streams.list(),
+            head_seq: self.log.head().seq,
+            max_streams: self.streams.limit(),
+            watch_pending_limit: WATCH_PENDING_LIMIT,
+        }
     }
 
-    /// The catalog read model, for watchers.
-    pub fn catalog(&self) -> &Arc<CatalogView> {
-        &self.catalog
-    }
-
-    /// The aggregate read model, for watchers.
-    pub fn aggregates(&self) -> &Arc<AggregateView> {
-        &self.aggregates
-    }
-
-    /// A receiver of the durable head seq, for followers.
-    pub fn watch_head(&self) -> tokio::sync::watch::Receiver<u64> {
-        self.models.live.subscribe()
-    }
-
-    /// The live feed: the durable head and the recent touches, for watchers.
-    pub fn live(&self) -> &Arc<crate::projection::live::LiveFeed> {
-        &self.models.live
-    }
-
-    /// The interval of checkpoints and heartbeats on idle streams.
-    pub fn heartbeat(&self) -> Duration {
-        self.heartbeat
+    /// The log's durable head.
+    pub fn head(&self) -> LogHead {
+        self.log.head()
     }
 
     /// Cancelled when the server starts shutting down: open streams end with UNAVAILABLE.
@@ -211,11 +183,6 @@ impl KpiService {
     /// before the log closes). Blocking.
     pub fn close_history(&self) -> Result<(), StoreError> {
         self.models.history.close()
-    }
-
-    /// The log, for audit reads.
-    pub fn log(&self) -> &EventLog {
-        &self.log
     }
 
     /// The KPI `kpi_id` of the current catalog, retired or not; NOT_FOUND naming `kpi_id`.

@@ -3,13 +3,16 @@
 
 use chrono::{DateTime, Utc};
 
+use crate::domain::query::{
+    AggregateQuery, AnsweredBucket, AsOf, TargetAnswer, TargetSelector, TrendAnswer, TrendQuery,
+};
 use crate::domain::rfc3339;
 use crate::domain::{Catalog, KpiEntry, Rejection, TargetEntry};
-use crate::projection::analysis::{self, TargetAnswer, TrendAnswer, TrendQuery};
-use crate::projection::{AggregateQuery, AnsweredBucket, Grains};
+use crate::projection::Grains;
+use crate::projection::analysis;
 use crate::store::StoreError;
 
-use super::{AggregatesAt, AsOf, KpiService, ServiceError, TargetSelector, blocking};
+use super::{AggregatesAt, KpiService, ServiceError, blocking};
 
 impl KpiService {
     /// ListTargets: the targets in force now or as known at an earlier point, in id

@@ -11,15 +11,7 @@ use std::sync::{Arc, Mutex, PoisonError};
 use chrono::{DateTime, Utc};
 
 use crate::domain::Rejection;
-
-/// The RPC a stream serves.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum StreamKind {
-    /// Query.WatchKpis.
-    WatchKpis,
-    /// Audit.ReplayEvents.
-    ReplayEvents,
-}
+use crate::domain::query::{StreamInfo, StreamKind};
 
 /// What a stream reports about itself while it runs; updated by the stream, read by
 /// ListStreams. Relaxed atomics: each figure is exact, the set is not a consistent cut.
@@ -48,27 +40,6 @@ impl StreamStats {
         self.pending.store(pending, Ordering::Relaxed);
         self.max_pending.fetch_max(pending, Ordering::Relaxed);
     }
-}
-
-/// One open stream as ListStreams shows it.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct StreamInfo {
-    /// Server-assigned id.
-    pub id: u64,
-    /// Which RPC.
-    pub kind: StreamKind,
-    /// The client's address, when known.
-    pub peer: Option<SocketAddr>,
-    /// When it was opened.
-    pub opened_at: DateTime<Utc>,
-    /// Every event up to this seq has been handled.
-    pub position: u64,
-    /// Messages handed to the transport.
-    pub sent: u64,
-    /// Updates held, not yet handed to the transport.
-    pub pending: u64,
-    /// The most updates held at once.
-    pub max_pending: u64,
 }
 
 struct Entry {

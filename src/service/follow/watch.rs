@@ -1,7 +1,7 @@
-//! Query.WatchKpis: a snapshot of the current bucket of every watched series, then an
-//! update for every bucket that committed events change.
+//! WatchKpis: a snapshot of the current bucket of every watched series, then an update for
+//! every bucket that committed events change.
 //!
-//! A watcher follows the log like a ReplayEvents follower (see `api/audit.rs`): it takes
+//! A watcher follows the log like a ReplayEvents follower (see `replay.rs`): it takes
 //! the events after its position in chunks (from the shared live window near the head,
 //! from the log behind it), collects the (KPI, series, bucket) keys they touch (latest
 //! wins) and sends each key's bucket as the projection has it now. It sends whenever it
@@ -12,24 +12,25 @@
 
 use std::collections::{BTreeMap, HashMap, HashSet};
 use std::sync::Arc;
-use std::time::Duration;
 
 use chrono::{DateTime, Utc};
-use tokio::sync::{mpsc, watch};
-use tokio_util::sync::CancellationToken;
-use tonic::Status;
-
-use super::follow::{self, LogCursor};
 use chrono_tz::Tz;
+use tokio::sync::mpsc;
 
+use super::{Following, LogCursor, StreamReceiver, StreamSender};
 use crate::domain::calendar::{self, Bucket, Calendar};
+use crate::domain::query::{
+    AnsweredBucket, BucketChange, Labels, StreamKind, TargetAnswer, WatchQuery,
+};
 use crate::domain::{Catalog, Event, Grain};
-use crate::projection::aggregates::Labels;
 use crate::projection::live::{Touch, WatcherGuard};
-use crate::projection::{Aggregates, AnsweredBucket, analysis};
-use crate::proto::{self, watch_kpis_response::Item};
-use crate::service::KpiService;
+use crate::projection::{Aggregates, analysis};
 use crate::service::streams::StreamHandle;
+use crate::service::{KpiService, ServiceError};
+
+/// Updates a watcher may have ready before its client reads them; past this the watcher
+/// stops reading the log (its backlog stays there, not in memory).
+const WATCH_BUFFER: usize = 256;
 
 /// Events a watcher reads per chunk.
 const WATCH_CHUNK: u64 = 1024;
@@ -39,27 +40,75 @@ const WATCH_CHUNK: u64 = 1024;
 /// them and waits for its client before reading further.
 pub const WATCH_PENDING_LIMIT: usize = 4096;
 
-type WatchItem = Result<proto::WatchKpisResponse, Status>;
+/// What a watcher sends.
+#[derive(Debug)]
+pub enum WatchItem {
+    /// The current bucket of a watched series, before any update.
+    Snapshot(BucketChange),
+    /// The end of the snapshot: every event up to `head_seq` is in it.
+    SnapshotComplete {
+        /// The head the snapshot was taken at.
+        head_seq: u64,
+        /// When it was sent.
+        at: DateTime<Utc>,
+    },
+    /// A bucket that committed events changed.
+    Update(BucketChange),
+    /// Nothing to send for a while; every event up to `head_seq` was handled.
+    Heartbeat {
+        /// The position.
+        head_seq: u64,
+        /// When it was sent.
+        at: DateTime<Utc>,
+    },
+}
+
+impl KpiService {
+    /// WatchKpis: checks the watched KPIs, takes a place among the open streams and starts
+    /// the watcher (from `query.from_seq`; 0 starts with a snapshot of the current
+    /// buckets); its updates come through the receiver.
+    pub fn watch_kpis(
+        &self,
+        query: WatchQuery,
+        peer: Option<std::net::SocketAddr>,
+    ) -> Result<StreamReceiver<WatchItem>, ServiceError> {
+        self.check_known_kpis(&query.kpi_ids, "kpi_ids")?;
+        let from_seq = query.from_seq;
+        let handle = self.open_stream(StreamKind::WatchKpis, peer, from_seq.saturating_sub(1))?;
+        let filter = WatchFilter {
+            kpi_ids: query.kpi_ids.into_iter().collect(),
+            grain: query.grain,
+            labels: query.labels,
+        };
+        let (sender, receiver) = mpsc::channel(WATCH_BUFFER);
+        let watcher = Watcher::new(self.clone(), filter, from_seq, sender, handle);
+        tokio::spawn(watcher.run());
+        Ok(receiver)
+    }
+}
 
 /// What a watcher watches.
-pub struct WatchFilter {
+struct WatchFilter {
     /// Only these KPIs; empty watches all.
-    pub kpi_ids: HashSet<String>,
+    kpi_ids: HashSet<String>,
     /// The grain of the buckets sent.
-    pub grain: Grain,
+    grain: Grain,
     /// Only series whose labels have these values.
-    pub labels: Labels,
+    labels: Labels,
 }
 
 impl WatchFilter {
+    /// Whether `kpi_id` is watched.
     fn wants_kpi(&self, kpi_id: &str) -> bool {
         self.kpi_ids.is_empty() || self.kpi_ids.contains(kpi_id)
     }
 
+    /// Whether a series with `labels` passes the label filter.
     fn wants_labels(&self, labels: &Labels) -> bool {
         self.labels.iter().all(|(k, v)| labels.get(k) == Some(v))
     }
 
+    /// Whether the series `labels` of `kpi_id` is watched.
     fn wants(&self, kpi_id: &str, labels: &Labels) -> bool {
         self.wants_kpi(kpi_id) && self.wants_labels(labels)
     }
@@ -112,19 +161,15 @@ impl WatchedRatios {
 type Pending = BTreeMap<(Arc<str>, Arc<Labels>, i64), (Bucket, u64, bool)>;
 
 /// One WatchKpis stream.
-pub struct Watcher {
+struct Watcher {
     service: KpiService,
     filter: WatchFilter,
     /// The next seq to look at.
     next: u64,
     /// Whether to start with a snapshot.
     snapshot: bool,
-    head: watch::Receiver<u64>,
-    heartbeat: Duration,
-    shutdown: CancellationToken,
-    sender: mpsc::Sender<WatchItem>,
-    /// The stream's place among the open streams, where it reports its progress.
-    handle: StreamHandle,
+    /// The stream it sends on.
+    stream: Following<WatchItem>,
     /// Where the watcher reads the log behind the live window; taken while a read runs.
     cursor: Option<LogCursor>,
     /// Bucket lookups per timezone of the watched KPIs.
@@ -135,16 +180,16 @@ pub struct Watcher {
     _live: WatcherGuard,
 }
 
-fn bucket_update(
+fn bucket_change(
     kpi_id: &str,
-    answered: &AnsweredBucket,
+    bucket: AnsweredBucket,
     seq: u64,
     revised: bool,
-    targets: Vec<proto::TargetStatus>,
-) -> proto::BucketUpdate {
-    proto::BucketUpdate {
+    targets: Vec<TargetAnswer>,
+) -> BucketChange {
+    BucketChange {
         kpi_id: kpi_id.to_owned(),
-        bucket: Some(super::query::bucket(answered)),
+        bucket,
         seq,
         revised,
         targets,
@@ -157,73 +202,49 @@ fn target_statuses(
     aggregates: &Aggregates,
     kpi_id: &str,
     now: DateTime<Utc>,
-) -> Vec<proto::TargetStatus> {
+) -> Vec<TargetAnswer> {
     catalog
         .targets(Some(kpi_id))
         .filter_map(|target| analysis::target_status(aggregates, target, now).ok())
-        .map(|answer| super::query::target_status(&answer))
         .collect()
-}
-
-fn heartbeat(head_seq: u64) -> proto::Heartbeat {
-    proto::Heartbeat {
-        head_seq,
-        at: Some(crate::proto::to_proto::timestamp(Utc::now())),
-    }
 }
 
 impl Watcher {
     /// A watcher of `filter` from `from_seq` (0: start with a snapshot) that sends to
     /// `sender` and reports through `handle`.
-    pub fn new(
+    fn new(
         service: KpiService,
         filter: WatchFilter,
         from_seq: u64,
-        sender: mpsc::Sender<WatchItem>,
+        sender: StreamSender<WatchItem>,
         handle: StreamHandle,
     ) -> Self {
         Self {
-            head: service.watch_head(),
-            heartbeat: service.heartbeat(),
-            shutdown: service.shutdown_token(),
-            _live: service.live().register_watcher(),
-            cursor: Some(LogCursor::new(service.log().clone())),
+            stream: Following::new(&service, sender, handle),
+            _live: service.models.live.register_watcher(),
+            cursor: Some(LogCursor::new(service.log.clone())),
             calendars: HashMap::new(),
             ratios: WatchedRatios::default(),
             next: from_seq.max(1),
             snapshot: from_seq == 0,
             service,
             filter,
-            sender,
-            handle,
         }
-    }
-
-    async fn send(&self, item: Item) -> bool {
-        let sent = self
-            .sender
-            .send(Ok(proto::WatchKpisResponse { item: Some(item) }))
-            .await
-            .is_ok();
-        if sent {
-            self.handle.stats().sent_one();
-        }
-        sent
     }
 
     /// Runs until the client goes away or the server shuts down.
-    pub async fn run(mut self) {
-        let head = *self.head.borrow_and_update();
+    async fn run(mut self) {
+        let head = self.stream.head();
         if self.snapshot {
             if !self.send_snapshot(head).await {
                 return;
             }
             self.next = head + 1;
-            self.handle.stats().set_position(head);
+            self.stream.stats().set_position(head);
         }
         let mut pending = Pending::new();
         loop {
-            let head = *self.head.borrow_and_update();
+            let head = self.stream.head();
             while self.next <= head {
                 let to = head.min(self.next.saturating_add(WATCH_CHUNK - 1));
                 let Some(touched) = self.read(to).await else {
@@ -231,7 +252,7 @@ impl Watcher {
                 };
                 self.collect(&mut pending, touched);
                 self.next = to + 1;
-                self.handle.stats().set_pending(pending.len());
+                self.stream.stats().set_pending(pending.len());
                 if pending.len() >= WATCH_PENDING_LIMIT && !self.flush(&mut pending).await {
                     return;
                 }
@@ -239,17 +260,11 @@ impl Watcher {
             if !pending.is_empty() && !self.flush(&mut pending).await {
                 return;
             }
-            let mut waiting = follow::Waiting {
-                head: &mut self.head,
-                heartbeat: self.heartbeat,
-                shutdown: &self.shutdown,
-                sender: &self.sender,
-                stats: self.handle.stats(),
+            let beat = |head_seq| WatchItem::Heartbeat {
+                head_seq,
+                at: Utc::now(),
             };
-            let beat = |seq| proto::WatchKpisResponse {
-                item: Some(Item::Heartbeat(heartbeat(seq))),
-            };
-            if !waiting.for_more(self.next - 1, beat).await {
+            if !self.stream.for_more(self.next - 1, beat).await {
                 return;
             }
         }
@@ -258,9 +273,9 @@ impl Watcher {
     /// The current bucket of every watched series, then the end-of-snapshot marker.
     async fn send_snapshot(&self, head: u64) -> bool {
         let now = Utc::now();
-        let updates: Vec<proto::BucketUpdate> = {
-            let catalog = self.service.catalog().read();
-            let aggregates = self.service.aggregates().read();
+        let updates: Vec<BucketChange> = {
+            let catalog = self.service.catalog.read();
+            let aggregates = self.service.aggregates.read();
             let mut updates = Vec::new();
             let kpis: Vec<String> = aggregates
                 .measured_kpis()
@@ -287,9 +302,9 @@ impl Watcher {
                 };
                 for answered in buckets {
                     if self.filter.wants_labels(&answered.labels) {
-                        updates.push(bucket_update(
+                        updates.push(bucket_change(
                             &kpi_id,
-                            &answered,
+                            answered,
                             head,
                             false,
                             targets.clone(),
@@ -300,11 +315,16 @@ impl Watcher {
             updates
         };
         for update in updates {
-            if !self.send(Item::Snapshot(update)).await {
+            if !self.stream.send(WatchItem::Snapshot(update)).await {
                 return false;
             }
         }
-        self.send(Item::SnapshotComplete(heartbeat(head))).await
+        self.stream
+            .send(WatchItem::SnapshotComplete {
+                head_seq: head,
+                at: Utc::now(),
+            })
+            .await
     }
 
     /// The measurements that `next..=to` records or retracts, from the live window when it
@@ -313,13 +333,13 @@ impl Watcher {
         let from = self.next;
         let mut touches = Vec::new();
         {
-            let catalog_changed_at = self.service.catalog().read().last_validation_change_seq();
-            let aggregates = self.service.aggregates().read();
+            let catalog_changed_at = self.service.catalog.read().last_validation_change_seq();
+            let aggregates = self.service.aggregates.read();
             self.ratios
                 .refresh(&self.filter, &aggregates, catalog_changed_at);
         }
         let (filter, ratios) = (&self.filter, &self.ratios);
-        let in_window = self.service.live().touches(
+        let in_window = self.service.models.live.touches(
             from,
             to,
             |touch| match touch {
@@ -338,38 +358,40 @@ impl Watcher {
             return Some(touches.into_iter().filter_map(resolved).collect());
         }
         let mut cursor = self.cursor.take()?;
-        let (touched, cursor) = follow::read_for_stream(&self.sender, move || {
-            if !in_window {
-                cursor.read(from, to, |stored| {
-                    touches.extend(Touch::of(&stored.event).map(|touch| (stored.seq, touch)));
-                    Ok(())
-                })?;
-            }
-            let log = cursor.log();
-            let mut touched = Vec::with_capacity(touches.len());
-            for (seq, touch) in touches {
-                match touch {
-                    Touch::Retracted { retracted_seq } => {
-                        if let Some(original) = log.read(retracted_seq, retracted_seq).next()
-                            && let Event::MeasurementRecorded(m) = original?.event
-                        {
-                            touched.push((
-                                seq,
-                                Measured {
-                                    kpi_id: m.kpi_id.into(),
-                                    labels: Arc::new(m.labels),
-                                    occurred_at: m.occurred_at,
-                                    retraction: true,
-                                },
-                            ));
-                        }
-                    }
-                    recorded => touched.extend(resolved((seq, recorded))),
+        let (touched, cursor) = self
+            .stream
+            .read(move || {
+                if !in_window {
+                    cursor.read(from, to, |stored| {
+                        touches.extend(Touch::of(&stored.event).map(|touch| (stored.seq, touch)));
+                        Ok(())
+                    })?;
                 }
-            }
-            Ok((touched, cursor))
-        })
-        .await?;
+                let log = cursor.log();
+                let mut touched = Vec::with_capacity(touches.len());
+                for (seq, touch) in touches {
+                    match touch {
+                        Touch::Retracted { retracted_seq } => {
+                            if let Some(original) = log.read(retracted_seq, retracted_seq).next()
+                                && let Event::MeasurementRecorded(m) = original?.event
+                            {
+                                touched.push((
+                                    seq,
+                                    Measured {
+                                        kpi_id: m.kpi_id.into(),
+                                        labels: Arc::new(m.labels),
+                                        occurred_at: m.occurred_at,
+                                        retraction: true,
+                                    },
+                                ));
+                            }
+                        }
+                        recorded => touched.extend(resolved((seq, recorded))),
+                    }
+                }
+                Ok((touched, cursor))
+            })
+            .await?;
         self.cursor = Some(cursor);
         Some(touched)
     }
@@ -377,7 +399,7 @@ impl Watcher {
     /// Adds the watched buckets of `touched` to `pending` (latest seq wins).
     fn collect(&mut self, pending: &mut Pending, touched: Vec<(u64, Measured)>) {
         let now = Utc::now();
-        let aggregates = self.service.aggregates().read();
+        let aggregates = self.service.aggregates.read();
         let calendars = &mut self.calendars;
         let grain = self.filter.grain;
         let mut add = |kpi_id: Arc<str>, labels: Arc<Labels>, seq: u64, measured: &Measured| {
@@ -421,11 +443,11 @@ impl Watcher {
     /// Sends the current value of every pending bucket; empties `pending`.
     async fn flush(&self, pending: &mut Pending) -> bool {
         let now = Utc::now();
-        let updates: Vec<proto::BucketUpdate> = {
-            let catalog = self.service.catalog().read();
-            let aggregates = self.service.aggregates().read();
+        let updates: Vec<BucketChange> = {
+            let catalog = self.service.catalog.read();
+            let aggregates = self.service.aggregates.read();
             // Target status once per KPI of the flush, not once per bucket.
-            let mut statuses: BTreeMap<Arc<str>, Vec<proto::TargetStatus>> = BTreeMap::new();
+            let mut statuses: BTreeMap<Arc<str>, Vec<TargetAnswer>> = BTreeMap::new();
             std::mem::take(pending)
                 .into_iter()
                 .filter_map(|((kpi_id, labels, _), (bucket, seq, revised))| {
@@ -435,19 +457,19 @@ impl Watcher {
                         .clone();
                     aggregates
                         .series_bucket(&kpi_id, &labels, self.filter.grain, bucket)
-                        .map(|answered| bucket_update(&kpi_id, &answered, seq, revised, targets))
+                        .map(|answered| bucket_change(&kpi_id, answered, seq, revised, targets))
                 })
                 .collect()
         };
         let mut left = updates.len();
         for update in updates {
-            if !self.send(Item::Update(update)).await {
+            if !self.stream.send(WatchItem::Update(update)).await {
                 return false;
             }
             left -= 1;
-            self.handle.stats().set_pending(left);
+            self.stream.stats().set_pending(left);
         }
-        self.handle.stats().set_position(self.next - 1);
+        self.stream.stats().set_position(self.next - 1);
         true
     }
 }
