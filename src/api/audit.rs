@@ -63,46 +63,14 @@ impl Audit for AuditApi {
         _request: Request<proto::VerifyLogRequest>,
     ) -> Result<Response<proto::VerifyLogResponse>, Status> {
         let verification = self.service.verify_log().await?;
-        let mut response = proto::VerifyLogResponse {
-            ok: verification.result.is_ok(),
-            checked_events: verification.checked_events,
-            head_seq: verification.head_seq,
-            ..Default::default()
-        };
-        match verification.result {
-            Ok(hash) => response.head_hash = hash.to_vec(),
-            Err(chain_break) => {
-                response.chain_break = Some(proto::ChainBreak {
-                    seq: chain_break.seq,
-                    reason: chain_break.reason,
-                    expected_hash: chain_break
-                        .expected_hash
-                        .map(|h| h.to_vec())
-                        .unwrap_or_default(),
-                    stored_hash: chain_break
-                        .stored_hash
-                        .map(|h| h.to_vec())
-                        .unwrap_or_default(),
-                });
-            }
-        }
-        Ok(Response::new(response))
+        Ok(Response::new(to_proto::verify_log(&verification)))
     }
 
     async fn get_log_info(
         &self,
         _request: Request<proto::GetLogInfoRequest>,
     ) -> Result<Response<proto::GetLogInfoResponse>, Status> {
-        let head = self.service.head();
-        let restored = self.service.restored();
-        Ok(Response::new(proto::GetLogInfoResponse {
-            head_seq: head.seq,
-            head_hash: head.hash.to_vec(),
-            event_count: head.seq,
-            head_recorded_at: head.recorded_at.map(to_proto::timestamp),
-            restored_snapshot_seq: restored.snapshot_seq,
-            replayed_events: restored.replayed_events,
-        }))
+        Ok(Response::new(to_proto::log_info(&self.service.log_info())))
     }
 
     async fn list_streams(

@@ -24,21 +24,13 @@ impl CatalogApi {
     }
 }
 
-/// The definition of a request, or INVALID_ARGUMENT when absent.
-fn definition(
-    definition: Option<proto::KpiDefinition>,
-) -> Result<crate::domain::KpiDefinition, Status> {
-    let definition = definition.ok_or_else(|| Rejection::invalid("definition", "required"))?;
-    Ok(from_proto::kpi_definition(definition, "definition")?)
-}
-
 #[tonic::async_trait]
 impl KpiCatalog for CatalogApi {
     async fn define_kpi(
         &self,
         request: Request<proto::DefineKpiRequest>,
     ) -> Result<Response<proto::DefineKpiResponse>, Status> {
-        let definition = definition(request.into_inner().definition)?;
+        let definition = from_proto::required_kpi_definition(request.into_inner().definition)?;
         let entry = self.service.define_kpi(definition).await?;
         Ok(Response::new(proto::DefineKpiResponse {
             kpi: Some(to_proto::kpi(&entry)),
@@ -50,7 +42,7 @@ impl KpiCatalog for CatalogApi {
         request: Request<proto::UpdateKpiRequest>,
     ) -> Result<Response<proto::UpdateKpiResponse>, Status> {
         let request = request.into_inner();
-        let definition = definition(request.definition)?;
+        let definition = from_proto::required_kpi_definition(request.definition)?;
         let entry = self
             .service
             .update_kpi(

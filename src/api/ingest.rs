@@ -8,11 +8,12 @@ use tokio_stream::wrappers::ReceiverStream;
 use tokio_stream::{Stream, StreamExt};
 use tonic::{Request, Response, Status, Streaming};
 
+use crate::domain::Rejection;
 use crate::domain::kpi::validate_len;
-use crate::domain::{Measurement, Rejection};
 use crate::proto::ingest_server::Ingest;
+use crate::proto::to_proto;
 use crate::proto::{self, from_proto};
-use crate::service::{KpiService, Recorded, RetractTarget, ServiceError};
+use crate::service::{KpiService, ServiceError};
 
 /// Acknowledgements a RecordStream may have ready before the client reads them; past this
 /// the server stops reading the client's batches (backpressure instead of buffering).
@@ -32,34 +33,15 @@ impl IngestApi {
     }
 }
 
-/// Converts a batch of request measurements; absent occurred_at values become `received_at`.
-fn measurements(
-    batch: Vec<proto::Measurement>,
-    received_at: chrono::DateTime<Utc>,
-) -> Result<Vec<Measurement>, Rejection> {
-    batch
-        .into_iter()
-        .enumerate()
-        .map(|(i, m)| from_proto::measurement(m, &format!("measurements[{i}]"), received_at))
-        .collect()
-}
-
 /// Converts and stores one batch.
 async fn record_batch(
     service: &KpiService,
     batch: Vec<proto::Measurement>,
 ) -> Result<Vec<proto::RecordResult>, ServiceError> {
     let received_at = Utc::now();
-    let batch = measurements(batch, received_at)?;
+    let batch = from_proto::measurements(batch, received_at)?;
     let recorded = service.record(batch, received_at).await?;
-    Ok(recorded.into_iter().map(record_result).collect())
-}
-
-fn record_result(recorded: Recorded) -> proto::RecordResult {
-    proto::RecordResult {
-        seq: recorded.seq,
-        duplicate: recorded.duplicate,
-    }
+    Ok(recorded.iter().map(to_proto::record_result).collect())
 }
 
 /// The acknowledgement of a rejected stream batch.
@@ -121,17 +103,7 @@ impl Ingest for IngestApi {
         request: Request<proto::RetractRequest>,
     ) -> Result<Response<proto::RetractResponse>, Status> {
         let request = request.into_inner();
-        let target = match request.target {
-            Some(proto::retract_request::Target::Seq(seq)) => RetractTarget::Seq(seq),
-            Some(proto::retract_request::Target::EventId(id)) => RetractTarget::EventId(id),
-            None => {
-                return Err(Rejection::invalid(
-                    "target",
-                    "give the seq or the event_id to retract",
-                )
-                .into());
-            }
-        };
+        let target = from_proto::retract_target(request.target)?;
         let (seq, retracted_seq) = self.service.retract(target, request.reason).await?;
         Ok(Response::new(proto::RetractResponse { seq, retracted_seq }))
     }

@@ -147,6 +147,24 @@ fn check_score(value: f64, low: u8, high: u8, kind: &str) -> Result<(), Rejectio
     Ok(())
 }
 
+/// Where one measurement of a batch is in the log.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Recorded {
+    /// Its seq, or the original's for a duplicate.
+    pub seq: u64,
+    /// Whether its event_id was already stored.
+    pub duplicate: bool,
+}
+
+/// The measurement a retraction withdraws.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum RetractTarget {
+    /// By the seq of its MeasurementRecorded event.
+    Seq(u64),
+    /// By its event_id (within the deduplication window).
+    EventId(String),
+}
+
 #[cfg(test)]
 mod tests {
     use chrono::TimeZone;

@@ -230,3 +230,44 @@ pub struct ReplayQuery {
     /// Whether to keep following the head.
     pub follow: bool,
 }
+
+/// The answer of VerifyLog: how far the stored log checked out (`store::EventLog::verify`).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Verification {
+    /// Events whose records, links and hashes checked out (all of them when the log is
+    /// intact; those before the break otherwise).
+    pub checked_events: u64,
+    /// The committed head seq when verification started; later appends are not checked.
+    pub head_seq: u64,
+    /// The head hash recomputed from the records, or the first break.
+    pub result: Result<[u8; 32], ChainBreak>,
+}
+
+/// The first place where the stored log does not verify.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ChainBreak {
+    /// The first seq that cannot be trusted. A record that does not decode is found
+    /// exactly; a hash mismatch is found per segment, so this is the segment's first seq.
+    pub seq: u64,
+    /// What is wrong, for a person.
+    pub reason: String,
+    /// The hash recomputed from the records before the break, where one applies.
+    pub expected_hash: Option<[u8; 32]>,
+    /// The hash stored in the segment, where one applies.
+    pub stored_hash: Option<[u8; 32]>,
+}
+
+/// The answer of GetLogInfo: the durable head and how the read models were restored.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct LogInfo {
+    /// The durable head seq (also the number of events).
+    pub head_seq: u64,
+    /// The chain hash at the head.
+    pub head_hash: [u8; 32],
+    /// When the head event was recorded; `None` for an empty log.
+    pub head_recorded_at: Option<DateTime<Utc>>,
+    /// The seq of the snapshot the read models started from (0: none).
+    pub restored_snapshot_seq: u64,
+    /// Events folded from the log at start, after the snapshot.
+    pub replayed_events: u64,
+}

@@ -10,6 +10,7 @@ use prost_types::Timestamp;
 use super::as_of;
 use super::event_record::Payload;
 use crate::domain::kpi::{DEFAULT_RATIO_SCALE, parse_timezone};
+use crate::domain::measurement::RetractTarget;
 use crate::domain::query::{
     AggregateQuery, AsOf, Fill, ReplayQuery, ReplayStart, TargetSelector, TrendQuery, WatchQuery,
 };
@@ -376,6 +377,40 @@ pub fn watch_query(request: proto::WatchKpisRequest) -> Result<WatchQuery, Rejec
         labels: request.filter,
         from_seq: request.from_seq,
     })
+}
+
+/// A batch of request measurements; absent occurred_at values become `received_at`.
+pub fn measurements(
+    batch: Vec<proto::Measurement>,
+    received_at: DateTime<Utc>,
+) -> Result<Vec<Measurement>, Rejection> {
+    batch
+        .into_iter()
+        .enumerate()
+        .map(|(i, m)| measurement(m, &format!("measurements[{i}]"), received_at))
+        .collect()
+}
+
+/// What a Retract request withdraws.
+pub fn retract_target(
+    target: Option<proto::retract_request::Target>,
+) -> Result<RetractTarget, Rejection> {
+    use proto::retract_request::Target;
+    match target {
+        Some(Target::Seq(seq)) => Ok(RetractTarget::Seq(seq)),
+        Some(Target::EventId(id)) => Ok(RetractTarget::EventId(id)),
+        None => Err(Rejection::invalid(
+            "target",
+            "give the seq or the event_id to retract",
+        )),
+    }
+}
+
+/// The required definition of a DefineKpi or UpdateKpi request.
+pub fn required_kpi_definition(
+    definition: Option<proto::KpiDefinition>,
+) -> Result<KpiDefinition, Rejection> {
+    kpi_definition(required(definition, "definition")?, "definition")
 }
 
 /// A ReplayEvents request as a question.

@@ -6,8 +6,10 @@ use prost_types::Timestamp;
 
 use super::event_record::Payload;
 use crate::domain::aggregate::{self, Detail};
+use crate::domain::measurement::Recorded;
 use crate::domain::query::{
-    AnsweredBucket, BucketChange, ListedStreams, StreamInfo, StreamKind, TargetAnswer, TrendAnswer,
+    AnsweredBucket, BucketChange, ListedStreams, LogInfo, StreamInfo, StreamKind, TargetAnswer,
+    TrendAnswer, Verification,
 };
 use crate::domain::target_status::TargetState;
 use crate::domain::trend;
@@ -432,5 +434,53 @@ fn stream_info(info: &StreamInfo) -> proto::StreamInfo {
         messages_sent: info.sent,
         pending_updates: info.pending,
         max_pending_updates: info.max_pending,
+    }
+}
+
+/// Where a recorded measurement is in the log, as the RecordResult message.
+pub fn record_result(recorded: &Recorded) -> proto::RecordResult {
+    proto::RecordResult {
+        seq: recorded.seq,
+        duplicate: recorded.duplicate,
+    }
+}
+
+/// A verification of the log as the VerifyLog response.
+pub fn verify_log(verification: &Verification) -> proto::VerifyLogResponse {
+    let mut response = proto::VerifyLogResponse {
+        ok: verification.result.is_ok(),
+        checked_events: verification.checked_events,
+        head_seq: verification.head_seq,
+        ..Default::default()
+    };
+    match &verification.result {
+        Ok(hash) => response.head_hash = hash.to_vec(),
+        Err(chain_break) => {
+            response.chain_break = Some(proto::ChainBreak {
+                seq: chain_break.seq,
+                reason: chain_break.reason.clone(),
+                expected_hash: chain_break
+                    .expected_hash
+                    .map(|h| h.to_vec())
+                    .unwrap_or_default(),
+                stored_hash: chain_break
+                    .stored_hash
+                    .map(|h| h.to_vec())
+                    .unwrap_or_default(),
+            });
+        }
+    }
+    response
+}
+
+/// The head and the start of the read models as the GetLogInfo response.
+pub fn log_info(info: &LogInfo) -> proto::GetLogInfoResponse {
+    proto::GetLogInfoResponse {
+        head_seq: info.head_seq,
+        head_hash: info.head_hash.to_vec(),
+        event_count: info.head_seq,
+        head_recorded_at: info.head_recorded_at.map(timestamp),
+        restored_snapshot_seq: info.restored_snapshot_seq,
+        replayed_events: info.replayed_events,
     }
 }

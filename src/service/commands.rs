@@ -5,16 +5,14 @@
 use chrono::{DateTime, Utc};
 
 use crate::domain::measurement::TimeRules;
+use crate::domain::measurement::{Recorded, RetractTarget};
 use crate::domain::{
     Catalog, Event, KpiDefinition, KpiEntry, Measurement, Rejection, TargetDefinition, TargetEntry,
     UpdateRules,
 };
 use crate::store::{AppendError, AppendRequest, Outcome};
 
-use super::{
-    KpiService, MAX_BATCH_MEASUREMENTS, MAX_VALIDATION_ATTEMPTS, Recorded, RetractTarget,
-    ServiceError, blocking,
-};
+use super::{KpiService, MAX_BATCH_MEASUREMENTS, MAX_VALIDATION_ATTEMPTS, ServiceError, blocking};
 
 impl KpiService {
     /// DefineKpi.

@@ -19,7 +19,7 @@ use std::time::Duration;
 use chrono::TimeDelta;
 use tokio_util::sync::CancellationToken;
 
-use crate::domain::query::{ListedStreams, StreamKind};
+use crate::domain::query::{ListedStreams, LogInfo, StreamKind};
 use crate::domain::{KpiEntry, Rejection};
 use crate::projection::{AggregateView, CatalogView, ReadModels, Restored, SnapshotError};
 use crate::store::{EventLog, LogHead, StoreError};
@@ -62,15 +62,6 @@ async fn blocking<T: Send + 'static>(
         .map_err(|error| ServiceError::TaskFailed(error.to_string()))
 }
 
-/// Where one measurement of a batch is in the log.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub struct Recorded {
-    /// Its seq, or the original's for a duplicate.
-    pub seq: u64,
-    /// Whether its event_id was already stored.
-    pub duplicate: bool,
-}
-
 /// The service's state: the log and the read models folded from it.
 #[derive(Clone)]
 pub struct KpiService {
@@ -99,15 +90,6 @@ pub struct ServiceOptions {
     pub heartbeat: Duration,
     /// Space a snapshot leaves free on its file system, or it is not written.
     pub min_free_bytes: u64,
-}
-
-/// The measurement a retraction withdraws.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub enum RetractTarget {
-    /// By the seq of its MeasurementRecorded event.
-    Seq(u64),
-    /// By its event_id (within the deduplication window).
-    EventId(String),
 }
 
 /// Aggregates to answer from: the live read model, or a fold as of a point of the log.
@@ -161,6 +143,19 @@ impl KpiService {
     /// The log's durable head.
     pub fn head(&self) -> LogHead {
         self.log.head()
+    }
+
+    /// GetLogInfo: the durable head and how the read models were restored at start.
+    pub fn log_info(&self) -> LogInfo {
+        let head = self.log.head();
+        let restored = self.models.restored;
+        LogInfo {
+            head_seq: head.seq,
+            head_hash: head.hash,
+            head_recorded_at: head.recorded_at,
+            restored_snapshot_seq: restored.snapshot_seq,
+            replayed_events: restored.replayed_events,
+        }
     }
 
     /// Cancelled when the server starts shutting down: open streams end with UNAVAILABLE.

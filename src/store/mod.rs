@@ -92,6 +92,7 @@ use tokio::sync::{mpsc, oneshot};
 
 use crate::domain::Event;
 
+pub use crate::domain::query::{ChainBreak, Verification};
 pub use chain::{GENESIS_HASH, Hash, next_hash};
 pub use dedup::{DedupStats, RunMemory};
 pub use durability::{create_dir_durably, sync_dir};
@@ -284,32 +285,6 @@ pub struct StoredEvent {
     pub record: bytes::Bytes,
     /// The decoded event.
     pub event: Event,
-}
-
-/// The result of [`EventLog::verify`].
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct Verification {
-    /// Events whose records, links and hashes checked out (all of them when the log is
-    /// intact; those before the break otherwise).
-    pub checked_events: u64,
-    /// The committed head seq when verification started; later appends are not checked.
-    pub head_seq: u64,
-    /// The head hash recomputed from the records, or the first break.
-    pub result: Result<Hash, ChainBreak>,
-}
-
-/// The first place where the stored log does not verify.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct ChainBreak {
-    /// The first seq that cannot be trusted. A record that does not decode is found
-    /// exactly; a hash mismatch is found per segment, so this is the segment's first seq.
-    pub seq: u64,
-    /// What is wrong, for a person.
-    pub reason: String,
-    /// The hash recomputed from the records before the break, where one applies.
-    pub expected_hash: Option<Hash>,
-    /// The hash stored in the segment, where one applies.
-    pub stored_hash: Option<Hash>,
 }
 
 /// Counters of the write side since open, for metrics and tests.
