@@ -58,8 +58,10 @@
 //! log does not continue (the log ends before `covered`, or its hash there differs, as
 //! after `kpi-server recover`), one of another format, or one sled cannot open (an error, or
 //! a panic of sled's recovery after a power cut, which `store::open_sled` catches) is removed
-//! and rebuilt from the log. A directory lock still held after a few seconds
-//! (`store::open_sled`) is not damage: the open fails with `StoreError::AlreadyInUse`.
+//! and rebuilt from the log. The index is opened only by a server that holds the data
+//! directory's lock (the log's `store::DirLock`); sled's own lock on the index still held
+//! after a few seconds (a handle of this process that did not close, `store::open_sled`)
+//! is not damage: the open fails with `StoreError::AlreadyInUse`.
 
 use std::collections::VecDeque;
 use std::path::{Path, PathBuf};
@@ -474,7 +476,7 @@ impl History {
     pub fn open(dir: &Path, log: &EventLog, options: HistoryOptions) -> Result<Self, StoreError> {
         let db = match open_db(dir) {
             Ok(db) => db,
-            Err(OpenSledError::Locked(_)) => {
+            Err(OpenSledError::Locked) => {
                 return Err(StoreError::AlreadyInUse {
                     path: dir.to_owned(),
                 });
@@ -895,7 +897,7 @@ fn open_db(dir: &Path) -> Result<sled::Db, OpenSledError> {
     let config = sled::Config::new()
         .path(dir)
         .cache_capacity(SLED_CACHE_BYTES);
-    store::open_sled(&config, LOCK_PATIENCE)
+    store::open_sled(dir, &config, LOCK_PATIENCE)
 }
 
 /// The seq a stored `covered` names, if the log continues it.
