@@ -13,6 +13,7 @@
 //! - [`api`]: the tonic services, health and reflection; the only module that knows tonic.
 //! - [`proto`]: the generated kpi.v1 code and its conversions to and from `domain`.
 //! - [`config`]: flags and environment.
+//! - [`encoding`]: the one serde format (postcard) of the read models' stored bytes.
 //! - [`recover`]: `kpi-server recover`, the operator's repair of a log that lost events.
 //!
 //! [`run`] is the entry point: it takes a bound listener and a shutdown future, so tests
@@ -21,6 +22,7 @@
 pub mod api;
 pub mod config;
 pub mod domain;
+pub mod encoding;
 pub mod projection;
 pub mod proto;
 pub mod recover;

@@ -4,6 +4,8 @@
 mod common;
 
 use common::TestServer;
+use kpi_service::RunError;
+use kpi_service::store::StoreError;
 use prost::Message;
 use tokio_stream::StreamExt;
 use tonic_health::pb::health_check_response::ServingStatus;
@@ -128,11 +130,22 @@ async fn a_second_server_on_the_same_data_directory_fails_fast() {
     // The first one has opened its log once it answers.
     assert_eq!(first.log_info().await.head_seq, 0);
 
+    let started = std::time::Instant::now();
     let second = TestServer::start(dir.path()).await;
     let error = second
         .exit()
         .await
         .expect_err("second server must not start");
+    // The data directory's lock is refused at once, not after a wait.
+    assert!(started.elapsed() < std::time::Duration::from_secs(1));
+    let log_dir = dir.path().join(kpi_service::LOG_DIR);
+    assert!(
+        matches!(
+            &error,
+            RunError::Store { source: StoreError::AlreadyInUse { path }, .. } if *path == log_dir
+        ),
+        "{error:?}"
+    );
     let message = error.to_string();
     assert!(
         message.contains("already") && message.contains(&dir.path().display().to_string()),
@@ -141,6 +154,11 @@ async fn a_second_server_on_the_same_data_directory_fails_fast() {
     // The first server is unharmed.
     assert_eq!(first.log_info().await.head_seq, 0);
     first.stop().await;
+
+    // Once the first has stopped, the directory is free.
+    let third = TestServer::start(dir.path()).await;
+    assert_eq!(third.log_info().await.head_seq, 0);
+    third.stop().await;
 }
 
 /// Sequential calls this test makes; at 40 ms each, a Nagle stall would take 800 ms.

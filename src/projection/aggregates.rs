@@ -236,7 +236,7 @@ impl Aggregates {
     }
 
     /// Part `part` of `parts` of the measured KPIs' buckets, an independently decodable
-    /// byte string (bincode), for a snapshot: most of a restart is decoding them, and parts
+    /// byte string (`crate::encoding`), for a snapshot: most of a restart is decoding them, and parts
     /// decode on all cores. Encoded one at a time, so a snapshot holds one part's bytes.
     pub fn encode_measured(&self, part: usize, parts: usize) -> Result<Vec<u8>, String> {
         let parts = parts.max(1);
@@ -247,19 +247,14 @@ impl Aggregates {
             .filter(|(i, _)| i % parts == part)
             .map(|(_, entry)| entry)
             .collect();
-        bincode::serde::encode_to_vec(&share, bincode::config::standard())
-            .map_err(|e| e.to_string())
+        crate::encoding::encode(&share)
     }
 
     /// Decodes parts written by [`Aggregates::encode_measured`] on up to `threads`
     /// threads into this (otherwise decoded) model, and makes the KPIs' calendars.
     pub fn decode_measured(&mut self, parts: &[&[u8]], threads: usize) -> Result<(), String> {
         type Part = Vec<(String, KpiAggregates)>;
-        let decode = |bytes: &&[u8]| -> Result<Part, String> {
-            bincode::serde::decode_from_slice(bytes, bincode::config::standard())
-                .map(|(part, _)| part)
-                .map_err(|e| e.to_string())
-        };
+        let decode = |bytes: &&[u8]| -> Result<Part, String> { crate::encoding::decode(bytes) };
         let threads = threads.clamp(1, parts.len().max(1));
         let chunk = parts.len().div_ceil(threads).max(1);
         let decoded: Vec<Result<Vec<Part>, String>> = std::thread::scope(|scope| {
@@ -286,7 +281,7 @@ impl Aggregates {
     }
 
     /// The state of the measured KPI `kpi_id` (definition, version and the buckets of the
-    /// grains this model folds), an independently decodable byte string (bincode) for an
+    /// grains this model folds), an independently decodable byte string (`crate::encoding`) for an
     /// as-of checkpoint, with the number of buckets in it; `None` when the model does not
     /// measure the KPI.
     pub fn encode_kpi(&self, kpi_id: &str) -> Option<Result<(Vec<u8>, usize), String>> {
@@ -297,20 +292,14 @@ impl Aggregates {
             .flat_map(|series| &series.grains)
             .map(BucketMap::len)
             .sum();
-        Some(
-            bincode::serde::encode_to_vec(kpi, bincode::config::standard())
-                .map(|bytes| (bytes, buckets))
-                .map_err(|e| e.to_string()),
-        )
+        Some(crate::encoding::encode(kpi).map(|bytes| (bytes, buckets)))
     }
 
     /// Puts a KPI state written by [`Aggregates::encode_kpi`] into this model as the state
     /// of `kpi_id`, keeping the buckets of the grains this model folds only. Refuses a
     /// state of another KPI or one that refers to stored pages (a fold has none).
     pub fn install_kpi(&mut self, kpi_id: &str, bytes: &[u8]) -> Result<(), String> {
-        let (mut kpi, _): (KpiAggregates, usize) =
-            bincode::serde::decode_from_slice(bytes, bincode::config::standard())
-                .map_err(|e| e.to_string())?;
+        let mut kpi: KpiAggregates = crate::encoding::decode(bytes)?;
         if kpi.definition.id != kpi_id {
             return Err(format!("a state of kpi '{}'", kpi.definition.id));
         }

@@ -30,7 +30,7 @@
 //! A checkpoint is a page (LZ4, length and CRC-32 checked, as the read model's pages) in
 //! append-only files under `<history dir>/checkpoints/`, found through the index's sled
 //! tree `checkpoints` (key: KPI id, a 0 byte, seq as u64 BE; value: the page's place).
-//! Its bytes: a format byte, the log's chain hash at its seq, the state (bincode). Pages
+//! Its bytes: a format byte, the log's chain hash at its seq, the state (`crate::encoding`). Pages
 //! are not synced: a crash may lose the newest while their keys survive, so a fold tries
 //! up to four, newest first. One the log does not continue (another hash at its seq, as
 //! after `kpi-server recover`), of another format, or damaged is not used.
@@ -55,7 +55,8 @@ use crate::store::{LogReader, StoreError};
 pub const CHECKPOINT_GRAINS: [Grain; 3] = [Grain::Month, Grain::Quarter, Grain::Year];
 
 /// The format of a checkpoint's bytes; bump it when the encoding of a KPI's state changes.
-const FORMAT: u8 = 1;
+/// Format 2: the state is postcard (`crate::encoding`), where 1 was bincode.
+const FORMAT: u8 = 2;
 /// Bytes before the state: the format and the chain hash.
 const HEADER: usize = 1 + 32;
 

@@ -58,8 +58,10 @@
 //! log does not continue (the log ends before `covered`, or its hash there differs, as
 //! after `kpi-server recover`), one of another format, or one sled cannot open (an error, or
 //! a panic of sled's recovery after a power cut, which `store::open_sled` catches) is removed
-//! and rebuilt from the log. A directory lock still held after a few seconds
-//! (`store::open_sled`) is not damage: the open fails with `StoreError::AlreadyInUse`.
+//! and rebuilt from the log. The index is opened only by a server that holds the data
+//! directory's lock (the log's `store::DirLock`); sled's own lock on the index still held
+//! after a few seconds (a handle of this process that did not close, `store::open_sled`)
+//! is not damage: the open fails with `StoreError::AlreadyInUse`.
 
 use std::collections::VecDeque;
 use std::path::{Path, PathBuf};
@@ -89,8 +91,11 @@ const MAX_PART_BYTES: usize = 32 * 1024 * 1024;
 /// Largest entries area a stored block may claim (a part is frozen at 32 MiB): a damaged
 /// size never makes a read allocate more.
 const MAX_AREA_BYTES: usize = 2 * MAX_PART_BYTES;
-/// The format of `covered` and of the blocks.
-const FORMAT: u8 = 3;
+/// The format of `covered` and of the blocks, and of the checkpoints' page references
+/// (`crate::encoding`). Format 4: the page references are postcard, where 3 wrote
+/// bincode. An index of another format, or with entries but no format (no `covered`), is
+/// removed with its checkpoints and rebuilt from the log.
+const FORMAT: u8 = 4;
 /// The tree of the index.
 const TREE: &str = "history";
 /// The tree of the as-of checkpoints (see [`crate::projection::as_of`]): where each is.
@@ -474,7 +479,7 @@ impl History {
     pub fn open(dir: &Path, log: &EventLog, options: HistoryOptions) -> Result<Self, StoreError> {
         let db = match open_db(dir) {
             Ok(db) => db,
-            Err(OpenSledError::Locked(_)) => {
+            Err(OpenSledError::Locked) => {
                 return Err(StoreError::AlreadyInUse {
                     path: dir.to_owned(),
                 });
@@ -486,6 +491,18 @@ impl History {
                     source,
                 })?;
                 open_db(dir).map_err(sled::Error::from)?
+            }
+        };
+        let db = match other_format(&db)? {
+            None => db,
+            Some(found) => {
+                tracing::warn!(
+                    found,
+                    format = FORMAT,
+                    dir = %dir.display(),
+                    "history index of another format; rebuilding it from the log"
+                );
+                remove_and_reopen(dir, db)?
             }
         };
         let tree = db.open_tree(TREE)?;
@@ -742,17 +759,13 @@ impl History {
                 .and_then(|bytes| bytes.try_into().ok())
                 .map(u64::from_be_bytes)
                 .unwrap_or(0);
-            let read = bincode::serde::decode_from_slice::<PageRef, _>(
-                &value,
-                bincode::config::standard(),
-            )
-            .map_err(|error| error.to_string())
-            .and_then(|(page, _)| {
-                self.checkpoint_pages
-                    .read(page)
-                    .map_err(|error| error.to_string())
-            })
-            .and_then(|bytes| usable(at, &bytes).map(|()| bytes));
+            let read = crate::encoding::decode::<PageRef>(&value)
+                .and_then(|page| {
+                    self.checkpoint_pages
+                        .read(page)
+                        .map_err(|error| error.to_string())
+                })
+                .and_then(|bytes| usable(at, &bytes).map(|()| bytes));
             match read {
                 Ok(bytes) if at > 0 => return Ok(Some((at, bytes))),
                 Ok(_) => {}
@@ -773,8 +786,8 @@ impl History {
             source,
         };
         let page = self.checkpoint_pages.write(bytes).map_err(io)?;
-        let value = bincode::serde::encode_to_vec(page, bincode::config::standard())
-            .map_err(|error| io(std::io::Error::other(error.to_string())))?;
+        let value =
+            crate::encoding::encode(&page).map_err(|error| io(std::io::Error::other(error)))?;
         self.checkpoints
             .insert(checkpoint_key(kpi_id, seq), value)?;
         Ok(u64::from(page.stored_bytes()))
@@ -895,7 +908,41 @@ fn open_db(dir: &Path) -> Result<sled::Db, OpenSledError> {
     let config = sled::Config::new()
         .path(dir)
         .cache_capacity(SLED_CACHE_BYTES);
-    store::open_sled(&config, LOCK_PATIENCE)
+    store::open_sled(dir, &config, LOCK_PATIENCE)
+}
+
+/// What the index in `db` says of its format when it is not this build's: the format
+/// byte of its `covered` record, or "none" for entries without one (an index written
+/// before the format was recorded). `None` for this build's format or an empty index.
+fn other_format(db: &sled::Db) -> Result<Option<String>, StoreError> {
+    let tree = db.open_tree(TREE)?;
+    match tree.get(COVERED_KEY)? {
+        Some(value) => Ok(match value.first() {
+            Some(&format) if format == FORMAT => None,
+            Some(format) => Some(format.to_string()),
+            None => Some("empty".to_owned()),
+        }),
+        None if tree.is_empty() && db.open_tree(CHECKPOINTS_TREE)?.is_empty() => Ok(None),
+        None => Ok(Some("none".to_owned())),
+    }
+}
+
+/// Closes `db`, removes the index directory `dir` (its checkpoint pages too) and opens
+/// an empty index there.
+fn remove_and_reopen(dir: &Path, db: sled::Db) -> Result<sled::Db, StoreError> {
+    drop(db);
+    let io = |source| StoreError::Io {
+        path: dir.to_owned(),
+        source,
+    };
+    // sled's threads let go of the files a moment after the last handle is dropped.
+    if !store::wait_for_sled(dir, LOCK_PATIENCE).map_err(io)? {
+        return Err(StoreError::AlreadyInUse {
+            path: dir.to_owned(),
+        });
+    }
+    std::fs::remove_dir_all(dir).map_err(io)?;
+    Ok(open_db(dir).map_err(sled::Error::from)?)
 }
 
 /// The seq a stored `covered` names, if the log continues it.
@@ -1345,6 +1392,24 @@ mod tests {
                     && (x.occurred_at, &x.labels, &x.subject, &x.kpi_id)
                         == (y.occurred_at, &y.labels, &y.subject, &y.kpi_id)
             })
+    }
+
+    #[test]
+    fn an_index_of_another_format_or_without_one_is_told_apart() {
+        let db = sled::Config::new().temporary(true).open().unwrap();
+        assert_eq!(other_format(&db).unwrap(), None, "an empty index");
+        let tree = db.open_tree(TREE).unwrap();
+        tree.insert(part_key(OTHERS, 1), &[FORMAT, 0, 0, 0, 0])
+            .unwrap();
+        assert_eq!(other_format(&db).unwrap().as_deref(), Some("none"));
+        tree.insert(COVERED_KEY, &[3, 1, 2]).unwrap();
+        assert_eq!(other_format(&db).unwrap().as_deref(), Some("3"));
+        tree.insert(COVERED_KEY, &[FORMAT, 1, 2]).unwrap();
+        assert_eq!(other_format(&db).unwrap(), None);
+        tree.clear().unwrap();
+        let checkpoints = db.open_tree(CHECKPOINTS_TREE).unwrap();
+        checkpoints.insert(b"kpi", &[1]).unwrap();
+        assert_eq!(other_format(&db).unwrap().as_deref(), Some("none"));
     }
 
     #[test]

@@ -3,9 +3,10 @@
 //! rename, fsync of the directory), so a restart replays only the log's tail.
 //!
 //! The file is the format (u32, little-endian), the measured KPIs' buckets in
-//! [`MEASURED_PARTS`] parts (bincode each, written one at a time so that a snapshot holds
-//! only one part's bytes, decoded straight from the file's bytes on all cores), then the
-//! bincode encoding of [`Snapshot`] (which holds the parts' lengths), its length (u64),
+//! [`MEASURED_PARTS`] parts (each encoded by `crate::encoding`, postcard, written one at a
+//! time so that a snapshot holds only one part's bytes, decoded straight from the file's
+//! bytes on all cores), then the encoding of [`Snapshot`] (which holds the parts' lengths),
+//! its length (u64),
 //! and a CRC-32 of everything before it, little-endian.
 //!
 //! A snapshot that is missing, unreadable, damaged (its checksum differs), of another
@@ -36,7 +37,9 @@ pub const SNAPSHOT_FILE: &str = "projection.snapshot";
 /// parts come before the encoded snapshot, the format first as 4 plain bytes; a stored
 /// chunk may carry the late measurements kept beside it (a variant added at the end, so
 /// earlier format-8 files still read; a build before it refuses such a file and rebuilds).
-const FORMAT: u32 = 8;
+/// Format 9: the parts and the snapshot are postcard (`crate::encoding`), where 8 was
+/// bincode; a format-8 file is discarded and the read models rebuilt from the log.
+const FORMAT: u32 = 9;
 
 /// Parts the measured KPIs' buckets are stored in, so a restart decodes them on every core.
 const MEASURED_PARTS: usize = 16;
@@ -187,8 +190,7 @@ fn write_parts(
         put(&bytes)?;
         snapshot.parts.push(widen(bytes.len()));
     }
-    let head = bincode::serde::encode_to_vec(&*snapshot, bincode::config::standard())
-        .map_err(|e| SnapshotError::Decode(e.to_string()))?;
+    let head = crate::encoding::encode(&*snapshot).map_err(SnapshotError::Decode)?;
     put(&head)?;
     put(&widen(head.len()).to_le_bytes())?;
     let checksum = checksum.finalize().to_le_bytes();
@@ -279,9 +281,8 @@ pub fn load_undecoded(dir: &Path) -> Result<Option<Undecoded>, SnapshotError> {
         .and_then(|end| end.checked_sub(head_len))
         .filter(|at| *at >= 4)
         .ok_or_else(|| damaged("the snapshot runs past the file"))?;
-    let (snapshot, _): (Snapshot, usize) =
-        bincode::serde::decode_from_slice(&content[head_at..], bincode::config::standard())
-            .map_err(|e| SnapshotError::Decode(e.to_string()))?;
+    let snapshot: Snapshot = crate::encoding::decode(&content[head_at..content.len() - 8])
+        .map_err(SnapshotError::Decode)?;
     if snapshot.format != FORMAT {
         return Err(SnapshotError::Format {
             found: snapshot.format,

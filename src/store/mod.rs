@@ -50,11 +50,14 @@
 //!
 //! # Opening
 //!
-//! sled refuses a directory whose lock another handle holds, and its background threads
-//! release the lock only shortly after the last handle is dropped. [`open_sled`] (also used
-//! by the history index) retries while the lock is held, for a patience the caller picks,
-//! and then reports the lock apart from other errors; the log reports it as
-//! [`StoreError::AlreadyInUse`].
+//! One open log per directory: before anything in it changes, the log takes an exclusive
+//! `flock` on `<dir>/lock` ([`DirLock`], `dir_lock.rs`) and holds it until it is closed or
+//! dropped; another holder makes the open fail with [`StoreError::AlreadyInUse`]. The
+//! read models' files beside the log (history index, pages, snapshot) are opened only
+//! after the log and written only while it is open, so the lock covers the whole data
+//! directory. sled's own lock on its data file is released by its background threads
+//! only shortly after the last handle is dropped: [`open_sled`] (also used by the history
+//! index) waits for it, for a patience the caller picks.
 //!
 //! # Failure policy
 //!
@@ -73,6 +76,7 @@ mod chain;
 mod checkpoint;
 mod commit;
 mod dedup;
+mod dir_lock;
 mod durability;
 mod error;
 mod reader;
@@ -95,6 +99,8 @@ use crate::domain::Event;
 pub use crate::domain::query::{ChainBreak, Verification};
 pub use chain::{GENESIS_HASH, Hash, next_hash};
 pub use dedup::{DedupStats, RunMemory};
+pub(crate) use dir_lock::wait_for_sled;
+pub use dir_lock::{DirLock, LOCK_FILE};
 pub use durability::{create_dir_durably, sync_dir};
 pub use error::{AppendError, StoreError};
 pub use reader::{ReadEvents, decode_record};
@@ -338,6 +344,8 @@ struct Inner {
     threads: Mutex<Vec<JoinHandle<()>>>,
     /// Tells a dedup merge in progress to give up at close.
     stop_merges: Arc<AtomicBool>,
+    /// The directory's lock; `None` once closed, released after the threads ended.
+    dir_lock: Mutex<Option<DirLock>>,
 }
 
 impl EventLog {
@@ -412,6 +420,7 @@ impl EventLog {
             disk,
             checkpoint,
             evidence: _,
+            dir_lock,
         } = opened;
         let checkpoint = checkpoint.spawn().map_err(StoreError::Spawn)?;
         let (dedup, runs) = dedup::open(dir, &segments, &head, &options)?;
@@ -500,6 +509,7 @@ impl EventLog {
                 sender: Mutex::new(Some(sender)),
                 threads: Mutex::new(vec![writer, flusher, syncer, publisher, spiller, merger]),
                 stop_merges: Arc::clone(&background.stop),
+                dir_lock: Mutex::new(Some(dir_lock)),
             }),
         })
     }
@@ -746,6 +756,8 @@ impl Inner {
             panicked |= thread.join().is_err();
         }
         write(&self.shared.segments).take();
+        // Nothing of this log writes any more: another open may take the directory.
+        drop(lock(&self.dir_lock).take());
         if panicked {
             Err(StoreError::WriterStopped)
         } else if self.shared.failed.load(Ordering::Acquire) {
@@ -809,6 +821,8 @@ struct Opened {
     checkpoint: checkpoint::Checkpoint,
     /// What the acknowledgement record held at open.
     evidence: checkpoint::Evidence,
+    /// The directory's lock, held from before sled was opened.
+    dir_lock: DirLock,
 }
 
 impl Opened {
@@ -892,8 +906,10 @@ impl Opened {
             move |source| StoreError::Io { path, source }
         };
         space::check_before_open(dir, options.min_free_bytes)?;
-        durability::remove_unfinished_snapshots(dir).map_err(io_error(dir))?;
         durability::create_dir_durably(dir).map_err(io_error(dir))?;
+        // Before anything else changes: another server may be using the directory.
+        let dir_lock = DirLock::acquire(dir)?;
+        durability::remove_unfinished_snapshots(dir).map_err(io_error(dir))?;
         let db = open_db(dir)?;
         check_format(&db, dir)?;
         let segments = db.open_tree(SEGMENTS_TREE)?;
@@ -928,6 +944,7 @@ impl Opened {
             disk,
             checkpoint,
             evidence,
+            dir_lock,
         })
     }
 }
@@ -945,10 +962,11 @@ fn finish(reply: Reply) -> Result<Vec<Outcome>, AppendError> {
     }
 }
 
-/// How long opening waits for a held directory lock. sled's background threads release
-/// it shortly after the last handle of a database is dropped, so a reopen in the same
-/// process right after a drop can see it held for a moment; another process holding it
-/// is reported after this wait.
+/// How long opening waits for sled's own lock after taking the directory's [`DirLock`].
+/// sled's background threads release it shortly after the last handle of a database is
+/// dropped, so a reopen in the same process right after a close can see it held for a
+/// moment; longer, it is held by a handle still open (or a program that opened the sled
+/// files directly) and reported after this wait.
 const LOCK_PATIENCE: std::time::Duration = std::time::Duration::from_secs(1);
 
 /// sled's own cache of tree pages. Its default (1 GiB) filled with the segments a long
@@ -957,7 +975,8 @@ const LOCK_PATIENCE: std::time::Duration = std::time::Duration::from_secs(1);
 /// counts against the memory budget (`--memory-budget`), so it is small.
 const SLED_CACHE_BYTES: u64 = 16 * 1024 * 1024;
 
-/// Opens sled in `dir`, telling a held lock apart from other I/O errors.
+/// Opens sled in `dir` (whose [`DirLock`] the caller holds), telling a held lock apart
+/// from other I/O errors.
 fn open_db(dir: &Path) -> Result<sled::Db, StoreError> {
     // No periodic flusher: it would make sled's file durable without the directory
     // (see `durability.rs`); the flusher and syncer make every group durable instead.
@@ -965,9 +984,9 @@ fn open_db(dir: &Path) -> Result<sled::Db, StoreError> {
         .path(dir)
         .cache_capacity(SLED_CACHE_BYTES)
         .flush_every_ms(None);
-    match open_sled(&config, LOCK_PATIENCE) {
+    match open_sled(dir, &config, LOCK_PATIENCE) {
         Ok(db) => Ok(db),
-        Err(OpenSledError::Locked(_)) => Err(StoreError::AlreadyInUse {
+        Err(OpenSledError::Locked) => Err(StoreError::AlreadyInUse {
             path: dir.to_owned(),
         }),
         Err(OpenSledError::Sled(sled::Error::Corruption { .. })) => Err(StoreError::Corrupt {
@@ -984,9 +1003,10 @@ fn open_db(dir: &Path) -> Result<sled::Db, StoreError> {
 /// Why [`open_sled`] failed.
 #[derive(Debug)]
 pub(crate) enum OpenSledError {
-    /// The directory's lock was still held when the patience ran out: another process (or
-    /// a handle of this one that is not closed) has the database open. Holds sled's error.
-    Locked(sled::Error),
+    /// sled's lock on its data file was still held when the patience ran out: a handle of
+    /// this process that is not closed (or a program that opened the sled files directly)
+    /// has the database open.
+    Locked,
     /// Any other error of sled's open (I/O, a damaged file, an unsupported setting).
     Sled(sled::Error),
 }
@@ -994,19 +1014,22 @@ pub(crate) enum OpenSledError {
 impl From<OpenSledError> for sled::Error {
     fn from(error: OpenSledError) -> Self {
         match error {
-            OpenSledError::Locked(error) | OpenSledError::Sled(error) => error,
+            OpenSledError::Locked => sled::Error::Io(std::io::Error::new(
+                std::io::ErrorKind::WouldBlock,
+                "the database is still open",
+            )),
+            OpenSledError::Sled(error) => error,
         }
     }
 }
 
-/// Opens the sled database `config` names (its path, cache size and other settings are
-/// the caller's), with patience for the directory's lock: while sled reports the lock
-/// held, it tries again every 20 ms until `patience` has passed, then reports
-/// [`OpenSledError::Locked`]. sled's background threads release the lock shortly after the
-/// last handle of a database is dropped, so a reopen in this process right after a close
-/// can see it held for a moment; a lock held longer is another open handle. Every other
-/// error is returned at once as [`OpenSledError::Sled`]. Shared by the log ([`open_db`])
-/// and the history index (`projection::history`).
+/// Opens the sled database `config` names in `dir` (its cache size and other settings
+/// are the caller's). The caller holds the data directory's [`DirLock`], so no other
+/// server has the database open; a handle of this process that is closing may still hold
+/// sled's own lock for a moment, so this first waits up to `patience` for it
+/// ([`dir_lock::wait_for_sled`]) and reports [`OpenSledError::Locked`] if it stays held.
+/// Every other error is returned at once as [`OpenSledError::Sled`]. Shared by the log
+/// ([`open_db`]) and the history index (`projection::history`).
 ///
 /// sled 0.34 panics on some damaged files instead of returning an error (a power cut
 /// that leaves an empty `conf` and no snapshot beside the data file makes its recovery
@@ -1014,34 +1037,27 @@ impl From<OpenSledError> for sled::Error {
 /// [`OpenSledError::Sled`] (a `ReportableBug` with the panic's message), so the history
 /// index is rebuilt and a damaged log fails its open with an error, not a crash.
 pub(crate) fn open_sled(
+    dir: &Path,
     config: &sled::Config,
     patience: std::time::Duration,
 ) -> Result<sled::Db, OpenSledError> {
-    let deadline = std::time::Instant::now() + patience;
-    loop {
-        let opened = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| config.open()))
-            .unwrap_or_else(|panic| {
-                let message = panic
-                    .downcast_ref::<&str>()
-                    .map(|text| (*text).to_owned())
-                    .or_else(|| panic.downcast_ref::<String>().cloned())
-                    .unwrap_or_else(|| "a panic without a message".to_owned());
-                Err(sled::Error::ReportableBug(format!(
-                    "sled panicked while opening the database: {message}"
-                )))
-            });
-        match opened {
-            Ok(db) => return Ok(db),
-            // sled 0.34 reports a held directory lock only as this message.
-            Err(sled::Error::Io(io)) if io.to_string().contains("could not acquire lock") => {
-                if std::time::Instant::now() >= deadline {
-                    return Err(OpenSledError::Locked(sled::Error::Io(io)));
-                }
-                std::thread::sleep(std::time::Duration::from_millis(20));
-            }
-            Err(other) => return Err(OpenSledError::Sled(other)),
-        }
+    match dir_lock::wait_for_sled(dir, patience) {
+        Ok(true) => {}
+        Ok(false) => return Err(OpenSledError::Locked),
+        Err(io) => return Err(OpenSledError::Sled(sled::Error::Io(io))),
     }
+    std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| config.open()))
+        .unwrap_or_else(|panic| {
+            let message = panic
+                .downcast_ref::<&str>()
+                .map(|text| (*text).to_owned())
+                .or_else(|| panic.downcast_ref::<String>().cloned())
+                .unwrap_or_else(|| "a panic without a message".to_owned());
+            Err(sled::Error::ReportableBug(format!(
+                "sled panicked while opening the database: {message}"
+            )))
+        })
+        .map_err(OpenSledError::Sled)
 }
 
 /// Writes the format version into a new database, or checks the one that is there.

@@ -116,11 +116,9 @@ fn widen(len: usize) -> u64 {
     super::segment::widen(len)
 }
 
-/// Bytes of `value` as a varint.
+/// Bytes of `value` as a varint (prost's count).
 fn varint_len(value: u64) -> usize {
-    // One byte per started group of 7 bits; 0 takes one byte.
-    let bits = 64 - (value | 1).leading_zeros();
-    usize::try_from(bits.div_ceil(7)).unwrap_or(10)
+    prost::encoding::encoded_len_varint(value)
 }
 
 /// Bytes of a varint field (key and value), 0 when the value is 0 and left out.
@@ -137,12 +135,9 @@ fn string_field_len(value: &str) -> usize {
     }
 }
 
-fn put_varint(buf: &mut Vec<u8>, mut value: u64) {
-    while value >= 0x80 {
-        buf.push(value.to_le_bytes()[0] | 0x80);
-        value >>= 7;
-    }
-    buf.push(value.to_le_bytes()[0]);
+/// Appends `value` as a varint (prost's encoding).
+fn put_varint(buf: &mut Vec<u8>, value: u64) {
+    prost::encoding::encode_varint(value, buf);
 }
 
 fn put_varint_field(buf: &mut Vec<u8>, key: u8, value: u64) {

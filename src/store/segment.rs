@@ -9,7 +9,8 @@
 //!     41    32  head_hash: the chain hash after the last event
 //!     73     4  count of records, u32 big-endian, at least 1
 //!     77     …  the records area:
-//!               format 1: count times: record length as an unsigned LEB128 varint,
+//!               format 1: count times: record length as an unsigned LEB128 varint
+//!               (prost's, the protobuf wire encoding),
 //!                         record bytes
 //!               format 2: the format 1 area compressed as one LZ4 block, preceded by
 //!                         its uncompressed length as a u32 little-endian
@@ -45,9 +46,6 @@ const FIRST_SEQ_AT: usize = 1;
 const PREV_HASH_AT: usize = 9;
 const HEAD_HASH_AT: usize = 41;
 const COUNT_AT: usize = 73;
-
-/// Longest LEB128 encoding of a u64.
-const MAX_VARINT_LEN: usize = 10;
 
 /// The sled key of the segment whose first event has `first_seq`: 8 bytes big-endian,
 /// so that sled's byte order is seq order.
@@ -316,34 +314,20 @@ fn array<const N: usize>(bytes: &[u8]) -> [u8; N] {
     out
 }
 
-/// Appends `value` as an unsigned LEB128 varint.
-pub fn write_varint(buf: &mut Vec<u8>, mut value: u64) {
-    // Each byte carries the low 7 bits; the high bit says whether more bytes follow.
-    // `to_le_bytes()[0]` is the low byte, so no cast can lose anything unnoticed.
-    while value >= 0x80 {
-        buf.push(value.to_le_bytes()[0] | 0x80);
-        value >>= 7;
-    }
-    buf.push(value.to_le_bytes()[0]);
+/// Appends `value` as an unsigned LEB128 varint: prost's encoding, the protobuf wire
+/// format's, so a length here is the bytes a length-delimited protobuf field holds.
+pub fn write_varint(buf: &mut Vec<u8>, value: u64) {
+    prost::encoding::encode_varint(value, buf);
 }
 
-/// Reads an unsigned LEB128 varint from the start of `bytes`: the value and its length.
-/// `None` when the bytes end first or the varint is longer than a u64 allows.
+/// Reads an unsigned LEB128 varint from the start of `bytes` with prost's decoder: the
+/// value and its length. `None` when the bytes end first or the varint is longer than a
+/// u64 allows (prost reads at most 10 bytes, the tenth carrying only the top bit); it
+/// never reads past `bytes` and allocates nothing.
 pub fn read_varint(bytes: &[u8]) -> Option<(u64, usize)> {
-    let mut value = 0_u64;
-    for (index, byte) in bytes.iter().take(MAX_VARINT_LEN).enumerate() {
-        let low = u64::from(byte & 0x7f);
-        let shift = 7 * index;
-        // The tenth byte may only carry the top bit of a u64.
-        if index == MAX_VARINT_LEN - 1 && low > 1 {
-            return None;
-        }
-        value |= low << shift;
-        if byte & 0x80 == 0 {
-            return Some((value, index + 1));
-        }
-    }
-    None
+    let mut rest = bytes;
+    let value = prost::encoding::decode_varint(&mut rest).ok()?;
+    Some((value, bytes.len() - rest.len()))
 }
 
 #[cfg(test)]
@@ -437,10 +421,35 @@ mod tests {
             assert_eq!(read_varint(&buf[..buf.len() - 1]), None);
         }
         assert_eq!(read_varint(&[0xff; 11]), None);
+        assert_eq!(read_varint(&[]), None);
+        assert_eq!(read_varint(&[0x80; 3]), None);
         assert_eq!(
             read_varint(&[0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0x02]),
             None
         );
+    }
+
+    /// The encoder stored logs were written with before prost's: the stored, hashed bytes
+    /// must not change.
+    fn hand_written_varint(buf: &mut Vec<u8>, mut value: u64) {
+        while value >= 0x80 {
+            buf.push(value.to_le_bytes()[0] | 0x80);
+            value >>= 7;
+        }
+        buf.push(value.to_le_bytes()[0]);
+    }
+
+    proptest::proptest! {
+        #[test]
+        fn varints_are_the_bytes_stored_logs_hold(value: u64, shift in 0_u32..64) {
+            for value in [value, value >> shift] {
+                let (mut ours, mut before) = (Vec::new(), Vec::new());
+                write_varint(&mut ours, value);
+                hand_written_varint(&mut before, value);
+                proptest::prop_assert_eq!(&ours, &before);
+                proptest::prop_assert_eq!(read_varint(&before), Some((value, before.len())));
+            }
+        }
     }
 
     /// A segment in format 1, where every byte of the records is seen by the parser.

@@ -664,9 +664,8 @@ mod tests {
             1000,
         ] {
             let state = recorded(&reply_times(n, 3));
-            let bytes = bincode::serde::encode_to_vec(&state, bincode::config::standard()).unwrap();
-            let (mut restored, _): (PercentileState, usize) =
-                bincode::serde::decode_from_slice(&bytes, bincode::config::standard()).unwrap();
+            let bytes = crate::encoding::encode(&state).unwrap();
+            let mut restored: PercentileState = crate::encoding::decode(&bytes).unwrap();
             assert_eq!(restored.summary(), state.summary(), "{n}");
             assert_eq!(restored.bins(), state.bins(), "{n}");
             restored.merge(&state).unwrap();
@@ -755,9 +754,8 @@ mod tests {
             for i in 0..n {
                 state.record(Some(&format!("visitor-{i}")));
             }
-            let bytes = bincode::serde::encode_to_vec(&state, bincode::config::standard()).unwrap();
-            let (restored, _): (DistinctState, usize) =
-                bincode::serde::decode_from_slice(&bytes, bincode::config::standard()).unwrap();
+            let bytes = crate::encoding::encode(&state).unwrap();
+            let restored: DistinctState = crate::encoding::decode(&bytes).unwrap();
             assert_eq!(restored, state, "{n}");
             assert_eq!(restored.estimate(), state.estimate(), "{n}");
             assert_eq!(restored.sketch_bytes(), state.sketch_bytes(), "{n}");

@@ -387,20 +387,45 @@ fn prepare_dir(dir: &Path) -> Result<(), LoadError> {
 }
 
 /// Opens the sled database in `dir` with the default configuration, waiting up to
-/// [`LOCK_PATIENCE`] for a lock that a just-closed handle still holds.
+/// [`LOCK_PATIENCE`] for the lock that a just-closed handle still holds.
 fn open(dir: &Path) -> Result<sled::Db, LoadError> {
+    if !wait_for_sled_lock(dir)? {
+        return Err(LoadError::Invalid(format!(
+            "{} is in use: another sled handle holds its lock",
+            dir.display()
+        )));
+    }
+    sled::Config::new()
+        .path(dir)
+        .open()
+        .map_err(sled_error(dir))
+}
+
+/// Waits up to [`LOCK_PATIENCE`] until sled's lock on its data file in `dir` is free (or
+/// there is no data file yet); whether it is. sled 0.34 locks `<dir>/db` with `flock`;
+/// the same lock tried without blocking reports a holder as a typed `EWOULDBLOCK`, where
+/// sled itself reports it only as an error message.
+fn wait_for_sled_lock(dir: &Path) -> Result<bool, LoadError> {
+    let path = dir.join("db");
+    let io = |source| LoadError::Io {
+        path: path.display().to_string(),
+        source,
+    };
+    let file = match std::fs::File::open(&path) {
+        Ok(file) => file,
+        Err(error) if error.kind() == std::io::ErrorKind::NotFound => return Ok(true),
+        Err(error) => return Err(io(error)),
+    };
     let deadline = Instant::now() + LOCK_PATIENCE;
     loop {
-        match sled::Config::new().path(dir).open() {
-            Ok(db) => return Ok(db),
-            // sled 0.34 reports a held directory lock only as this message.
-            Err(sled::Error::Io(io))
-                if io.to_string().contains("could not acquire lock")
-                    && Instant::now() < deadline =>
-            {
+        match rustix::fs::flock(&file, rustix::fs::FlockOperation::NonBlockingLockExclusive) {
+            // Free; closing `file` releases this probe's lock before sled takes its own.
+            Ok(()) => return Ok(true),
+            Err(rustix::io::Errno::WOULDBLOCK) if Instant::now() < deadline => {
                 std::thread::sleep(Duration::from_millis(20));
             }
-            Err(error) => return Err(sled_error(dir)(error)),
+            Err(rustix::io::Errno::WOULDBLOCK) => return Ok(false),
+            Err(errno) => return Err(io(errno.into())),
         }
     }
 }
