@@ -28,7 +28,7 @@ pub enum Fill {
     Zero,
 }
 
-/// A GetAggregates question, checked against the KPI by [`Aggregates::query`].
+/// A GetAggregates question, checked against the KPI by [`Aggregates::query`](crate::projection::Aggregates::query).
 #[derive(Debug, Clone, PartialEq)]
 pub struct AggregateQuery {
     /// The KPI.

@@ -135,7 +135,7 @@ pub struct NpsDetail {
     pub detractors: u64,
     /// 95% confidence interval of the NPS, within [-100, 100].
     pub interval: Interval,
-    /// Fewer than [`THIN_SAMPLE_BELOW`] responses.
+    /// Fewer than [`THIN_SAMPLE_BELOW`](super::THIN_SAMPLE_BELOW) responses.
     pub thin_sample: bool,
 }
 
@@ -152,7 +152,7 @@ pub struct CsatDetail {
     pub mean_rating: f64,
     /// 95% interval of the mean score; `None` below two responses.
     pub mean_rating_interval: Option<Interval>,
-    /// Fewer than [`THIN_SAMPLE_BELOW`] responses.
+    /// Fewer than [`THIN_SAMPLE_BELOW`](super::THIN_SAMPLE_BELOW) responses.
     pub thin_sample: bool,
 }
 
@@ -167,7 +167,7 @@ pub struct PercentileDetail {
     pub p95: f64,
     /// 99th percentile.
     pub p99: f64,
-    /// Relative error bound of every quantile, [`PERCENTILE_RELATIVE_ERROR`].
+    /// Relative error bound of every quantile, [`PERCENTILE_RELATIVE_ERROR`](super::PERCENTILE_RELATIVE_ERROR).
     pub relative_error: f64,
 }
 

@@ -246,7 +246,7 @@ pub struct Footprint {
     pub kpis: usize,
     /// Series (label combinations) over all KPIs.
     pub series: usize,
-    /// Bucket states per grain, in the order of [`Grain::ALL`].
+    /// Bucket states per grain, in the order of [`Grain::ALL`](crate::domain::Grain::ALL).
     pub buckets: [usize; 6],
     /// Bytes the buckets of each grain hold (entries and their states' heap).
     pub bytes: [usize; 6],

@@ -213,8 +213,8 @@ fn stored_exact_values_must_be_sorted_and_few() {
     let error = serde_json::from_str::<PercentileState>(r#"{"Exact":[2.0,1.0]}"#).unwrap_err();
     assert!(error.to_string().contains("not sorted"), "{error}");
     let too_many = serde_json::to_string(&vec![1.0; PERCENTILE_EXACT_LIMIT + 1]).unwrap();
-    let error = serde_json::from_str::<PercentileState>(&format!(r#"{{"Exact":{too_many}}}"#))
-        .unwrap_err();
+    let error =
+        serde_json::from_str::<PercentileState>(&format!(r#"{{"Exact":{too_many}}}"#)).unwrap_err();
     assert!(error.to_string().contains("too many"), "{error}");
 }
 
