@@ -27,6 +27,11 @@
 //! directory, states' heap, late measurements), and every change reports its effect on
 //! that count exactly through [`PageIo::delta`], so the read model's memory budget is
 //! kept against what is really allocated.
+//!
+//! Size: one type whose invariants (chunks sorted and within their bounds, the counted
+//! bytes exact after every change, a stored chunk's late measurements replayed in order)
+//! every method keeps, so it stays in one file (about 1,000 lines; its tests are in
+//! `buckets/tests.rs`).
 
 use std::io;
 use std::mem::size_of;

@@ -71,6 +71,10 @@
 //! Architecture invariant: this module knows the stored protobuf records but no tonic and
 //! no service logic; validation against the catalog happens before `append`, guarded by
 //! `validation_unchanged_since`.
+//!
+//! Size: about 640 lines, 80 of them this storage and durability doc; the rest is
+//! `EventLog` itself (its threads' start, append, reads, close). Its types are in
+//! `types.rs`, its open in `open.rs`.
 
 mod chain;
 mod checkpoint;

@@ -1,6 +1,8 @@
-//! Unit tests of `projection/history.rs`.
+//! Unit tests of the history index (`projection/history/`).
 
 use super::*;
+use crate::domain::Measurement;
+use crate::domain::query::Labels;
 
 fn measurement(i: i64) -> Measurement {
     Measurement {

@@ -62,6 +62,19 @@
 //! directory's lock (the log's `store::DirLock`); sled's own lock on the index still held
 //! after a few seconds (a handle of this process that did not close, `store::open_sled`)
 //! is not damage: the open fails with `StoreError::AlreadyInUse`.
+//!
+//! Size: this file is the layout, `History`'s open, its listener and its reads (about 780
+//! lines, a long layout doc among them); the block format is `blocks.rs`, the reading
+//! cursor `cursor.rs`, the writer thread `writer.rs`.
+
+mod blocks;
+mod cursor;
+mod writer;
+
+use blocks::{Area, Blocks, KpiArea};
+pub use cursor::Visited;
+use cursor::{Cursor, merge};
+use writer::Writer;
 
 use std::collections::VecDeque;
 use std::path::{Path, PathBuf};
@@ -74,13 +87,10 @@ use std::time::Duration;
 use chrono::{DateTime, Utc};
 use foldhash::HashMap;
 
-use crate::domain::aggregate::Observation;
-use crate::domain::query::Labels;
-use crate::domain::{Catalog, Event, Measurement};
+use crate::domain::{Catalog, Event};
 use crate::projection::pages::{PageRef, PageStore};
 use crate::store::{
-    self, CommitListener, Committed, EventLog, GENESIS_HASH, Hash, LogReader, OpenSledError,
-    StoreError,
+    self, CommitListener, Committed, EventLog, GENESIS_HASH, Hash, OpenSledError, StoreError,
 };
 
 /// Events between two writes of the index by default: at most this many events of the log
@@ -207,269 +217,6 @@ struct Part {
     bytes: usize,
     measurements: HashMap<String, KpiArea>,
     others: Area,
-}
-
-/// The open area of one KPI's measurements, with the index of its series table.
-#[derive(Default)]
-struct KpiArea {
-    area: Area,
-    series: HashMap<Labels, u32>,
-}
-
-impl KpiArea {
-    fn push(&mut self, seq: u64, measurement: &Measurement) {
-        let series = match self.series.get(&measurement.labels) {
-            Some(&series) => series,
-            None => {
-                let series = u32::try_from(self.area.series.len()).unwrap_or(u32::MAX);
-                self.area.series.push(measurement.labels.clone());
-                self.series.insert(measurement.labels.clone(), series);
-                series
-            }
-        };
-        let area = &mut self.area;
-        area.begin(seq);
-        let bytes = &mut area.bytes;
-        store::write_varint(bytes, u64::from(series));
-        bytes.extend_from_slice(&measurement.value.to_le_bytes());
-        let seconds = measurement.occurred_at.timestamp();
-        store::write_varint(bytes, zigzag(seconds.wrapping_sub(area.last_seconds)));
-        area.last_seconds = seconds;
-        store::write_varint(
-            bytes,
-            u64::from(measurement.occurred_at.timestamp_subsec_nanos()),
-        );
-        match &measurement.subject {
-            Some(subject) => {
-                store::write_varint(bytes, widen(subject.len()).saturating_add(1));
-                bytes.extend_from_slice(subject.as_bytes());
-            }
-            None => store::write_varint(bytes, 0),
-        }
-    }
-}
-
-fn zigzag(value: i64) -> u64 {
-    ((value << 1) ^ (value >> 63)).cast_unsigned()
-}
-
-fn unzigzag(value: u64) -> i64 {
-    (value >> 1).cast_signed() ^ -((value & 1).cast_signed())
-}
-
-/// Entries in seq order (see the module doc).
-#[derive(Debug, Default, Clone)]
-struct Area {
-    first_seq: u64,
-    last_seq: u64,
-    count: u32,
-    /// The series table (measurements only).
-    series: Vec<Labels>,
-    /// The entries.
-    bytes: Vec<u8>,
-    /// occurred_at's seconds of the last measurement pushed.
-    last_seconds: i64,
-}
-
-impl Area {
-    /// Starts the entry of `seq`.
-    fn begin(&mut self, seq: u64) {
-        if self.count == 0 {
-            self.first_seq = seq;
-        }
-        store::write_varint(&mut self.bytes, seq - self.last_seq);
-        self.last_seq = seq;
-        self.count += 1;
-    }
-
-    fn push_record(&mut self, seq: u64, record: &[u8]) {
-        self.begin(seq);
-        store::write_varint(&mut self.bytes, widen(record.len()));
-        self.bytes.extend_from_slice(record);
-    }
-
-    /// The block stored for this area.
-    fn encode(&self) -> Vec<u8> {
-        let mut body = Vec::with_capacity(self.bytes.len() + 64 * self.series.len() + 8);
-        store::write_varint(&mut body, widen(self.series.len()));
-        for labels in &self.series {
-            store::write_varint(&mut body, widen(labels.len()));
-            for (key, value) in labels {
-                for text in [key, value] {
-                    store::write_varint(&mut body, widen(text.len()));
-                    body.extend_from_slice(text.as_bytes());
-                }
-            }
-        }
-        body.extend_from_slice(&self.bytes);
-        let compressed = lz4_flex::block::compress_prepend_size(&body);
-        let mut value = Vec::with_capacity(25 + compressed.len());
-        value.push(FORMAT);
-        value.extend_from_slice(&self.count.to_le_bytes());
-        value.extend_from_slice(&self.first_seq.to_le_bytes());
-        value.extend_from_slice(&self.last_seq.to_le_bytes());
-        value.extend_from_slice(&compressed);
-        let check = crc32fast::hash(&value);
-        value.extend_from_slice(&check.to_le_bytes());
-        value
-    }
-
-    /// Reads a stored block; `None` when it is damaged.
-    fn decode(value: &[u8]) -> Option<Self> {
-        let (value, check) = value.split_at_checked(value.len().checked_sub(4)?)?;
-        if crc32fast::hash(value).to_le_bytes() != check {
-            return None;
-        }
-        let (&format, rest) = value.split_first()?;
-        if format != FORMAT {
-            return None;
-        }
-        let count = u32::from_le_bytes(rest.get(..4)?.try_into().ok()?);
-        let first_seq = u64::from_le_bytes(rest.get(4..12)?.try_into().ok()?);
-        let last_seq = u64::from_le_bytes(rest.get(12..20)?.try_into().ok()?);
-        let compressed = rest.get(20..)?;
-        let size = u32::from_le_bytes(compressed.get(..4)?.try_into().ok()?);
-        if usize::try_from(size).ok()? > MAX_AREA_BYTES {
-            return None;
-        }
-        let body = lz4_flex::block::decompress_size_prepended(compressed).ok()?;
-        let mut reader = Reader {
-            bytes: &body,
-            pos: 0,
-        };
-        let series_count = reader.varint()?;
-        let mut series = Vec::new();
-        for _ in 0..series_count {
-            let mut labels = Labels::new();
-            for _ in 0..reader.varint()? {
-                let key = reader.text()?.to_owned();
-                labels.insert(key, reader.text()?.to_owned());
-            }
-            series.push(labels);
-        }
-        Some(Self {
-            first_seq,
-            last_seq,
-            count,
-            series,
-            bytes: body.get(reader.pos..)?.to_vec(),
-            last_seconds: 0,
-        })
-    }
-}
-
-/// Reads varints and strings from a block body; `None` when it ends first.
-struct Reader<'a> {
-    bytes: &'a [u8],
-    pos: usize,
-}
-
-impl<'a> Reader<'a> {
-    fn varint(&mut self) -> Option<u64> {
-        let (value, len) = store::read_varint(self.bytes.get(self.pos..)?)?;
-        self.pos += len;
-        Some(value)
-    }
-
-    fn take(&mut self, len: u64) -> Option<&'a [u8]> {
-        let end = self.pos.checked_add(usize::try_from(len).ok()?)?;
-        let taken = self.bytes.get(self.pos..end)?;
-        self.pos = end;
-        Some(taken)
-    }
-
-    fn text(&mut self) -> Option<&'a str> {
-        let len = self.varint()?;
-        std::str::from_utf8(self.take(len)?).ok()
-    }
-}
-
-/// Polls `done` every millisecond for up to `patience`; whether it became true.
-pub(crate) fn wait_until(patience: Duration, mut done: impl FnMut() -> bool) -> bool {
-    let deadline = std::time::Instant::now() + patience;
-    loop {
-        if done() {
-            return true;
-        }
-        if std::time::Instant::now() >= deadline {
-            return false;
-        }
-        std::thread::sleep(Duration::from_millis(1));
-    }
-}
-
-fn widen(len: usize) -> u64 {
-    u64::try_from(len).unwrap_or(u64::MAX)
-}
-
-fn lock(state: &Mutex<State>) -> MutexGuard<'_, State> {
-    // Every change leaves the state whole, so a poisoned lock still holds a usable index.
-    state.lock().unwrap_or_else(PoisonError::into_inner)
-}
-
-/// Which blocks a cursor reads.
-#[derive(Debug, Clone)]
-enum Blocks {
-    /// The other events.
-    Others,
-    /// The measurements of one KPI.
-    Measurements(String),
-}
-
-impl Blocks {
-    /// The key of this block of the part starting at `first_seq`.
-    fn key(&self, first_seq: u64) -> Vec<u8> {
-        match self {
-            Self::Others => part_key(OTHERS, first_seq),
-            Self::Measurements(kpi_id) => {
-                let mut key = part_key(MEASUREMENTS, first_seq);
-                key.extend_from_slice(kpi_id.as_bytes());
-                key
-            }
-        }
-    }
-
-    /// This area of `part`.
-    fn of<'a>(&self, part: &'a Part) -> Option<&'a Area> {
-        match self {
-            Self::Others => Some(&part.others),
-            Self::Measurements(kpi_id) => part.measurements.get(kpi_id).map(|kpi| &kpi.area),
-        }
-    }
-}
-
-/// A checkpoint's key: the KPI id, a 0 byte (ids are slugs), the seq (u64 BE).
-fn checkpoint_key(kpi_id: &str, seq: u64) -> Vec<u8> {
-    let mut key = Vec::with_capacity(kpi_id.len() + 9);
-    key.extend_from_slice(kpi_id.as_bytes());
-    key.push(0);
-    key.extend_from_slice(&seq.to_be_bytes());
-    key
-}
-
-fn part_key(kind: u8, first_seq: u64) -> Vec<u8> {
-    let mut key = Vec::with_capacity(9 + crate::domain::kpi::MAX_ID_LEN);
-    key.push(kind);
-    key.extend_from_slice(&first_seq.to_be_bytes());
-    key
-}
-
-/// The parts the tree holds (their first seqs, from the keys of their other-event blocks,
-/// and whether those blocks have events, from their counts), up to `covered`; `None` when
-/// a key or a block's head is damaged.
-fn stored_parts(tree: &sled::Tree, covered: u64) -> Option<Vec<(u64, bool)>> {
-    let mut parts = Vec::new();
-    for entry in tree.scan_prefix([OTHERS]) {
-        let (key, value) = entry.ok()?;
-        let first_seq = u64::from_be_bytes(key.get(1..9)?.try_into().ok()?);
-        if key.len() != 9 || first_seq > covered {
-            return None;
-        }
-        // The block's format byte, then its count (see the module doc).
-        let count = u32::from_le_bytes(value.get(1..5)?.try_into().ok()?);
-        parts.push((first_seq, count > 0));
-    }
-    Some(parts)
 }
 
 impl History {
@@ -975,342 +722,57 @@ fn check_covered(value: &[u8], log: &EventLog) -> Result<u64, String> {
     Ok(seq)
 }
 
-/// The `kpi-history` thread: stores frozen parts in order.
-struct Writer {
-    stopping: Arc<AtomicBool>,
-    listeners: StoredListeners,
-    tree: sled::Tree,
-    state: Arc<Mutex<State>>,
-    log: LogReader,
-    dir: PathBuf,
-    min_free: u64,
-}
-
-impl Writer {
-    fn run(self, parts: &Receiver<Arc<Part>>) {
-        while let Ok(part) = parts.recv() {
-            let bytes = widen(part.bytes);
-            let mut waited = false;
-            while !store::room_beside_guard(&self.dir, self.min_free, bytes) {
-                if self.stopping.load(Ordering::Relaxed) {
-                    return;
-                }
-                if !waited {
-                    tracing::warn!(
-                        "too little free space to write the history index; it waits in memory"
-                    );
-                    waited = true;
-                }
-                std::thread::sleep(ROOM_RETRY);
-            }
-            if let Err(error) = self.store(&part) {
-                // Later parts cannot be stored after a gap: they all stay in memory, and the
-                // next start reads the log after the last stored seq again.
-                tracing::error!(%error, "cannot write the history index; it stays in memory");
-                return;
-            }
-            let mut state = lock(&self.state);
-            state.stored = part.last_seq;
-            state.parts.push((part.first_seq, part.others.count > 0));
-            if state
-                .frozen
-                .front()
-                .is_some_and(|front| Arc::ptr_eq(front, &part))
-            {
-                state.frozen.pop_front();
-            }
-            drop(state);
-            let mut listeners = self
-                .listeners
-                .lock()
-                .unwrap_or_else(PoisonError::into_inner);
-            if !listeners.is_empty() {
-                let stored = StoredPart {
-                    last_seq: part.last_seq,
-                    measured: part
-                        .measurements
-                        .iter()
-                        .map(|(kpi_id, kpi)| {
-                            let bytes = widen(kpi.area.bytes.len());
-                            (kpi_id.clone(), u64::from(kpi.area.count), bytes)
-                        })
-                        .collect(),
-                };
-                listeners.retain(|listener| listener.send(stored.clone()).is_ok());
-            }
+/// Polls `done` every millisecond for up to `patience`; whether it became true.
+pub(crate) fn wait_until(patience: Duration, mut done: impl FnMut() -> bool) -> bool {
+    let deadline = std::time::Instant::now() + patience;
+    loop {
+        if done() {
+            return true;
         }
-    }
-
-    fn store(&self, part: &Part) -> Result<(), StoreError> {
-        let hash = self.log.hash_at(part.last_seq)?;
-        let mut batch = sled::Batch::default();
-        for (kpi_id, kpi) in &part.measurements {
-            let key = Blocks::Measurements(kpi_id.clone()).key(part.first_seq);
-            batch.insert(key, kpi.area.encode());
+        if std::time::Instant::now() >= deadline {
+            return false;
         }
-        // Also without other events: the key lists the part.
-        batch.insert(Blocks::Others.key(part.first_seq), part.others.encode());
-        let mut covered = Vec::with_capacity(41);
-        covered.push(FORMAT);
-        covered.extend_from_slice(&part.last_seq.to_le_bytes());
-        covered.extend_from_slice(&hash);
-        batch.insert(COVERED_KEY, covered);
-        self.tree.apply_batch(batch)?;
-        Ok(())
+        std::thread::sleep(Duration::from_millis(1));
     }
 }
 
-/// Reads the entries of one prefix in seq order (see [`History::cursor`]).
-struct Cursor {
-    tree: sled::Tree,
-    blocks: Blocks,
-    /// First seqs of the stored parts still to read.
-    stored: VecDeque<u64>,
-    stored_to: u64,
-    memory: VecDeque<Area>,
-    area: Area,
-    /// Entries before this seq are skipped.
-    from: u64,
-    from_tree: bool,
-    pos: usize,
-    prev: u64,
-    prev_seconds: i64,
-    to_seq: u64,
+fn lock(state: &Mutex<State>) -> MutexGuard<'_, State> {
+    // Every change leaves the state whole, so a poisoned lock still holds a usable index.
+    state.lock().unwrap_or_else(PoisonError::into_inner)
 }
 
-/// A decoded entry; a measurement's labels and subject stay in its cursor's area.
-enum Entry {
-    /// Boxed: entries move through the merge by value, most of them measurements.
-    Event(u64, DateTime<Utc>, Box<Event>),
-    Measurement {
-        seq: u64,
-        series: usize,
-        value: f64,
-        occurred_at: DateTime<Utc>,
-        subject: Option<(usize, usize)>,
-    },
+/// A checkpoint's key: the KPI id, a 0 byte (ids are slugs), the seq (u64 BE).
+fn checkpoint_key(kpi_id: &str, seq: u64) -> Vec<u8> {
+    let mut key = Vec::with_capacity(kpi_id.len() + 9);
+    key.extend_from_slice(kpi_id.as_bytes());
+    key.push(0);
+    key.extend_from_slice(&seq.to_be_bytes());
+    key
 }
 
-impl Entry {
-    fn seq(&self) -> u64 {
-        match self {
-            Self::Event(seq, _, _) | Self::Measurement { seq, .. } => *seq,
-        }
-    }
+fn part_key(kind: u8, first_seq: u64) -> Vec<u8> {
+    let mut key = Vec::with_capacity(9 + crate::domain::kpi::MAX_ID_LEN);
+    key.push(kind);
+    key.extend_from_slice(&first_seq.to_be_bytes());
+    key
 }
 
-/// An event the history index hands to a visitor.
-pub enum Visited<'a> {
-    /// An event that is not a measurement, with its recorded_at.
-    Event(DateTime<Utc>, Event),
-    /// A measurement: its KPI, its series and what a fold takes of it.
-    Measurement {
-        /// The KPI.
-        kpi_id: &'a str,
-        /// The series.
-        labels: &'a Labels,
-        /// Value, occurred_at, seq and subject.
-        observation: Observation<'a>,
-    },
-}
-
-impl Visited<'_> {
-    /// The measurement, owned (for a refold, which collects them first).
-    pub fn to_measurement(&self) -> Option<Measurement> {
-        match self {
-            Self::Event(..) => None,
-            Self::Measurement {
-                kpi_id,
-                labels,
-                observation,
-            } => Some(Measurement {
-                kpi_id: (*kpi_id).to_owned(),
-                value: observation.value,
-                occurred_at: observation.occurred_at,
-                labels: (*labels).clone(),
-                subject: observation.subject.map(str::to_owned),
-                event_id: None,
-            }),
-        }
-    }
-}
-
-impl Cursor {
-    fn next_entry(&mut self) -> Result<Option<Entry>, StoreError> {
-        loop {
-            if self.pos < self.area.bytes.len() {
-                let (entry, end) = self.entry_at(self.pos)?;
-                let seq = entry.seq();
-                if seq > self.to_seq {
-                    self.finish();
-                    return Ok(None);
-                }
-                if self.from_tree && seq > self.stored_to {
-                    // The rest is in the copies from memory.
-                    self.stored.clear();
-                    self.area = Area::default();
-                    self.pos = 0;
-                    continue;
-                }
-                self.pos = end;
-                self.prev = seq;
-                if let Entry::Measurement { occurred_at, .. } = &entry {
-                    self.prev_seconds = occurred_at.timestamp();
-                }
-                if seq < self.from {
-                    continue;
-                }
-                return Ok(Some(entry));
-            }
-            let next = if let Some(first_seq) = self.stored.pop_front() {
-                let Some(value) = self.tree.get(self.blocks.key(first_seq))? else {
-                    // No measurements of this KPI in that part.
-                    continue;
-                };
-                let area = Area::decode(&value).ok_or_else(|| StoreError::Corrupt {
-                    seq: first_seq,
-                    reason: format!("damaged history index block {:?}", self.blocks),
-                })?;
-                self.from_tree = true;
-                area
-            } else {
-                match self.memory.pop_front() {
-                    Some(area) if area.first_seq > self.prev => {
-                        self.from_tree = false;
-                        area
-                    }
-                    // Already read from the tree (stored since the copy was taken).
-                    Some(_) => continue,
-                    None => return Ok(None),
-                }
-            };
-            self.area = next;
-            self.pos = 0;
-            self.prev = 0;
-            self.prev_seconds = 0;
-        }
-    }
-
-    /// The entry at `pos` of the current area, and where the next one starts.
-    fn entry_at(&self, pos: usize) -> Result<(Entry, usize), StoreError> {
-        let damaged = |seq| StoreError::Corrupt {
-            seq,
-            reason: format!("damaged history index entry in {:?}", self.blocks),
-        };
-        let mut reader = Reader {
-            bytes: &self.area.bytes,
-            pos,
-        };
-        let delta = reader.varint().ok_or_else(|| damaged(self.prev))?;
-        let seq = self.prev.saturating_add(delta);
-        let entry = match self.blocks {
-            Blocks::Others => {
-                let len = reader.varint().ok_or_else(|| damaged(seq))?;
-                let record = reader.take(len).ok_or_else(|| damaged(seq))?;
-                let (recorded_at, event) = store::decode_record(seq, record)?;
-                Entry::Event(seq, recorded_at, Box::new(event))
-            }
-            Blocks::Measurements(_) => self
-                .measurement_at(&mut reader, seq)
-                .ok_or_else(|| damaged(seq))?,
-        };
-        Ok((entry, reader.pos))
-    }
-
-    /// The rest of a measurement's entry.
-    fn measurement_at(&self, reader: &mut Reader<'_>, seq: u64) -> Option<Entry> {
-        let series = usize::try_from(reader.varint()?).ok()?;
-        if series >= self.area.series.len() {
+/// The parts the tree holds (their first seqs, from the keys of their other-event blocks,
+/// and whether those blocks have events, from their counts), up to `covered`; `None` when
+/// a key or a block's head is damaged.
+fn stored_parts(tree: &sled::Tree, covered: u64) -> Option<Vec<(u64, bool)>> {
+    let mut parts = Vec::new();
+    for entry in tree.scan_prefix([OTHERS]) {
+        let (key, value) = entry.ok()?;
+        let first_seq = u64::from_be_bytes(key.get(1..9)?.try_into().ok()?);
+        if key.len() != 9 || first_seq > covered {
             return None;
         }
-        let value = f64::from_le_bytes(reader.take(8)?.try_into().ok()?);
-        let seconds = self.prev_seconds.wrapping_add(unzigzag(reader.varint()?));
-        let nanos = u32::try_from(reader.varint()?).ok()?;
-        let occurred_at = DateTime::from_timestamp(seconds, nanos)?;
-        let subject = match reader.varint()? {
-            0 => None,
-            len => {
-                let start = reader.pos;
-                std::str::from_utf8(reader.take(len - 1)?).ok()?;
-                Some((start, reader.pos))
-            }
-        };
-        Some(Entry::Measurement {
-            seq,
-            series,
-            value,
-            occurred_at,
-            subject,
-        })
+        // The block's format byte, then its count (see the module doc).
+        let count = u32::from_le_bytes(value.get(1..5)?.try_into().ok()?);
+        parts.push((first_seq, count > 0));
     }
-
-    fn finish(&mut self) {
-        self.stored.clear();
-        self.memory.clear();
-        self.area = Area::default();
-        self.pos = 0;
-    }
-}
-
-/// Visits the entries of `cursors` merged in seq order.
-fn merge(
-    mut cursors: Vec<Cursor>,
-    mut visit: impl FnMut(u64, Visited<'_>),
-) -> Result<(), StoreError> {
-    let mut heads = Vec::with_capacity(cursors.len());
-    for cursor in &mut cursors {
-        heads.push(cursor.next_entry()?);
-    }
-    loop {
-        let next = heads
-            .iter()
-            .enumerate()
-            .filter_map(|(i, head)| head.as_ref().map(|entry| (entry.seq(), i)))
-            .min();
-        let Some((_, i)) = next else {
-            return Ok(());
-        };
-        // The cursor reads its next entry only after the visit: a measurement's labels and
-        // subject are still in its area.
-        match heads[i].take() {
-            Some(Entry::Event(seq, recorded_at, event)) => {
-                visit(seq, Visited::Event(recorded_at, *event));
-            }
-            Some(Entry::Measurement {
-                seq,
-                series,
-                value,
-                occurred_at,
-                subject,
-            }) => {
-                let cursor = &cursors[i];
-                let Blocks::Measurements(kpi_id) = &cursor.blocks else {
-                    continue;
-                };
-                // Both checked when the entry was decoded.
-                let subject = subject
-                    .and_then(|(start, end)| cursor.area.bytes.get(start..end))
-                    .and_then(|bytes| std::str::from_utf8(bytes).ok());
-                if let Some(labels) = cursor.area.series.get(series) {
-                    visit(
-                        seq,
-                        Visited::Measurement {
-                            kpi_id,
-                            labels,
-                            observation: Observation {
-                                value,
-                                occurred_at,
-                                seq,
-                                subject,
-                            },
-                        },
-                    );
-                }
-            }
-            None => {}
-        }
-        heads[i] = cursors[i].next_entry()?;
-    }
+    Some(parts)
 }
 
 #[cfg(test)]
