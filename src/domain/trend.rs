@@ -11,6 +11,9 @@
 //! - A value that is absent, NaN or infinite is skipped ("not defined").
 //! - Every `f64` returned inside `Some` is finite: a result that overflows `f64` is
 //!   reported as absent rather than as infinity or NaN.
+//!
+//! Size: about 560 lines of formulas that share their conventions (above); the tests are in
+//! `trend/tests.rs`.
 
 use statrs::distribution::{ContinuousCDF, StudentsT};
 

@@ -1,5 +1,7 @@
 //! The `kpi-load` scenarios through their library entry points against the real server:
 //! small sizes, real outcomes (what the server stored, what the watchers saw).
+//!
+//! Size: one test per `kpi-load` scenario against one real server each (about 720 lines).
 
 #[path = "../../../tests/common/mod.rs"]
 mod common;

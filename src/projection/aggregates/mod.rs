@@ -8,6 +8,9 @@
 //!
 //! This file holds the model and its fold; `answer.rs` its answers, `budget.rs` its memory
 //! budget (eviction to the page files).
+//!
+//! Size: about 570 lines: the model's state, its fold of every event and its snapshot
+//! encoding, which share the per-KPI state's invariants.
 
 mod answer;
 mod budget;
