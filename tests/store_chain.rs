@@ -66,22 +66,13 @@ fn three_segments_with(dir: &Path, options: StoreOptions) -> Vec<StoredEvent> {
 /// tree) by applying `damage` to its value, with sled directly, as an attacker or a bad
 /// disk would.
 fn damage_segment(dir: &Path, first_seq: u64, damage: impl FnOnce(&mut Vec<u8>)) {
-    // sled's background threads release the directory lock a moment after the log closed
-    // (the log itself waits for it the same way, `store::open_db`).
-    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
-    let db = loop {
-        match sled::open(dir) {
-            Ok(db) => break db,
-            Err(error) if std::time::Instant::now() < deadline => {
-                assert!(
-                    error.to_string().contains("could not acquire lock"),
-                    "{error}"
-                );
-                std::thread::sleep(std::time::Duration::from_millis(20));
-            }
-            Err(error) => panic!("sled open: {error}"),
-        }
-    };
+    // sled's background threads release its lock a moment after the log closed; wait for
+    // it the way the log does.
+    assert!(
+        kpi_service::store::wait_for_sled(dir, std::time::Duration::from_secs(10)).unwrap(),
+        "sled's lock was not released"
+    );
+    let db = sled::open(dir).unwrap();
     let tree = db.open_tree(SEGMENTS_TREE).unwrap();
     let key = first_seq.to_be_bytes();
     let mut value = tree.get(key).unwrap().expect("the segment exists").to_vec();

@@ -74,7 +74,7 @@ impl DirLock {
 /// Waits up to `patience` until no handle holds sled's own lock on the database in
 /// `sled_dir` (a new directory has none); whether it is free. Call it with the
 /// directory's [`DirLock`] held, so that only a closing handle can hold sled's lock.
-pub(crate) fn wait_for_sled(sled_dir: &Path, patience: Duration) -> std::io::Result<bool> {
+pub fn wait_for_sled(sled_dir: &Path, patience: Duration) -> std::io::Result<bool> {
     let file = match File::open(sled_dir.join(SLED_DATA_FILE)) {
         Ok(file) => file,
         Err(error) if error.kind() == std::io::ErrorKind::NotFound => return Ok(true),

@@ -103,7 +103,7 @@ use tokio::sync::{mpsc, oneshot};
 pub use crate::domain::query::{ChainBreak, Verification};
 pub use chain::{GENESIS_HASH, Hash, next_hash};
 pub use dedup::{DedupStats, RunMemory};
-pub(crate) use dir_lock::wait_for_sled;
+pub use dir_lock::wait_for_sled;
 pub use dir_lock::{DirLock, LOCK_FILE};
 pub use durability::{create_dir_durably, sync_dir};
 pub use error::{AppendError, StoreError};

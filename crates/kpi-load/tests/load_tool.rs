@@ -284,17 +284,11 @@ async fn raw_sled_agrees_with_the_server(server: &TestServer, workload: &Arc<Wor
 /// Opens the sled database in `dir`, waiting while the scenario's closed handles still hold
 /// its lock (sled's background threads release it a moment after the last drop).
 fn open_when_released(dir: &std::path::Path) -> sled::Db {
-    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
-    loop {
-        match sled::open(dir) {
-            Ok(db) => return db,
-            Err(error) if std::time::Instant::now() < deadline => {
-                assert!(error.to_string().contains("lock"), "{error}");
-                std::thread::sleep(std::time::Duration::from_millis(20));
-            }
-            Err(error) => panic!("{error}"),
-        }
-    }
+    assert!(
+        kpi_service::store::wait_for_sled(dir, std::time::Duration::from_secs(10)).unwrap(),
+        "sled's lock was not released"
+    );
+    sled::open(dir).unwrap()
 }
 
 #[test]
