@@ -446,6 +446,41 @@ fn an_index_of_another_log_is_rebuilt() {
     log.close().expect("close");
 }
 
+/// An index whose block files are gone (deleted by hand, or a restore that left out
+/// `history/blocks/`) is discarded at open and rebuilt from the log, instead of failing
+/// every as-of question that reaches a stored part.
+#[test]
+fn an_index_without_its_block_files_is_rebuilt() {
+    let dir = tempfile::tempdir().unwrap();
+    let (log_dir, history_dir) = (dir.path().join("log"), dir.path().join("history"));
+    fill(&log_dir, &history_dir, 1.0);
+    let blocks = history_dir.join("blocks");
+    let files: Vec<_> = std::fs::read_dir(&blocks)
+        .expect("the index's block files")
+        .map(|entry| entry.expect("entry").path())
+        .collect();
+    assert!(!files.is_empty(), "the index stored no block");
+    for file in files {
+        std::fs::remove_file(file).expect("remove");
+    }
+    let log = EventLog::open(&log_dir, StoreOptions::default()).expect("open");
+    let history = History::open(&history_dir, &log, HistoryOptions::default()).expect("history");
+    assert_eq!(history.stored_seq(), 0, "the index was not discarded");
+    let models =
+        ReadModels::restore(&log, &log_dir.join("no-snapshots"), history, None).expect("restore");
+    let head = log.head().seq;
+    let ids: Vec<&str> = KPIS.iter().map(|(id, _, _)| *id).collect();
+    for seq in [head - 3, head] {
+        let past = models
+            .aggregates
+            .as_of(seq, &ids, Grains::default())
+            .expect("as of");
+        let (_, reference) = fold_log(&log, seq);
+        assert_eq!(answers(&past), answers(&reference), "as of {seq}");
+    }
+    log.close().expect("close");
+}
+
 /// Checkpoints that cannot be used are passed over: bytes that are not a checkpoint (the
 /// newest, so an older one is used), and another KPI's state filed under a KPI; the
 /// answers are still a fold's.

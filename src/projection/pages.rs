@@ -61,7 +61,33 @@ impl PageRef {
     pub fn stored_bytes(self) -> u32 {
         self.len
     }
+
+    /// Its fixed-size encoding (file, offset, length, CRC-32, little-endian), for
+    /// directories that are searched without decoding them.
+    pub fn to_bytes(self) -> [u8; PAGE_REF_BYTES] {
+        let mut bytes = [0; PAGE_REF_BYTES];
+        bytes[..4].copy_from_slice(&self.file.to_le_bytes());
+        bytes[4..12].copy_from_slice(&self.offset.to_le_bytes());
+        bytes[12..16].copy_from_slice(&self.len.to_le_bytes());
+        bytes[16..].copy_from_slice(&self.crc.to_le_bytes());
+        bytes
+    }
+
+    /// The reference [`PageRef::to_bytes`] encoded at the start of `bytes`, if they are
+    /// long enough.
+    pub fn from_bytes(bytes: &[u8]) -> Option<Self> {
+        let u32_at = |at: usize| Some(u32::from_le_bytes(bytes.get(at..at + 4)?.try_into().ok()?));
+        Some(Self {
+            file: u32_at(0)?,
+            offset: u64::from_le_bytes(bytes.get(4..12)?.try_into().ok()?),
+            len: u32_at(12)?,
+            crc: u32_at(16)?,
+        })
+    }
 }
+
+/// Bytes of [`PageRef::to_bytes`].
+pub const PAGE_REF_BYTES: usize = 20;
 
 /// The append-only page files of one data directory.
 #[derive(Debug)]
@@ -121,6 +147,13 @@ impl PageStore {
     /// [`PageStore::sync`].
     pub fn write(&self, bytes: &[u8]) -> io::Result<PageRef> {
         self.append(&lz4_flex::compress_prepend_size(bytes))
+    }
+
+    /// Appends `bytes` as they are (already compressed and checked by their writer, like
+    /// the history index's blocks); read them with [`PageStore::read_as_is`]. Not durable
+    /// until [`PageStore::sync`].
+    pub fn write_as_is(&self, bytes: &[u8]) -> io::Result<PageRef> {
+        self.append(bytes)
     }
 
     /// Appends a copy of `page` (as stored, checked) to the file appended to, for
@@ -196,6 +229,11 @@ impl PageStore {
     pub fn read(&self, page: PageRef) -> io::Result<Vec<u8>> {
         lz4_flex::decompress_size_prepended(&self.read_compressed(page)?)
             .map_err(|error| damaged(format!("page does not decompress: {error}")))
+    }
+
+    /// The bytes of a page written by [`PageStore::write_as_is`], checksum checked.
+    pub fn read_as_is(&self, page: PageRef) -> io::Result<Vec<u8>> {
+        self.read_compressed(page)
     }
 
     /// The stored (compressed) bytes of `page`, checksum checked.

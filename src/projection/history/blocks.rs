@@ -1,12 +1,15 @@
 //! The blocks of the index: a KPI's measurements (a series table, then per measurement
 //! its series index, value, occurred_at and subject, LZ4-compressed, with a CRC-32) and
-//! the other events' records, as the open part builds them and a read decodes them.
+//! the other events' records, as the open part builds them and a read decodes them; and
+//! what finds them: a stored part's entry in the tree ([`StoredRef`]) and its directory
+//! of measured KPIs.
 
 use foldhash::HashMap;
 
-use super::{FORMAT, MAX_AREA_BYTES, MEASUREMENTS, OTHERS, Part, part_key};
+use super::{FORMAT, MAX_AREA_BYTES, PARTS, Part};
 use crate::domain::Measurement;
 use crate::domain::query::Labels;
+use crate::projection::pages::{PAGE_REF_BYTES, PageRef};
 use crate::store;
 
 /// The open area of one KPI's measurements, with the index of its series table.
@@ -198,18 +201,6 @@ pub(super) enum Blocks {
 }
 
 impl Blocks {
-    /// The key of this block of the part starting at `first_seq`.
-    pub(super) fn key(&self, first_seq: u64) -> Vec<u8> {
-        match self {
-            Self::Others => part_key(OTHERS, first_seq),
-            Self::Measurements(kpi_id) => {
-                let mut key = part_key(MEASUREMENTS, first_seq);
-                key.extend_from_slice(kpi_id.as_bytes());
-                key
-            }
-        }
-    }
-
     /// This area of `part`.
     pub(super) fn of<'a>(&self, part: &'a Part) -> Option<&'a Area> {
         match self {
@@ -217,4 +208,112 @@ impl Blocks {
             Self::Measurements(kpi_id) => part.measurements.get(kpi_id).map(|kpi| &kpi.area),
         }
     }
+}
+
+/// A stored part as the tree lists it: `p` ‖ first seq (u64 BE) → its directory's page
+/// reference, then its other events' block's when it has other events.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(super) struct StoredRef {
+    pub(super) first_seq: u64,
+    /// Where each measured KPI's block is (see [`encode_directory`]).
+    pub(super) directory: PageRef,
+    /// The block of its other events, when it has some.
+    pub(super) others: Option<PageRef>,
+}
+
+impl StoredRef {
+    /// Its key in the tree.
+    pub(super) fn key(&self) -> Vec<u8> {
+        part_key(self.first_seq)
+    }
+
+    /// Its value in the tree.
+    pub(super) fn value(&self) -> Vec<u8> {
+        let mut value = Vec::with_capacity(2 * PAGE_REF_BYTES);
+        value.extend_from_slice(&self.directory.to_bytes());
+        if let Some(others) = self.others {
+            value.extend_from_slice(&others.to_bytes());
+        }
+        value
+    }
+
+    /// The part a key and value of the tree name; `None` when either is damaged.
+    pub(super) fn decode(key: &[u8], value: &[u8]) -> Option<Self> {
+        let (&kind, seq) = key.split_first()?;
+        if kind != PARTS {
+            return None;
+        }
+        let others = match value.len() {
+            PAGE_REF_BYTES => None,
+            len if len == 2 * PAGE_REF_BYTES => {
+                Some(PageRef::from_bytes(&value[PAGE_REF_BYTES..])?)
+            }
+            _ => return None,
+        };
+        Some(Self {
+            first_seq: u64::from_be_bytes(seq.try_into().ok()?),
+            directory: PageRef::from_bytes(value)?,
+            others,
+        })
+    }
+}
+
+/// The key of the part starting at `first_seq`.
+pub(super) fn part_key(first_seq: u64) -> Vec<u8> {
+    let mut key = Vec::with_capacity(9);
+    key.push(PARTS);
+    key.extend_from_slice(&first_seq.to_be_bytes());
+    key
+}
+
+/// A part's directory: for each KPI measured in it, sorted by id, where its block is.
+/// The count (u32 LE), then each entry's offset (u32 LE) from the start, then the
+/// entries: the id's length (u8), the id, the block's [`PageRef::to_bytes`]. A reader
+/// finds a KPI by binary search without decoding the rest.
+pub(super) fn encode_directory(blocks: &[(&str, PageRef)]) -> Vec<u8> {
+    let head = 4 + 4 * blocks.len();
+    let mut offsets = Vec::with_capacity(head);
+    let mut entries = Vec::with_capacity(blocks.len() * (24 + PAGE_REF_BYTES));
+    offsets.extend_from_slice(
+        &u32::try_from(blocks.len())
+            .unwrap_or(u32::MAX)
+            .to_le_bytes(),
+    );
+    for (kpi_id, page) in blocks {
+        let offset = u32::try_from(head + entries.len()).unwrap_or(u32::MAX);
+        offsets.extend_from_slice(&offset.to_le_bytes());
+        // KPI ids are at most 64 bytes (`domain::kpi::MAX_ID_LEN`).
+        entries.push(u8::try_from(kpi_id.len()).unwrap_or(u8::MAX));
+        entries.extend_from_slice(kpi_id.as_bytes());
+        entries.extend_from_slice(&page.to_bytes());
+    }
+    offsets.extend_from_slice(&entries);
+    offsets
+}
+
+/// Where the block of `kpi_id` is in `directory` (`Some(None)`: the KPI has no
+/// measurements in the part); `None` when the directory is damaged.
+pub(super) fn find_in_directory(directory: &[u8], kpi_id: &str) -> Option<Option<PageRef>> {
+    let count = u32::from_le_bytes(directory.get(..4)?.try_into().ok()?);
+    let count = usize::try_from(count).ok()?;
+    let entry = |index: usize| -> Option<(&[u8], &[u8])> {
+        let at = 4 + 4 * index;
+        let offset = u32::from_le_bytes(directory.get(at..at + 4)?.try_into().ok()?);
+        let offset = usize::try_from(offset).ok()?;
+        let len = usize::from(*directory.get(offset)?);
+        let id = directory.get(offset + 1..offset + 1 + len)?;
+        let page = directory.get(offset + 1 + len..offset + 1 + len + PAGE_REF_BYTES)?;
+        Some((id, page))
+    };
+    let (mut low, mut high) = (0, count);
+    while low < high {
+        let middle = low + (high - low) / 2;
+        let (id, page) = entry(middle)?;
+        match id.cmp(kpi_id.as_bytes()) {
+            std::cmp::Ordering::Less => low = middle + 1,
+            std::cmp::Ordering::Greater => high = middle,
+            std::cmp::Ordering::Equal => return Some(Some(PageRef::from_bytes(page)?)),
+        }
+    }
+    Some(None)
 }

@@ -2,21 +2,24 @@
 //! that merges the stored blocks, the frozen parts and the open part in seq order.
 
 use std::collections::VecDeque;
+use std::sync::Arc;
 
 use chrono::{DateTime, Utc};
 
-use super::blocks::{Area, Blocks, Reader, unzigzag};
+use super::blocks::{Area, Blocks, Reader, StoredRef, find_in_directory, unzigzag};
 use crate::domain::aggregate::Observation;
 use crate::domain::query::Labels;
 use crate::domain::{Event, Measurement};
+use crate::projection::pages::{PageRef, PageStore};
 use crate::store::{self, StoreError};
 
 /// Reads the entries of one prefix in seq order (see [`History::cursor`]).
 pub(super) struct Cursor {
-    pub(super) tree: sled::Tree,
+    /// The index's block files.
+    pub(super) pages: Arc<PageStore>,
     pub(super) blocks: Blocks,
-    /// First seqs of the stored parts still to read.
-    pub(super) stored: VecDeque<u64>,
+    /// The stored parts still to read.
+    pub(super) stored: VecDeque<StoredRef>,
     pub(super) stored_to: u64,
     pub(super) memory: VecDeque<Area>,
     pub(super) area: Area,
@@ -113,15 +116,21 @@ impl Cursor {
                 }
                 return Ok(Some(entry));
             }
-            let next = if let Some(first_seq) = self.stored.pop_front() {
-                let Some(value) = self.tree.get(self.blocks.key(first_seq))? else {
-                    // No measurements of this KPI in that part.
+            let next = if let Some(part) = self.stored.pop_front() {
+                let Some(page) = self.block_of(&part)? else {
+                    // None of these blocks in that part.
                     continue;
                 };
-                let area = Area::decode(&value).ok_or_else(|| StoreError::Corrupt {
-                    seq: first_seq,
-                    reason: format!("damaged history index block {:?}", self.blocks),
-                })?;
+                let damaged = |reason: String| StoreError::Corrupt {
+                    seq: part.first_seq,
+                    reason: format!("damaged history index block {:?}: {reason}", self.blocks),
+                };
+                let value = self
+                    .pages
+                    .read_as_is(page)
+                    .map_err(|error| damaged(error.to_string()))?;
+                let area =
+                    Area::decode(&value).ok_or_else(|| damaged("does not decode".to_owned()))?;
                 self.from_tree = true;
                 area
             } else {
@@ -140,6 +149,23 @@ impl Cursor {
             self.prev = 0;
             self.prev_seconds = 0;
         }
+    }
+
+    /// Where this cursor's block of the stored `part` is, if it has one.
+    fn block_of(&self, part: &StoredRef) -> Result<Option<PageRef>, StoreError> {
+        let kpi_id = match &self.blocks {
+            Blocks::Others => return Ok(part.others),
+            Blocks::Measurements(kpi_id) => kpi_id,
+        };
+        let damaged = |reason: String| StoreError::Corrupt {
+            seq: part.first_seq,
+            reason: format!("damaged history index directory: {reason}"),
+        };
+        let directory = self
+            .pages
+            .read(part.directory)
+            .map_err(|error| damaged(error.to_string()))?;
+        find_in_directory(&directory, kpi_id).ok_or_else(|| damaged("does not decode".to_owned()))
     }
 
     /// The entry at `pos` of the current area, and where the next one starts.

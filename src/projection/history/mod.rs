@@ -6,31 +6,38 @@
 //!
 //! # Layout
 //!
-//! One tree, `history`, so that one sled batch stores a whole flush (a *part*: the events
-//! between two flushes) atomically. Keys start with the part's first seq, so every flush
-//! appends at the end of the key ranges, as the log's segments do, and sled rewrites no
-//! older node (KPI-major keys, tried first, inserted a thousand blocks all over the tree
-//! per flush and doubled the data directory):
-//! - `e` ‖ first seq of the part (u64 BE) → a block of the part's other events
-//!   (definitions, targets, retractions, lost events), all KPIs together, since there are
-//!   few; written for every part, even without such events, so these keys list the parts
-//!   (at open, with whether each block has events: readers of them skip the empty ones);
-//! - `m` ‖ first seq of the part (u64 BE) ‖ KPI id → a block of the part's measurements
-//!   of that KPI, when it has some;
+//! The blocks are pages of their own append-only files (`blocks/` in the index's
+//! directory, [`PageStore`]: rotated at 64 MiB, a CRC-32 per page, read with `pread`
+//! through the operating system's page cache); sled holds only one small entry per part
+//! (a *part*: the events between two flushes). So the index's memory does not grow with
+//! its blocks: sled keeps a page-table entry and, for a while, the bytes of every tree
+//! node it reads (its cache accounts for reads in batches of 64 per shard of 256, so a
+//! scan keeps up to 16,384 nodes beyond its capacity), and a thousand blocks per part in
+//! the tree made that grow with the history. One tree, `history`:
+//! - `p` ‖ first seq of the part (u64 BE) → the part's directory page, then, when the
+//!   part has events that are not measurements, their block's page (20 bytes each,
+//!   `PageRef::to_bytes`); written for every part, so these keys list the parts (held in
+//!   memory, one per 100,000 events);
 //! - `covered` → the format byte, a seq (u64 LE) and the log's chain hash after it: the
 //!   tree holds every event up to that seq, and nothing after it.
+//!
+//! A part's *directory* lists the KPIs measured in it, sorted by id, each with its
+//! block's page; a reader finds one by binary search (`blocks::find_in_directory`). A
+//! block of the other events (definitions, targets, retractions, lost events) holds all
+//! KPIs' together, since there are few.
 //!
 //! The same database holds the as-of checkpoints (tree `checkpoints`, their pages in
 //! `checkpoints/` beside sled's files), which [`crate::projection::as_of`] reads and its
 //! thread writes through [`History::checkpoint`] and [`History::put_checkpoint`]; they
 //! name the chain hash they follow, so an index discarded and rebuilt keeps them.
 //!
-//! A KPI's stored measurements are read with one point lookup per part (the parts' first
-//! seqs are in memory: one per 100,000 events).
+//! A KPI's stored measurements are read with two page reads per part (its directory,
+//! then its block; the parts' entries are in memory).
 //!
 //! A block is a format byte, the count (u32 LE), the first and last seq (u64 LE each),
 //! then its body compressed as one LZ4 block with the size prepended, then a CRC-32 (LE)
-//! of everything before it. The body is a table
+//! of everything before it; it is stored as it is (`PageStore::write_as_is`). The body is
+//! a table
 //! of series (their count, then per series its label count and each label's key and value,
 //! each a length and the bytes; empty in blocks of other events), then the entries. Every
 //! entry starts with the distance of its seq from the previous entry's (the first: from 0).
@@ -45,8 +52,10 @@
 //! The index listens to the log (on the publisher thread, before the aggregates, so a
 //! refold finds its own group's events): it copies each record into memory, per KPI for
 //! measurements. Every `flush_every_events` events (or 32 MiB of records) the open part
-//! is frozen and handed to the `kpi-history` thread, which writes it in one batch with the
-//! new `covered`; nothing on the commit path waits for it. Reads see the stored blocks up
+//! is frozen and handed to the `kpi-history` thread, which writes its blocks and directory,
+//! syncs them, then lists the part in one batch with the new `covered` (so the tree names
+//! only durable pages; a crash in between leaves pages nothing names); nothing on the
+//! commit path waits for it. Reads see the stored blocks up
 //! to `covered`, then the frozen parts, then the open one. Like the log's other derived
 //! writers, the thread writes only while twice the free-space minimum stays free (sled
 //! does not recover from a failed write); until then the parts stay in memory.
@@ -56,7 +65,8 @@
 //! The index is derived from the log. At open the log after `covered` is read again
 //! (`projection::open` does it in the same pass as the read models' tail); an index the
 //! log does not continue (the log ends before `covered`, or its hash there differs, as
-//! after `kpi-server recover`), one of another format, or one sled cannot open (an error, or
+//! after `kpi-server recover`), one that names a block file that is missing, one of
+//! another format, or one sled cannot open (an error, or
 //! a panic of sled's recovery after a power cut, which `store::open_sled` catches) is removed
 //! and rebuilt from the log. The index is opened only by a server that holds the data
 //! directory's lock (the log's `store::DirLock`); sled's own lock on the index still held
@@ -71,12 +81,12 @@ mod blocks;
 mod cursor;
 mod writer;
 
-use blocks::{Area, Blocks, KpiArea};
+use blocks::{Area, Blocks, KpiArea, StoredRef};
 pub use cursor::Visited;
 use cursor::{Cursor, merge};
 use writer::Writer;
 
-use std::collections::VecDeque;
+use std::collections::{HashSet, VecDeque};
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::mpsc::{Receiver, Sender};
@@ -101,11 +111,12 @@ const MAX_PART_BYTES: usize = 32 * 1024 * 1024;
 /// Largest entries area a stored block may claim (a part is frozen at 32 MiB): a damaged
 /// size never makes a read allocate more.
 const MAX_AREA_BYTES: usize = 2 * MAX_PART_BYTES;
-/// The format of `covered` and of the blocks, and of the checkpoints' page references
-/// (`crate::encoding`). Format 4: the page references are postcard, where 3 wrote
-/// bincode. An index of another format, or with entries but no format (no `covered`), is
-/// removed with its checkpoints and rebuilt from the log.
-const FORMAT: u8 = 4;
+/// The format of `covered`, of the parts' entries and of the blocks, and of the
+/// checkpoints' page references (`crate::encoding`). Format 5: blocks in page files, where
+/// 4 kept them in sled (and 3 wrote the page references with bincode). An index of another
+/// format, or with entries but no format (no `covered`), is removed with its checkpoints
+/// and rebuilt from the log.
+const FORMAT: u8 = 5;
 /// The tree of the index.
 const TREE: &str = "history";
 /// The tree of the as-of checkpoints (see [`crate::projection::as_of`]): where each is.
@@ -119,14 +130,14 @@ pub const DEFAULT_CHECKPOINT_EVERY: u64 = 4096;
 /// By default checkpoints add at most half to the index: one is stored only when the
 /// measurements it follows take twice its bytes.
 pub const DEFAULT_CHECKPOINT_SPAN_PER_BYTE: u64 = 2;
+/// The directory, in the index's, of the blocks' page files.
+const BLOCKS_DIR: &str = "blocks";
 /// The key of the covered seq.
 const COVERED_KEY: &[u8] = b"covered";
-/// First byte of a KPI's measurement blocks.
-const MEASUREMENTS: u8 = b'm';
-/// First byte of the blocks of other events.
-const OTHERS: u8 = b'e';
-/// sled's cache for the index: reads are scans that the page cache serves well.
-const SLED_CACHE_BYTES: u64 = 8 * 1024 * 1024;
+/// First byte of the parts' keys.
+const PARTS: u8 = b'p';
+/// sled's cache for the index: its tree holds one small entry per part.
+const SLED_CACHE_BYTES: u64 = 1024 * 1024;
 /// How long opening waits for the directory lock of an index closing in this process.
 const LOCK_PATIENCE: Duration = Duration::from_secs(5);
 /// How long the writer waits before asking again for room on a nearly full disk.
@@ -173,7 +184,8 @@ type StoredListeners = Arc<Mutex<Vec<Sender<StoredPart>>>>;
 
 /// The history index of one data directory.
 pub struct History {
-    tree: sled::Tree,
+    /// The blocks and directories of the stored parts.
+    pages: Arc<PageStore>,
     checkpoints: sled::Tree,
     checkpoint_pages: PageStore,
     db: sled::Db,
@@ -195,9 +207,8 @@ pub struct History {
 struct State {
     /// The tree holds every event up to this seq.
     stored: u64,
-    /// First seqs of the parts stored, ascending, each with whether it has other events
-    /// than measurements (a reader of those skips the others).
-    parts: Vec<(u64, bool)>,
+    /// The parts stored, ascending.
+    parts: Vec<StoredRef>,
     /// Parts handed to the writer, oldest first, not yet stored.
     frozen: VecDeque<Arc<Part>>,
     /// The part being filled.
@@ -262,6 +273,13 @@ impl History {
                     source,
                 }
             })?;
+        let blocks_dir = dir.join(BLOCKS_DIR);
+        let pages = PageStore::open(&blocks_dir, options.min_free_bytes).map_err(|source| {
+            StoreError::Io {
+                path: blocks_dir.clone(),
+                source,
+            }
+        })?;
         let covered = match tree.get(COVERED_KEY)? {
             None => 0,
             Some(value) => match check_covered(&value, log) {
@@ -271,20 +289,23 @@ impl History {
                         reason,
                         "history index discarded; rebuilding it from the log"
                     );
-                    tree.clear()?;
+                    discard(&tree, &pages, &blocks_dir)?;
                     0
                 }
             },
         };
-        let (covered, parts) = match stored_parts(&tree, covered) {
+        let (covered, parts) = match stored_parts(&tree, covered, &pages.files()) {
             // Every stored part lists itself in the batch that moves `covered`.
             Some(parts) if covered == 0 || !parts.is_empty() => (covered, parts),
             _ => {
-                tracing::warn!("history index has damaged keys; rebuilding it from the log");
-                tree.clear()?;
+                tracing::warn!(
+                    "history index has damaged keys or misses a block file; rebuilding it from the log"
+                );
+                discard(&tree, &pages, &blocks_dir)?;
                 (0, Vec::new())
             }
         };
+        let pages = Arc::new(pages);
         let state = Arc::new(Mutex::new(State {
             stored: covered,
             parts,
@@ -300,7 +321,8 @@ impl History {
         let writer = Writer {
             stopping: stopping.clone(),
             listeners: stored_listeners.clone(),
-            tree: tree.clone(),
+            tree,
+            pages: pages.clone(),
             state: state.clone(),
             log: log.reader(),
             dir: dir.to_owned(),
@@ -314,7 +336,7 @@ impl History {
                 source,
             })?;
         Ok(Self {
-            tree,
+            pages,
             checkpoints,
             checkpoint_pages,
             db,
@@ -598,19 +620,19 @@ impl History {
         // The part holding `from` is the last one starting at or before it.
         let first = state
             .parts
-            .partition_point(|&(first_seq, _)| first_seq <= from)
+            .partition_point(|part| part.first_seq <= from)
             .saturating_sub(1);
         let others = matches!(blocks, Blocks::Others);
         let stored = state.parts[first..]
             .iter()
-            .take_while(|&&(first_seq, _)| first_seq <= to_seq)
-            .filter(|&&(_, has_others)| has_others || !others)
-            .map(|&(first_seq, _)| first_seq)
+            .take_while(|part| part.first_seq <= to_seq)
+            .filter(|part| part.others.is_some() || !others)
+            .copied()
             .collect();
         let stored_to = state.stored;
         drop(state);
         Cursor {
-            tree: self.tree.clone(),
+            pages: self.pages.clone(),
             blocks,
             stored,
             stored_to,
@@ -750,29 +772,32 @@ fn checkpoint_key(kpi_id: &str, seq: u64) -> Vec<u8> {
     key
 }
 
-fn part_key(kind: u8, first_seq: u64) -> Vec<u8> {
-    let mut key = Vec::with_capacity(9 + crate::domain::kpi::MAX_ID_LEN);
-    key.push(kind);
-    key.extend_from_slice(&first_seq.to_be_bytes());
-    key
-}
-
-/// The parts the tree holds (their first seqs, from the keys of their other-event blocks,
-/// and whether those blocks have events, from their counts), up to `covered`; `None` when
-/// a key or a block's head is damaged.
-fn stored_parts(tree: &sled::Tree, covered: u64) -> Option<Vec<(u64, bool)>> {
+/// The parts the tree holds, up to `covered`; `None` when a key or entry is damaged or
+/// names a block file that is not in `files`.
+fn stored_parts(tree: &sled::Tree, covered: u64, files: &HashSet<u32>) -> Option<Vec<StoredRef>> {
     let mut parts = Vec::new();
-    for entry in tree.scan_prefix([OTHERS]) {
+    for entry in tree.scan_prefix([PARTS]) {
         let (key, value) = entry.ok()?;
-        let first_seq = u64::from_be_bytes(key.get(1..9)?.try_into().ok()?);
-        if key.len() != 9 || first_seq > covered {
+        let part = StoredRef::decode(&key, &value)?;
+        let pages = std::iter::once(part.directory).chain(part.others);
+        if part.first_seq > covered || pages.into_iter().any(|page| !files.contains(&page.file())) {
             return None;
         }
-        // The block's format byte, then its count (see the module doc).
-        let count = u32::from_le_bytes(value.get(1..5)?.try_into().ok()?);
-        parts.push((first_seq, count > 0));
+        parts.push(part);
     }
     Some(parts)
+}
+
+/// Empties the index: its tree and its block files (the checkpoints stay: they name the
+/// chain hash they follow).
+fn discard(tree: &sled::Tree, pages: &PageStore, blocks_dir: &Path) -> Result<(), StoreError> {
+    tree.clear()?;
+    pages
+        .retain(&HashSet::new(), u32::MAX)
+        .map_err(|source| StoreError::Io {
+            path: blocks_dir.to_owned(),
+            source,
+        })
 }
 
 #[cfg(test)]

@@ -29,10 +29,10 @@ fn measurement(i: i64) -> Measurement {
 }
 
 fn cursor(blocks: Blocks, area: Area, from: u64) -> Cursor {
-    let db = sled::Config::new().temporary(true).open().unwrap();
+    let dir = tempfile::tempdir().unwrap();
     Cursor {
         from,
-        tree: db.open_tree(TREE).unwrap(),
+        pages: Arc::new(PageStore::open(dir.path(), 0).unwrap()),
         blocks,
         stored: VecDeque::new(),
         stored_to: 0,
@@ -86,8 +86,7 @@ fn an_index_of_another_format_or_without_one_is_told_apart() {
     let db = sled::Config::new().temporary(true).open().unwrap();
     assert_eq!(other_format(&db).unwrap(), None, "an empty index");
     let tree = db.open_tree(TREE).unwrap();
-    tree.insert(part_key(OTHERS, 1), &[FORMAT, 0, 0, 0, 0])
-        .unwrap();
+    tree.insert(blocks::part_key(1), &[0; 20]).unwrap();
     assert_eq!(other_format(&db).unwrap().as_deref(), Some("none"));
     tree.insert(COVERED_KEY, &[3, 1, 2]).unwrap();
     assert_eq!(other_format(&db).unwrap().as_deref(), Some("3"));
@@ -159,4 +158,121 @@ fn damaged_entries_are_errors_not_panics() {
         area.bytes.truncate(at);
         let _ = read_back(area);
     }
+}
+
+fn page(file: u32, offset: u64) -> PageRef {
+    let mut bytes = [0; crate::projection::pages::PAGE_REF_BYTES];
+    bytes[..4].copy_from_slice(&file.to_le_bytes());
+    bytes[4..12].copy_from_slice(&offset.to_le_bytes());
+    PageRef::from_bytes(&bytes).unwrap()
+}
+
+#[test]
+fn a_directory_finds_every_kpi_it_lists_and_no_other() {
+    let ids: Vec<String> = (0..300).map(|i| format!("kpi_{i:04}")).collect();
+    let listed: Vec<(&str, PageRef)> = ids
+        .iter()
+        .enumerate()
+        .filter(|(i, _)| i % 3 != 0)
+        .map(|(i, id)| (id.as_str(), page(7, i as u64 * 11)))
+        .collect();
+    let directory = blocks::encode_directory(&listed);
+    for (i, id) in ids.iter().enumerate() {
+        let expected = (i % 3 != 0).then(|| page(7, i as u64 * 11));
+        assert_eq!(
+            blocks::find_in_directory(&directory, id),
+            Some(expected),
+            "{id}"
+        );
+    }
+    assert_eq!(blocks::find_in_directory(&directory, ""), Some(None));
+    assert_eq!(
+        blocks::find_in_directory(&blocks::encode_directory(&[]), "a"),
+        Some(None)
+    );
+}
+
+#[test]
+fn a_damaged_directory_is_an_error_not_a_panic() {
+    let ids: Vec<String> = (0..20).map(|i| format!("k{i}")).collect();
+    let listed: Vec<(&str, PageRef)> = ids.iter().map(|id| (id.as_str(), page(1, 2))).collect();
+    let directory = blocks::encode_directory(&listed);
+    for at in 0..directory.len() {
+        for flip in [0x01, 0x80, 0xff] {
+            let mut damaged = directory.clone();
+            damaged[at] ^= flip;
+            for id in &ids {
+                let _ = blocks::find_in_directory(&damaged, id);
+            }
+        }
+        assert!(
+            ids.iter()
+                .any(|id| blocks::find_in_directory(&directory[..at], id).is_none()),
+            "a directory cut at {at} reads whole"
+        );
+    }
+}
+
+#[test]
+fn a_part_entry_reads_back_and_a_damaged_one_is_refused() {
+    for others in [None, Some(page(3, 99))] {
+        let part = StoredRef {
+            first_seq: 100_001,
+            directory: page(2, 5),
+            others,
+        };
+        assert_eq!(StoredRef::decode(&part.key(), &part.value()), Some(part));
+        let value = part.value();
+        assert_eq!(
+            StoredRef::decode(&part.key(), &value[..value.len() - 1]),
+            None
+        );
+        assert_eq!(StoredRef::decode(b"e00000001", &value), None);
+    }
+}
+
+#[test]
+fn measurements_read_back_from_a_stored_part() {
+    let (kpi, measurements) = written();
+    let dir = tempfile::tempdir().unwrap();
+    let pages = Arc::new(PageStore::open(dir.path(), 0).unwrap());
+    let block = pages.write_as_is(&kpi.area.encode()).unwrap();
+    let directory = pages
+        .write(&blocks::encode_directory(&[
+            ("other", page(9, 9)),
+            ("signups", block),
+        ]))
+        .unwrap();
+    let part = StoredRef {
+        first_seq: 3,
+        directory,
+        others: None,
+    };
+    let read = |pages: Arc<PageStore>, kpi_id: &str| {
+        let mut cursor = cursor(Blocks::Measurements(kpi_id.into()), Area::default(), 0);
+        cursor.pages = pages;
+        cursor.memory.clear();
+        cursor.stored = VecDeque::from([part]);
+        cursor.stored_to = 81;
+        let mut read = Vec::new();
+        merge(vec![cursor], |seq, visited| {
+            read.extend(visited.to_measurement().map(|m| (seq, m)));
+        })
+        .map(|()| read)
+    };
+    assert!(same(
+        &read(pages.clone(), "signups").unwrap(),
+        &measurements
+    ));
+    assert!(read(pages.clone(), "absent").unwrap().is_empty());
+    // A block whose page file is gone is an error, not an empty history.
+    drop(pages);
+    for file in std::fs::read_dir(dir.path()).unwrap() {
+        std::fs::remove_file(file.unwrap().path()).unwrap();
+    }
+    let pages = Arc::new(PageStore::open(dir.path(), 0).unwrap());
+    assert!(matches!(
+        read(pages, "signups"),
+        Err(StoreError::Corrupt { .. })
+    ));
 }

@@ -1,14 +1,18 @@
-//! The `kpi-history` thread: writes the frozen parts in order, each in one sled batch with
-//! its covered seq, while there is room on the disk, and tells the listeners (the
-//! checkpoint thread) of every part it stored.
+//! The `kpi-history` thread: writes the frozen parts in order, each as blocks in the page
+//! files with a directory, synced, then listed in the tree in one sled batch with its
+//! covered seq, while there is room on the disk, and tells the listeners (the checkpoint
+//! thread) of every part it stored.
 
 use std::path::PathBuf;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::mpsc::Receiver;
 use std::sync::{Arc, Mutex, PoisonError};
 
-use super::blocks::{Blocks, widen};
-use super::{COVERED_KEY, FORMAT, Part, ROOM_RETRY, State, StoredListeners, StoredPart, lock};
+use super::blocks::{StoredRef, encode_directory, widen};
+use super::{
+    BLOCKS_DIR, COVERED_KEY, FORMAT, Part, ROOM_RETRY, State, StoredListeners, StoredPart, lock,
+};
+use crate::projection::pages::PageStore;
 use crate::store::{self, LogReader, StoreError};
 
 /// The `kpi-history` thread: stores frozen parts in order.
@@ -16,6 +20,7 @@ pub(super) struct Writer {
     pub(super) stopping: Arc<AtomicBool>,
     pub(super) listeners: StoredListeners,
     pub(super) tree: sled::Tree,
+    pub(super) pages: Arc<PageStore>,
     pub(super) state: Arc<Mutex<State>>,
     pub(super) log: LogReader,
     pub(super) dir: PathBuf,
@@ -39,15 +44,18 @@ impl Writer {
                 }
                 std::thread::sleep(ROOM_RETRY);
             }
-            if let Err(error) = self.store(&part) {
-                // Later parts cannot be stored after a gap: they all stay in memory, and the
-                // next start reads the log after the last stored seq again.
-                tracing::error!(%error, "cannot write the history index; it stays in memory");
-                return;
-            }
+            let stored = match self.store(&part) {
+                Ok(stored) => stored,
+                Err(error) => {
+                    // Later parts cannot be stored after a gap: they all stay in memory, and
+                    // the next start reads the log after the last stored seq again.
+                    tracing::error!(%error, "cannot write the history index; it stays in memory");
+                    return;
+                }
+            };
             let mut state = lock(&self.state);
             state.stored = part.last_seq;
-            state.parts.push((part.first_seq, part.others.count > 0));
+            state.parts.push(stored);
             if state
                 .frozen
                 .front()
@@ -77,21 +85,45 @@ impl Writer {
         }
     }
 
-    pub(super) fn store(&self, part: &Part) -> Result<(), StoreError> {
+    /// Writes `part`'s blocks and directory to the page files and syncs them, then lists
+    /// the part in the tree with the new covered seq (one batch): the tree names only
+    /// durable pages. A crash before the batch leaves unnamed pages, which nothing reads.
+    pub(super) fn store(&self, part: &Part) -> Result<StoredRef, StoreError> {
         let hash = self.log.hash_at(part.last_seq)?;
-        let mut batch = sled::Batch::default();
-        for (kpi_id, kpi) in &part.measurements {
-            let key = Blocks::Measurements(kpi_id.clone()).key(part.first_seq);
-            batch.insert(key, kpi.area.encode());
+        let io = |source| StoreError::Io {
+            path: self.dir.join(BLOCKS_DIR),
+            source,
+        };
+        let mut kpis: Vec<_> = part.measurements.iter().collect();
+        kpis.sort_unstable_by(|a, b| a.0.cmp(b.0));
+        let mut directory = Vec::with_capacity(kpis.len());
+        for (kpi_id, kpi) in kpis {
+            let page = self.pages.write_as_is(&kpi.area.encode()).map_err(io)?;
+            directory.push((kpi_id.as_str(), page));
         }
-        // Also without other events: the key lists the part.
-        batch.insert(Blocks::Others.key(part.first_seq), part.others.encode());
+        let others = if part.others.count > 0 {
+            Some(self.pages.write_as_is(&part.others.encode()).map_err(io)?)
+        } else {
+            None
+        };
+        let directory = self
+            .pages
+            .write(&encode_directory(&directory))
+            .map_err(io)?;
+        self.pages.sync().map_err(io)?;
+        let stored = StoredRef {
+            first_seq: part.first_seq,
+            directory,
+            others,
+        };
+        let mut batch = sled::Batch::default();
+        batch.insert(stored.key(), stored.value());
         let mut covered = Vec::with_capacity(41);
         covered.push(FORMAT);
         covered.extend_from_slice(&part.last_seq.to_le_bytes());
         covered.extend_from_slice(&hash);
         batch.insert(COVERED_KEY, covered);
         self.tree.apply_batch(batch)?;
-        Ok(())
+        Ok(stored)
     }
 }
