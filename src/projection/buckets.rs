@@ -775,6 +775,21 @@ impl BucketMap {
                 .sum::<usize>()
     }
 
+    /// How many chunks are stored and how many resident, and the bytes of the chunk
+    /// directory (for the eviction's log: what stays in memory however old it is).
+    pub fn census(&self) -> (usize, usize, usize) {
+        let stored = self
+            .chunks
+            .iter()
+            .filter(|chunk| matches!(chunk, Chunk::Stored(..)))
+            .count();
+        (
+            stored,
+            self.chunks.len() - stored,
+            self.chunks.capacity() * size_of::<Chunk>(),
+        )
+    }
+
     /// Calls `visit` with the key and bytes of every bucket in memory, as
     /// [`BucketMap::evict_below`] would free them.
     pub fn visit_resident(&self, mut visit: impl FnMut(BucketKey, usize)) {

@@ -105,6 +105,7 @@ impl Aggregates {
         // Buckets that ended more than this before the latest leave memory.
         let age = 3600i64 << (class - 1);
         let (mut freed, mut late_freed, mut held) = (0, 0, 0);
+        let (mut maps, mut stored_chunks, mut resident_chunks, mut directory) = (0, 0, 0, 0);
         let mut failed = None;
         for kpi in self.measured.values_mut() {
             for series in kpi.series.values_mut() {
@@ -123,6 +124,11 @@ impl Aggregates {
                         }
                     }
                     held += buckets.bytes();
+                    let (stored, resident, bytes) = buckets.census();
+                    maps += 1;
+                    stored_chunks += stored;
+                    resident_chunks += resident;
+                    directory += bytes;
                 }
             }
         }
@@ -150,6 +156,10 @@ impl Aggregates {
             late_freed,
             held = self.bytes,
             budget = budget,
+            maps,
+            stored_chunks,
+            resident_chunks,
+            directory,
             "buckets moved out of memory"
         );
     }
