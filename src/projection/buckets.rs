@@ -1,5 +1,6 @@
 //! [`BucketMap`]: the buckets of one series at one grain, ordered by key, stored in sorted
-//! chunks of at most [`CHUNK`] entries.
+//! chunks of at most [`CHUNK`] entries in memory (and at most [`STORED_CHUNK`] once
+//! stored as a page).
 //!
 //! The aggregates hold one such map per series and grain, so a store of ten million
 //! measurements spread over two years is about 13 million buckets, most of them HOUR
@@ -48,6 +49,15 @@ use crate::projection::pages::{PageRef, PageStore};
 /// Most entries of one chunk: an insert into a chunk moves at most this many 24-byte
 /// entries (6 KiB), and the chunk directory of two years of hours has about 70 entries.
 pub const CHUNK: usize = 256;
+
+/// Most entries of a stored chunk. Evictions store a few buckets of a map at a time, and
+/// every stored chunk keeps a 72-byte entry in the chunk directory, in memory however old
+/// it is: at 50 M measurements 665,170 stored chunks of about 100 buckets held 48 MB of
+/// directory (BENCHMARKS.md). Adjacent stored chunks of similar sizes are merged up to this
+/// many buckets ([`BucketMap::evict_below`]), so the directory grows by one entry per
+/// 4,096 buckets of history, and a bucket is rewritten about once per doubling of its
+/// chunk. A chunk read back into memory is split into resident chunks of [`CHUNK`].
+pub const STORED_CHUNK: usize = 4096;
 
 /// Most entries of the owned tail before they move into the chunks: a clone copies at most
 /// this many per map, and a measurement of "now" finds its bucket one memory access away.
@@ -260,7 +270,7 @@ impl<'a> PageIo<'a> {
 /// beside it when the chunk is stored.
 ///
 /// Architecture invariant: every chunk is non-empty and sorted, holds at most [`CHUNK`]
-/// entries, and every key of a chunk (its late measurements' included) is below every key
+/// entries in memory and at most [`STORED_CHUNK`] stored, and every key of a chunk (its late measurements' included) is below every key
 /// of the next one; `sealed_last` is the last chunk's last key; the tail is sorted, holds
 /// at most [`TAIL`] entries, and every tail key is above `sealed_last`.
 #[derive(Debug, Clone, Default)]
@@ -330,14 +340,22 @@ fn heap_bytes(entries: &[Entry]) -> usize {
 
 /// `entries` in resident chunks of at most [`CHUNK`] entries, as even as may be.
 fn into_chunks(entries: Vec<Entry>) -> Vec<Chunk> {
-    if entries.len() <= CHUNK {
-        return vec![Chunk::Resident(Arc::new(entries))];
+    into_pieces(entries, CHUNK)
+        .into_iter()
+        .map(|piece| Chunk::Resident(Arc::new(piece)))
+        .collect()
+}
+
+/// `entries` in pieces of at most `most` entries, as even as may be.
+fn into_pieces(entries: Vec<Entry>, most: usize) -> Vec<Vec<Entry>> {
+    if entries.len() <= most {
+        return vec![entries];
     }
-    let pieces = entries.len().div_ceil(CHUNK);
+    let pieces = entries.len().div_ceil(most);
     let size = entries.len().div_ceil(pieces);
     let mut entries = entries.into_iter();
     (0..pieces)
-        .map(|_| Chunk::Resident(Arc::new(entries.by_ref().take(size).collect())))
+        .map(|_| entries.by_ref().take(size).collect())
         .collect()
 }
 
@@ -855,6 +873,48 @@ impl BucketMap {
                 }
             }
         }
+        freed += self.merge_stored(store)?;
+        Ok(freed)
+    }
+
+    /// Merges adjacent stored chunks of similar sizes (neither more than twice the
+    /// other), with their late measurements recorded, into one page of at most
+    /// [`STORED_CHUNK`] buckets, until no two such chunks are next to each other; then
+    /// gives back a chunk directory less than half used. Returns the bytes freed (late
+    /// measurements written, directory given back).
+    fn merge_stored(&mut self, store: &PageStore) -> io::Result<usize> {
+        let mut freed = 0;
+        let mut index = 0;
+        while index + 1 < self.chunks.len() {
+            let (Chunk::Stored(a, a_late), Chunk::Stored(b, b_late)) =
+                (&self.chunks[index], &self.chunks[index + 1])
+            else {
+                index += 1;
+                continue;
+            };
+            let (small, large) = (a.len.min(b.len), a.len.max(b.len));
+            if small * 2 < large || (a.len + b.len) as usize > STORED_CHUNK {
+                index += 1;
+                continue;
+            }
+            let mut entries = read_stored(Some(store), a, a_late.as_deref())?;
+            entries.extend(read_stored(Some(store), b, b_late.as_deref())?);
+            if entries.len() > STORED_CHUNK {
+                // Late measurements made new buckets: they stay two chunks.
+                index += 1;
+                continue;
+            }
+            freed += self.chunks[index].late_bytes() + self.chunks[index + 1].late_bytes();
+            self.chunks[index] = Chunk::Stored(store_entries(&entries, store)?, None);
+            self.chunks.remove(index + 1);
+            // The merged chunk may now match the one before it.
+            index = index.saturating_sub(1);
+        }
+        if self.chunks.len() < self.chunks.capacity() / 2 {
+            let before = self.chunks.capacity();
+            self.chunks.shrink_to_fit();
+            freed += (before - self.chunks.capacity()) * size_of::<Chunk>();
+        }
         Ok(freed)
     }
 
@@ -876,14 +936,11 @@ impl BucketMap {
                 continue;
             }
             let entries = read_stored(Some(store), stored, late.as_deref())?;
-            let pieces: Vec<Chunk> = into_chunks(entries)
+            // Stored again whole (split only when new buckets made it pass
+            // STORED_CHUNK): split, it would be merged again at the next eviction.
+            let pieces: Vec<Chunk> = into_pieces(entries, STORED_CHUNK)
                 .iter()
-                .map(|piece| match piece {
-                    Chunk::Resident(entries) => {
-                        store_entries(entries, store).map(|stored| Chunk::Stored(stored, None))
-                    }
-                    Chunk::Stored(..) => unreachable!("into_chunks makes resident chunks"),
-                })
+                .map(|piece| store_entries(piece, store).map(|stored| Chunk::Stored(stored, None)))
                 .collect::<io::Result<_>>()?;
             let added = pieces.len();
             self.reserve_chunks(added - 1);
@@ -964,7 +1021,7 @@ impl<'de> Deserialize<'de> for BucketMap {
                     map.chunks.push(Chunk::Resident(Arc::new(entries)));
                 }
                 PartIn::Stored(stored) | PartIn::StoredLate(stored, _)
-                    if stored.len == 0 || stored.len as usize > CHUNK =>
+                    if stored.len == 0 || stored.len as usize > STORED_CHUNK =>
                 {
                     return Err(out_of_order());
                 }
