@@ -53,11 +53,15 @@ pub const CHUNK: usize = 256;
 /// Most entries of a stored chunk. Evictions store a few buckets of a map at a time, and
 /// every stored chunk keeps a 72-byte entry in the chunk directory, in memory however old
 /// it is: at 50 M measurements 665,170 stored chunks of about 100 buckets held 48 MB of
-/// directory (BENCHMARKS.md). Adjacent stored chunks of similar sizes are merged up to this
-/// many buckets ([`BucketMap::evict_below`]), so the directory grows by one entry per
-/// 4,096 buckets of history, and a bucket is rewritten about once per doubling of its
-/// chunk. A chunk read back into memory is split into resident chunks of [`CHUNK`].
+/// directory (BENCHMARKS.md). Runs of [`MERGE_FANIN`] adjacent stored chunks of similar
+/// sizes are merged up to this many buckets ([`BucketMap::evict_below`]; 238,178 chunks
+/// at 50 M). A chunk read back into memory is split into resident chunks of [`CHUNK`].
 pub const STORED_CHUNK: usize = 4096;
+
+/// Stored chunks of similar sizes merged at once: a bucket is rewritten about once per
+/// fourfold growth of its chunk (merging pairs rewrote it once per doubling, and ingest
+/// paid for it).
+const MERGE_FANIN: usize = 4;
 
 /// Most entries of the owned tail before they move into the chunks: a clone copies at most
 /// this many per map, and a measurement of "now" finds its bucket one memory access away.
@@ -877,38 +881,55 @@ impl BucketMap {
         Ok(freed)
     }
 
-    /// Merges adjacent stored chunks of similar sizes (neither more than twice the
-    /// other), with their late measurements recorded, into one page of at most
-    /// [`STORED_CHUNK`] buckets, until no two such chunks are next to each other; then
+    /// Merges runs of at least [`MERGE_FANIN`] adjacent stored chunks of similar sizes
+    /// (each within twice the first one's), with their late measurements recorded, into
+    /// one page of at most [`STORED_CHUNK`] buckets, until no such run is left; then
     /// gives back a chunk directory less than half used. Returns the bytes freed (late
     /// measurements written, directory given back).
     fn merge_stored(&mut self, store: &PageStore) -> io::Result<usize> {
         let mut freed = 0;
         let mut index = 0;
         while index + 1 < self.chunks.len() {
-            let (Chunk::Stored(a, a_late), Chunk::Stored(b, b_late)) =
-                (&self.chunks[index], &self.chunks[index + 1])
-            else {
+            // The run of stored chunks from `index` within twice the first one's size
+            // either way, up to STORED_CHUNK buckets in all.
+            let Chunk::Stored(first, _) = &self.chunks[index] else {
                 index += 1;
                 continue;
             };
-            let (small, large) = (a.len.min(b.len), a.len.max(b.len));
-            if small * 2 < large || (a.len + b.len) as usize > STORED_CHUNK {
+            let base = first.len;
+            let mut total = 0u32;
+            let mut end = index;
+            while let Some(Chunk::Stored(next, _)) = self.chunks.get(end)
+                && next.len * 2 >= base
+                && base * 2 >= next.len
+                && (total + next.len) as usize <= STORED_CHUNK
+            {
+                total += next.len;
+                end += 1;
+            }
+            if end - index < MERGE_FANIN {
                 index += 1;
                 continue;
             }
-            let mut entries = read_stored(Some(store), a, a_late.as_deref())?;
-            entries.extend(read_stored(Some(store), b, b_late.as_deref())?);
+            let mut entries = Vec::with_capacity(total as usize);
+            for chunk in &self.chunks[index..end] {
+                if let Chunk::Stored(stored, late) = chunk {
+                    entries.extend(read_stored(Some(store), stored, late.as_deref())?);
+                }
+            }
             if entries.len() > STORED_CHUNK {
-                // Late measurements made new buckets: they stay two chunks.
+                // Late measurements made new buckets: the run stays as it is.
                 index += 1;
                 continue;
             }
-            freed += self.chunks[index].late_bytes() + self.chunks[index + 1].late_bytes();
+            freed += self.chunks[index..end]
+                .iter()
+                .map(Chunk::late_bytes)
+                .sum::<usize>();
             self.chunks[index] = Chunk::Stored(store_entries(&entries, store)?, None);
-            self.chunks.remove(index + 1);
-            // The merged chunk may now match the one before it.
-            index = index.saturating_sub(1);
+            self.chunks.drain(index + 1..end);
+            // The merged chunk may now start or join a run before it.
+            index = index.saturating_sub(MERGE_FANIN - 1);
         }
         if self.chunks.len() < self.chunks.capacity() / 2 {
             let before = self.chunks.capacity();
