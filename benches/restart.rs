@@ -11,7 +11,9 @@
 //! 1. `cold`: the start of `kpi_service::run` without a snapshot (open the log, rebuilding
 //!    the dedup index; restore the read models from the whole log), then the snapshot a
 //!    graceful shutdown writes, and the close;
-//! 2. `sled`: sled's own open of the log directory, for comparison;
+//! 2. `sled`: sled's own open of the log directory, for comparison, with the service's
+//!    cache capacity (16 MiB), then a read of every segment: what sled keeps of a scan
+//!    (ReplayEvents or VerifyLog from seq 1) beyond its cache capacity;
 //! 3. `warm` (three times): the start with that snapshot.
 //!
 //! Each prints wall times, VmRSS and VmHWM (`/proc/self/status`) after each step, and the
@@ -307,16 +309,34 @@ fn start(name: &str, dir: &Path) -> (KpiService, EventLog) {
     (service, log)
 }
 
-/// sled's own open of the log, with the tree's last key read.
+/// sled's own open of the log, with the tree's last key read, then a read of every
+/// segment.
 fn sled_only(dir: &Path) {
     let started = Instant::now();
-    let db = sled::Config::new().path(dir.join(LOG_DIR)).open().unwrap();
+    let db = sled::Config::new()
+        .path(dir.join(LOG_DIR))
+        .cache_capacity(16 * 1024 * 1024)
+        .flush_every_ms(None)
+        .open()
+        .unwrap();
     let tree = db.open_tree("segments").unwrap();
     let last = tree.last().unwrap().map(|(key, _)| key.len());
     let elapsed = started.elapsed();
     println!(
         "sled open alone: {:.2} s (last key {last:?}); {}",
         elapsed.as_secs_f64(),
+        memory()
+    );
+    let started = Instant::now();
+    let (mut keys, mut bytes) = (0u64, 0u64);
+    for entry in tree.iter() {
+        let (_, value) = entry.unwrap();
+        keys += 1;
+        bytes += value.len() as u64;
+    }
+    println!(
+        "sled read of every segment ({keys} keys, {bytes} bytes, cache 16 MiB): {:.2} s; {}",
+        started.elapsed().as_secs_f64(),
         memory()
     );
 }
