@@ -799,3 +799,83 @@ fn the_newest_buckets_stay_in_memory_under_any_budget() {
     models.history.close().expect("close the history index");
     log.close().expect("close");
 }
+
+/// Opens the log in `log_dir` and its history index with checkpoints every measurement
+/// once they follow `span_per_byte` times their bytes, appends `count` measurements of
+/// `revenue` (all in hour 0, so its checkpoints keep their size) one per stored part,
+/// and closes both gracefully once the checkpoint thread has seen every part; returns
+/// the bytes in the index of each measurement.
+fn lifetime(dir: &std::path::Path, span_per_byte: u64, count: usize) -> u64 {
+    let log_dir = dir.join("log");
+    let log = EventLog::open(&log_dir, StoreOptions::default()).expect("open");
+    let options = HistoryOptions {
+        flush_every_events: 1,
+        checkpoint_every: 1,
+        checkpoint_span_per_byte: span_per_byte,
+        ..HistoryOptions::default()
+    };
+    let history = History::open(&dir.join("history"), &log, options).expect("history");
+    let parts = history.subscribe_stored();
+    let models =
+        ReadModels::restore(&log, &log_dir.join("no-snapshots"), history, None).expect("restore");
+    if log.head().seq == 0 {
+        define_all(&log);
+    }
+    for _ in 0..count {
+        append(&log, vec![revenue_at(0, 1.5)]);
+    }
+    let patience = std::time::Duration::from_secs(10);
+    assert!(models.history.wait_stored(patience));
+    assert!(models.aggregates.wait_checkpoints(patience));
+    let measured = parts
+        .try_iter()
+        .flat_map(|part| part.measured)
+        .find(|(kpi_id, count, _)| kpi_id == "revenue" && *count == 1)
+        .expect("a part with one measurement of revenue");
+    models.history.close().expect("close the history index");
+    log.close().expect("close");
+    measured.2
+}
+
+/// A KPI whose next checkpoint must follow more measurements than one run of the process
+/// sees still gets it: the checkpoint thread weighs the checkpoint against every
+/// measurement since the last one, those before a restart included, not only those it
+/// counted since it started (which, restart after restart, declined it for good while
+/// the last checkpoint fell behind and as-of folds of the KPI grew with the log).
+#[test]
+fn checkpoints_follow_the_measurements_before_a_restart() {
+    let dir = tempfile::tempdir().unwrap();
+    // Two measurements: the state of a bucket with one is smaller.
+    let bytes = lifetime(dir.path(), 0, 2);
+    let checkpoint = |dir: &std::path::Path| {
+        let log = EventLog::open(&dir.join("log"), StoreOptions::default()).expect("open");
+        let history =
+            History::open(&dir.join("history"), &log, HistoryOptions::default()).expect("history");
+        let (at, state) = history
+            .checkpoint("revenue", log.head().seq, |_, _| Ok(()))
+            .unwrap()
+            .expect("a checkpoint of revenue");
+        history.close().expect("close the history index");
+        log.close().expect("close");
+        (at, u64::try_from(state.len()).unwrap())
+    };
+    let (first, size) = checkpoint(dir.path());
+    // The next checkpoint follows at least 60 measurements; each run appends 20.
+    let per_run = 20;
+    let span_per_byte = (3 * per_run * bytes).div_ceil(size);
+    for _ in 0..2 {
+        lifetime(dir.path(), span_per_byte, per_run as usize);
+        assert_eq!(
+            checkpoint(dir.path()).0,
+            first,
+            "60 measurements not reached yet"
+        );
+    }
+    for _ in 0..4 {
+        lifetime(dir.path(), span_per_byte, per_run as usize);
+    }
+    assert!(
+        checkpoint(dir.path()).0 > first,
+        "a checkpoint after 120 measurements over six runs"
+    );
+}

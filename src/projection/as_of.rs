@@ -20,10 +20,13 @@
 //!
 //! The `kpi-checkpoints` thread makes them, off the commit path: it hears of every part
 //! the history writer stores and checkpoints a KPI once the measurements it had since its
-//! last checkpoint (counted since the process started) reach `checkpoint_every` (4,096)
-//! and take at least `checkpoint_span_per_byte` (2) times the checkpoint's bytes in the
-//! index, so checkpoints add at most half to the index and reading one costs less than
-//! folding what it replaces. An as-of fold of one KPI therefore reads at most about twice
+//! last checkpoint reach `checkpoint_every` (4,096) and take at least
+//! `checkpoint_span_per_byte` (2) times the checkpoint's bytes in the index, so
+//! checkpoints add at most half to the index and reading one costs less than folding what
+//! it replaces. The thread counts measurements from its start; the fold that makes a
+//! checkpoint counts those since the last one, so after a restart a KPI is weighed
+//! against all of them (a KPI with large states is not declined at every start while its
+//! last checkpoint falls behind). An as-of fold of one KPI therefore reads at most about twice
 //! `checkpoint_every` of its measurements (more for a KPI whose buckets are large, such as
 //! PERCENTILE sketches, or that has very many series), wherever in the log the seq is.
 //!
@@ -70,6 +73,17 @@ pub fn fold(
     kpi_ids: &[&str],
     grains: Grains,
 ) -> Result<Aggregates, StoreError> {
+    fold_counted(history, log, seq, kpi_ids, grains).map(|(aggregates, _)| aggregates)
+}
+
+/// [`fold`], and how many measurements it folded (those in checkpoints not counted).
+fn fold_counted(
+    history: &History,
+    log: &LogReader,
+    seq: u64,
+    kpi_ids: &[&str],
+    grains: Grains,
+) -> Result<(Aggregates, u64), StoreError> {
     let checkpointed = Grain::ALL
         .into_iter()
         .all(|grain| !grains.contains(grain) || CHECKPOINT_GRAINS.contains(&grain));
@@ -78,10 +92,11 @@ pub fn fold(
     } else {
         HashMap::default()
     };
-    let (mut aggregates, mut to_rebuild) = fold_from(history, log, seq, kpi_ids, grains, &starts)?;
+    let (mut aggregates, mut to_rebuild, mut folded) =
+        fold_from(history, log, seq, kpi_ids, grains, &starts)?;
     if !to_rebuild.is_empty() && !starts.is_empty() {
         // A refold skips every retracted measurement: it needs the retractions from seq 1.
-        (aggregates, to_rebuild) =
+        (aggregates, to_rebuild, folded) =
             fold_from(history, log, seq, kpi_ids, grains, &HashMap::default())?;
     }
     // KPIs whose kind or timezone changed: refolded once at the end, under their final
@@ -89,11 +104,11 @@ pub fn fold(
     for kpi_id in to_rebuild {
         super::rebuild_kpi(history, &mut aggregates, &kpi_id, seq)?;
     }
-    Ok(aggregates)
+    Ok((aggregates, folded))
 }
 
 /// The fold of `kpi_ids` up to `seq`, each measured KPI of `starts` from its checkpoint
-/// (seq and encoded state); and the KPIs to refold.
+/// (seq and encoded state); the KPIs to refold; the measurements folded.
 fn fold_from(
     history: &History,
     log: &LogReader,
@@ -101,8 +116,9 @@ fn fold_from(
     kpi_ids: &[&str],
     grains: Grains,
     starts: &HashMap<String, (u64, Vec<u8>)>,
-) -> Result<(Aggregates, BTreeSet<String>), StoreError> {
+) -> Result<(Aggregates, BTreeSet<String>, u64), StoreError> {
     let mut aggregates = Aggregates::folding(grains);
+    let mut folded = 0u64;
     let mut covered: HashMap<&str, u64> = HashMap::default();
     for (kpi_id, (at, state)) in starts {
         match aggregates.install_kpi(kpi_id, state) {
@@ -143,9 +159,12 @@ fn fold_from(
             kpi_id,
             labels,
             observation,
-        } => aggregates.record(kpi_id, labels, observation),
+        } => {
+            folded += 1;
+            aggregates.record(kpi_id, labels, observation);
+        }
     })?;
-    Ok((aggregates, to_rebuild))
+    Ok((aggregates, to_rebuild, folded))
 }
 
 /// The latest usable checkpoint at or before `seq` of each of `kpi_ids` that has one.
@@ -194,8 +213,9 @@ fn decode<'a>(bytes: &'a [u8], log: &LogReader, at: u64) -> Result<&'a [u8], Str
 /// The `kpi-checkpoints` thread's bookkeeping (see the module doc).
 struct Maker {
     log: LogReader,
-    /// Measurements of each KPI since its last checkpoint (or the start): their count and
-    /// bytes in the history index (before compression).
+    /// Measurements of each KPI since its last checkpoint (or the start, until a declined
+    /// fold counted those before it): their count and bytes in the history index (before
+    /// compression).
     since: HashMap<String, (u64, u64)>,
     /// Bytes of measurements each KPI needs since its last checkpoint before the next is
     /// tried: the last checkpoint's bytes times `checkpoint_span_per_byte`, and after a
@@ -221,13 +241,20 @@ impl Maker {
             if count < every || bytes < needed {
                 continue;
             }
-            match self.make(history, &kpi_id, part.last_seq, bytes, span_per_byte) {
-                Ok(Some((size, stored))) => {
-                    let mut needed = size.saturating_mul(span_per_byte);
-                    if stored {
+            match self.make(
+                history,
+                &kpi_id,
+                part.last_seq,
+                (count, bytes),
+                span_per_byte,
+            ) {
+                Ok(Some(made)) => {
+                    let mut needed = made.size.saturating_mul(span_per_byte);
+                    if made.stored {
                         self.since.insert(kpi_id.clone(), (0, 0));
                     } else {
-                        needed = needed.max(bytes.saturating_add(bytes / 2));
+                        needed = needed.max(made.span.1.saturating_add(made.span.1 / 2));
+                        self.since.insert(kpi_id.clone(), made.span);
                     }
                     self.needed.insert(kpi_id, needed);
                 }
@@ -244,17 +271,20 @@ impl Maker {
     }
 
     /// Folds `kpi_id` up to `at` and stores it as a checkpoint unless its bytes times
-    /// `span_per_byte` pass the `span` bytes of measurements it follows: its size and
-    /// whether it stored it; `None` when the KPI is not measured.
+    /// `span_per_byte` pass the bytes of the measurements it follows (since its last
+    /// checkpoint); `None` when the KPI is not measured. `since` is what the thread
+    /// counted of them (count, bytes); it misses those before the process started, which
+    /// the fold counts: the span is `since`'s bytes scaled to the measurements folded, so
+    /// a KPI is not declined at every start while its last checkpoint falls behind.
     fn make(
         &self,
         history: &History,
         kpi_id: &str,
         at: u64,
-        span: u64,
+        since: (u64, u64),
         span_per_byte: u64,
-    ) -> Result<Option<(u64, bool)>, StoreError> {
-        let aggregates = fold(
+    ) -> Result<Option<Made>, StoreError> {
+        let (aggregates, folded) = fold_counted(
             history,
             &self.log,
             at,
@@ -270,13 +300,36 @@ impl Maker {
         })?;
         let bytes = encode(&self.log.hash_at(at)?, &state);
         let size = u64::try_from(bytes.len()).unwrap_or(u64::MAX);
-        let stored = size.saturating_mul(span_per_byte) <= span;
+        let (count, counted_bytes) = since;
+        let span = if folded > count && count > 0 {
+            let scaled = u128::from(counted_bytes) * u128::from(folded) / u128::from(count);
+            (folded, u64::try_from(scaled).unwrap_or(u64::MAX))
+        } else {
+            since
+        };
+        let stored = size.saturating_mul(span_per_byte) <= span.1;
         if stored {
             history.put_checkpoint(kpi_id, at, &bytes)?;
         }
-        tracing::debug!(kpi_id, at, size, span, stored, "as-of checkpoint");
-        Ok(Some((size, stored)))
+        tracing::debug!(
+            kpi_id,
+            at,
+            size,
+            folded,
+            span = span.1,
+            stored,
+            "as-of checkpoint"
+        );
+        Ok(Some(Made { size, stored, span }))
     }
+}
+
+/// What [`Maker::make`] did: the checkpoint's size, whether it stored it, and the
+/// measurements since the last checkpoint (count, bytes) it weighed it against.
+struct Made {
+    size: u64,
+    stored: bool,
+    span: (u64, u64),
 }
 
 /// The `kpi-checkpoints` thread: makes the checkpoints of the parts `history` stores
