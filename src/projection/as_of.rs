@@ -23,10 +23,12 @@
 //! last checkpoint reach `checkpoint_every` (4,096) and take at least
 //! `checkpoint_span_per_byte` (2) times the checkpoint's bytes in the index, so
 //! checkpoints add at most half to the index and reading one costs less than folding what
-//! it replaces. The thread counts measurements from its start; the fold that makes a
-//! checkpoint counts those since the last one, so after a restart a KPI is weighed
-//! against all of them (a KPI with large states is not declined at every start while its
-//! last checkpoint falls behind). An as-of fold of one KPI therefore reads at most about twice
+//! it replaces. The thread counts measurements from its start; for a KPI whose last
+//! checkpoint is older, it first estimates those since that checkpoint (the same rate per
+//! seq as since the start) and folds only once the estimate reaches the checkpoint's
+//! bytes; the fold that makes a checkpoint counts them exactly. So after a restart a KPI
+//! is weighed against all of them: one with large states is neither declined at every
+//! start while its last checkpoint falls behind, nor folded at every start to find out. An as-of fold of one KPI therefore reads at most about twice
 //! `checkpoint_every` of its measurements (more for a KPI whose buckets are large, such as
 //! PERCENTILE sketches, or that has very many series), wherever in the log the seq is.
 //!
@@ -225,6 +227,9 @@ struct Maker {
     needed: HashMap<String, u64>,
     /// The last seq of the last part handled.
     done: Arc<AtomicU64>,
+    /// The last seq of the index's stored parts when the thread started: the measurements
+    /// it counts are those after it.
+    started: u64,
 }
 
 impl Maker {
@@ -240,6 +245,19 @@ impl Maker {
             let needed = self.needed.get(&kpi_id).copied().unwrap_or(0);
             if count < every || bytes < needed {
                 continue;
+            }
+            if !self.needed.contains_key(&kpi_id)
+                && let Some(estimate) =
+                    self.estimate(history, &kpi_id, part.last_seq, (count, bytes))
+            {
+                // Not enough since the last checkpoint by the estimate: wait for it
+                // without folding (the fold that tries it counts exactly).
+                let needed = estimate.size.saturating_mul(span_per_byte);
+                if estimate.span.1 < needed {
+                    self.since.insert(kpi_id.clone(), estimate.span);
+                    self.needed.insert(kpi_id, needed);
+                    continue;
+                }
             }
             match self.make(
                 history,
@@ -268,6 +286,34 @@ impl Maker {
             }
         }
         self.done.store(part.last_seq, Ordering::Release);
+    }
+
+    /// For a KPI first tried since the thread started, whose last checkpoint is older
+    /// than that: the measurements since that checkpoint (count, bytes) estimated from
+    /// `since`, those the thread counted, as if they came at the same rate per seq before
+    /// it started, and that checkpoint's size. `None` when it has no checkpoint or it
+    /// cannot be read (the fold then decides).
+    fn estimate(
+        &self,
+        history: &History,
+        kpi_id: &str,
+        at: u64,
+        since: (u64, u64),
+    ) -> Option<Made> {
+        let (checkpoint, bytes) = history.checkpoint(kpi_id, at, |_, _| Ok(())).ok()??;
+        let counted = at.checked_sub(self.started).filter(|seqs| *seqs > 0)?;
+        let seqs = at
+            .checked_sub(checkpoint)
+            .filter(|_| checkpoint < self.started)?;
+        let scale = |n: u64| {
+            u64::try_from(u128::from(n) * u128::from(seqs) / u128::from(counted))
+                .unwrap_or(u64::MAX)
+        };
+        Some(Made {
+            size: u64::try_from(bytes.len()).unwrap_or(u64::MAX),
+            stored: false,
+            span: (scale(since.0), scale(since.1)),
+        })
     }
 
     /// Folds `kpi_id` up to `at` and stores it as a checkpoint unless its bytes times
@@ -340,12 +386,14 @@ pub fn start_checkpoints(
     log: LogReader,
 ) -> Result<Arc<AtomicU64>, StoreError> {
     let parts = history.subscribe_stored();
-    let done = Arc::new(AtomicU64::new(history.stored_seq()));
+    let started = history.stored_seq();
+    let done = Arc::new(AtomicU64::new(started));
     let mut maker = Maker {
         log,
         since: HashMap::default(),
         needed: HashMap::default(),
         done: done.clone(),
+        started,
     };
     // Not an `Arc`: the thread must not keep the index (and its directory lock) open.
     let path = history.dir().to_owned();
