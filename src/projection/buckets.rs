@@ -21,8 +21,13 @@
 //! recorded onto the chunk's buckets whenever the chunk is read. Those are the same
 //! `record` calls in the same (seq) order as if the chunk had stayed in memory, so every
 //! answer is bit-identical to a fold that never stored a chunk. A chunk's late
-//! measurements are bounded by a quarter of the bytes the chunk held: past that it is read
-//! back into memory; [`BucketMap::flush_late`] writes them into a new page.
+//! measurements in memory are bounded by a quarter of the bytes the chunk held: past that
+//! it is read back into memory. [`BucketMap::flush_late`] writes them out: into the
+//! chunk's *late page* (all its late measurements written so far, in arrival order, read
+//! after its page) while that stays under half the chunk's page, otherwise into the chunk
+//! rewritten with all of them recorded. Late measurements reach thousands of chunks a
+//! little each; rewriting the chunk (and encoding its states, sketches included) at every
+//! write of them took a third of the fold's time at 50 M measurements.
 //!
 //! [`BucketMap::bytes`] counts what a map holds on the heap (vector capacities, the chunk
 //! directory, states' heap, late measurements), and every change reports its effect on
@@ -51,8 +56,8 @@ use crate::projection::pages::{PageRef, PageStore};
 pub const CHUNK: usize = 256;
 
 /// Most entries of a stored chunk. Evictions store a few buckets of a map at a time, and
-/// every stored chunk keeps a 72-byte entry in the chunk directory, in memory however old
-/// it is: at 50 M measurements 665,170 stored chunks of about 100 buckets held 48 MB of
+/// every stored chunk keeps a 64-byte entry in the chunk directory (its page and late page
+/// references take 16 bytes each), in memory however old it is: at 50 M measurements 665,170 stored chunks of about 100 buckets held 48 MB of
 /// directory (BENCHMARKS.md). Runs of [`MERGE_FANIN`] adjacent stored chunks of similar
 /// sizes are merged up to this many buckets ([`BucketMap::evict_below`]; 238,178 chunks
 /// at 50 M). A chunk read back into memory is split into resident chunks of [`CHUNK`].
@@ -88,12 +93,18 @@ enum Chunk {
 /// A chunk that left memory: its page and what it holds.
 #[derive(Debug, Clone, Copy, Serialize, Deserialize)]
 struct Stored {
+    /// The smallest and the largest key of its buckets and of its late page's
+    /// measurements.
     first: BucketKey,
     last: BucketKey,
+    page: PageRef,
+    /// Its late page: the late measurements to it written out since the page was, in
+    /// arrival order.
+    late: Option<PageRef>,
+    /// Buckets in its page.
     len: u32,
     /// Bytes it held in memory ([`BucketMap::bytes`]), counted again when it is read back.
-    bytes: u64,
-    page: PageRef,
+    bytes: u32,
 }
 
 /// Measurements to the buckets of a stored chunk that arrived after it was stored, in
@@ -162,23 +173,29 @@ impl Late {
     /// Records the observations onto `entries` (a stored chunk's buckets), adding the
     /// buckets that are new.
     fn record_onto(&self, entries: &mut Vec<Entry>) -> io::Result<()> {
-        let empty = entries
-            .first()
-            .and_then(|(_, state)| BucketState::new(state.kind()))
-            .ok_or_else(|| damaged("late measurements to a chunk without buckets"))?;
-        for late in &self.observations {
-            let position = match entries.binary_search_by_key(&late.key, |(key, _)| *key) {
-                Ok(position) => position,
-                Err(position) => {
-                    entries.insert(position, (late.key, empty.clone()));
-                    position
-                }
-            };
-            // As a measurement to a bucket in memory (`BucketMap::record`).
-            let _ = entries[position].1.record(late.observation());
-        }
-        Ok(())
+        record_late(&self.observations, entries)
     }
+}
+
+/// Records late measurements onto `entries` (a stored chunk's buckets) in their order,
+/// adding the buckets that are new.
+fn record_late(observations: &[LateObservation], entries: &mut Vec<Entry>) -> io::Result<()> {
+    let empty = entries
+        .first()
+        .and_then(|(_, state)| BucketState::new(state.kind()))
+        .ok_or_else(|| damaged("late measurements to a chunk without buckets"))?;
+    for late in observations {
+        let position = match entries.binary_search_by_key(&late.key, |(key, _)| *key) {
+            Ok(position) => position,
+            Err(position) => {
+                entries.insert(position, (late.key, empty.clone()));
+                position
+            }
+        };
+        // As a measurement to a bucket in memory (`BucketMap::record`).
+        let _ = entries[position].1.record(late.observation());
+    }
+    Ok(())
 }
 
 impl Chunk {
@@ -314,19 +331,35 @@ fn read_stored(
     let mut entries: Vec<Entry> = crate::encoding::decode(&bytes)
         .map_err(|error| io::Error::new(io::ErrorKind::InvalidData, error))?;
     let sorted = entries.windows(2).all(|pair| pair[0].0 < pair[1].0);
+    let inside = |key: BucketKey| stored.first <= key && key <= stored.last;
     if entries.len() != stored.len as usize
         || !sorted
-        || entries.first().map(|(key, _)| *key) != Some(stored.first)
-        || entries.last().map(|(key, _)| *key) != Some(stored.last)
+        || !entries.first().is_some_and(|(key, _)| inside(*key))
+        || !entries.last().is_some_and(|(key, _)| inside(*key))
     {
         return Err(damaged(
             "a stored chunk holds other buckets than its reference says",
         ));
     }
+    if let Some(page) = stored.late {
+        let written = read_late_page(store, page)?;
+        if written.is_empty() || !written.iter().all(|late| inside(late.key)) {
+            return Err(damaged(
+                "a late page holds other buckets than its chunk's reference says",
+            ));
+        }
+        record_late(&written, &mut entries)?;
+    }
     if let Some(late) = late {
         late.record_onto(&mut entries)?;
     }
     Ok(entries)
+}
+
+/// The late measurements in late page `page`.
+fn read_late_page(store: &PageStore, page: PageRef) -> io::Result<Vec<LateObservation>> {
+    crate::encoding::decode(&store.read(page)?)
+        .map_err(|error| io::Error::new(io::ErrorKind::InvalidData, error))
 }
 
 /// Bytes `entries` hold: the vector's capacity and the states' heap.
@@ -374,8 +407,9 @@ fn store_entries(entries: &Vec<Entry>, store: &PageStore) -> io::Result<Stored> 
         first: *first,
         last: *last,
         len: u32::try_from(entries.len()).unwrap_or(u32::MAX),
-        bytes: u64::try_from(SHARED_BYTES + entries_bytes(entries)).unwrap_or(u64::MAX),
+        bytes: u32::try_from(SHARED_BYTES + entries_bytes(entries)).unwrap_or(u32::MAX),
         page: store.write(&bytes)?,
+        late: None,
     })
 }
 
@@ -454,7 +488,7 @@ impl BucketMap {
     }
 
     /// Makes room in the chunk directory for `more` chunks, growing it by a quarter
-    /// rather than doubling it: an entry takes 72 bytes and most maps hold a few chunks.
+    /// rather than doubling it: an entry takes 64 bytes and most maps hold a few chunks.
     fn reserve_chunks(&mut self, more: usize) {
         if self.chunks.len() + more > self.chunks.capacity() {
             self.chunks
@@ -762,12 +796,15 @@ impl BucketMap {
             .chain(&self.tail)
     }
 
-    /// The pages of the stored chunks.
+    /// The pages of the stored chunks and their late pages.
     pub fn pages(&self) -> impl Iterator<Item = PageRef> + '_ {
-        self.chunks.iter().filter_map(|chunk| match chunk {
-            Chunk::Stored(stored, _) => Some(stored.page),
-            Chunk::Resident(_) => None,
-        })
+        self.chunks
+            .iter()
+            .flat_map(|chunk| match chunk {
+                Chunk::Stored(stored, _) => [Some(stored.page), stored.late],
+                Chunk::Resident(_) => [None, None],
+            })
+            .flatten()
     }
 
     /// Copies the pages of the stored chunks that lie in `files` to the file appended to
@@ -778,10 +815,12 @@ impl BucketMap {
         store: &PageStore,
     ) -> io::Result<()> {
         for chunk in &mut self.chunks {
-            if let Chunk::Stored(stored, _) = chunk
-                && files.contains(&stored.page.file())
-            {
-                stored.page = store.copy(stored.page)?;
+            if let Chunk::Stored(stored, _) = chunk {
+                for page in std::iter::once(&mut stored.page).chain(stored.late.as_mut()) {
+                    if files.contains(&page.file()) {
+                        *page = store.copy(*page)?;
+                    }
+                }
             }
         }
         Ok(())
@@ -939,20 +978,40 @@ impl BucketMap {
         Ok(freed)
     }
 
-    /// Writes the stored chunks whose late measurements hold at least `least` bytes as new
-    /// pages with those measurements recorded; returns the bytes of late measurements
-    /// that left memory.
+    /// Writes out the late measurements of the stored chunks that hold at least `least`
+    /// bytes of them: into the chunk's late page while that stays under half the chunk's
+    /// page, otherwise into the chunk rewritten with every late measurement recorded.
+    /// Returns the bytes of late measurements that left memory.
     pub fn flush_late(&mut self, least: usize, store: &PageStore) -> io::Result<usize> {
         let mut freed = 0;
         let mut index = 0;
         while index < self.chunks.len() {
-            let chunk = &self.chunks[index];
+            let chunk = &mut self.chunks[index];
             let bytes = chunk.late_bytes();
             let Chunk::Stored(stored, late) = chunk else {
                 index += 1;
                 continue;
             };
             if bytes == 0 || bytes < least {
+                index += 1;
+                continue;
+            }
+            let written = stored.late.map_or(0, PageRef::stored_bytes);
+            if let Some(pending) = late.as_deref()
+                && written < stored.page.stored_bytes() / 2
+            {
+                let mut observations = match stored.late {
+                    Some(page) => read_late_page(store, page)?,
+                    None => Vec::new(),
+                };
+                observations.extend_from_slice(&pending.observations);
+                let encoded = crate::encoding::encode(&observations)
+                    .map_err(|error| io::Error::new(io::ErrorKind::InvalidData, error))?;
+                stored.late = Some(store.write(&encoded)?);
+                stored.first = stored.first.min(pending.first);
+                stored.last = stored.last.max(pending.last);
+                *late = None;
+                freed += bytes;
                 index += 1;
                 continue;
             }

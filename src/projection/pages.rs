@@ -25,6 +25,7 @@
 use std::collections::{HashMap, HashSet};
 use std::fs::{self, File, OpenOptions};
 use std::io::{self, Write};
+use std::num::NonZeroU32;
 use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex, PoisonError, RwLock};
@@ -46,8 +47,11 @@ const SUFFIX: &str = ".pages";
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
 pub struct PageRef {
     file: u32,
-    offset: u64,
-    len: u32,
+    /// Below 4 GiB: files are closed for appends at [`MAX_FILE_BYTES`] (so a reference,
+    /// held for every stored chunk, takes 16 bytes).
+    offset: u32,
+    /// Never zero (an empty page is refused), so an `Option<PageRef>` takes no more room.
+    len: NonZeroU32,
     crc: u32,
 }
 
@@ -59,7 +63,7 @@ impl PageRef {
 
     /// Bytes it takes in its file.
     pub fn stored_bytes(self) -> u32 {
-        self.len
+        self.len.get()
     }
 
     /// Its fixed-size encoding (file, offset, length, CRC-32, little-endian), for
@@ -67,8 +71,8 @@ impl PageRef {
     pub fn to_bytes(self) -> [u8; PAGE_REF_BYTES] {
         let mut bytes = [0; PAGE_REF_BYTES];
         bytes[..4].copy_from_slice(&self.file.to_le_bytes());
-        bytes[4..12].copy_from_slice(&self.offset.to_le_bytes());
-        bytes[12..16].copy_from_slice(&self.len.to_le_bytes());
+        bytes[4..12].copy_from_slice(&u64::from(self.offset).to_le_bytes());
+        bytes[12..16].copy_from_slice(&self.len.get().to_le_bytes());
         bytes[16..].copy_from_slice(&self.crc.to_le_bytes());
         bytes
     }
@@ -79,8 +83,8 @@ impl PageRef {
         let u32_at = |at: usize| Some(u32::from_le_bytes(bytes.get(at..at + 4)?.try_into().ok()?));
         Some(Self {
             file: u32_at(0)?,
-            offset: u64::from_le_bytes(bytes.get(4..12)?.try_into().ok()?),
-            len: u32_at(12)?,
+            offset: u32::try_from(u64::from_le_bytes(bytes.get(4..12)?.try_into().ok()?)).ok()?,
+            len: NonZeroU32::new(u32_at(12)?)?,
             crc: u32_at(16)?,
         })
     }
@@ -177,8 +181,11 @@ impl PageStore {
         let len = u32::try_from(compressed.len())
             .ok()
             .filter(|len| *len <= MAX_PAGE_BYTES)
-            .ok_or_else(|| io::Error::new(io::ErrorKind::InvalidInput, "page too large"))?;
-        if !room_beside_guard(&self.dir, self.min_free, u64::from(len)) {
+            .and_then(NonZeroU32::new)
+            .ok_or_else(|| {
+                io::Error::new(io::ErrorKind::InvalidInput, "page empty or too large")
+            })?;
+        if !room_beside_guard(&self.dir, self.min_free, u64::from(len.get())) {
             return Err(io::Error::new(
                 io::ErrorKind::StorageFull,
                 "no room for a page beside twice the free-space minimum",
@@ -208,14 +215,15 @@ impl PageStore {
             Some((number, file)) => (*number, file.clone()),
             None => unreachable!("a file was opened above"),
         };
-        let offset = writer.size;
+        let offset = u32::try_from(writer.size)
+            .map_err(|_| io::Error::new(io::ErrorKind::InvalidInput, "page file too large"))?;
         if let Err(error) = (&*file).write_all(compressed) {
             // Part of the page may be in the file: the next page goes to a new one.
             writer.current = None;
             writer.unsynced.insert(number);
             return Err(error);
         }
-        writer.size += u64::from(len);
+        writer.size += u64::from(len.get());
         writer.unsynced.insert(number);
         Ok(PageRef {
             file: number,
@@ -245,11 +253,11 @@ impl PageStore {
             .get(&page.file)
             .cloned()
             .ok_or_else(|| damaged(format!("page file {} is missing", page.file)))?;
-        if page.len > MAX_PAGE_BYTES {
+        if page.len.get() > MAX_PAGE_BYTES {
             return Err(damaged(format!("page of {} bytes", page.len)));
         }
-        let mut compressed = vec![0; page.len as usize];
-        file.read_exact_at(&mut compressed, page.offset)?;
+        let mut compressed = vec![0; page.len.get() as usize];
+        file.read_exact_at(&mut compressed, u64::from(page.offset))?;
         if crc32fast::hash(&compressed) != page.crc {
             return Err(damaged(format!(
                 "page at {} of file {} has another checksum",
@@ -411,7 +419,7 @@ mod tests {
         let error = store.read(page).unwrap_err();
         assert_eq!(error.kind(), io::ErrorKind::InvalidData);
         let wrong_length = PageRef {
-            len: page.len + 1,
+            len: page.len.saturating_add(1),
             ..page
         };
         assert!(store.read(wrong_length).is_err());

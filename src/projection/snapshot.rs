@@ -39,7 +39,8 @@ pub const SNAPSHOT_FILE: &str = "projection.snapshot";
 /// earlier format-8 files still read; a build before it refuses such a file and rebuilds).
 /// Format 9: the parts and the snapshot are postcard (`crate::encoding`), where 8 was
 /// bincode; a format-8 file is discarded and the read models rebuilt from the log.
-const FORMAT: u32 = 9;
+/// Format 10: a stored chunk names its late page (`projection::buckets`), if any.
+const FORMAT: u32 = 10;
 
 /// Parts the measured KPIs' buckets are stored in, so a restart decodes them on every core.
 const MEASURED_PARTS: usize = 16;

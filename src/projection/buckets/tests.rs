@@ -52,6 +52,14 @@ fn late_count(map: &BucketMap) -> usize {
         .sum()
 }
 
+/// Stored chunks with a late page.
+fn late_pages(map: &BucketMap) -> usize {
+    map.chunks
+        .iter()
+        .filter(|chunk| matches!(chunk, Chunk::Stored(stored, _) if stored.late.is_some()))
+        .count()
+}
+
 fn insert(map: &mut BucketMap, k: i64, n: u64) {
     *map.get_or_insert_at(key(k), map.locate(key(k)), &mut PageIo::default(), || {
         state(0)
@@ -80,7 +88,8 @@ fn from(map: &BucketMap, k: i64, store: Option<&PageStore>) -> Vec<(i64, u64)> {
 fn check_invariant(map: &BucketMap, store: Option<&PageStore>) {
     let mut previous = None;
     let mut len = 0;
-    let late = late_count(map);
+    // Late measurements in memory or in late pages may add buckets when a chunk is read.
+    let late = late_count(map) + late_pages(map);
     for (chunk, entries) in map.chunks.iter().zip(chunk_entries(map, store)) {
         let most = match chunk {
             Chunk::Resident(_) => CHUNK,
@@ -310,6 +319,93 @@ fn late_measurements_beside_a_stored_chunk_answer_bit_for_bit_as_in_memory() {
             "{kind:?}: after the flush"
         );
     }
+}
+
+/// Late measurements written out go to the chunk's late page, which is rewritten with
+/// them while it stays under half the chunk's page; then the chunk itself is rewritten.
+/// Answers stay bit for bit those of a map that never stored a chunk, through snapshots
+/// and compaction's page moves.
+#[test]
+fn late_measurements_are_written_to_a_late_page_until_the_chunk_is_rewritten() {
+    let dir = tempfile::tempdir().expect("temporary directory");
+    let store = PageStore::open(dir.path(), 0).expect("page store");
+    let empty = BucketState::new(KpiKind::Average).expect("AVERAGE has buckets");
+    let (mut plain, mut paged) = (BucketMap::default(), BucketMap::default());
+    let mut seq = 0;
+    let mut record = |plain: &mut BucketMap, paged: &mut BucketMap, k: i64| {
+        seq += 1;
+        let observation = awkward(seq);
+        plain
+            .record(key(k), observation, &empty, &mut PageIo::default())
+            .expect("memory");
+        paged
+            .record(key(k), observation, &empty, &mut PageIo::new(Some(&store)))
+            .expect("page reads");
+    };
+    for k in 0..2 * CHUNK as i64 {
+        record(&mut plain, &mut paged, 2 * k);
+    }
+    paged
+        .evict_below(key(2 * CHUNK as i64), &store)
+        .expect("pages write");
+    let Some(Chunk::Stored(first, None)) = paged.chunks.first().cloned() else {
+        panic!("the first chunk is stored");
+    };
+    let (mut base, mut late_pages, mut rewritten) = (first.page, 0, false);
+    for round in 1..200 {
+        // Late measurements to a bucket the chunk holds, one it lacks, one below all.
+        for k in [10, 2 * round + 101, -round] {
+            record(&mut plain, &mut paged, k);
+        }
+        assert!(paged.flush_late(0, &store).expect("pages write") > 0);
+        assert_eq!(
+            late_count(&paged),
+            0,
+            "round {round}: nothing left in memory"
+        );
+        let Some(Chunk::Stored(stored, None)) = paged.chunks.first() else {
+            panic!("round {round}: the first chunk stays stored");
+        };
+        if stored.page == base {
+            assert!(stored.late.is_some(), "round {round}: a late page");
+            late_pages += 1;
+        } else {
+            assert!(stored.late.is_none(), "round {round}: rewritten with them");
+            rewritten = true;
+        }
+        check_invariant(&paged, Some(&store));
+        let want = encoded_all(&plain, None);
+        assert_eq!(encoded_all(&paged, Some(&store)), want, "round {round}");
+        let bytes = crate::encoding::encode(&paged).expect("encodes");
+        let decoded: BucketMap = crate::encoding::decode(&bytes).expect("decodes");
+        assert_eq!(
+            encoded_all(&decoded, Some(&store)),
+            want,
+            "round {round}: after a snapshot"
+        );
+        if round == 2 {
+            let pages: Vec<PageRef> = paged.pages().collect();
+            assert!(pages.contains(&stored.late.expect("a late page")));
+            let files = pages.iter().map(|page| page.file()).collect();
+            paged.move_pages(&files, &store).expect("pages move");
+            assert!(
+                paged.pages().all(|page| !pages.contains(&page)),
+                "all moved"
+            );
+            assert_eq!(encoded_all(&paged, Some(&store)), want, "after the moves");
+            if let Some(Chunk::Stored(moved, _)) = paged.chunks.first() {
+                base = moved.page;
+            }
+        }
+        if rewritten {
+            break;
+        }
+    }
+    assert!(late_pages >= 4, "{late_pages} writes to the late page");
+    assert!(
+        rewritten,
+        "the chunk is rewritten once its late page passes half of it"
+    );
 }
 
 #[test]

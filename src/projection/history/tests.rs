@@ -164,6 +164,8 @@ fn page(file: u32, offset: u64) -> PageRef {
     let mut bytes = [0; crate::projection::pages::PAGE_REF_BYTES];
     bytes[..4].copy_from_slice(&file.to_le_bytes());
     bytes[4..12].copy_from_slice(&offset.to_le_bytes());
+    // A page is never empty.
+    bytes[12..16].copy_from_slice(&1u32.to_le_bytes());
     PageRef::from_bytes(&bytes).unwrap()
 }
 
