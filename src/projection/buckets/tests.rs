@@ -241,6 +241,25 @@ fn awkward(i: u64) -> Observation<'static> {
     }
 }
 
+/// Records the next `awkward` measurement in bucket `k` of both maps: `plain`, which
+/// never stores a chunk, and `paged`, whose stored chunks are in `store`.
+fn recorder<'a>(
+    store: &'a PageStore,
+    empty: &'a BucketState,
+) -> impl FnMut(&mut BucketMap, &mut BucketMap, i64) + 'a {
+    let mut seq = 0;
+    move |plain, paged, k| {
+        seq += 1;
+        let observation = awkward(seq);
+        plain
+            .record(key(k), observation, empty, &mut PageIo::default())
+            .expect("memory");
+        paged
+            .record(key(k), observation, empty, &mut PageIo::new(Some(store)))
+            .expect("page reads");
+    }
+}
+
 #[test]
 fn late_measurements_beside_a_stored_chunk_answer_bit_for_bit_as_in_memory() {
     for kind in [
@@ -253,18 +272,7 @@ fn late_measurements_beside_a_stored_chunk_answer_bit_for_bit_as_in_memory() {
         let store = PageStore::open(dir.path(), 0).expect("page store");
         let empty = BucketState::new(kind).expect("a kind with buckets");
         let (mut plain, mut paged) = (BucketMap::default(), BucketMap::default());
-        let mut seq = 0;
-        let mut record = |plain: &mut BucketMap, paged: &mut BucketMap, k: i64| {
-            seq += 1;
-            let mut io = PageIo::new(Some(&store));
-            let observation = awkward(seq);
-            plain
-                .record(key(k), observation, &empty, &mut PageIo::default())
-                .expect("memory");
-            paged
-                .record(key(k), observation, &empty, &mut io)
-                .expect("page reads");
-        };
+        let mut record = recorder(&store, &empty);
         for k in 0..3 * CHUNK as i64 {
             record(&mut plain, &mut paged, 2 * k);
         }
@@ -331,17 +339,7 @@ fn late_measurements_are_written_to_a_late_page_until_the_chunk_is_rewritten() {
     let store = PageStore::open(dir.path(), 0).expect("page store");
     let empty = BucketState::new(KpiKind::Average).expect("AVERAGE has buckets");
     let (mut plain, mut paged) = (BucketMap::default(), BucketMap::default());
-    let mut seq = 0;
-    let mut record = |plain: &mut BucketMap, paged: &mut BucketMap, k: i64| {
-        seq += 1;
-        let observation = awkward(seq);
-        plain
-            .record(key(k), observation, &empty, &mut PageIo::default())
-            .expect("memory");
-        paged
-            .record(key(k), observation, &empty, &mut PageIo::new(Some(&store)))
-            .expect("page reads");
-    };
+    let mut record = recorder(&store, &empty);
     for k in 0..2 * CHUNK as i64 {
         record(&mut plain, &mut paged, 2 * k);
     }
