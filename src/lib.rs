@@ -23,6 +23,7 @@ pub mod api;
 pub mod config;
 pub mod domain;
 pub mod encoding;
+pub mod priority;
 pub mod projection;
 pub mod proto;
 pub mod recover;
@@ -58,7 +59,7 @@ const SNAPSHOT_EVERY: Duration = Duration::from_secs(300);
 const SNAPSHOT_CHECK: Duration = Duration::from_secs(5);
 
 /// A snapshot costs time in proportion to the whole state (it is cloned, then encoded and
-/// written on a blocking thread); after one took `d`, the next waits at least this many
+/// written on a thread of its own at background priority); after one took `d`, the next waits at least this many
 /// times `d`, so snapshots never take more than about a tenth of the machine however large
 /// the state and however fast events arrive.
 const SNAPSHOT_COST_SHARE: u32 = 10;
@@ -85,7 +86,20 @@ async fn snapshot_periodically(service: KpiService, every_events: u64, stop: Can
         }
         let writer = service.clone();
         let started = Instant::now();
-        match tokio::task::spawn_blocking(move || writer.snapshot()).await {
+        // On a thread of its own, at background priority (`priority`): a blocking-pool
+        // thread would keep the lowered priority for the queries it runs next.
+        let (done, snapshotted) = tokio::sync::oneshot::channel();
+        let spawned = std::thread::Builder::new()
+            .name("kpi-snapshot".into())
+            .spawn(move || {
+                priority::lower_this_thread();
+                let _ = done.send(writer.snapshot());
+            });
+        if let Err(error) = spawned {
+            tracing::warn!(%error, "cannot start a snapshot thread; will retry");
+            continue;
+        }
+        match snapshotted.await {
             Ok(Ok(seq)) => {
                 last_cost = started.elapsed();
                 tracing::info!(
@@ -96,7 +110,7 @@ async fn snapshot_periodically(service: KpiService, every_events: u64, stop: Can
                 covered = seq;
             }
             Ok(Err(error)) => tracing::warn!(%error, "snapshot failed; will retry"),
-            Err(error) => tracing::warn!(%error, "snapshot task failed; will retry"),
+            Err(_) => tracing::warn!("snapshot thread panicked; will retry"),
         }
         last = Instant::now();
     }

@@ -330,7 +330,10 @@ impl EventLog {
             let segments = read(&shared.segments).clone().ok_or(StoreError::Closed)?;
             spawn(
                 "kpi-dedup-merge",
-                Box::new(move || background.run_merges(&merge_receiver, &segments)),
+                Box::new(move || {
+                    crate::priority::lower_this_thread();
+                    background.run_merges(&merge_receiver, &segments);
+                }),
             )?
         };
         let spiller = {
