@@ -106,6 +106,8 @@ impl Aggregates {
         let age = 3600i64 << (class - 1);
         let (mut freed, mut late_freed, mut held) = (0, 0, 0);
         let (mut maps, mut stored_chunks, mut resident_chunks, mut directory) = (0, 0, 0, 0);
+        // Stored chunks per grain, in the order of `Grain::ALL`.
+        let mut stored_by_grain = [0usize; 6];
         let mut failed = None;
         for kpi in self.measured.values_mut() {
             for series in kpi.series.values_mut() {
@@ -127,6 +129,7 @@ impl Aggregates {
                     let (stored, resident, bytes) = buckets.census();
                     maps += 1;
                     stored_chunks += stored;
+                    stored_by_grain[slot] += stored;
                     resident_chunks += resident;
                     directory += bytes;
                 }
@@ -158,6 +161,7 @@ impl Aggregates {
             budget = budget,
             maps,
             stored_chunks,
+            ?stored_by_grain,
             resident_chunks,
             directory,
             "buckets moved out of memory"
