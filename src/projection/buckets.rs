@@ -58,15 +58,16 @@ pub const CHUNK: usize = 256;
 /// Most entries of a stored chunk. Evictions store a few buckets of a map at a time, and
 /// every stored chunk keeps a 64-byte entry in the chunk directory (its page and late page
 /// references take 16 bytes each), in memory however old it is: at 50 M measurements 665,170 stored chunks of about 100 buckets held 48 MB of
-/// directory (BENCHMARKS.md). Runs of [`MERGE_FANIN`] adjacent stored chunks of similar
-/// sizes are merged up to this many buckets ([`BucketMap::evict_below`]; 238,178 chunks
-/// at 50 M). A chunk read back into memory is split into resident chunks of [`CHUNK`].
+/// directory (BENCHMARKS.md). Adjacent stored chunks are merged up to this many buckets
+/// ([`BucketMap::merge_stored`]). A chunk read back into memory is split into resident
+/// chunks of [`CHUNK`].
 pub const STORED_CHUNK: usize = 4096;
 
-/// Stored chunks of similar sizes merged at once: a bucket is rewritten about once per
-/// fourfold growth of its chunk (merging pairs rewrote it once per doubling, and ingest
-/// paid for it).
-const MERGE_FANIN: usize = 4;
+/// The size class of a stored chunk of `len` buckets for [`BucketMap::merge_stored`]:
+/// 0 for 1 to 3 buckets, 1 for 4 to 15, and so on by fourfold steps.
+fn level(len: u32) -> u32 {
+    len.max(1).ilog2() / 2
+}
 
 /// Most entries of the owned tail before they move into the chunks: a clone copies at most
 /// this many per map, and a measurement of "now" finds its bucket one memory access away.
@@ -893,82 +894,59 @@ impl BucketMap {
                 break;
             }
             freed += SHARED_BYTES + entries_bytes(entries);
-            // A chunk that fits into the stored one before it joins it: evictions that
-            // cut a tail store a few buckets at a time, and chunks stay near full.
-            let joined = match index.checked_sub(1).map(|before| &self.chunks[before]) {
-                Some(Chunk::Stored(before, None))
-                    if before.len as usize + entries.len() <= CHUNK =>
-                {
-                    let mut joined = read_stored(Some(store), before, None)?;
-                    joined.extend(entries.iter().cloned());
-                    Some(joined)
-                }
-                _ => None,
-            };
-            match joined {
-                Some(joined) => {
-                    self.chunks[index - 1] = Chunk::Stored(store_entries(&joined, store)?, None);
-                    self.chunks.remove(index);
-                }
-                None => {
-                    self.chunks[index] = Chunk::Stored(store_entries(entries, store)?, None);
-                    index += 1;
-                }
-            }
+            self.chunks[index] = Chunk::Stored(store_entries(entries, store)?, None);
+            index += 1;
         }
         freed += self.merge_stored(store)?;
         Ok(freed)
     }
 
-    /// Merges runs of at least [`MERGE_FANIN`] adjacent stored chunks of similar sizes
-    /// (each within twice the first one's), with their late measurements recorded, into
-    /// one page of at most [`STORED_CHUNK`] buckets, until no such run is left; then
-    /// gives back a chunk directory less than half used. Returns the bytes freed (late
-    /// measurements written, directory given back).
+    /// Merges adjacent stored chunks, with their late measurements recorded, while the
+    /// older of two is of no higher [`level`] than the newer one and both fit one page
+    /// of [`STORED_CHUNK`] buckets; then gives back a chunk directory less than half
+    /// used. Returns the bytes freed (late measurements written, directory given back).
+    ///
+    /// So the levels of a run of stored chunks fall from the oldest to the newest, and a
+    /// map keeps, besides its chunks too big to merge, at most one stored chunk per level
+    /// (about six) however its evictions cut it: the fourfold size steps mean a bucket is
+    /// rewritten a few times per level. (Merging only runs of four chunks of similar
+    /// sizes left a chunk for every few cuts when cuts differ in size, as evictions' do:
+    /// 22 stored chunks for a DAY map of two years at 50 M measurements.)
     fn merge_stored(&mut self, store: &PageStore) -> io::Result<usize> {
         let mut freed = 0;
-        let mut index = 0;
-        while index + 1 < self.chunks.len() {
-            // The run of stored chunks from `index` within twice the first one's size
-            // either way, up to STORED_CHUNK buckets in all.
-            let Chunk::Stored(first, _) = &self.chunks[index] else {
+        let mut index = 1;
+        while index < self.chunks.len() {
+            let (Chunk::Stored(older, _), Chunk::Stored(newer, _)) =
+                (&self.chunks[index - 1], &self.chunks[index])
+            else {
                 index += 1;
                 continue;
             };
-            let base = first.len;
-            let mut total = 0u32;
-            let mut end = index;
-            while let Some(Chunk::Stored(next, _)) = self.chunks.get(end)
-                && next.len * 2 >= base
-                && base * 2 >= next.len
-                && (total + next.len) as usize <= STORED_CHUNK
+            if level(older.len) > level(newer.len)
+                || (older.len + newer.len) as usize > STORED_CHUNK
             {
-                total += next.len;
-                end += 1;
-            }
-            if end - index < MERGE_FANIN {
                 index += 1;
                 continue;
             }
-            let mut entries = Vec::with_capacity(total as usize);
-            for chunk in &self.chunks[index..end] {
+            let mut entries = Vec::with_capacity((older.len + newer.len) as usize);
+            for chunk in &self.chunks[index - 1..=index] {
                 if let Chunk::Stored(stored, late) = chunk {
                     entries.extend(read_stored(Some(store), stored, late.as_deref())?);
                 }
             }
             if entries.len() > STORED_CHUNK {
-                // Late measurements made new buckets: the run stays as it is.
+                // Late measurements made new buckets: the two stay as they are.
                 index += 1;
                 continue;
             }
-            freed += self.chunks[index..end]
+            freed += self.chunks[index - 1..=index]
                 .iter()
                 .map(Chunk::late_bytes)
                 .sum::<usize>();
-            self.chunks[index] = Chunk::Stored(store_entries(&entries, store)?, None);
-            self.chunks.drain(index + 1..end);
-            // The merged chunk may now start or join a run before it.
-            index = index.saturating_sub(MERGE_FANIN - 1);
+            self.chunks[index - 1] = Chunk::Stored(store_entries(&entries, store)?, None);
+            self.chunks.remove(index);
+            // The merged chunk may now merge with the one before it.
+            index = index.saturating_sub(1).max(1);
         }
         if self.chunks.len() < self.chunks.capacity() / 2 {
             let before = self.chunks.capacity();

@@ -556,37 +556,71 @@ proptest! {
     }
 }
 
+/// A map of `total` buckets recorded in key order, with a late measurement to the bucket
+/// `back` keys before every `every`-th one, and evicted below the key `cut` names (if
+/// any) after each; with its page store.
+fn recorded_in_cuts(
+    total: i64,
+    (every, back): (i64, i64),
+    mut cut: impl FnMut(i64) -> Option<i64>,
+) -> (tempfile::TempDir, PageStore, BucketMap) {
+    let dir = tempfile::tempdir().expect("temporary directory");
+    let store = PageStore::open(dir.path(), 0).expect("page store");
+    let empty = BucketState::new(KpiKind::Count).expect("COUNT has buckets");
+    let mut map = BucketMap::default();
+    for k in 0..total {
+        let mut io = PageIo::new(Some(&store));
+        map.record(key(k), awkward(1), &empty, &mut io)
+            .expect("memory");
+        if k % every == 0 && k >= back {
+            map.record(key(k - back), awkward(2), &empty, &mut io)
+                .expect("page reads");
+        }
+        if let Some(below) = cut(k) {
+            map.evict_below(key(below), &store).expect("pages write");
+        }
+    }
+    check_invariant(&map, Some(&store));
+    let got = from(&map, 0, Some(&store));
+    assert_eq!(got.len(), total as usize);
+    for (k, n) in got {
+        let late = (k + back) % every == 0 && k + back < total;
+        assert_eq!(n, if late { 2 } else { 1 }, "bucket {k}");
+    }
+    (dir, store, map)
+}
+
 /// Evictions that store a few buckets at a time (each cut of the tail a chunk of its
 /// own, as under ingest) leave a directory of about one chunk per STORED_CHUNK buckets,
 /// not one per eviction, with every bucket still answered.
 #[test]
 fn small_evictions_merge_into_few_stored_chunks() {
-    let dir = tempfile::tempdir().expect("temporary directory");
-    let store = PageStore::open(dir.path(), 0).expect("page store");
-    let empty = BucketState::new(KpiKind::Count).expect("COUNT has buckets");
-    let mut map = BucketMap::default();
     let total = 3 * STORED_CHUNK as i64;
-    for k in 0..total {
-        let mut io = PageIo::new(Some(&store));
-        map.record(key(k), awkward(1), &empty, &mut io)
-            .expect("memory");
-        // A late measurement to a stored bucket now and then.
-        if k % 97 == 0 && k > 500 {
-            map.record(key(k - 400), awkward(2), &empty, &mut io)
-                .expect("page reads");
-        }
-        if k % 7 == 6 {
-            map.evict_below(key(k - 3), &store).expect("pages write");
-        }
-    }
-    check_invariant(&map, Some(&store));
+    let (_dir, _store, map) = recorded_in_cuts(total, (97, 400), |k| (k % 7 == 6).then_some(k - 3));
     let (stored, resident, _) = map.census();
     assert!(stored <= 16, "{stored} stored chunks for {total} buckets");
     assert!(resident <= 1, "{resident} resident chunks");
-    let got = from(&map, 0, Some(&store));
-    assert_eq!(got.len(), total as usize);
-    for (k, n) in got {
-        let late = k > 100 && (k + 400) % 97 == 0 && k + 400 < total;
-        assert_eq!(n, if late { 2 } else { 1 }, "bucket {k}");
-    }
+}
+
+/// Evictions that cut pieces of every size (as the budget's do: a few buckets one time,
+/// dozens the next), with late measurements to the recently stored ones, still leave,
+/// besides the chunks too big to merge, about one stored chunk per size level.
+#[test]
+fn evictions_of_uneven_sizes_merge_into_few_stored_chunks() {
+    let total = 2 * STORED_CHUNK as i64 + 700;
+    let sizes = [1, 5, 2, 60, 3, 1, 20, 8, 1, 2];
+    let (mut cuts, mut last_cut) = (0, 0);
+    let (_dir, _store, map) = recorded_in_cuts(total, (11, 90), |k| {
+        (k - last_cut == sizes[cuts % sizes.len()]).then(|| {
+            (cuts, last_cut) = (cuts + 1, k);
+            k
+        })
+    });
+    let (stored, _, _) = map.census();
+    // Two neighbours that stay apart are of falling levels or fill a page together.
+    let most = 2 * total as usize / STORED_CHUNK + 7;
+    assert!(
+        stored <= most,
+        "{stored} stored chunks for {total} buckets in {cuts} cuts"
+    );
 }
