@@ -527,8 +527,13 @@ fn unusable_checkpoints_are_passed_over() {
 
 /// A measurement of `revenue` on the web channel `hour` hours after the test's start.
 fn revenue_at(hour: u32, value: f64) -> Event {
+    measured_at("revenue", hour, value)
+}
+
+/// A measurement of `kpi_id` on the web channel `hour` hours after the test's start.
+fn measured_at(kpi_id: &str, hour: u32, value: f64) -> Event {
     Event::MeasurementRecorded(Measurement {
-        kpi_id: "revenue".into(),
+        kpi_id: kpi_id.into(),
         value,
         occurred_at: start() + TimeDelta::hours(i64::from(hour)),
         labels: BTreeMap::from([("channel".into(), "web".into())]),
@@ -797,6 +802,73 @@ fn the_newest_buckets_stay_in_memory_under_any_budget() {
         "the oldest hour is stored"
     );
     models.history.close().expect("close the history index");
+    log.close().expect("close");
+}
+
+/// A model whose buckets cannot get down to the eviction's target (three quarters of
+/// the budget) is not walked again at every measurement that passes the budget: two
+/// evictions are at least a quarter budget of growth apart (a measurement's own growth
+/// aside). The answers stay those of a fold of the log.
+#[test]
+fn a_model_near_its_floor_is_not_evicted_at_every_measurement() {
+    let dir = tempfile::tempdir().unwrap();
+    let log = EventLog::open(&dir.path().join("log"), StoreOptions::default()).expect("open");
+    define_all(&log);
+    // 40 channels of revenue every hour, their hours ageing out of memory one by one,
+    // and PERCENTILE values that the newest buckets keep: memory that cannot leave.
+    let channels = 40;
+    let measurements = (0..12_000u32)
+        .flat_map(|i| {
+            let Event::MeasurementRecorded(mut m) = revenue_at(i / channels, 1.0) else {
+                unreachable!("revenue_at makes a measurement")
+            };
+            m.labels = BTreeMap::from([("channel".into(), format!("c{}", i % channels))]);
+            let reply = measured_at("reply_time", i / channels, f64::from(i % 1000));
+            [Event::MeasurementRecorded(m), reply]
+        })
+        .collect();
+    let head = *append(&log, measurements).last().expect("appended");
+    // Folds the log with `budget`, calling `folded` with the bytes before and after each
+    // event and whether it ran an eviction.
+    let fold = |name: &str, budget: usize, folded: &mut dyn FnMut(usize, usize, bool)| {
+        let pages = PageStore::open(&dir.path().join(name), 0).expect("pages");
+        let mut aggregates = Aggregates::default();
+        aggregates.set_tier(Tier {
+            store: std::sync::Arc::new(pages),
+            budget,
+            gives_way_to: None,
+        });
+        for stored in log.read(1, head) {
+            let stored = stored.expect("read");
+            let (before, evictions) = (aggregates.bytes(), aggregates.evictions());
+            let refold = aggregates.apply(stored.seq, &stored.event, |_| None);
+            assert_eq!(refold, None, "no event here refolds");
+            folded(
+                before,
+                aggregates.bytes(),
+                aggregates.evictions() > evictions,
+            );
+        }
+        aggregates
+    };
+    // With a budget of 64 bytes only what cannot leave stays.
+    let floor = fold("floor", 64, &mut |_, _, _| {}).bytes();
+    let budget = floor + floor / 64;
+    let (mut evictions, mut held) = (0, None);
+    let near = fold("near", budget, &mut |before, after, evicted| {
+        if evicted {
+            if let Some(held) = held {
+                assert!(
+                    before + budget / 8 >= held + budget / 4,
+                    "eviction {evictions} at {before} bytes, the last one left {held}"
+                );
+            }
+            (evictions, held) = (evictions + 1, Some(after));
+        }
+    });
+    assert!(evictions > 1, "the model passed its budget {budget}");
+    let (_, reference) = fold_log(&log, head);
+    assert_eq!(answers(&near), answers(&reference));
     log.close().expect("close");
 }
 

@@ -28,8 +28,14 @@ impl Aggregates {
         self.page_refs().map(|page| page.file()).collect()
     }
 
-    /// When the buckets pass the budget, moves the oldest (by the end of their bucket,
-    /// against the latest occurred_at) out of memory until they hold three quarters of it.
+    /// Evictions run so far: walks of every map that [`Aggregates::keep_to_budget`] makes.
+    pub fn evictions(&self) -> u64 {
+        self.evictions
+    }
+
+    /// When the buckets pass the budget, and have grown by a quarter of it since the
+    /// last eviction, moves the oldest (by the end of their bucket, against the latest
+    /// occurred_at) out of memory until they hold three quarters of it.
     /// Late measurements kept beside stored chunks are written into new pages once they
     /// pass an eighth of the budget, the longest lists first, until half of them are.
     pub(super) fn keep_to_budget(&mut self) {
@@ -48,6 +54,7 @@ impl Aggregates {
         if self.bytes <= budget.max(self.evict_above) {
             return;
         }
+        self.evictions += 1;
         // Bytes by age class: class 0 has ended at most an hour before the latest, class
         // c between 2^(c-1) and 2^c hours before it.
         const CLASSES: usize = 48;
@@ -142,16 +149,18 @@ impl Aggregates {
             tracing::error!(%error, "page files cannot be compacted");
         }
         self.bytes = held;
-        self.evict_above = if self.bytes > budget {
+        if self.bytes > budget {
             tracing::warn!(
                 held = self.bytes,
                 budget = budget,
                 "the newest buckets alone pass the memory budget"
             );
-            self.bytes + budget / 4
-        } else {
-            0
-        };
+        }
+        // Buckets that could not leave (still open, or their maps' directories) would
+        // otherwise be walked again after every few new buckets: 385 walks that freed
+        // nothing in 5 M measurements once the dedup runs' filters had taken most of the
+        // budget.
+        self.evict_above = self.bytes + budget / 4;
         tracing::debug!(
             before = total,
             freed,

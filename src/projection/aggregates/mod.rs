@@ -194,10 +194,14 @@ pub struct Aggregates {
     /// approximately between them).
     #[serde(skip)]
     bytes: usize,
-    /// Bytes at which the next eviction runs when the last one could not get below the
-    /// budget (so a model that cannot shrink is not walked on every event); 0 otherwise.
+    /// Bytes at which the next eviction runs: what the last one left plus a quarter of
+    /// the budget, so that a model that cannot shrink to the eviction's target is not
+    /// walked again after every few new buckets.
     #[serde(skip)]
     evict_above: usize,
+    /// Evictions run since the model was made (see [`Aggregates::evictions`]).
+    #[serde(skip)]
+    evictions: u64,
     /// KPIs a query found stored buckets of unreadable, for
     /// [`AggregateView::heal`](super::AggregateView::heal) to rebuild (shared by clones).
     #[serde(skip)]
