@@ -75,13 +75,34 @@ const RUN_BYTES_FIXED: u64 = 4096;
 /// ids or not: the log a restart reads after the manifest's seq stays short.
 const FREEZE_EVENTS: u64 = 500_000;
 
-/// Runs are merged until there are at most this many, or merging would exceed
-/// [`MAX_RUN_ENTRIES`].
-const TARGET_RUNS: usize = 4;
+/// Runs that could still take the smallest one without passing [`MAX_RUN_ENTRIES`] are
+/// merged until there are at most this many ([`merge_pick`]).
+const MERGEABLE_RUNS: usize = 5;
 
 /// Largest merged run: a merge holds the new run's filter beside its inputs' (about
 /// 7/8 byte per entry), so a cap bounds that extra memory (14 MiB at 16 M entries).
 const MAX_RUN_ENTRIES: u64 = 16_000_000;
+
+/// Which two of runs of `sizes` entries to merge next, if any: the two smallest, when
+/// they fit [`MAX_RUN_ENTRIES`] together and the smallest is at least half the other,
+/// or when more than [`MERGEABLE_RUNS`] runs could still take the smallest.
+///
+/// Runs at the cap stay as they are, so they do not count: with a limit on all runs, the
+/// one run left below the cap took every spill (a rewrite of up to 16 M entries every
+/// second), and the last 10 M ids of 50 M were written 16 times each where the first
+/// were written 8 times (`tests::merges_write_each_id_a_bounded_number_of_times`).
+fn merge_pick(sizes: &[u64]) -> Option<(usize, usize)> {
+    let mut by_size: Vec<usize> = (0..sizes.len()).collect();
+    by_size.sort_by_key(|&run| sizes[run]);
+    let (&a, &b) = (by_size.first()?, by_size.get(1)?);
+    let fits = sizes[a] + sizes[b] <= MAX_RUN_ENTRIES;
+    let mergeable = sizes
+        .iter()
+        .filter(|&&size| size + sizes[a] <= MAX_RUN_ENTRIES)
+        .count();
+    let wanted = mergeable > MERGEABLE_RUNS || sizes[a].saturating_mul(2) >= sizes[b];
+    (fits && wanted).then_some((a, b))
+}
 
 /// How often the threads retry a failed spill and look for expired runs.
 const RETRY_EVERY: Duration = Duration::from_secs(5);
@@ -456,15 +477,11 @@ impl RunSet {
         Ok(())
     }
 
-    /// The runs to merge next, if any: the two smallest when there are more than
-    /// [`TARGET_RUNS`] or the smallest is much smaller than the next, within the cap.
+    /// The runs to merge next, if any ([`merge_pick`]).
     fn pick_merge(&self) -> Option<Vec<Arc<Run>>> {
-        let mut by_size: Vec<&Arc<Run>> = self.runs.iter().collect();
-        by_size.sort_by_key(|run| run.entries);
-        let (a, b) = (by_size.first()?, by_size.get(1)?);
-        let fits = a.entries + b.entries <= MAX_RUN_ENTRIES;
-        let wanted = self.runs.len() > TARGET_RUNS || a.entries.saturating_mul(4) >= b.entries;
-        (fits && wanted).then(|| vec![Arc::clone(a), Arc::clone(b)])
+        let sizes: Vec<u64> = self.runs.iter().map(|run| run.entries).collect();
+        let (a, b) = merge_pick(&sizes)?;
+        Some(vec![Arc::clone(&self.runs[a]), Arc::clone(&self.runs[b])])
     }
 
     /// Removes the runs whose newest id is before `cutoff`.
@@ -485,5 +502,40 @@ impl RunSet {
             let _ = std::fs::remove_file(run.path());
         }
         Ok(true)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Spills of 170,000 ids (about a second of ingest) up to 50 M ids: the runs stay
+    /// few, and merging writes each id about as often late as early.
+    #[test]
+    fn merges_write_each_id_a_bounded_number_of_times() {
+        const SPILL: u64 = 170_000;
+        const FIFTH: u64 = 10_000_000;
+        let mut runs: Vec<u64> = Vec::new();
+        let mut written = [0u64; 5];
+        let mut spilled = 0;
+        while spilled < 5 * FIFTH {
+            let fifth = usize::try_from(spilled / FIFTH).expect("small");
+            runs.push(SPILL);
+            spilled += SPILL;
+            written[fifth] += SPILL;
+            while let Some((a, b)) = merge_pick(&runs) {
+                let merged = runs[a] + runs[b];
+                let (high, low) = (a.max(b), a.min(b));
+                runs.swap_remove(high);
+                runs.swap_remove(low);
+                runs.push(merged);
+                written[fifth] += merged;
+            }
+            assert!(runs.len() <= MERGEABLE_RUNS + 1, "{runs:?}");
+            assert!(runs.iter().all(|&run| run <= MAX_RUN_ENTRIES));
+        }
+        let per_id = written.map(|bytes| bytes / FIFTH);
+        assert!(per_id.iter().all(|&times| times <= 10), "{per_id:?}");
+        assert!(per_id[4] <= per_id[0] + per_id[0] / 2, "{per_id:?}");
     }
 }
