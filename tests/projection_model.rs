@@ -677,7 +677,7 @@ fn page_file_names(dir: &std::path::Path) -> BTreeSet<std::ffi::OsString> {
 }
 
 /// Chunks read back and stored again leave their old pages behind as garbage. A page file
-/// that is mostly garbage (two thirds) has its live pages moved to the file appended to, and
+/// that is more than half garbage has its live pages moved to the file appended to, and
 /// the next snapshot deletes it: the page files do not grow with every rewrite.
 #[test]
 fn page_files_mostly_garbage_are_compacted_away() {

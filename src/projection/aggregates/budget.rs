@@ -262,11 +262,10 @@ impl Aggregates {
 
 /// Page files are compacted once they hold more than this many times the bytes of the
 /// pages the model refers to, and a file is moved when less than this share of it is
-/// live. At twice, with stored chunks merged as they grow (`BucketMap::merge_stored`),
-/// nearly every eviction of the 50 M history run copied a file of 13-30 MB of live pages
-/// (about half live) under the model's lock; at three times a file moved is mostly
-/// garbage, and a byte copied frees about two.
-const GARBAGE_RATIO: u64 = 3;
+/// live. (Three times was tried on the 50 M history run: compactions fell from one per
+/// eviction to one in five, but an eviction took as long, 333 ms against 340 ms on
+/// average, and the page files grew by 0.5 GB; BENCHMARKS.md.)
+const GARBAGE_RATIO: u64 = 2;
 
 /// Most bytes of live pages one compaction step copies (about 0.1 s of disk I/O, under
 /// the read model's lock).
