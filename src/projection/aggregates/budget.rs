@@ -56,6 +56,7 @@ impl Aggregates {
         }
         self.evictions += 1;
         let started = std::time::Instant::now();
+        let cpu_started = thread_cpu_nanos();
         // Bytes by age class: class 0 has ended at most an hour before the latest, class
         // c between 2^(c-1) and 2^c hours before it.
         const CLASSES: usize = 48;
@@ -175,6 +176,7 @@ impl Aggregates {
             resident_chunks,
             directory,
             micros = started.elapsed().as_micros(),
+            cpu_micros = thread_cpu_nanos().saturating_sub(cpu_started) / 1000,
             "buckets moved out of memory"
         );
     }
@@ -307,4 +309,12 @@ pub struct Tier {
     /// buckets keep to the budget less it, but to no less than a quarter of the budget:
     /// below that every measurement would wait for buckets read back from their pages.
     pub gives_way_to: Option<RunMemory>,
+}
+
+/// Nanoseconds this thread has run on a CPU (`/proc/thread-self/schedstat`), 0 if unknown.
+fn thread_cpu_nanos() -> u64 {
+    std::fs::read_to_string("/proc/thread-self/schedstat")
+        .ok()
+        .and_then(|stat| stat.split_whitespace().next()?.parse().ok())
+        .unwrap_or(0)
 }
