@@ -118,21 +118,29 @@ impl Aggregates {
         // Stored chunks per grain, in the order of `Grain::ALL`.
         let mut stored_by_grain = [0usize; 6];
         let mut failed = None;
+        // Where the pass's time goes: the walk that picked the age, storing chunks
+        // (`evict_below`, merges included), writing late measurements (`flush_late`).
+        let walked = started.elapsed();
+        let (mut storing, mut flushing) = (std::time::Duration::ZERO, std::time::Duration::ZERO);
         for kpi in self.measured.values_mut() {
             for series in kpi.series.values_mut() {
                 for (slot, buckets) in series.grains.iter_mut().enumerate() {
                     let cutoff = latest
                         .saturating_sub(age)
                         .saturating_sub(NOMINAL_SECONDS[slot]);
+                    let before = std::time::Instant::now();
                     match buckets.evict_below(BucketKey::from_unix_seconds(cutoff), &store) {
                         Ok(bytes) => freed += bytes,
                         Err(error) => failed = Some(error),
                     }
+                    storing += before.elapsed();
                     if late_least < usize::MAX {
+                        let before = std::time::Instant::now();
                         match buckets.flush_late(late_least, &store) {
                             Ok(bytes) => late_freed += bytes,
                             Err(error) => failed = Some(error),
                         }
+                        flushing += before.elapsed();
                     }
                     held += buckets.bytes();
                     let (stored, resident, bytes) = buckets.census();
@@ -147,6 +155,7 @@ impl Aggregates {
         if let Some(error) = failed {
             tracing::error!(%error, "buckets cannot be stored; they stay in memory");
         }
+        let compacting = std::time::Instant::now();
         if let Err(error) = self.compact_pages(&store) {
             tracing::error!(%error, "page files cannot be compacted");
         }
@@ -176,6 +185,10 @@ impl Aggregates {
             resident_chunks,
             directory,
             micros = started.elapsed().as_micros(),
+            walk_micros = walked.as_micros(),
+            store_micros = storing.as_micros(),
+            flush_late_micros = flushing.as_micros(),
+            compact_micros = compacting.elapsed().as_micros(),
             cpu_micros = thread_cpu_nanos().saturating_sub(cpu_started) / 1000,
             "buckets moved out of memory"
         );
