@@ -663,18 +663,22 @@ impl BucketMap {
     }
 
     /// Moves the tail's entries to the end of the chunks: the last chunk is filled up when
-    /// it is in memory, the rest starts a new one.
+    /// it is in memory and not shared, the rest starts a new one.
     fn seal_tail(&mut self) {
         let Some((last_key, _)) = self.tail.last() else {
             return;
         };
         self.sealed_last = Some(*last_key);
         let mut entries = std::mem::take(&mut self.tail).into_iter();
+        // A last chunk a snapshot still shares is not copied to be filled up (a copy of
+        // every map's last chunk while a snapshot is written): the entries start a chunk
+        // of their own.
         if let Some(Chunk::Resident(last)) = self.chunks.last_mut()
             && last.len() < CHUNK
+            && let Some(last) = Arc::get_mut(last)
         {
             let room = CHUNK - last.len();
-            Arc::make_mut(last).extend(entries.by_ref().take(room));
+            last.extend(entries.by_ref().take(room));
         }
         let rest: Vec<Entry> = entries.collect();
         if !rest.is_empty() {

@@ -55,8 +55,14 @@ impl Aggregates {
             return;
         }
         self.evictions += 1;
-        let started = std::time::Instant::now();
-        let cpu_started = thread_cpu_nanos();
+        // The parts of the pass are timed only for the debug line (a clock read per map
+        // and step: a few milliseconds per pass).
+        let timed = tracing::enabled!(tracing::Level::DEBUG);
+        let now = || timed.then(std::time::Instant::now);
+        let since =
+            |from: Option<std::time::Instant>| from.map(|from| from.elapsed()).unwrap_or_default();
+        let started = now();
+        let cpu_started = if timed { thread_cpu_nanos() } else { 0 };
         // Bytes by age class: class 0 has ended at most an hour before the latest, class
         // c between 2^(c-1) and 2^c hours before it.
         const CLASSES: usize = 48;
@@ -120,7 +126,7 @@ impl Aggregates {
         let mut failed = None;
         // Where the pass's time goes: the walk that picked the age, storing chunks
         // (`evict_below`, merges included), writing late measurements (`flush_late`).
-        let walked = started.elapsed();
+        let walked = since(started);
         let (mut storing, mut flushing) = (std::time::Duration::ZERO, std::time::Duration::ZERO);
         for kpi in self.measured.values_mut() {
             for series in kpi.series.values_mut() {
@@ -128,19 +134,19 @@ impl Aggregates {
                     let cutoff = latest
                         .saturating_sub(age)
                         .saturating_sub(NOMINAL_SECONDS[slot]);
-                    let before = std::time::Instant::now();
+                    let before = now();
                     match buckets.evict_below(BucketKey::from_unix_seconds(cutoff), &store) {
                         Ok(bytes) => freed += bytes,
                         Err(error) => failed = Some(error),
                     }
-                    storing += before.elapsed();
+                    storing += since(before);
                     if late_least < usize::MAX {
-                        let before = std::time::Instant::now();
+                        let before = now();
                         match buckets.flush_late(late_least, &store) {
                             Ok(bytes) => late_freed += bytes,
                             Err(error) => failed = Some(error),
                         }
-                        flushing += before.elapsed();
+                        flushing += since(before);
                     }
                     held += buckets.bytes();
                     let (stored, resident, bytes) = buckets.census();
@@ -155,7 +161,7 @@ impl Aggregates {
         if let Some(error) = failed {
             tracing::error!(%error, "buckets cannot be stored; they stay in memory");
         }
-        let compacting = std::time::Instant::now();
+        let compacting = now();
         if let Err(error) = self.compact_pages(&store) {
             tracing::error!(%error, "page files cannot be compacted");
         }
@@ -172,6 +178,9 @@ impl Aggregates {
         // nothing in 5 M measurements once the dedup runs' filters had taken most of the
         // budget.
         self.evict_above = self.bytes + budget / 4;
+        if !timed {
+            return;
+        }
         tracing::debug!(
             before = total,
             freed,
@@ -184,11 +193,11 @@ impl Aggregates {
             ?stored_by_grain,
             resident_chunks,
             directory,
-            micros = started.elapsed().as_micros(),
+            micros = since(started).as_micros(),
             walk_micros = walked.as_micros(),
             store_micros = storing.as_micros(),
             flush_late_micros = flushing.as_micros(),
-            compact_micros = compacting.elapsed().as_micros(),
+            compact_micros = since(compacting).as_micros(),
             cpu_micros = thread_cpu_nanos().saturating_sub(cpu_started) / 1000,
             "buckets moved out of memory"
         );

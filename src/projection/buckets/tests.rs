@@ -146,6 +146,38 @@ fn buckets_arriving_in_order_fill_chunks_completely() {
     assert_eq!(last, CHUNK - TAIL);
 }
 
+/// A snapshot clones the model, sharing every chunk: sealing the tail afterwards starts
+/// a chunk of its own rather than copying the shared last chunk to fill it up (a copy of
+/// every map's last chunk while the snapshot is written), and both answer as before.
+#[test]
+fn sealing_the_tail_does_not_copy_a_chunk_a_snapshot_shares() {
+    let mut map = BucketMap::default();
+    for k in 0..2 * CHUNK as i64 {
+        insert(&mut map, k, 1);
+    }
+    let snapshot = map.clone();
+    let Some(Chunk::Resident(shared)) = snapshot.chunks.last() else {
+        panic!("a chunk in memory");
+    };
+    assert!(shared.len() < CHUNK, "the last chunk has room");
+    for k in 2 * CHUNK as i64..(2 * CHUNK + 2 * TAIL) as i64 {
+        insert(&mut map, k, 1);
+    }
+    let index = snapshot.chunks.len() - 1;
+    assert!(
+        matches!(&map.chunks[index], Chunk::Resident(chunk) if Arc::ptr_eq(chunk, shared)),
+        "still the chunk the snapshot holds"
+    );
+    assert!(
+        map.chunks.len() > snapshot.chunks.len(),
+        "a chunk of its own"
+    );
+    check_invariant(&map, None);
+    let all: Vec<(i64, u64)> = (0..(2 * CHUNK + 2 * TAIL) as i64).map(|k| (k, 1)).collect();
+    assert_eq!(from(&map, 0, None), all);
+    assert_eq!(from(&snapshot, 0, None), all[..2 * CHUNK].to_vec());
+}
+
 #[test]
 fn a_late_bucket_splits_only_its_chunk() {
     let mut map = BucketMap::default();
