@@ -113,7 +113,7 @@ use open::{Opened, check_acknowledged};
 pub use reader::{ReadEvents, decode_record};
 pub use record::{encode_payload, recorded_at_field};
 pub use segment::{read_varint, write_varint};
-pub use space::room_beside_guard;
+pub use space::{room_above_guard, room_beside_guard};
 pub use types::{
     AppendRequest, Clock, CommitListener, Committed, DEFAULT_DEDUP_MEMORY_BYTES,
     DEFAULT_MIN_FREE_BYTES, FORMAT_KEY, FORMAT_VERSION, LogHead, META_TREE, Outcome, SEGMENTS_TREE,

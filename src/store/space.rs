@@ -165,6 +165,18 @@ pub fn room_beside_guard(dir: &Path, min_free: u64, bytes: u64) -> bool {
     })
 }
 
+/// Bytes the file system of `dir` has free beyond twice the log's free-space minimum
+/// `min_free`: what derived files may still write (see [`room_for`]); none when its free
+/// space cannot be read.
+pub fn room_above_guard(dir: &Path, min_free: u64) -> u64 {
+    rustix::fs::statvfs(dir).map_or(0, |stats| {
+        stats
+            .f_bavail
+            .saturating_mul(stats.f_frsize)
+            .saturating_sub(min_free.saturating_mul(2))
+    })
+}
+
 /// Whether `available` bytes leave room for `bytes` more while keeping twice the log's
 /// free-space minimum free: `available >= 2 * min_free + bytes`. The writer's guard
 /// refuses groups below the minimum; derived files stop well before it, so that the log
