@@ -156,25 +156,23 @@ pub fn check_before_open(dir: &Path, min_free: u64) -> Result<(), StoreError> {
 /// dedup index's runs, the history index) beside the log's free-space minimum `min_free`
 /// (see [`room_for`]); no room when its free space cannot be read.
 pub fn room_beside_guard(dir: &Path, min_free: u64, bytes: u64) -> bool {
-    rustix::fs::statvfs(dir).is_ok_and(|stats| {
-        room_for(
-            stats.f_bavail.saturating_mul(stats.f_frsize),
-            min_free,
-            bytes,
-        )
-    })
+    available_in(dir).is_some_and(|available| room_for(available, min_free, bytes))
 }
 
 /// Bytes the file system of `dir` has free beyond twice the log's free-space minimum
 /// `min_free`: what derived files may still write (see [`room_for`]); none when its free
 /// space cannot be read.
 pub fn room_above_guard(dir: &Path, min_free: u64) -> u64 {
-    rustix::fs::statvfs(dir).map_or(0, |stats| {
-        stats
-            .f_bavail
-            .saturating_mul(stats.f_frsize)
-            .saturating_sub(min_free.saturating_mul(2))
-    })
+    available_in(dir)
+        .and_then(|available| room_above(available, min_free))
+        .unwrap_or(0)
+}
+
+/// Bytes available to this process on the file system of `dir`; `None` when they cannot
+/// be read.
+fn available_in(dir: &Path) -> Option<u64> {
+    let stats = rustix::fs::statvfs(dir).ok()?;
+    Some(stats.f_bavail.saturating_mul(stats.f_frsize))
 }
 
 /// Whether `available` bytes leave room for `bytes` more while keeping twice the log's
@@ -184,7 +182,13 @@ pub fn room_above_guard(dir: &Path, min_free: u64) -> u64 {
 /// and a restart is possible as soon as the space the log did not use is back. Until there
 /// is room, their writers keep what they would write in memory.
 fn room_for(available: u64, min_free: u64, bytes: u64) -> bool {
-    available >= min_free.saturating_mul(2).saturating_add(bytes)
+    room_above(available, min_free).is_some_and(|room| room >= bytes)
+}
+
+/// What `available` bytes leave beyond twice the log's free-space minimum; `None` when
+/// they do not reach it.
+fn room_above(available: u64, min_free: u64) -> Option<u64> {
+    available.checked_sub(min_free.saturating_mul(2))
 }
 
 #[cfg(test)]
