@@ -39,6 +39,7 @@ fn request(first: u64, len: u64, run: u64) -> AppendRequest {
             .map(|index| measurement(index, run))
             .collect(),
         validation_unchanged_since: None,
+        ..Default::default()
     }
 }
 

@@ -72,6 +72,7 @@ fn fill(dir: &Path, n: u64, with_ids: bool, abort: bool) {
                     log.append_blocking(AppendRequest {
                         events,
                         validation_unchanged_since: None,
+                        ..Default::default()
                     })
                     .unwrap();
                     first += threads * BATCH;

@@ -137,6 +137,7 @@ fn restore(c: &mut Criterion) {
             definition: definition("k", KpiKind::Sum),
         }],
         validation_unchanged_since: None,
+        ..Default::default()
     })
     .unwrap();
     // Generated a million at a time: ten million events at once would hold gigabytes.
@@ -147,6 +148,7 @@ fn restore(c: &mut Criterion) {
             log.append_blocking(AppendRequest {
                 events: chunk.to_vec(),
                 validation_unchanged_since: None,
+                ..Default::default()
             })
             .unwrap();
         }

@@ -191,6 +191,7 @@ fn build(dir: &Path, events: u64) {
             })
             .collect(),
         validation_unchanged_since: None,
+        ..Default::default()
     })
     .unwrap();
     let ids: Vec<String> = (0..KPIS).map(kpi_id).collect();
@@ -205,6 +206,7 @@ fn build(dir: &Path, events: u64) {
         log.append_blocking(AppendRequest {
             events: batch,
             validation_unchanged_since: None,
+            ..Default::default()
         })
         .unwrap();
         appended += count;

@@ -28,6 +28,8 @@ pub const DEFAULT_MIN_FREE_DISK_MB: u64 = crate::store::DEFAULT_MIN_FREE_BYTES /
 /// Default longest graceful shutdown, in seconds: under systemd's default stop timeout
 /// (90 s) and Kubernetes' default grace period (30 s).
 pub const DEFAULT_SHUTDOWN_TIMEOUT_SECS: u32 = 20;
+/// Default interval of the checks for changed TLS and auth files, in milliseconds.
+pub const DEFAULT_RELOAD_CHECK_MS: u32 = 5000;
 /// Default memory budget of the whole process, in MiB: the service must fit a small device.
 pub const DEFAULT_MEMORY_BUDGET_MIB: u32 = 256;
 /// What the budget holds besides the buckets and the event ids, in MiB: the log's sled
@@ -56,6 +58,16 @@ pub enum Command {
         /// seq (another history, not a shorter one), forgetting the old evidence.
         #[arg(long)]
         accept_other_history: bool,
+    },
+    /// Make a new bearer token: prints the token (give it to the client; the server keeps
+    /// only its hash) and the entry to add to the auth file (--auth-file).
+    Token {
+        /// The principal's name, stored with every event its requests cause.
+        #[arg(long)]
+        name: String,
+        /// A role of the principal (repeat for several).
+        #[arg(long = "role", required = true, value_parser = ["reader", "writer", "admin", "auditor"])]
+        roles: Vec<String>,
     },
 }
 
@@ -170,6 +182,47 @@ pub struct Config {
     )]
     pub shutdown_timeout_secs: u32,
 
+    /// PEM file of the server's certificate chain (leaf first): serve gRPC over TLS.
+    /// Reloaded when it changes, or on SIGHUP.
+    #[arg(long, env = "KPI_TLS_CERT", requires = "tls_key")]
+    pub tls_cert: Option<PathBuf>,
+
+    /// PEM file of the private key of --tls-cert.
+    #[arg(long, env = "KPI_TLS_KEY", requires = "tls_cert")]
+    pub tls_key: Option<PathBuf>,
+
+    /// PEM file of the CA certificates that sign client certificates: every client must
+    /// present one (mutual TLS); its subject's common name names the principal.
+    #[arg(long, env = "KPI_TLS_CLIENT_CA", requires = "tls_cert")]
+    pub tls_client_ca: Option<PathBuf>,
+
+    /// TOML file of the principals (bearer token hashes or client certificate subjects)
+    /// and their roles; every request but health checks must then name one. Reloaded when
+    /// it changes, or on SIGHUP. `kpi-server token` makes entries.
+    #[arg(long, env = "KPI_AUTH_FILE")]
+    pub auth_file: Option<PathBuf>,
+
+    /// Listen beyond loopback without TLS and authentication (refused otherwise).
+    #[arg(long, env = "KPI_INSECURE", value_parser = clap::builder::BoolishValueParser::new())]
+    pub insecure: bool,
+
+    /// Do not serve gRPC server reflection.
+    #[arg(long, env = "KPI_NO_REFLECTION", value_parser = clap::builder::BoolishValueParser::new())]
+    pub no_reflection: bool,
+
+    /// Do not serve ListStreams (it shows clients' addresses); it answers UNIMPLEMENTED.
+    #[arg(long, env = "KPI_NO_LIST_STREAMS", value_parser = clap::builder::BoolishValueParser::new())]
+    pub no_list_streams: bool,
+
+    /// How often the TLS and auth files are checked for changes, in milliseconds.
+    #[arg(
+        long,
+        env = "KPI_RELOAD_CHECK_MS",
+        default_value_t = DEFAULT_RELOAD_CHECK_MS,
+        value_parser = clap::value_parser!(u32).range(10..)
+    )]
+    pub reload_check_ms: u32,
+
     /// What to do.
     #[command(subcommand)]
     pub command: Option<Command>,
@@ -192,6 +245,14 @@ impl Config {
             snapshot_every_events: DEFAULT_SNAPSHOT_EVERY_EVENTS,
             min_free_disk_mb: DEFAULT_MIN_FREE_DISK_MB,
             shutdown_timeout_secs: DEFAULT_SHUTDOWN_TIMEOUT_SECS,
+            tls_cert: None,
+            tls_key: None,
+            tls_client_ca: None,
+            auth_file: None,
+            insecure: false,
+            no_reflection: false,
+            no_list_streams: false,
+            reload_check_ms: DEFAULT_RELOAD_CHECK_MS,
             command: None,
         }
     }
@@ -239,6 +300,36 @@ impl Config {
         Ok(usize::try_from(buckets * 1024 * 1024).unwrap_or(usize::MAX))
     }
 
+    /// How often the TLS and auth files are checked for changes.
+    pub fn reload_check(&self) -> std::time::Duration {
+        std::time::Duration::from_millis(u64::from(self.reload_check_ms))
+    }
+
+    /// The TLS files, when the server serves TLS.
+    pub fn tls_files(&self) -> Option<crate::api::tls::TlsFiles> {
+        Some(crate::api::tls::TlsFiles {
+            cert: self.tls_cert.clone()?,
+            key: self.tls_key.clone()?,
+            client_ca: self.tls_client_ca.clone(),
+        })
+    }
+
+    /// Why serving on `address` as configured is refused: beyond loopback, everyone who
+    /// can reach the port could read and change everything unless TLS carries the traffic
+    /// and an auth file or client certificates say who calls. `--insecure` allows it.
+    pub fn refuse_insecure(&self, address: std::net::SocketAddr) -> Result<(), String> {
+        let secured =
+            self.tls_cert.is_some() && (self.auth_file.is_some() || self.tls_client_ca.is_some());
+        if address.ip().is_loopback() || secured || self.insecure {
+            return Ok(());
+        }
+        Err(format!(
+            "refusing to listen on {address} beyond loopback without TLS and authentication: \
+             anyone who reaches the port could read and change every KPI; give --tls-cert, \
+             --tls-key and --auth-file (or --tls-client-ca), or --insecure to serve anyway"
+        ))
+    }
+
     /// The deduplication window of event ids.
     pub fn dedup_window(&self) -> TimeDelta {
         TimeDelta::hours(i64::from(self.dedup_window_hours))
@@ -283,6 +374,48 @@ mod tests {
         let small = Config::parse_from(["kpi-server", "--memory-budget", "100"]);
         let error = small.bucket_memory_bytes().expect_err("too small");
         assert!(error.contains("at least 208 MiB"), "{error}");
+    }
+
+    #[test]
+    fn serving_beyond_loopback_needs_tls_and_authentication_or_insecure() {
+        let outside: [SocketAddr; 3] = [
+            "0.0.0.0:50051".parse().unwrap(),
+            "[::]:50051".parse().unwrap(),
+            "192.0.2.7:50051".parse().unwrap(),
+        ];
+        let flags = |extra: &[&str]| {
+            let mut args = vec!["kpi-server"];
+            args.extend_from_slice(extra);
+            Config::parse_from(args)
+        };
+        let plain = flags(&[]);
+        for address in ["127.0.0.1:50051", "[::1]:50051"] {
+            assert!(plain.refuse_insecure(address.parse().unwrap()).is_ok());
+        }
+        let tls = ["--tls-cert", "c.pem", "--tls-key", "k.pem"];
+        let refused = [
+            flags(&[]),
+            flags(&tls),
+            flags(&["--auth-file", "auth.toml"]),
+        ];
+        let allowed = [
+            flags(&["--insecure"]),
+            flags(&[&tls[..], &["--auth-file", "auth.toml"]].concat()),
+            flags(&[&tls[..], &["--tls-client-ca", "ca.pem"]].concat()),
+        ];
+        for address in outside {
+            for config in &refused {
+                let error = config.refuse_insecure(address).expect_err("refused");
+                assert!(error.contains("--insecure"), "{error}");
+            }
+            for config in &allowed {
+                assert!(config.refuse_insecure(address).is_ok(), "{config:?}");
+            }
+        }
+        // A key without its certificate is a flag error, not a silent plaintext server.
+        assert!(Config::try_parse_from(["kpi-server", "--tls-key", "k.pem"]).is_err());
+        assert!(Config::try_parse_from(["kpi-server", "--tls-client-ca", "ca.pem"]).is_err());
+        assert!(flags(&["--insecure"]).insecure);
     }
 
     #[test]

@@ -31,6 +31,9 @@ pub mod service;
 pub mod store;
 
 use std::future::Future;
+use std::path::Path;
+use std::pin::Pin;
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use tokio::net::TcpListener;
@@ -165,6 +168,29 @@ pub async fn run(
         dir: config.data_dir.display().to_string(),
         source,
     };
+    let address = listener
+        .local_addr()
+        .map_err(|error| RunError::Config(format!("the listener has no local address: {error}")))?;
+    config.refuse_insecure(address).map_err(RunError::Config)?;
+    if !address.ip().is_loopback() && config.tls_cert.is_none() {
+        tracing::warn!(%address, "--insecure: serving beyond loopback without TLS; anyone who reaches the port reads and changes everything");
+    }
+    let gate = Arc::new(
+        api::auth::Gate::new(config.auth_file.as_deref(), !config.no_list_streams)
+            .map_err(|error| RunError::Config(error.to_string()))?,
+    );
+    let tls = config
+        .tls_files()
+        .map(api::tls::ServerTls::load)
+        .transpose()
+        .map_err(|error| RunError::Config(error.to_string()))?
+        .map(Arc::new);
+    make_private(&config.data_dir).map_err(|source| {
+        RunError::Config(format!(
+            "cannot create the data directory {}: {source}",
+            config.data_dir.display()
+        ))
+    })?;
     let options = StoreOptions {
         dedup_window: config.dedup_window(),
         dedup_memory_bytes: config.dedup_memory_bytes(),
@@ -215,32 +241,53 @@ pub async fn run(
     let streams_stop = service.shutdown_token();
     // Also ends them when this future is dropped without a shutdown (aborted).
     let _stop_streams_on_drop = streams_stop.clone().drop_guard();
-    let (routes, health) = api::routes(service.clone()).await?;
-    if let Ok(address) = listener.local_addr() {
-        tracing::info!(%address, "serving kpi.v1 over gRPC");
-    }
-    // TCP_NODELAY on every accepted connection: tonic sets it only on listeners it binds
-    // itself. Without it, the small frames that end a server stream (the last message,
-    // the trailers) wait for the client's delayed ACK, and every GetAggregates call took
-    // about 40 ms on loopback (measured with kpi-load, BENCHMARKS.md).
-    let incoming = TcpIncoming::from(listener).with_nodelay(Some(true));
+    let (routes, health) = api::routes(service.clone(), !config.no_reflection).await?;
+    tracing::info!(
+        %address,
+        tls = tls.is_some(),
+        client_certificates = config.tls_client_ca.is_some(),
+        auth_file = config.auth_file.is_some(),
+        "serving kpi.v1 over gRPC"
+    );
+    let reloads = tokio::spawn(api::reload::watch(
+        tls.clone(),
+        gate.clone(),
+        config.reload_check(),
+        stop_snapshots.clone(),
+    ));
     let timeout = config.shutdown_timeout();
     // When the shutdown began; everything after it must end by then + `timeout`.
     let (stopping, mut stopped_at) = tokio::sync::watch::channel(None::<tokio::time::Instant>);
-    let serve = tonic::transport::Server::builder()
-        .add_routes(routes)
-        .serve_with_incoming_shutdown(incoming, async move {
-            shutdown.await;
-            stopping.send_replace(Some(tokio::time::Instant::now()));
-            tracing::info!("shutting down: finishing running requests");
-            // Open streams would keep the server waiting forever: end them now.
-            streams_stop.cancel();
-            for name in api::SERVICE_NAMES {
-                health
-                    .set_service_status(name, tonic_health::ServingStatus::NotServing)
-                    .await;
-            }
-        });
+    let router = tonic::transport::Server::builder()
+        .layer(api::auth::GateLayer::new(gate))
+        .add_routes(routes);
+    let signal = async move {
+        shutdown.await;
+        stopping.send_replace(Some(tokio::time::Instant::now()));
+        tracing::info!("shutting down: finishing running requests");
+        // Open streams would keep the server waiting forever: end them now.
+        streams_stop.cancel();
+        for name in api::SERVICE_NAMES {
+            health
+                .set_service_status(name, tonic_health::ServingStatus::NotServing)
+                .await;
+        }
+    };
+    let serve: Pin<Box<dyn Future<Output = Result<(), tonic::transport::Error>> + Send>> = match tls
+    {
+        Some(tls) => {
+            Box::pin(router.serve_with_incoming_shutdown(api::tls::incoming(listener, tls), signal))
+        }
+        // TCP_NODELAY on every accepted connection: tonic sets it only on listeners it
+        // binds itself. Without it, the small frames that end a server stream (the last
+        // message, the trailers) wait for the client's delayed ACK, and every
+        // GetAggregates call took about 40 ms on loopback (measured with kpi-load,
+        // BENCHMARKS.md).
+        None => Box::pin(router.serve_with_incoming_shutdown(
+            TcpIncoming::from(listener).with_nodelay(Some(true)),
+            signal,
+        )),
+    };
     // Requests still running at the deadline (a client that never sends the rest of its
     // request, or one stuck behind a write that cannot finish) are cut off.
     let deadline = {
@@ -265,6 +312,7 @@ pub async fn run(
         + timeout;
     stop_snapshots.cancel();
     snapshots.await?;
+    reloads.await?;
     // A snapshot at the head makes the next start replay nothing.
     let closing = tokio::task::spawn_blocking(move || {
         match service.snapshot() {
@@ -292,6 +340,19 @@ pub async fn run(
     closed.map_err(store_error)?;
     tracing::info!("event log flushed and closed");
     Ok(())
+}
+
+/// Creates the data directory when missing, and makes everything the server creates
+/// private to its user: the process umask becomes 077, so directories are created 0700
+/// and files 0600 (the log holds every subject identifier ever recorded). Files that
+/// already exist keep their modes.
+fn make_private(data_dir: &Path) -> std::io::Result<()> {
+    use std::os::unix::fs::DirBuilderExt;
+    rustix::process::umask(rustix::fs::Mode::from_raw_mode(0o077));
+    std::fs::DirBuilder::new()
+        .recursive(true)
+        .mode(0o700)
+        .create(data_dir)
 }
 
 /// The least time the log gets to close at shutdown, even when requests used up the

@@ -1,10 +1,12 @@
 //! `kpi-server`: parses flags and environment, starts tracing, and runs the service until
-//! SIGINT or SIGTERM (or, with `recover`, repairs a data directory and exits).
+//! SIGINT or SIGTERM (or, with `recover`, repairs a data directory and exits; with
+//! `token`, prints a new bearer token and its auth file entry).
 
 use std::process::ExitCode;
 
 use clap::Parser;
 use kpi_service::Config;
+use kpi_service::api::auth::Role;
 use kpi_service::config::Command;
 use tokio::net::TcpListener;
 use tracing_subscriber::EnvFilter;
@@ -64,6 +66,24 @@ fn main() -> ExitCode {
                 ExitCode::FAILURE
             }
         },
+        Some(Command::Token { name, roles }) => {
+            let roles: Vec<Role> = roles.iter().filter_map(|r| Role::from_name(r)).collect();
+            match kpi_service::api::auth::new_token(&name, &roles) {
+                Ok((token, entry)) => {
+                    eprintln!(
+                        "# The token below is shown once and stored nowhere: give it to the client\n\
+                         # (header 'authorization: Bearer <token>'). Add the entry after it to the\n\
+                         # auth file (--auth-file); the server reloads the file when it changes."
+                    );
+                    println!("{token}\n\n{entry}");
+                    ExitCode::SUCCESS
+                }
+                Err(error) => {
+                    tracing::error!(%error, "no token made");
+                    ExitCode::FAILURE
+                }
+            }
+        }
         Some(Command::Serve) | None => serve(config),
     }
 }
@@ -77,6 +97,11 @@ fn serve(config: Config) -> ExitCode {
             return ExitCode::FAILURE;
         }
     };
+    // Checked before binding too, so that a refused start never listens at all.
+    if let Err(error) = config.refuse_insecure(config.listen) {
+        tracing::error!(%error, "kpi-server not started");
+        return ExitCode::FAILURE;
+    }
     let result = runtime.block_on(async {
         let listener = match TcpListener::bind(config.listen).await {
             Ok(listener) => listener,

@@ -132,6 +132,7 @@ pub fn recover(config: &Config, accept_other_history: bool) -> Result<Recovery, 
             log.append_blocking(AppendRequest {
                 events,
                 validation_unchanged_since: None,
+                ..Default::default()
             })
             .map_err(|error| match error {
                 crate::store::AppendError::Store(store) => store,

@@ -268,6 +268,7 @@ async fn legacy_dir(dir: &Path, events: usize) -> (u64, Vec<PathBuf>) {
             log.append_blocking(AppendRequest {
                 events,
                 validation_unchanged_since: None,
+                ..Default::default()
             })
             .expect("append")
         };

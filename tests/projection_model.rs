@@ -77,6 +77,7 @@ fn append(log: &EventLog, events: Vec<Event>) -> Vec<u64> {
     log.append_blocking(AppendRequest {
         events,
         validation_unchanged_since: None,
+        ..Default::default()
     })
     .expect("append")
     .into_iter()

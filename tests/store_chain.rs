@@ -315,6 +315,7 @@ fn appends_after_close_are_refused() {
         .append_blocking(AppendRequest {
             events: vec![measurement("revenue_web_shop", 1.0, None)],
             validation_unchanged_since: None,
+            ..Default::default()
         })
         .unwrap_err();
     assert!(

@@ -222,6 +222,7 @@ fn run_model(ops: Vec<Op>) {
                 let actual = log.append_blocking(AppendRequest {
                     events,
                     validation_unchanged_since: guard,
+                    ..Default::default()
                 });
                 match (expected, actual) {
                     (Ok(expected), Ok(actual)) => assert_eq!(actual, expected),
@@ -485,6 +486,7 @@ fn the_guard_refuses_requests_validated_before_a_definition_change() {
     let stale = log.append_blocking(AppendRequest {
         events: vec![measurement("signups", 1.0, Some("late"))],
         validation_unchanged_since: Some(validated_at),
+        ..Default::default()
     });
     assert!(
         matches!(stale, Err(AppendError::ValidationStale { .. })),
@@ -496,6 +498,7 @@ fn the_guard_refuses_requests_validated_before_a_definition_change() {
     let fresh = log.append_blocking(AppendRequest {
         events: vec![measurement("signups", 1.0, Some("late"))],
         validation_unchanged_since: Some(log.head().seq),
+        ..Default::default()
     });
     assert_eq!(fresh.unwrap(), [Outcome::Appended { seq: 3 }]);
     log.close().unwrap();
@@ -579,6 +582,7 @@ fn async_appends_from_many_tasks_are_all_durable() {
                     log.append(AppendRequest {
                         events,
                         validation_unchanged_since: None,
+                        ..Default::default()
                     })
                     .await
                     .unwrap()

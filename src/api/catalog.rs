@@ -2,6 +2,7 @@
 
 use tonic::{Request, Response, Status};
 
+use super::auth::acting;
 use crate::domain::Rejection;
 use crate::proto::kpi_catalog_server::KpiCatalog;
 use crate::proto::{self, from_proto, to_proto};
@@ -30,8 +31,9 @@ impl KpiCatalog for CatalogApi {
         &self,
         request: Request<proto::DefineKpiRequest>,
     ) -> Result<Response<proto::DefineKpiResponse>, Status> {
+        let service = acting(&self.service, &request);
         let definition = from_proto::required_kpi_definition(request.into_inner().definition)?;
-        let entry = self.service.define_kpi(definition).await?;
+        let entry = service.define_kpi(definition).await?;
         Ok(Response::new(proto::DefineKpiResponse {
             kpi: Some(to_proto::kpi(&entry)),
         }))
@@ -41,10 +43,10 @@ impl KpiCatalog for CatalogApi {
         &self,
         request: Request<proto::UpdateKpiRequest>,
     ) -> Result<Response<proto::UpdateKpiResponse>, Status> {
+        let service = acting(&self.service, &request);
         let request = request.into_inner();
         let definition = from_proto::required_kpi_definition(request.definition)?;
-        let entry = self
-            .service
+        let entry = service
             .update_kpi(
                 definition,
                 request.expected_version,
@@ -104,9 +106,9 @@ impl KpiCatalog for CatalogApi {
         &self,
         request: Request<proto::RetireKpiRequest>,
     ) -> Result<Response<proto::RetireKpiResponse>, Status> {
+        let service = acting(&self.service, &request);
         let request = request.into_inner();
-        let entry = self
-            .service
+        let entry = service
             .retire_kpi(&request.kpi_id, request.reason, request.expected_version)
             .await?;
         Ok(Response::new(proto::RetireKpiResponse {
@@ -118,15 +120,13 @@ impl KpiCatalog for CatalogApi {
         &self,
         request: Request<proto::SetTargetRequest>,
     ) -> Result<Response<proto::SetTargetResponse>, Status> {
+        let service = acting(&self.service, &request);
         let request = request.into_inner();
         let target = request
             .target
             .ok_or_else(|| Rejection::invalid("target", "required"))?;
         let target = from_proto::target_definition(target, "target")?;
-        let entry = self
-            .service
-            .set_target(target, request.expected_version)
-            .await?;
+        let entry = service.set_target(target, request.expected_version).await?;
         Ok(Response::new(proto::SetTargetResponse {
             target: Some(to_proto::target(&entry)),
         }))
@@ -136,9 +136,9 @@ impl KpiCatalog for CatalogApi {
         &self,
         request: Request<proto::RemoveTargetRequest>,
     ) -> Result<Response<proto::RemoveTargetResponse>, Status> {
+        let service = acting(&self.service, &request);
         let request = request.into_inner();
-        let seq = self
-            .service
+        let seq = service
             .remove_target(&request.target_id, request.reason)
             .await?;
         Ok(Response::new(proto::RemoveTargetResponse { seq }))

@@ -8,6 +8,7 @@ use tokio_stream::wrappers::ReceiverStream;
 use tokio_stream::{Stream, StreamExt};
 use tonic::{Request, Response, Status, Streaming};
 
+use super::auth::acting;
 use crate::domain::Rejection;
 use crate::domain::kpi::validate_len;
 use crate::proto::ingest_server::Ingest;
@@ -68,7 +69,8 @@ impl Ingest for IngestApi {
         &self,
         request: Request<proto::RecordRequest>,
     ) -> Result<Response<proto::RecordResponse>, Status> {
-        let results = record_batch(&self.service, request.into_inner().measurements).await?;
+        let service = acting(&self.service, &request);
+        let results = record_batch(&service, request.into_inner().measurements).await?;
         Ok(Response::new(proto::RecordResponse { results }))
     }
 
@@ -79,8 +81,8 @@ impl Ingest for IngestApi {
         &self,
         request: Request<Streaming<proto::RecordStreamRequest>>,
     ) -> Result<Response<Self::RecordStreamStream>, Status> {
+        let service = acting(&self.service, &request).into_owned();
         let mut batches = request.into_inner();
-        let service = self.service.clone();
         let (acks, ack_stream) = mpsc::channel(STREAM_ACK_BUFFER);
         tokio::spawn(async move {
             while let Some(batch) = batches.next().await {
@@ -102,9 +104,10 @@ impl Ingest for IngestApi {
         &self,
         request: Request<proto::RetractRequest>,
     ) -> Result<Response<proto::RetractResponse>, Status> {
+        let service = acting(&self.service, &request);
         let request = request.into_inner();
         let target = from_proto::retract_target(request.target)?;
-        let (seq, retracted_seq) = self.service.retract(target, request.reason).await?;
+        let (seq, retracted_seq) = service.retract(target, request.reason).await?;
         Ok(Response::new(proto::RetractResponse { seq, retracted_seq }))
     }
 }

@@ -1,11 +1,16 @@
-//! The gRPC edge: the kpi.v1 services, grpc.health.v1 and server reflection. The only
-//! module that knows tonic; every handler is a thin adapter over `service::KpiService`.
+//! The gRPC edge: the kpi.v1 services, grpc.health.v1 and server reflection, and what
+//! guards them: TLS, the gate of principals and roles, and the reloads of their files.
+//! The only module that knows tonic; every handler is a thin adapter over
+//! `service::KpiService`.
 
 pub mod audit;
+pub mod auth;
 pub mod catalog;
 pub mod ingest;
 pub mod query;
+pub mod reload;
 pub mod status;
+pub mod tls;
 
 use tonic::service::Routes;
 
@@ -27,10 +32,12 @@ pub const SERVICE_NAMES: [&str; 4] = [
     "kpi.v1.Audit",
 ];
 
-/// The kpi.v1 services, health and reflection, ready to serve. Returns the routes and the
-/// health reporter that marks them serving (and not serving during shutdown).
+/// The kpi.v1 services, health and (unless `reflection` is false) reflection, ready to
+/// serve. Returns the routes and the health reporter that marks them serving (and not
+/// serving during shutdown).
 pub async fn routes(
     service: KpiService,
+    reflection: bool,
 ) -> Result<(Routes, tonic_health::server::HealthReporter), tonic_reflection::server::Error> {
     let (health_reporter, health_service) = tonic_health::server::health_reporter();
     for name in SERVICE_NAMES {
@@ -41,17 +48,7 @@ pub async fn routes(
     health_reporter
         .set_service_status("", tonic_health::ServingStatus::Serving)
         .await;
-    let reflection_v1 = tonic_reflection::server::Builder::configure()
-        .register_encoded_file_descriptor_set(crate::proto::FILE_DESCRIPTOR_SET)
-        .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
-        .build_v1()?;
-    let reflection_v1alpha = tonic_reflection::server::Builder::configure()
-        .register_encoded_file_descriptor_set(crate::proto::FILE_DESCRIPTOR_SET)
-        .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
-        .build_v1alpha()?;
-    let routes = Routes::new(health_service)
-        .add_service(reflection_v1)
-        .add_service(reflection_v1alpha)
+    let mut routes = Routes::new(health_service)
         .add_service(
             KpiCatalogServer::new(catalog::CatalogApi::new(service.clone()))
                 .max_decoding_message_size(MAX_DECODING_MESSAGE_SIZE),
@@ -62,5 +59,18 @@ pub async fn routes(
         )
         .add_service(QueryServer::new(query::QueryApi::new(service.clone())))
         .add_service(AuditServer::new(audit::AuditApi::new(service)));
+    if reflection {
+        let reflection_v1 = tonic_reflection::server::Builder::configure()
+            .register_encoded_file_descriptor_set(crate::proto::FILE_DESCRIPTOR_SET)
+            .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
+            .build_v1()?;
+        let reflection_v1alpha = tonic_reflection::server::Builder::configure()
+            .register_encoded_file_descriptor_set(crate::proto::FILE_DESCRIPTOR_SET)
+            .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
+            .build_v1alpha()?;
+        routes = routes
+            .add_service(reflection_v1)
+            .add_service(reflection_v1alpha);
+    }
     Ok((routes, health_reporter))
 }

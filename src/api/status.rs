@@ -30,6 +30,16 @@ impl From<ServiceError> for Status {
     }
 }
 
+/// The status of a request without credentials the server knows (`api::auth`).
+pub fn unauthenticated(reason: String) -> Status {
+    Status::unauthenticated(reason)
+}
+
+/// The status of a request whose principal lacks the method's role (`api::auth`).
+pub fn permission_denied(reason: String) -> Status {
+    Status::permission_denied(reason)
+}
+
 /// The status of a refused command.
 pub fn rejection_status(rejection: &Rejection) -> Status {
     let message = rejection.to_string();

@@ -210,6 +210,7 @@ pub fn event_record(recorded_at: DateTime<Utc>, event: &Event) -> proto::EventRe
     proto::EventRecord {
         recorded_at: Some(timestamp(recorded_at)),
         payload: Some(event_payload(event)),
+        ..Default::default()
     }
 }
 

@@ -136,6 +136,7 @@ impl KpiService {
             let request = AppendRequest {
                 events,
                 validation_unchanged_since: Some(guard),
+                actor: self.actor.clone(),
             };
             match self.log.append(request).await {
                 Ok(outcomes) => return Ok(outcomes.into_iter().map(recorded).collect()),
@@ -230,6 +231,7 @@ impl KpiService {
             let request = AppendRequest {
                 events: vec![event],
                 validation_unchanged_since: Some(guard),
+                actor: self.actor.clone(),
             };
             match self.log.append(request).await {
                 Ok(outcomes) => {

@@ -75,6 +75,9 @@ pub struct KpiService {
     heartbeat: Duration,
     min_free_bytes: u64,
     shutdown: CancellationToken,
+    /// Who this handle's commands are made by: stored with every event they append
+    /// (`EventRecord.actor`); `None` for a server without authentication.
+    actor: Option<Arc<str>>,
 }
 
 /// How the service behaves, from the configuration.
@@ -116,6 +119,16 @@ impl KpiService {
             heartbeat: options.heartbeat,
             min_free_bytes: options.min_free_bytes,
             shutdown: CancellationToken::new(),
+            actor: None,
+        }
+    }
+
+    /// The same service, whose commands are made by `actor` (the authenticated
+    /// principal's name): the events they append say so. A cheap clone, one per request.
+    pub fn acting_as(&self, actor: Option<Arc<str>>) -> Self {
+        Self {
+            actor,
+            ..self.clone()
         }
     }
 

@@ -368,18 +368,19 @@ impl EventLog {
         let AppendRequest {
             events,
             validation_unchanged_since: guard,
+            actor,
         } = request;
         let hasher = self.inner.shared.id_hasher.clone();
         let (events, prepared) = match tokio::runtime::Handle::try_current() {
             Ok(runtime) if events.len() > INLINE_PREPARE_EVENTS => runtime
                 .spawn_blocking(move || {
-                    let prepared = PreparedEvents::prepare(&events, &hasher);
+                    let prepared = PreparedEvents::prepare(&events, actor.as_deref(), &hasher);
                     (events, prepared)
                 })
                 .await
                 .map_err(|_| StoreError::WriterStopped)?,
             _ => {
-                let prepared = PreparedEvents::prepare(&events, &hasher);
+                let prepared = PreparedEvents::prepare(&events, actor.as_deref(), &hasher);
                 (events, prepared)
             }
         };
@@ -401,7 +402,11 @@ impl EventLog {
     /// thread until the group commit; must not be called on an async executor thread
     /// (tokio panics if it is).
     pub fn append_blocking(&self, request: AppendRequest) -> Result<Vec<Outcome>, AppendError> {
-        let prepared = PreparedEvents::prepare(&request.events, &self.inner.shared.id_hasher);
+        let prepared = PreparedEvents::prepare(
+            &request.events,
+            request.actor.as_deref(),
+            &self.inner.shared.id_hasher,
+        );
         let sender = self.sender()?;
         let (reply, replied) = oneshot::channel();
         let request = WriteRequest {

@@ -18,9 +18,17 @@ use crate::proto::{self, to_proto};
 pub fn recorded_at_field(recorded_at: DateTime<Utc>) -> Vec<u8> {
     proto::EventRecord {
         recorded_at: Some(to_proto::timestamp(recorded_at)),
-        payload: None,
+        ..Default::default()
     }
     .encode_to_vec()
+}
+
+/// The encoding of an `EventRecord` with only `actor` set: nothing for an empty actor,
+/// as prost leaves out an empty string.
+pub fn actor_field(actor: &str) -> Vec<u8> {
+    let mut field = Vec::with_capacity(string_field_len(actor));
+    put_string_field(&mut field, KEY_RECORD_ACTOR, actor);
+    field
 }
 
 /// Appends the encoding of an `EventRecord` with only `payload` set, for `event`.
@@ -28,8 +36,8 @@ pub fn encode_payload(event: &Event, buf: &mut Vec<u8>) {
     match event {
         Event::MeasurementRecorded(measurement) => encode_measurement_recorded(measurement, buf),
         other => proto::EventRecord {
-            recorded_at: None,
             payload: Some(to_proto::event_payload(other)),
+            ..Default::default()
         }
         .encode_raw(buf),
     }
@@ -37,6 +45,8 @@ pub fn encode_payload(event: &Event, buf: &mut Vec<u8>) {
 
 // Field keys: (field number << 3) | wire type, where 0 is varint, 1 is 64-bit and 2 is
 // length-delimited. All fit one byte.
+/// `EventRecord.actor` = 2, length-delimited.
+const KEY_RECORD_ACTOR: u8 = (2 << 3) | 2;
 /// `EventRecord.measurement_recorded` = 15, length-delimited.
 const KEY_RECORD_MEASUREMENT_RECORDED: u8 = (15 << 3) | 2;
 /// `MeasurementRecorded.measurement` = 1, length-delimited.
@@ -167,8 +177,8 @@ mod tests {
     /// What prost gives for the payload field alone.
     fn prost_payload(event: &Event) -> Vec<u8> {
         proto::EventRecord {
-            recorded_at: None,
             payload: Some(to_proto::event_payload(event)),
+            ..Default::default()
         }
         .encode_to_vec()
     }

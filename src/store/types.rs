@@ -107,6 +107,9 @@ pub struct AppendRequest {
     /// with [`AppendError::ValidationStale`](super::AppendError::ValidationStale).
     /// `None` appends unconditionally.
     pub validation_unchanged_since: Option<u64>,
+    /// Who makes the request: stored as `EventRecord.actor` of each of its events (the
+    /// principal's name, `api::auth`); `None` (or empty) stores none.
+    pub actor: Option<Arc<str>>,
 }
 
 /// What happened to one event of a request.

@@ -14,7 +14,7 @@ use tokio::sync::{mpsc, oneshot};
 
 use super::chain::Hash;
 use super::dedup::{EventIdHasher, EventIdKey, SpillJob};
-use super::record::{encode_payload, recorded_at_field};
+use super::record::{actor_field, encode_payload, recorded_at_field};
 use super::segment::{SegmentBuilder, segment_key, widen};
 use super::space::DiskSpace;
 use super::{AppendError, Clock, LogHead, Outcome, Shared, StoreError, lock};
@@ -61,13 +61,15 @@ pub struct Reply {
     pub spent: (Vec<Event>, PreparedEvents),
 }
 
-/// What a caller computes for the writer: the encoded `payload` oneof field of each
-/// event's `EventRecord`, back to back, and the dedup key of each event_id.
+/// What a caller computes for the writer: for each event, the encoded `actor` field (the
+/// request's, when it has one) and `payload` oneof field of its `EventRecord`, back to
+/// back, and the dedup key of each event_id.
 ///
-/// prost writes fields in tag order, so `recorded_at` (tag 1) followed by these bytes is
-/// exactly the encoding of the whole `EventRecord`; the writer only prepends the group's
-/// `recorded_at` bytes. Encoding and hashing ids are the costly parts, so they run on the
-/// callers' threads, in parallel, instead of on the single writer.
+/// prost writes fields in tag order, so `recorded_at` (tag 1) followed by these bytes
+/// (`actor`, tag 2, then the payload, tags 10 and up) is exactly the encoding of the whole
+/// `EventRecord`; the writer only prepends the group's `recorded_at` bytes. Encoding and
+/// hashing ids are the costly parts, so they run on the callers' threads, in parallel,
+/// instead of on the single writer.
 #[derive(Debug, Default)]
 pub struct PreparedEvents {
     bytes: Vec<u8>,
@@ -78,15 +80,17 @@ pub struct PreparedEvents {
 }
 
 impl PreparedEvents {
-    /// Encodes the payload of every event and keys its event_id.
-    pub fn prepare(events: &[Event], hasher: &EventIdHasher) -> Self {
+    /// Encodes the actor field and payload of every event and keys its event_id.
+    pub fn prepare(events: &[Event], actor: Option<&str>, hasher: &EventIdHasher) -> Self {
+        let actor = actor_field(actor.unwrap_or_default());
         // A measurement record is about 100 bytes.
         let mut prepared = Self {
-            bytes: Vec::with_capacity(events.len() * 112),
+            bytes: Vec::with_capacity(events.len() * (112 + actor.len())),
             ends: Vec::with_capacity(events.len()),
             ids: Vec::with_capacity(events.len()),
         };
         for event in events {
+            prepared.bytes.extend_from_slice(&actor);
             encode_payload(event, &mut prepared.bytes);
             prepared.ends.push(prepared.bytes.len());
             prepared.ids.push(event.event_id().map(|id| hasher.key(id)));
@@ -94,7 +98,7 @@ impl PreparedEvents {
         prepared
     }
 
-    /// The payload bytes of event `index`.
+    /// The actor and payload bytes of event `index`.
     pub fn payload(&self, index: usize) -> &[u8] {
         let start = if index == 0 { 0 } else { self.ends[index - 1] };
         &self.bytes[start..self.ends[index]]
@@ -436,7 +440,7 @@ mod tests {
 
     use super::*;
     use crate::domain::Measurement;
-    use crate::proto::to_proto;
+    use crate::proto::{self, to_proto};
 
     #[test]
     fn prepending_recorded_at_gives_the_whole_record_encoding() {
@@ -456,12 +460,18 @@ mod tests {
                 reason: "test".into(),
             },
         ];
-        let prepared = PreparedEvents::prepare(&events, &EventIdHasher::default());
         let prefix = recorded_at_field(at);
-        for (index, event) in events.iter().enumerate() {
-            let mut record = prefix.clone();
-            record.extend_from_slice(prepared.payload(index));
-            assert_eq!(record, to_proto::event_record(at, event).encode_to_vec());
+        for actor in [None, Some(""), Some("ingest-svc")] {
+            let prepared = PreparedEvents::prepare(&events, actor, &EventIdHasher::default());
+            for (index, event) in events.iter().enumerate() {
+                let mut record = prefix.clone();
+                record.extend_from_slice(prepared.payload(index));
+                let expected = proto::EventRecord {
+                    actor: actor.unwrap_or_default().to_owned(),
+                    ..to_proto::event_record(at, event)
+                };
+                assert_eq!(record, expected.encode_to_vec(), "{actor:?}");
+            }
         }
     }
 }

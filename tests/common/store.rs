@@ -28,6 +28,7 @@ pub fn append(log: &EventLog, events: Vec<Event>) -> Vec<Outcome> {
     log.append_blocking(AppendRequest {
         events,
         validation_unchanged_since: None,
+        ..Default::default()
     })
     .unwrap()
 }
