@@ -25,6 +25,8 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
     tonic_prost_build::configure()
         // Sorted label maps encode the same way every time.
         .btree_map(".")
+        // prost's codec, with undecodable messages INVALID_ARGUMENT instead of INTERNAL.
+        .codec_path("crate::api::codec::KpiCodec")
         .compile_fds(descriptors)?;
     Ok(())
 }

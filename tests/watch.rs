@@ -14,14 +14,19 @@ use tonic::codec::Streaming;
 
 const PATIENCE: Duration = Duration::from_secs(30);
 
+/// The next item, heartbeats included.
+async fn next_message(stream: &mut Streaming<proto::WatchKpisResponse>) -> Item {
+    let response = tokio::time::timeout(PATIENCE, stream.message())
+        .await
+        .expect("an item in time")
+        .expect("stream ok")
+        .expect("stream open");
+    response.item.expect("item")
+}
+
 async fn next_item(stream: &mut Streaming<proto::WatchKpisResponse>) -> Item {
     loop {
-        let response = tokio::time::timeout(PATIENCE, stream.message())
-            .await
-            .expect("an item in time")
-            .expect("stream ok")
-            .expect("stream open");
-        match response.item.expect("item") {
+        match next_message(stream).await {
             Item::Heartbeat(_) => continue,
             item => return item,
         }
@@ -184,22 +189,12 @@ async fn watch_stream_info(server: &TestServer) -> (proto::StreamInfo, proto::Li
     (watchers[0].clone(), list)
 }
 
-#[tokio::test]
-async fn a_watcher_that_does_not_read_holds_bounded_updates_then_gets_every_bucket_it_missed() {
-    const EVENTS: u64 = 1_000_000;
-    const BATCH: u64 = 10_000;
-    // 10,000 hours x 2 channels: far more distinct buckets than a watcher may hold.
-    const HOURS: u64 = 10_000;
-    const BUCKETS: u64 = HOURS * 2;
-    let dir = tempfile::tempdir().unwrap();
-    let mut config = kpi_service::Config::with_data_dir(dir.path());
-    config.heartbeat_ms = 200;
-    let server = TestServer::start_with(config).await;
-    server.define(kpi("orders", KpiKind::Sum)).await;
-    let first_hour = (Utc::now() - TimeDelta::hours(HOURS as i64 + 2)).timestamp() / 3600 * 3600;
-
-    // The dashboard's connection buffers little (64 KiB windows), so the server must
-    // hold what the dashboard does not read.
+/// A WatchKpis stream of the HOUR buckets of `orders` on a connection that buffers little
+/// (64 KiB windows), so the server must hold what the client does not read; its snapshot
+/// (of no bucket) already read.
+async fn watch_orders_through_a_small_window(
+    server: &TestServer,
+) -> Streaming<proto::WatchKpisResponse> {
     let small_window = tonic::transport::Endpoint::from_shared(format!("http://{}", server.addr))
         .unwrap()
         .initial_stream_window_size(65_535)
@@ -219,6 +214,106 @@ async fn a_watcher_that_does_not_read_holds_bounded_updates_then_gets_every_buck
     let Item::SnapshotComplete(_) = next_item(&mut stream).await else {
         panic!("an empty snapshot");
     };
+    stream
+}
+
+/// Reads `stream` until a heartbeat at `head`, handing every update to `each`.
+async fn read_until(
+    stream: &mut Streaming<proto::WatchKpisResponse>,
+    head: u64,
+    mut each: impl FnMut(proto::BucketUpdate),
+) {
+    loop {
+        match next_message(stream).await {
+            Item::Update(update) => each(update),
+            Item::Heartbeat(beat) if beat.head_seq == head => return,
+            Item::Heartbeat(_) => {}
+            other => panic!("unexpected {other:?}"),
+        }
+    }
+}
+
+/// A watcher catching up reads the log in chunks of 1,024 events. Here each chunk touches
+/// 1,000 new buckets, so the pending buckets of a watcher that reads chunk after chunk
+/// pass 4,096 in the middle of its fifth chunk: it must send what it holds there, not
+/// after the chunk.
+#[tokio::test]
+async fn a_catching_up_watcher_never_holds_more_than_its_pending_limit() {
+    const CHUNK: u64 = 1024;
+    const NEW_PER_CHUNK: u64 = 1000;
+    const CHUNKS: u64 = 12;
+    let dir = tempfile::tempdir().unwrap();
+    let server = TestServer::start(dir.path()).await;
+    server.define(kpi("orders", KpiKind::Sum)).await;
+    let hours = CHUNKS * NEW_PER_CHUNK / 2;
+    let first_hour = (Utc::now() - TimeDelta::hours(hours as i64 + 2)).timestamp() / 3600 * 3600;
+    let mut stream = watch_orders_through_a_small_window(&server).await;
+    // Measurement j is seq j + 2 and lies in the watcher's chunk j / 1,024 (its first
+    // chunk starts after the snapshot's head, seq 1); the chunk's last 24 repeat a bucket.
+    let mut ingest = server.ingest();
+    for chunk in 0..CHUNKS {
+        let measurements = (0..CHUNK)
+            .map(|offset| {
+                let key = chunk * NEW_PER_CHUNK + offset.min(NEW_PER_CHUNK - 1);
+                let channel = if key.is_multiple_of(2) { "web" } else { "shop" };
+                proto::Measurement {
+                    occurred_at: Some(Timestamp {
+                        seconds: first_hour + (key / 2) as i64 * 3600 + 60,
+                        nanos: 0,
+                    }),
+                    labels: [("channel".to_owned(), channel.to_owned())].into(),
+                    ..measurement("orders", 1.0)
+                }
+            })
+            .collect();
+        ingest
+            .record(proto::RecordRequest { measurements })
+            .await
+            .expect("record");
+    }
+    let head = server.log_info().await.head_seq;
+    let mut buckets = std::collections::HashSet::new();
+    read_until(&mut stream, head, |update| {
+        let bucket = update.bucket.expect("bucket");
+        buckets.insert((
+            bucket.labels["channel"].clone(),
+            bucket.start.expect("start").seconds,
+        ));
+    })
+    .await;
+    assert_eq!(
+        buckets.len() as u64,
+        CHUNKS * NEW_PER_CHUNK,
+        "every bucket arrives"
+    );
+    let (caught_up, list) = watch_stream_info(&server).await;
+    assert_eq!(caught_up.position_seq, head);
+    assert!(
+        caught_up.max_pending_updates <= list.watch_pending_limit,
+        "pending updates {} over the limit {}",
+        caught_up.max_pending_updates,
+        list.watch_pending_limit
+    );
+    server.stop().await;
+}
+
+#[tokio::test]
+async fn a_watcher_that_does_not_read_holds_bounded_updates_then_gets_every_bucket_it_missed() {
+    const EVENTS: u64 = 1_000_000;
+    const BATCH: u64 = 10_000;
+    // 10,000 hours x 2 channels: far more distinct buckets than a watcher may hold.
+    const HOURS: u64 = 10_000;
+    const BUCKETS: u64 = HOURS * 2;
+    let dir = tempfile::tempdir().unwrap();
+    let mut config = kpi_service::Config::with_data_dir(dir.path());
+    config.heartbeat_ms = 200;
+    let server = TestServer::start_with(config).await;
+    server.define(kpi("orders", KpiKind::Sum)).await;
+    let first_hour = (Utc::now() - TimeDelta::hours(HOURS as i64 + 2)).timestamp() / 3600 * 3600;
+
+    // The dashboard's connection buffers little (64 KiB windows), so the server must
+    // hold what the dashboard does not read.
+    let mut stream = watch_orders_through_a_small_window(&server).await;
 
     // 1,000,000 measurements while the watcher's client reads nothing. Measurement i goes
     // to bucket i / 50 with value i % 7: every bucket changes 50 times in a row.
@@ -268,27 +363,16 @@ async fn a_watcher_that_does_not_read_holds_bounded_updates_then_gets_every_buck
     // Now read everything: the latest update per bucket must be the bucket's final value.
     let mut latest = std::collections::HashMap::new();
     let mut updates = 0;
-    loop {
-        let response = tokio::time::timeout(PATIENCE, stream.message())
-            .await
-            .expect("an item in time")
-            .expect("stream ok")
-            .expect("stream open");
-        match response.item.expect("item") {
-            Item::Update(update) => {
-                let bucket = update.bucket.expect("bucket");
-                let key = (
-                    bucket.labels["channel"].clone(),
-                    bucket.start.expect("start").seconds,
-                );
-                latest.insert(key, (bucket.value, bucket.count, update.seq));
-                updates += 1;
-            }
-            Item::Heartbeat(beat) if beat.head_seq == head => break,
-            Item::Heartbeat(_) => {}
-            other => panic!("unexpected {other:?}"),
-        }
-    }
+    read_until(&mut stream, head, |update| {
+        let bucket = update.bucket.expect("bucket");
+        let key = (
+            bucket.labels["channel"].clone(),
+            bucket.start.expect("start").seconds,
+        );
+        latest.insert(key, (bucket.value, bucket.count, update.seq));
+        updates += 1;
+    })
+    .await;
     let (caught_up, _) = watch_stream_info(&server).await;
     assert_eq!(caught_up.position_seq, head);
     assert!(caught_up.max_pending_updates <= list.watch_pending_limit);

@@ -6,6 +6,7 @@
 pub mod audit;
 pub mod auth;
 pub mod catalog;
+pub mod codec;
 pub mod ingest;
 pub mod query;
 pub mod reload;
@@ -20,9 +21,11 @@ use crate::proto::kpi_catalog_server::KpiCatalogServer;
 use crate::proto::query_server::QueryServer;
 use crate::service::KpiService;
 
-/// Largest request message the server decodes. A full batch of 10,000 measurements with
-/// labels, subjects and event ids stays well below it; gRPC's default of 4 MiB does not.
-pub const MAX_DECODING_MESSAGE_SIZE: usize = 16 * 1024 * 1024;
+/// Largest request message the server decodes: 24 MiB. A full batch of 10,000
+/// measurements with every field at its maximum (a 64-byte KPI id, eight labels of 64-byte
+/// keys and 128-byte values, a 256-byte subject, a 128-byte event id) is 20.8 MB, so every
+/// valid batch fits (tested in `tests/limits.rs`); gRPC's default of 4 MiB does not.
+pub const MAX_DECODING_MESSAGE_SIZE: usize = 24 * 1024 * 1024;
 
 /// The fully-qualified names of the kpi.v1 services, as health checks and reflection see them.
 pub const SERVICE_NAMES: [&str; 4] = [

@@ -40,6 +40,11 @@ pub fn permission_denied(reason: String) -> Status {
     Status::permission_denied(reason)
 }
 
+/// The status of a message that does not decode as the `message` type it should be.
+pub fn undecodable_message(message: &str, reason: &str) -> Status {
+    Status::invalid_argument(format!("the message is not a valid {message}: {reason}"))
+}
+
 /// The status of a refused command.
 pub fn rejection_status(rejection: &Rejection) -> Status {
     let message = rejection.to_string();

@@ -321,6 +321,7 @@ impl Catalog {
                 format!("kpi '{}' is retired", target.kpi_id),
             ));
         }
+        target.check_periods(kpi.definition.timezone, "target")?;
         if target.mode == TargetMode::Cumulative && !kpi.definition.kind.is_summable() {
             return Err(Rejection::precondition(
                 "target.mode",

@@ -14,6 +14,12 @@ pub const MAX_SUBJECT_LEN: usize = 256;
 /// Longest event_id, in bytes (room for any UUID or ULID format with a prefix).
 pub const MAX_EVENT_ID_LEN: usize = 128;
 
+/// Largest magnitude of a value. With values bounded by it, no sum, mean or variance of
+/// any number of measurements (fewer than 2^64) can overflow to infinity: a sum stays
+/// below 2 × 10^119 and a sum of squared deviations below 8 × 10^219, so an aggregate is
+/// never left infinite by a value that an offsetting one cannot undo.
+pub const MAX_VALUE_MAGNITUDE: f64 = 1e100;
+
 /// One measurement of a KPI.
 #[derive(Debug, Clone, PartialEq)]
 pub struct Measurement {
@@ -63,6 +69,15 @@ impl Measurement {
             return Err(Rejection::invalid(
                 "value",
                 format!("must be finite, got {}", self.value),
+            ));
+        }
+        if self.value.abs() > MAX_VALUE_MAGNITUDE {
+            return Err(Rejection::invalid(
+                "value",
+                format!(
+                    "must be within ±{MAX_VALUE_MAGNITUDE:e}, got {:e}",
+                    self.value
+                ),
             ));
         }
         match kpi.kind {
@@ -220,6 +235,23 @@ mod tests {
             );
         }
         assert_eq!(field_of(&measurement(-1.5), KpiKind::Sum), None);
+    }
+
+    #[test]
+    fn values_are_bounded_so_that_no_aggregate_can_overflow() {
+        for kind in [KpiKind::Sum, KpiKind::Average, KpiKind::Count] {
+            for v in [MAX_VALUE_MAGNITUDE, -MAX_VALUE_MAGNITUDE, 0.0] {
+                assert_eq!(field_of(&measurement(v), kind), None, "{kind:?} {v}");
+            }
+            for v in [1.01e100, -1e101, f64::MAX, f64::MIN] {
+                assert_eq!(field_of(&measurement(v), kind).as_deref(), Some("value"));
+            }
+        }
+        // The bound's promise: the largest sum and sum of squared deviations of 2^64
+        // values at the bound are finite.
+        let count = 2.0_f64.powi(64);
+        assert!((MAX_VALUE_MAGNITUDE * count).is_finite());
+        assert!(((2.0 * MAX_VALUE_MAGNITUDE).powi(2) * count).is_finite());
     }
 
     #[test]

@@ -41,7 +41,38 @@ pub struct TargetDefinition {
 /// Largest tolerance of a target: a shortfall of more than the whole target is not "at risk".
 pub const MAX_TOLERANCE: f64 = 1.0;
 
+/// Most periods (buckets of [`TargetDefinition::period_grain`]) in a target's window:
+/// its status is computed from all of them at once, in one query of the buckets (within
+/// the query limit, `projection::aggregates::MAX_BUCKETS_PER_QUERY`).
+pub const MAX_TARGET_PERIODS: u64 = 100_000;
+
 impl TargetDefinition {
+    /// The grain of the target's periods: `period_grain`, or by default DAY for a
+    /// CUMULATIVE target (whose running total is projected day by day) and MONTH for a
+    /// LEVEL one.
+    pub fn period_grain(&self) -> Grain {
+        self.period_grain.unwrap_or(match self.mode {
+            TargetMode::Cumulative => Grain::Day,
+            TargetMode::Level => Grain::Month,
+        })
+    }
+
+    /// Refuses a window of more than [`MAX_TARGET_PERIODS`] periods in the KPI's
+    /// timezone `tz`: its status could never be answered.
+    pub fn check_periods(&self, tz: chrono_tz::Tz, field: &str) -> Result<(), Rejection> {
+        let grain = self.period_grain();
+        let periods = super::calendar::count_buckets(grain, tz, self.start, self.deadline);
+        if periods > MAX_TARGET_PERIODS {
+            return Err(Rejection::invalid(
+                format!("{field}.deadline"),
+                format!(
+                    "the window from start to deadline spans {periods} {grain:?} periods, at most {MAX_TARGET_PERIODS}: use a coarser period_grain or a shorter window"
+                ),
+            ));
+        }
+        Ok(())
+    }
+
     /// Checks every rule that needs nothing but the target itself; the catalog checks the
     /// KPI it is on.
     pub fn validate(&self, field: &str) -> Result<(), Rejection> {

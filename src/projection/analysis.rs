@@ -189,11 +189,7 @@ fn time_at(periods: &[Bucket], x: f64) -> Option<DateTime<Utc>> {
 /// The grain a target is judged in: its period grain, else days for a CUMULATIVE target
 /// and months for a LEVEL one.
 pub fn period_grain(target: &TargetEntry) -> Grain {
-    let t = &target.definition;
-    t.period_grain.unwrap_or(match t.mode {
-        TargetMode::Cumulative => Grain::Day,
-        TargetMode::Level => Grain::Month,
-    })
+    target.definition.period_grain()
 }
 
 /// The buckets of a target's KPI over its window, in its period grain.

@@ -40,6 +40,8 @@ pub const MAX_SERIES_PER_KPI: usize = 10_000;
 /// Most buckets of one series a query may span: two years of hours is 17,520; this leaves
 /// room for a decade of hours while bounding the work of one request.
 pub const MAX_BUCKETS_PER_QUERY: u64 = 100_000;
+// A target's status queries all its periods at once.
+const _: () = assert!(crate::domain::target::MAX_TARGET_PERIODS <= MAX_BUCKETS_PER_QUERY);
 /// Most buckets one answer may hold over all its groups.
 pub const MAX_BUCKETS_PER_ANSWER: usize = 1_000_000;
 

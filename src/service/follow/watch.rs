@@ -250,9 +250,19 @@ impl Watcher {
                 let Some(touched) = self.read(to).await else {
                     return;
                 };
-                self.collect(&mut pending, touched);
+                let mut touched = touched.into_iter().peekable();
+                loop {
+                    self.collect(&mut pending, &mut touched);
+                    self.stream.stats().set_pending(pending.len());
+                    if touched.peek().is_none() {
+                        break;
+                    }
+                    // Full: send what is pending before collecting the rest of the chunk.
+                    if !self.flush(&mut pending).await {
+                        return;
+                    }
+                }
                 self.next = to + 1;
-                self.stream.stats().set_pending(pending.len());
                 if pending.len() >= WATCH_PENDING_LIMIT && !self.flush(&mut pending).await {
                     return;
                 }
@@ -396,13 +406,23 @@ impl Watcher {
         Some(touched)
     }
 
-    /// Adds the watched buckets of `touched` to `pending` (latest seq wins).
-    fn collect(&mut self, pending: &mut Pending, touched: Vec<(u64, Measured)>) {
+    /// Adds the watched buckets of `touched` to `pending` (latest seq wins), taking
+    /// touches while they cannot take `pending` past [`WATCH_PENDING_LIMIT`] keys: the
+    /// rest stays in `touched` for after a flush.
+    fn collect(
+        &mut self,
+        pending: &mut Pending,
+        touched: &mut std::iter::Peekable<impl Iterator<Item = (u64, Measured)>>,
+    ) {
         let now = Utc::now();
         let aggregates = self.service.aggregates.read();
         let calendars = &mut self.calendars;
         let grain = self.filter.grain;
-        let mut add = |kpi_id: Arc<str>, labels: Arc<Labels>, seq: u64, measured: &Measured| {
+        let mut add = |pending: &mut Pending,
+                       kpi_id: Arc<str>,
+                       labels: Arc<Labels>,
+                       seq: u64,
+                       measured: &Measured| {
             let Ok((definition, _)) = aggregates.definition(&kpi_id) else {
                 return;
             };
@@ -416,9 +436,18 @@ impl Watcher {
             entry.1 = seq;
             entry.2 |= revised;
         };
-        for (seq, measured) in touched {
+        while let Some((_, next)) = touched.peek() {
+            // A touch adds at most one key, and one per ratio over its KPI.
+            let most = 1 + self.ratios.over(&next.kpi_id).len();
+            if !pending.is_empty() && pending.len() + most > WATCH_PENDING_LIMIT {
+                return;
+            }
+            let Some((seq, measured)) = touched.next() else {
+                return;
+            };
             if self.filter.wants(&measured.kpi_id, &measured.labels) {
                 add(
+                    pending,
                     measured.kpi_id.clone(),
                     measured.labels.clone(),
                     seq,
@@ -434,7 +463,7 @@ impl Watcher {
                     .map(|(key, value)| (key.clone(), value.clone()))
                     .collect();
                 if self.filter.wants_labels(&labels) {
-                    add(ratio_id.clone(), Arc::new(labels), seq, &measured);
+                    add(pending, ratio_id.clone(), Arc::new(labels), seq, &measured);
                 }
             }
         }
