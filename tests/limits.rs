@@ -274,3 +274,109 @@ async fn values_too_large_to_add_up_are_refused_and_sums_stay_finite() {
     assert!(back.is_finite() && back.abs() < 1e90, "{back}");
     server.stop().await;
 }
+
+/// A measurement of `clicks` now, in the series `channel`.
+fn click(channel: &str) -> proto::Measurement {
+    proto::Measurement {
+        labels: [("channel".to_owned(), channel.to_owned())].into(),
+        ..measurement("clicks", 1.0)
+    }
+}
+
+/// How many series `clicks` has (its YEAR buckets grouped by channel).
+async fn click_series(server: &TestServer) -> usize {
+    let now = chrono::Utc::now().timestamp();
+    common::buckets(
+        server,
+        proto::GetAggregatesRequest {
+            kpi_id: "clicks".into(),
+            grain: Grain::Year.into(),
+            start: at(now - 400 * 86_400),
+            end: at(now + 400 * 86_400),
+            group_by: vec!["channel".into()],
+            ..Default::default()
+        },
+    )
+    .await
+    .unwrap()
+    .len()
+}
+
+#[tokio::test]
+async fn the_label_combination_limit_holds_within_a_batch_and_across_concurrent_batches() {
+    let limit = kpi_service::projection::aggregates::MAX_SERIES_PER_KPI;
+    let dir = tempfile::tempdir().unwrap();
+    let server = TestServer::start(dir.path()).await;
+    server.define(kpi("clicks", KpiKind::Count)).await;
+    let room = 5;
+    let first: Vec<_> = (0..limit - room).map(|i| click(&format!("c{i}"))).collect();
+    server.record(first).await.unwrap();
+    let head = server.log_info().await.head_seq;
+
+    // Six new series where five fit: the sixth is named, and nothing of the batch is
+    // stored. Known series do not count.
+    let mut six = vec![click("c1"), click("c2")];
+    six.extend((0..6).map(|i| click(&format!("n{i}"))));
+    let status = server.record(six).await.expect_err("one series too many");
+    assert_eq!(status.code(), Code::ResourceExhausted);
+    assert_eq!(
+        common::violated_field(&status).as_deref(),
+        Some("measurements[7].labels")
+    );
+    assert_eq!(server.log_info().await.head_seq, head);
+
+    // Eight batches at once, two new series each: at most two of them fit.
+    let batches = (0..8).map(|b| {
+        let mut ingest = server.ingest();
+        let batch = vec![
+            click(&format!("p{b}a")),
+            click(&format!("p{b}b")),
+            click("c3"),
+        ];
+        async move {
+            ingest
+                .record(proto::RecordRequest {
+                    measurements: batch,
+                })
+                .await
+        }
+    });
+    let results = futures_join_all(batches).await;
+    let taken = results.iter().filter(|result| result.is_ok()).count();
+    for result in &results {
+        if let Err(status) = result {
+            assert_eq!(status.code(), Code::ResourceExhausted, "{status:?}");
+        }
+    }
+    assert!((1..=2).contains(&taken), "{taken} batches taken");
+    assert_eq!(click_series(&server).await, limit - room + 2 * taken);
+    assert!(click_series(&server).await <= limit);
+
+    // What is left is taken exactly: fill up to the limit, then one more is refused.
+    let left = limit - click_series(&server).await;
+    let fill: Vec<_> = (0..left).map(|i| click(&format!("f{i}"))).collect();
+    if !fill.is_empty() {
+        server.record(fill).await.expect("the last places");
+    }
+    assert_eq!(click_series(&server).await, limit);
+    let status = server
+        .record(vec![click("one_too_many")])
+        .await
+        .expect_err("full");
+    assert_eq!(status.code(), Code::ResourceExhausted);
+    server.stop().await;
+}
+
+/// Runs `futures` concurrently on the test's runtime; their results in order.
+async fn futures_join_all<F>(futures: impl Iterator<Item = F>) -> Vec<F::Output>
+where
+    F: std::future::Future + Send + 'static,
+    F::Output: Send + 'static,
+{
+    let tasks: Vec<_> = futures.map(tokio::spawn).collect();
+    let mut results = Vec::new();
+    for task in tasks {
+        results.push(task.await.expect("task"));
+    }
+    results
+}

@@ -120,18 +120,22 @@ impl KpiService {
             .map(Event::MeasurementRecorded)
             .collect();
         for _ in 0..MAX_VALIDATION_ATTEMPTS {
-            let guard = {
+            // Held until the append returns: the new series the batch brings count
+            // against their KPIs' limit for batches validated meanwhile.
+            let (guard, _series) = {
                 let catalog = self.catalog.read();
                 let aggregates = self.aggregates.read();
-                for (i, event) in events.iter().enumerate() {
-                    if let Event::MeasurementRecorded(m) = event {
-                        catalog
-                            .validate_measurement(m, &rules)
-                            .and_then(|()| aggregates.check_series(m))
-                            .map_err(|r| r.within(&format!("measurements[{i}]")))?;
-                    }
+                let measurements = events.iter().filter_map(|event| match event {
+                    Event::MeasurementRecorded(m) => Some(m),
+                    _ => None,
+                });
+                for (i, m) in measurements.clone().enumerate() {
+                    catalog
+                        .validate_measurement(m, &rules)
+                        .map_err(|r| r.within(&format!("measurements[{i}]")))?;
                 }
-                catalog.last_validation_change_seq()
+                let reserved = self.series.reserve(&aggregates, measurements)?;
+                (catalog.last_validation_change_seq(), reserved)
             };
             let request = AppendRequest {
                 events,

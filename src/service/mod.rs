@@ -3,11 +3,13 @@
 //!
 //! This file holds the service's state, its options and error; `commands.rs` the
 //! commands, `queries.rs` the reads, `follow/` the server streams that follow the log
-//! (ReplayEvents, WatchKpis), `streams.rs` the register of open streams.
+//! (ReplayEvents, WatchKpis), `streams.rs` the register of open streams, `series.rs` the
+//! reservations that keep the per-KPI series limit exact.
 
 mod commands;
 mod follow;
 mod queries;
+mod series;
 pub mod streams;
 
 pub use follow::{ReplayItem, StreamReceiver, WATCH_PENDING_LIMIT, WatchItem};
@@ -75,6 +77,8 @@ pub struct KpiService {
     heartbeat: Duration,
     min_free_bytes: u64,
     shutdown: CancellationToken,
+    /// The new series of batches in flight, for the per-KPI limit.
+    series: Arc<series::SeriesReservations>,
     /// Who this handle's commands are made by: stored with every event they append
     /// (`EventRecord.actor`); `None` for a server without authentication.
     actor: Option<Arc<str>>,
@@ -119,6 +123,7 @@ impl KpiService {
             heartbeat: options.heartbeat,
             min_free_bytes: options.min_free_bytes,
             shutdown: CancellationToken::new(),
+            series: Arc::default(),
             actor: None,
         }
     }

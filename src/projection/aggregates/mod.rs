@@ -475,24 +475,17 @@ impl Aggregates {
         }
     }
 
-    /// Whether a measurement may be stored without passing the KPI's series limit: its
-    /// series exists already, or there is room for a new one.
-    pub fn check_series(&self, measurement: &Measurement) -> Result<(), Rejection> {
-        match self.measured.get(&measurement.kpi_id) {
-            Some(kpi)
-                if kpi.series.len() >= MAX_SERIES_PER_KPI
-                    && !kpi.series.contains_key(&measurement.labels) =>
-            {
-                Err(Rejection::ResourceExhausted {
-                    field: "labels".into(),
-                    reason: format!(
-                        "kpi '{}' has reached its limit of {MAX_SERIES_PER_KPI} label combinations",
-                        measurement.kpi_id
-                    ),
-                })
-            }
-            _ => Ok(()),
-        }
+    /// How many series (label combinations) the measured KPI `kpi_id` has; `None` for a
+    /// KPI this model does not measure (unknown, or RATIO).
+    pub fn series_count(&self, kpi_id: &str) -> Option<usize> {
+        self.measured.get(kpi_id).map(|kpi| kpi.series.len())
+    }
+
+    /// Whether the measured KPI `kpi_id` has the series `labels`.
+    pub fn has_series(&self, kpi_id: &str, labels: &Labels) -> bool {
+        self.measured
+            .get(kpi_id)
+            .is_some_and(|kpi| kpi.series.contains_key(labels))
     }
 
     /// What the log holds of a KPI: whether it (or, for a RATIO, an operand) has
