@@ -195,13 +195,7 @@ async fn watch_stream_info(server: &TestServer) -> (proto::StreamInfo, proto::Li
 async fn watch_orders_through_a_small_window(
     server: &TestServer,
 ) -> Streaming<proto::WatchKpisResponse> {
-    let small_window = tonic::transport::Endpoint::from_shared(format!("http://{}", server.addr))
-        .unwrap()
-        .initial_stream_window_size(65_535)
-        .initial_connection_window_size(65_535)
-        .connect()
-        .await
-        .unwrap();
+    let small_window = server.small_window_channel().await;
     let mut stream = proto::query_client::QueryClient::new(small_window)
         .watch_kpis(proto::WatchKpisRequest {
             kpi_ids: vec!["orders".into()],

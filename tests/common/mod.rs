@@ -133,6 +133,18 @@ impl TestServer {
         self.channel.clone()
     }
 
+    /// A new connection that buffers little (64 KiB HTTP/2 windows): what its client does
+    /// not read stays with the server.
+    pub async fn small_window_channel(&self) -> Channel {
+        tonic::transport::Endpoint::from_shared(format!("http://{}", self.addr))
+            .expect("uri")
+            .initial_stream_window_size(65_535)
+            .initial_connection_window_size(65_535)
+            .connect()
+            .await
+            .expect("connect")
+    }
+
     pub fn catalog(&self) -> KpiCatalogClient<Channel> {
         KpiCatalogClient::new(self.channel())
     }

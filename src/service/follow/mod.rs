@@ -60,18 +60,27 @@ impl<T: Send + 'static> Following<T> {
         self.handle.stats()
     }
 
-    /// Sends `item`; false when the client went away.
+    /// Sends `item`; false when the client went away, or when the server shuts down while
+    /// the client does not read (the task then ends, and with it its hold on the log).
     async fn send(&self, item: T) -> bool {
-        let sent = self.sender.send(Ok(item)).await.is_ok();
+        let sent = tokio::select! {
+            sent = self.sender.send(Ok(item)) => sent.is_ok(),
+            () = self.shutdown.cancelled() => false,
+        };
         if sent {
             self.stats().sent_one();
         }
         sent
     }
 
-    /// Ends the stream with `error`.
+    /// Ends the stream with `error`: sent when there is room for it, or dropped at shutdown
+    /// when the client does not read.
     async fn fail(&self, error: ServiceError) {
-        let _ = self.sender.send(Err(error)).await;
+        tokio::select! {
+            biased;
+            _ = self.sender.send(Err(error)) => {}
+            () = self.shutdown.cancelled() => {}
+        }
     }
 
     /// Waits until the head moves (true: read the new events). When the heartbeat
