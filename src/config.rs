@@ -223,12 +223,108 @@ pub struct Config {
     )]
     pub reload_check_ms: u32,
 
+    /// TOML file of settings: each key a flag's long name (`listen = "127.0.0.1:50051"`,
+    /// `memory-budget = 512`, `insecure = true`). Flags and environment variables take
+    /// precedence over it; see deploy/kpi.toml.example.
+    #[arg(long, env = "KPI_CONFIG", global = true)]
+    pub config: Option<PathBuf>,
+
     /// What to do.
     #[command(subcommand)]
     pub command: Option<Command>,
 }
 
 impl Config {
+    /// The configuration from the process's flags and environment and, under them, the
+    /// `--config` file.
+    pub fn load() -> Result<Self, clap::Error> {
+        Self::load_from(std::env::args_os())
+    }
+
+    /// [`Config::load`] from the command line `args` (the program name first). Precedence:
+    /// flags, then environment variables, then the file, then the defaults. A key of the
+    /// file that is no flag, or a value its flag refuses, is an error naming the file and
+    /// the key.
+    pub fn load_from<I, T>(args: I) -> Result<Self, clap::Error>
+    where
+        I: IntoIterator<Item = T>,
+        T: Into<std::ffi::OsString>,
+    {
+        use clap::{CommandFactory, FromArgMatches, Parser};
+        let args: Vec<std::ffi::OsString> = args.into_iter().map(Into::into).collect();
+        let first = Self::try_parse_from(&args)?;
+        let Some(path) = &first.config else {
+            return Ok(first);
+        };
+        let invalid = |reason: String| {
+            Self::command().error(
+                clap::error::ErrorKind::InvalidValue,
+                format!("config file {}: {reason}", path.display()),
+            )
+        };
+        let text = std::fs::read_to_string(path).map_err(|error| invalid(error.to_string()))?;
+        let table: toml::Table =
+            toml::from_str(&text).map_err(|error| invalid(error.to_string()))?;
+        let mut command = Self::command();
+        let settable: Vec<String> = command
+            .get_arguments()
+            .filter_map(|arg| arg.get_long())
+            .filter(|long| !matches!(*long, "config" | "help" | "version"))
+            .map(str::to_owned)
+            .collect();
+        for (key, value) in table {
+            if !settable.contains(&key) {
+                return Err(invalid(format!(
+                    "unknown key '{key}'; the keys are: {}",
+                    settable.join(", ")
+                )));
+            }
+            let value = match value {
+                toml::Value::String(text) => text,
+                toml::Value::Integer(number) => number.to_string(),
+                toml::Value::Boolean(flag) => flag.to_string(),
+                other => {
+                    return Err(invalid(format!(
+                        "{key}: a string, an integer or a boolean, not {}",
+                        other.type_str()
+                    )));
+                }
+            };
+            // The flag's own parser decides, with the file named in the error.
+            let Some(arg) = command
+                .get_arguments()
+                .find(|arg| arg.get_long() == Some(key.as_str()))
+            else {
+                continue;
+            };
+            let alone = arg
+                .clone()
+                .required(false)
+                .requires(clap::builder::Resettable::Reset)
+                .global(false);
+            let switch = !arg.get_action().takes_values();
+            let line: Vec<String> = match (switch, value.as_str()) {
+                (true, "true") => vec![format!("--{key}")],
+                (true, "false") => Vec::new(),
+                _ => vec![format!("--{key}"), value.clone()],
+            };
+            let parsed = clap::Command::new("kpi-server")
+                .no_binary_name(true)
+                .arg(alone)
+                .try_get_matches_from(line);
+            if let Err(error) = parsed {
+                let rendered = error.to_string();
+                let reason = rendered.lines().next().unwrap_or_default();
+                let reason = reason.trim_start_matches("error: ");
+                return Err(invalid(format!("{key}: {reason}")));
+            }
+            let id = arg.get_id().clone();
+            command = command.mut_arg(id, |arg| arg.default_value(value));
+        }
+        let matches = command.try_get_matches_from(&args)?;
+        Self::from_arg_matches(&matches)
+    }
+
     /// The defaults, with the log in `data_dir`; what tests and embedders start from.
     pub fn with_data_dir(data_dir: impl Into<PathBuf>) -> Self {
         Self {
@@ -253,6 +349,7 @@ impl Config {
             no_reflection: false,
             no_list_streams: false,
             reload_check_ms: DEFAULT_RELOAD_CHECK_MS,
+            config: None,
             command: None,
         }
     }
@@ -416,6 +513,75 @@ mod tests {
         assert!(Config::try_parse_from(["kpi-server", "--tls-key", "k.pem"]).is_err());
         assert!(Config::try_parse_from(["kpi-server", "--tls-client-ca", "ca.pem"]).is_err());
         assert!(flags(&["--insecure"]).insecure);
+    }
+
+    fn file(text: &str) -> tempfile::NamedTempFile {
+        let file = tempfile::NamedTempFile::new().unwrap();
+        std::fs::write(file.path(), text).unwrap();
+        file
+    }
+
+    fn load(args: &[&str]) -> Result<Config, String> {
+        Config::load_from(std::iter::once("kpi-server").chain(args.iter().copied()))
+            .map_err(|error| error.to_string())
+    }
+
+    #[test]
+    fn a_config_file_sets_what_flags_do_not() {
+        let settings = file(
+            "listen = \"[::1]:7000\"\nmemory-budget = 512\ninsecure = true\nno-list-streams = false\n\
+             data-dir = \"/srv/kpi\"\nauth-file = \"/etc/kpi/auth.toml\"\n",
+        );
+        let path = settings.path().to_str().unwrap();
+        let config = load(&["--config", path]).unwrap();
+        assert_eq!(config.listen, "[::1]:7000".parse().unwrap());
+        assert_eq!(config.memory_budget, 512);
+        assert!(config.insecure);
+        assert!(!config.no_list_streams);
+        assert_eq!(config.data_dir, PathBuf::from("/srv/kpi"));
+        assert_eq!(config.auth_file, Some(PathBuf::from("/etc/kpi/auth.toml")));
+        assert_eq!(
+            config.heartbeat_ms, DEFAULT_HEARTBEAT_MS,
+            "the rest keep their defaults"
+        );
+        // Flags win over the file, wherever they stand.
+        let config = load(&["--memory-budget", "300", "--config", path, "recover"]).unwrap();
+        assert_eq!(config.memory_budget, 300);
+        assert_eq!(config.listen, "[::1]:7000".parse().unwrap());
+        assert!(matches!(config.command, Some(Command::Recover { .. })));
+    }
+
+    #[test]
+    fn a_bad_config_file_names_the_file_and_the_key() {
+        let cases = [
+            ("listen = \"nowhere\"", "listen"),
+            ("memory-budget = 0", "memory-budget"),
+            ("memory_budget = 300", "unknown key 'memory_budget'"),
+            ("listen = [1, 2]", "not array"),
+            ("listen = ", "config file"),
+        ];
+        for (text, expected) in cases {
+            let settings = file(text);
+            let path = settings.path().to_str().unwrap();
+            let error = load(&["--config", path]).expect_err(text);
+            assert!(
+                error.contains(path) && error.contains(expected),
+                "{text}: {error}"
+            );
+        }
+        let error = load(&["--config", "/nonexistent/kpi.toml"]).expect_err("missing file");
+        assert!(error.contains("/nonexistent/kpi.toml"), "{error}");
+    }
+
+    #[test]
+    fn the_example_config_file_loads() {
+        let example = concat!(env!("CARGO_MANIFEST_DIR"), "/deploy/kpi.toml.example");
+        let config = load(&["--config", example]).unwrap();
+        assert_eq!(config.listen, "0.0.0.0:50051".parse().unwrap());
+        assert!(
+            config.refuse_insecure(config.listen).is_ok(),
+            "TLS and auth are set"
+        );
     }
 
     #[test]

@@ -4,7 +4,6 @@
 
 use std::process::ExitCode;
 
-use clap::Parser;
 use kpi_service::Config;
 use kpi_service::api::auth::Role;
 use kpi_service::config::Command;
@@ -46,7 +45,7 @@ fn return_freed_memory_soon() {
 
 fn main() -> ExitCode {
     return_freed_memory_soon();
-    let config = Config::parse();
+    let config = Config::load().unwrap_or_else(|error| error.exit());
     tracing_subscriber::fmt()
         .with_env_filter(
             EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("info")),
