@@ -7,13 +7,14 @@
 //! its append returns: by then its series are in the read model (the log folds a group
 //! before it answers it) or the batch failed.
 //!
-//! Far from the limit a batch reserves one *slot* per measurement of the KPI, without
-//! looking its series up: no batch in flight can then take the KPI past the limit, at the
-//! cost of a counter. Near it (when the series in the read model, the slots and the
-//! reserved series in flight, and the batch's measurements could pass the limit) the batch
-//! looks each series up and reserves exactly the new ones; the others' slots count as new
-//! series, so a batch may be refused at the edge while slots are in flight, and is taken
-//! when retried after them, but the limit is never passed.
+//! Far from the limit a batch reserves one *slot* per distinct label combination it has
+//! for the KPI, without looking them up in the read model: no batch in flight can then
+//! take the KPI past the limit, at the cost of a counter. Near it (when the series in the
+//! read model, the slots and the reserved series in flight, and the batch's combinations
+//! could pass the limit) the batch looks each combination up and reserves exactly the new
+//! ones; the others' slots count as new series, so a batch may be refused at the edge
+//! while slots are in flight, and is taken when retried after them, but the limit is
+//! never passed.
 
 use std::collections::{HashMap, HashSet, hash_map::Entry};
 use std::sync::{Arc, Mutex, PoisonError};
@@ -26,7 +27,7 @@ use crate::projection::aggregates::MAX_SERIES_PER_KPI;
 /// What the batches in flight reserved for one KPI.
 #[derive(Debug, Default)]
 struct KpiReservations {
-    /// Measurements of batches far from the limit: each may bring a new series.
+    /// Label combinations of batches far from the limit: each may be a new series.
     slots: usize,
     /// New series of batches near the limit, with how many batches bring each.
     series: HashMap<Labels, usize>,
@@ -60,12 +61,19 @@ impl SeriesReservations {
             slots: Vec::new(),
             series: Vec::new(),
         };
-        let mut per_kpi: HashMap<&str, usize> = HashMap::new();
+        // Per KPI of the batch, its distinct label combinations: at most that many new
+        // series (a batch of 10,000 measurements of one series reserves one slot).
+        let mut per_kpi: HashMap<&str, HashSet<&Labels, foldhash::fast::RandomState>> =
+            HashMap::new();
         for measurement in batch.clone() {
-            *per_kpi.entry(measurement.kpi_id.as_str()).or_default() += 1;
+            per_kpi
+                .entry(measurement.kpi_id.as_str())
+                .or_default()
+                .insert(&measurement.labels);
         }
         let mut kpis = self.kpis.lock().unwrap_or_else(PoisonError::into_inner);
-        for (kpi_id, measurements) in per_kpi {
+        for (kpi_id, combinations) in per_kpi {
+            let combinations = combinations.len();
             // A RATIO or unknown KPI: validation refuses its measurements.
             let Some(in_model) = aggregates.series_count(kpi_id) else {
                 continue;
@@ -77,9 +85,9 @@ impl SeriesReservations {
                     .keys()
                     .filter(|labels| !aggregates.has_series(kpi_id, labels))
                     .count();
-            if in_model + in_flight + measurements <= MAX_SERIES_PER_KPI {
-                kpi.slots += measurements;
-                reserved.slots.push((kpi_id.to_owned(), measurements));
+            if in_model + in_flight + combinations <= MAX_SERIES_PER_KPI {
+                kpi.slots += combinations;
+                reserved.slots.push((kpi_id.to_owned(), combinations));
                 continue;
             }
             let mut count = in_model + in_flight;
