@@ -28,6 +28,15 @@ pub const DEFAULT_MIN_FREE_DISK_MB: u64 = crate::store::DEFAULT_MIN_FREE_BYTES /
 /// Default longest graceful shutdown, in seconds: under systemd's default stop timeout
 /// (90 s) and Kubernetes' default grace period (30 s).
 pub const DEFAULT_SHUTDOWN_TIMEOUT_SECS: u32 = 20;
+/// Default most connections open at once. An idle HTTP/2 connection holds a task and
+/// its buffers (tens of KiB), so this bounds their memory; the process needs about this
+/// many file descriptors more than the log's (see `nofile` in the README).
+pub const DEFAULT_MAX_CONNECTIONS: u32 = 1024;
+/// Default time after which a connection without a byte either way is closed, in seconds.
+pub const DEFAULT_IDLE_TIMEOUT_SECS: u32 = 120;
+/// Default time without a frame from a client after which the server pings it, in seconds
+/// (the connection is dropped when the ping is not answered within 20 s).
+pub const DEFAULT_KEEPALIVE_SECS: u32 = 60;
 /// Default interval of the checks for changed TLS and auth files, in milliseconds.
 pub const DEFAULT_RELOAD_CHECK_MS: u32 = 5000;
 /// Default memory budget of the whole process, in MiB: the service must fit a small device.
@@ -181,6 +190,38 @@ pub struct Config {
         value_parser = clap::value_parser!(u32).range(1..)
     )]
     pub shutdown_timeout_secs: u32,
+
+    /// Most connections open at once: at the cap, a new connection closes the one that
+    /// has been quiet longest, so idle connections cannot lock out health probes. Needs
+    /// about this many file descriptors beyond the log's (the server raises its soft
+    /// `nofile` limit towards the hard one, and lowers this cap when it cannot).
+    #[arg(
+        long,
+        env = "KPI_MAX_CONNECTIONS",
+        default_value_t = DEFAULT_MAX_CONNECTIONS,
+        value_parser = clap::value_parser!(u32).range(1..)
+    )]
+    pub max_connections: u32,
+
+    /// A connection without a byte either way for this many seconds is closed (live HTTP/2
+    /// clients answer the keepalive pings, so only dead or silent ones reach it).
+    #[arg(
+        long,
+        env = "KPI_IDLE_TIMEOUT_SECS",
+        default_value_t = DEFAULT_IDLE_TIMEOUT_SECS,
+        value_parser = clap::value_parser!(u32).range(1..)
+    )]
+    pub idle_timeout_secs: u32,
+
+    /// After this many seconds without a frame from a client, the server pings it over
+    /// HTTP/2 and drops the connection when no answer comes within 20 seconds.
+    #[arg(
+        long,
+        env = "KPI_KEEPALIVE_SECS",
+        default_value_t = DEFAULT_KEEPALIVE_SECS,
+        value_parser = clap::value_parser!(u32).range(1..)
+    )]
+    pub keepalive_secs: u32,
 
     /// PEM file of the server's certificate chain (leaf first): serve gRPC over TLS.
     /// Reloaded when it changes, or on SIGHUP.
@@ -341,6 +382,9 @@ impl Config {
             snapshot_every_events: DEFAULT_SNAPSHOT_EVERY_EVENTS,
             min_free_disk_mb: DEFAULT_MIN_FREE_DISK_MB,
             shutdown_timeout_secs: DEFAULT_SHUTDOWN_TIMEOUT_SECS,
+            max_connections: DEFAULT_MAX_CONNECTIONS,
+            idle_timeout_secs: DEFAULT_IDLE_TIMEOUT_SECS,
+            keepalive_secs: DEFAULT_KEEPALIVE_SECS,
             tls_cert: None,
             tls_key: None,
             tls_client_ca: None,
@@ -362,6 +406,20 @@ impl Config {
     /// The longest graceful shutdown.
     pub fn shutdown_timeout(&self) -> std::time::Duration {
         std::time::Duration::from_secs(u64::from(self.shutdown_timeout_secs))
+    }
+
+    /// The caps on connections: at most `max_connections`, none quiet past the idle
+    /// timeout.
+    pub fn connection_limits(&self) -> crate::api::connections::ConnectionLimits {
+        crate::api::connections::ConnectionLimits {
+            max: usize::try_from(self.max_connections).unwrap_or(usize::MAX),
+            idle_timeout: std::time::Duration::from_secs(u64::from(self.idle_timeout_secs)),
+        }
+    }
+
+    /// How long a client may send no frame before the server pings it.
+    pub fn keepalive(&self) -> std::time::Duration {
+        std::time::Duration::from_secs(u64::from(self.keepalive_secs))
     }
 
     /// The allowed future skew of occurred_at.
@@ -582,6 +640,36 @@ mod tests {
             config.refuse_insecure(config.listen).is_ok(),
             "TLS and auth are set"
         );
+    }
+
+    #[test]
+    fn the_systemd_unit_starts_the_server_with_flags_it_has() {
+        let unit = include_str!("../deploy/kpi-server.service");
+        let exec = unit
+            .lines()
+            .find_map(|line| line.strip_prefix("ExecStart="))
+            .expect("an ExecStart line");
+        let example = concat!(env!("CARGO_MANIFEST_DIR"), "/deploy/kpi.toml.example");
+        let args: Vec<&str> = exec
+            .split_whitespace()
+            .map(|arg| {
+                if arg == "/etc/kpi-service/kpi.toml" {
+                    example
+                } else {
+                    arg
+                }
+            })
+            .collect();
+        let config = Config::load_from(args).expect("the unit's command line parses");
+        assert_eq!(config.data_dir, PathBuf::from("/var/lib/kpi-service"));
+        // The descriptors the default connection cap needs, with room.
+        let nofile: u64 = unit
+            .lines()
+            .find_map(|line| line.strip_prefix("LimitNOFILE="))
+            .expect("the unit sets LimitNOFILE")
+            .parse()
+            .unwrap();
+        assert!(nofile >= u64::from(config.max_connections) + 256);
     }
 
     #[test]

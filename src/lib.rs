@@ -38,7 +38,6 @@ use std::time::{Duration, Instant};
 
 use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
-use tonic::transport::server::TcpIncoming;
 
 pub use config::Config;
 
@@ -259,10 +258,20 @@ pub async fn run(
     // When the shutdown began; everything after it must end by then + `timeout`.
     let (stopping, mut stopped_at) = tokio::sync::watch::channel(None::<tokio::time::Instant>);
     let router = tonic::transport::Server::builder()
+        .http2_keepalive_interval(Some(config.keepalive()))
+        .http2_keepalive_timeout(Some(KEEPALIVE_TIMEOUT))
         .layer(api::auth::GateLayer::new(gate))
         .add_routes(routes);
+    let limits = api::connections::ConnectionLimits {
+        max: connection_cap(config.connection_limits().max),
+        ..config.connection_limits()
+    };
+    let connections = api::connections::Connections::new();
+    let unstarted = connections.clone();
     let signal = async move {
         shutdown.await;
+        // Connections that never started HTTP/2 have nothing to finish.
+        unstarted.close_unstarted();
         stopping.send_replace(Some(tokio::time::Instant::now()));
         tracing::info!("shutting down: finishing running requests");
         // Open streams would keep the server waiting forever: end them now.
@@ -273,18 +282,15 @@ pub async fn run(
                 .await;
         }
     };
-    let serve: Pin<Box<dyn Future<Output = Result<(), tonic::transport::Error>> + Send>> = match tls
-    {
-        Some(tls) => {
-            Box::pin(router.serve_with_incoming_shutdown(api::tls::incoming(listener, tls), signal))
-        }
-        // TCP_NODELAY on every accepted connection: tonic sets it only on listeners it
-        // binds itself. Without it, the small frames that end a server stream (the last
-        // message, the trailers) wait for the client's delayed ACK, and every
-        // GetAggregates call took about 40 ms on loopback (measured with kpi-load,
-        // BENCHMARKS.md).
+    let serve: Pin<Box<dyn Future<Output = _> + Send>> = match tls {
+        Some(tls) => Box::pin(router.serve_with_incoming_shutdown(
+            api::connections::incoming(listener, limits, &connections, api::tls::handshake(tls)),
+            signal,
+        )),
         None => Box::pin(router.serve_with_incoming_shutdown(
-            TcpIncoming::from(listener).with_nodelay(Some(true)),
+            api::connections::incoming(listener, limits, &connections, |connection| async {
+                Ok(connection)
+            }),
             signal,
         )),
     };
@@ -299,13 +305,20 @@ pub async fn run(
             }
         }
     };
-    let served = tokio::select! {
+    let served: Result<(), tonic::transport::Error> = tokio::select! {
         served = serve => served,
         () = deadline => {
-            tracing::warn!(seconds = timeout.as_secs(), "requests still running at the shutdown timeout were cut off");
+            tracing::warn!(
+                seconds = timeout.as_secs(),
+                connections = connections.count(),
+                "requests still running at the shutdown timeout were cut off"
+            );
             Ok(())
         }
     };
+    // Whatever is still open (a connection whose client never finished its preface, a
+    // request cut off at the deadline) is closed, so its task lets go of the service.
+    connections.close_all();
     let deadline = stopped_at
         .borrow_and_update()
         .unwrap_or_else(tokio::time::Instant::now)
@@ -358,3 +371,48 @@ fn make_private(data_dir: &Path) -> std::io::Result<()> {
 /// The least time the log gets to close at shutdown, even when requests used up the
 /// shutdown timeout: a close of a healthy log takes milliseconds (plus the snapshot).
 const MIN_CLOSE_TIME: Duration = Duration::from_secs(2);
+
+/// How long an HTTP/2 keepalive ping may go unanswered before the connection is dropped.
+const KEEPALIVE_TIMEOUT: Duration = Duration::from_secs(20);
+
+/// File descriptors the server needs besides its connections: the log's, history's and
+/// pages' sled files, the event ids' run files, snapshots, the listener, and slack.
+const FILE_DESCRIPTORS_BESIDES_CONNECTIONS: u64 = 256;
+
+/// The connection cap that the process's file descriptors allow: the soft `nofile` limit
+/// is raised (towards the hard one) to fit `wanted` connections; when it cannot be, the
+/// cap is lowered to what fits, with a warning, so a flood of connections ends in the
+/// cap's eviction of the quietest and never in failed accepts.
+fn connection_cap(wanted: usize) -> usize {
+    use rustix::process::{Resource, getrlimit, setrlimit};
+    let wanted_u64 = u64::try_from(wanted).unwrap_or(u64::MAX);
+    let needed = wanted_u64.saturating_add(FILE_DESCRIPTORS_BESIDES_CONNECTIONS);
+    let limit = getrlimit(Resource::Nofile);
+    let soft = limit.current.unwrap_or(u64::MAX);
+    if soft >= needed {
+        return wanted;
+    }
+    let raised = limit.maximum.map_or(needed, |hard| hard.min(needed));
+    let mut allowed = soft;
+    if raised > soft {
+        let mut new = limit;
+        new.current = Some(raised);
+        match setrlimit(Resource::Nofile, new) {
+            Ok(()) => allowed = raised,
+            Err(error) => tracing::warn!(%error, "cannot raise the nofile limit"),
+        }
+    }
+    if allowed >= needed {
+        return wanted;
+    }
+    let cap = allowed
+        .saturating_sub(FILE_DESCRIPTORS_BESIDES_CONNECTIONS)
+        .max(16);
+    tracing::warn!(
+        nofile = allowed,
+        max_connections = wanted,
+        cap,
+        "the nofile limit is too low for --max-connections; fewer connections are kept open (raise LimitNOFILE)"
+    );
+    usize::try_from(cap).unwrap_or(wanted).min(wanted)
+}

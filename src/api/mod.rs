@@ -1,5 +1,6 @@
 //! The gRPC edge: the kpi.v1 services, grpc.health.v1 and server reflection, and what
-//! guards them: TLS, the gate of principals and roles, and the reloads of their files.
+//! guards them: the connection limits, TLS, the gate of principals and roles, and the
+//! reloads of their files.
 //! The only module that knows tonic; every handler is a thin adapter over
 //! `service::KpiService`.
 
@@ -7,6 +8,7 @@ pub mod audit;
 pub mod auth;
 pub mod catalog;
 pub mod codec;
+pub mod connections;
 pub mod ingest;
 pub mod query;
 pub mod reload;

@@ -1,29 +1,27 @@
 //! TLS (rustls): the server's certificate chain and key and, for mutual TLS, the CA that
-//! client certificates must chain to, read from PEM files; the accept loop that runs each
-//! handshake on a task of its own; and reloads of the files that change only the
+//! client certificates must chain to, read from PEM files; the handshake of each accepted
+//! connection; and reloads of the files that change only the
 //! connections accepted after them (open connections and their streams keep theirs).
 
+use std::future::Future;
+use std::io;
 use std::path::{Path, PathBuf};
+use std::pin::Pin;
 use std::sync::{Arc, RwLock};
 use std::time::Duration;
 
 use rustls_pki_types::pem::PemObject;
 use rustls_pki_types::{CertificateDer, PrivateKeyDer};
-use tokio::net::{TcpListener, TcpStream};
 use tokio_rustls::TlsAcceptor;
 use tokio_rustls::rustls::server::WebPkiClientVerifier;
 use tokio_rustls::rustls::{RootCertStore, ServerConfig, crypto};
 use tokio_rustls::server::TlsStream;
-use tokio_stream::Stream;
-use tokio_stream::wrappers::ReceiverStream;
+
+use super::connections::Connection;
 
 /// Longest TLS handshake: a client that connects and sends nothing must not hold a task
 /// and a socket for ever.
 const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
-/// Handshaken connections waiting for the server to take them.
-const ACCEPTED_QUEUE: usize = 64;
-/// Pause after a failed accept (out of file descriptors, say), so the loop does not spin.
-const ACCEPT_ERROR_PAUSE: Duration = Duration::from_millis(100);
 
 /// Why the TLS files cannot be used.
 #[derive(Debug, thiserror::Error)]
@@ -180,44 +178,20 @@ fn server_config(files: &TlsFiles) -> Result<ServerConfig, TlsError> {
     Ok(config)
 }
 
-/// The TLS connections of `listener`, each handshaken on a task of its own (a slow or
-/// silent client delays nobody else) with the configuration current when it connected.
-/// Failed handshakes are logged at debug level and dropped. The loop ends when the
-/// returned stream is dropped (the server stopped accepting).
-pub fn incoming(
-    listener: TcpListener,
+/// The TLS handshake of a connection accepted now, with the configuration current now;
+/// for [`super::connections::incoming`]. A client that says nothing for
+/// `HANDSHAKE_TIMEOUT` is dropped.
+pub fn handshake(
     tls: Arc<ServerTls>,
-) -> impl Stream<Item = Result<TlsStream<TcpStream>, std::io::Error>> {
-    let (accepted, connections) = tokio::sync::mpsc::channel(ACCEPTED_QUEUE);
-    tokio::spawn(async move {
-        loop {
-            let (tcp, peer) = tokio::select! {
-                () = accepted.closed() => return,
-                result = listener.accept() => match result {
-                    Ok(connection) => connection,
-                    Err(error) => {
-                        tracing::warn!(%error, "cannot accept a connection");
-                        tokio::time::sleep(ACCEPT_ERROR_PAUSE).await;
-                        continue;
-                    }
-                },
-            };
-            // See `run`: without it, the frames that end a call wait for delayed ACKs.
-            if let Err(error) = tcp.set_nodelay(true) {
-                tracing::debug!(%peer, %error, "cannot set TCP_NODELAY");
-            }
-            let acceptor = tls.acceptor();
-            let accepted = accepted.clone();
-            tokio::spawn(async move {
-                match tokio::time::timeout(HANDSHAKE_TIMEOUT, acceptor.accept(tcp)).await {
-                    Ok(Ok(stream)) => {
-                        let _ = accepted.send(Ok(stream)).await;
-                    }
-                    Ok(Err(error)) => tracing::debug!(%peer, %error, "TLS handshake failed"),
-                    Err(_) => tracing::debug!(%peer, "TLS handshake timed out"),
-                }
-            });
-        }
-    });
-    ReceiverStream::new(connections)
+) -> impl Fn(Connection) -> Pin<Box<dyn Future<Output = io::Result<TlsStream<Connection>>> + Send>>
++ Send
++ 'static {
+    move |connection| {
+        let acceptor = tls.acceptor();
+        Box::pin(async move {
+            tokio::time::timeout(HANDSHAKE_TIMEOUT, acceptor.accept(connection))
+                .await
+                .map_err(|_| io::Error::new(io::ErrorKind::TimedOut, "TLS handshake timed out"))?
+        })
+    }
 }
