@@ -228,6 +228,7 @@ fn options(dir: &Path) -> ServiceOptions {
         max_streams: 1024,
         heartbeat: Duration::from_secs(5),
         min_free_bytes: kpi_service::store::DEFAULT_MIN_FREE_BYTES,
+        signing_key: None,
     }
 }
 

@@ -78,6 +78,9 @@ pub enum Command {
         #[arg(long = "role", required = true, value_parser = ["reader", "writer", "admin", "auditor"])]
         roles: Vec<String>,
     },
+    /// Print the public key of --signing-key, for auditors who check the heads the server
+    /// signs (PEM, then the 32 bytes in hex as SignedHead.public_key carries them).
+    PublicKey,
 }
 
 /// Everything the server needs to start.
@@ -255,6 +258,15 @@ pub struct Config {
     #[arg(long, env = "KPI_NO_LIST_STREAMS", value_parser = clap::builder::BoolishValueParser::new())]
     pub no_list_streams: bool,
 
+    /// Ed25519 private key (PKCS#8 PEM) with which the server signs the heads it reports
+    /// (GetLogInfo, ReplayEvents checkpoints), so auditors hold proof of what it claimed.
+    #[arg(long, env = "KPI_SIGNING_KEY", global = true)]
+    pub signing_key: Option<PathBuf>,
+
+    /// Create --signing-key with a new key when the file does not exist (mode 0600).
+    #[arg(long, env = "KPI_GENERATE_SIGNING_KEY", requires = "signing_key", value_parser = clap::builder::BoolishValueParser::new())]
+    pub generate_signing_key: bool,
+
     /// How often the TLS and auth files are checked for changes, in milliseconds.
     #[arg(
         long,
@@ -393,6 +405,8 @@ impl Config {
             no_reflection: false,
             no_list_streams: false,
             reload_check_ms: DEFAULT_RELOAD_CHECK_MS,
+            signing_key: None,
+            generate_signing_key: false,
             config: None,
             command: None,
         }

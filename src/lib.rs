@@ -15,6 +15,7 @@
 //! - [`config`]: flags and environment.
 //! - [`encoding`]: the one serde format (postcard) of the read models' stored bytes.
 //! - [`recover`]: `kpi-server recover`, the operator's repair of a log that lost events.
+//! - [`signing`]: the server's Ed25519 key that signs the heads it reports.
 //!
 //! [`run`] is the entry point: it takes a bound listener and a shutdown future, so tests
 //! start the real server on port 0 and stop it cleanly.
@@ -28,6 +29,7 @@ pub mod projection;
 pub mod proto;
 pub mod recover;
 pub mod service;
+pub mod signing;
 pub mod store;
 
 use std::future::Future;
@@ -184,6 +186,13 @@ pub async fn run(
         .transpose()
         .map_err(|error| RunError::Config(error.to_string()))?
         .map(Arc::new);
+    let signing_key = config
+        .signing_key
+        .as_deref()
+        .map(|path| signing::load(path, config.generate_signing_key))
+        .transpose()
+        .map_err(|error| RunError::Config(error.to_string()))?
+        .map(Arc::new);
     make_private(&config.data_dir).map_err(|source| {
         RunError::Config(format!(
             "cannot create the data directory {}: {source}",
@@ -209,6 +218,7 @@ pub async fn run(
         max_streams: usize::try_from(config.max_streams).unwrap_or(usize::MAX),
         heartbeat: config.heartbeat(),
         min_free_bytes: config.min_free_bytes(),
+        signing_key,
     };
     let (log, service) = tokio::task::spawn_blocking(move || {
         let (log, models) = projection::open(

@@ -83,6 +83,22 @@ fn main() -> ExitCode {
                 }
             }
         }
+        Some(Command::PublicKey) => {
+            let Some(path) = &config.signing_key else {
+                tracing::error!("public-key needs --signing-key");
+                return ExitCode::FAILURE;
+            };
+            match kpi_service::signing::load(path, false) {
+                Ok(key) => {
+                    print!("{}", kpi_service::signing::public_key_text(&key));
+                    ExitCode::SUCCESS
+                }
+                Err(error) => {
+                    tracing::error!(%error, "no public key");
+                    ExitCode::FAILURE
+                }
+            }
+        }
         Some(Command::Serve) | None => serve(config),
     }
 }

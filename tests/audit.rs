@@ -142,3 +142,139 @@ async fn replay_serves_a_range_of_seqs_or_times() {
     }
     server.stop().await;
 }
+
+/// Checks a signed head as an auditor would, from the contract alone (audit.proto): the
+/// Ed25519 signature of "kpi.v1.SignedHead\0", seq, hash, and signed_at's seconds and
+/// nanos, integers big-endian, with the public key the auditor holds.
+fn verify_signed_head(
+    head: &proto::SignedHead,
+    trusted: &ed25519_dalek::VerifyingKey,
+) -> Result<(), String> {
+    use ed25519_dalek::Verifier;
+    let signed_at = head.signed_at.ok_or("no signed_at")?;
+    let mut message = b"kpi.v1.SignedHead\0".to_vec();
+    message.extend_from_slice(&head.seq.to_be_bytes());
+    message.extend_from_slice(&head.hash);
+    message.extend_from_slice(&signed_at.seconds.to_be_bytes());
+    message.extend_from_slice(&u32::try_from(signed_at.nanos).unwrap().to_be_bytes());
+    let signature =
+        ed25519_dalek::Signature::from_slice(&head.signature).map_err(|error| error.to_string())?;
+    trusted
+        .verify(&message, &signature)
+        .map_err(|error| error.to_string())
+}
+
+/// The event `seq` of the server's log now.
+async fn event_at(server: &TestServer, seq: u64) -> proto::EventEnvelope {
+    let mut stream = server
+        .audit()
+        .replay_events(proto::ReplayEventsRequest {
+            start: Some(Start::FromSeq(seq)),
+            to_seq: Some(seq),
+            ..Default::default()
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    loop {
+        let message = stream.message().await.unwrap().expect("the event");
+        if let Some(proto::replay_events_response::Item::Event(envelope)) = message.item {
+            return envelope;
+        }
+    }
+}
+
+#[tokio::test]
+async fn signed_heads_verify_with_the_public_key_alone_and_later_logs_extend_them() {
+    use ed25519_dalek::pkcs8::DecodePublicKey;
+    let dir = tempfile::tempdir().unwrap();
+    let key_file = dir.path().join("signing.pem");
+    let mut config = kpi_service::Config::with_data_dir(dir.path().join("data"));
+    config.signing_key = Some(key_file.clone());
+    config.generate_signing_key = true;
+    config.heartbeat_ms = 100;
+    let server = TestServer::start_with(config).await;
+    server.define(kpi("orders", KpiKind::Sum)).await;
+    server
+        .record(vec![measurement("orders", 1.0), measurement("orders", 2.0)])
+        .await
+        .unwrap();
+
+    // The auditor's copy of the public key, from the command line tool.
+    let printed = std::process::Command::new(env!("CARGO_BIN_EXE_kpi-server"))
+        .arg("public-key")
+        .arg("--signing-key")
+        .arg(&key_file)
+        .output()
+        .unwrap();
+    assert!(printed.status.success(), "{printed:?}");
+    let printed = String::from_utf8(printed.stdout).unwrap();
+    let end = "-----END PUBLIC KEY-----\n";
+    let pem = &printed[..printed.find(end).expect("a PEM public key") + end.len()];
+    let trusted = ed25519_dalek::VerifyingKey::from_public_key_pem(pem).unwrap();
+    assert!(printed.contains(&hex::encode(trusted.to_bytes())));
+
+    let info = server.log_info().await;
+    let signed = info.signed_head.clone().expect("a signed head");
+    assert_eq!((signed.seq, &signed.hash), (info.head_seq, &info.head_hash));
+    assert_eq!(signed.public_key, trusted.to_bytes());
+    verify_signed_head(&signed, &trusted).expect("the signature checks out");
+    // Any change to what was signed breaks it.
+    for forged in [
+        proto::SignedHead {
+            seq: signed.seq + 1,
+            ..signed.clone()
+        },
+        proto::SignedHead {
+            hash: vec![0; 32],
+            ..signed.clone()
+        },
+    ] {
+        assert!(verify_signed_head(&forged, &trusted).is_err());
+    }
+    // Another key does not verify it.
+    let other = ed25519_dalek::SigningKey::from_bytes(&[9; 32]).verifying_key();
+    assert!(verify_signed_head(&signed, &other).is_err());
+
+    // The log grows; it still extends the signed head: its event at that seq has that hash.
+    server
+        .record(vec![measurement("orders", 3.0)])
+        .await
+        .unwrap();
+    assert_eq!(event_at(&server, signed.seq).await.hash, signed.hash);
+    assert!(server.log_info().await.head_seq > signed.seq);
+
+    // A following replay's idle checkpoints are signed heads too: from the start, and from
+    // past the head (where it has read nothing yet).
+    let head = server.log_info().await.head_seq;
+    for from_seq in [1, head + 1] {
+        let mut stream = server
+            .audit()
+            .replay_events(proto::ReplayEventsRequest {
+                start: Some(Start::FromSeq(from_seq)),
+                follow: true,
+                ..Default::default()
+            })
+            .await
+            .unwrap()
+            .into_inner();
+        let checkpoint = loop {
+            let message = stream.message().await.unwrap().expect("the stream goes on");
+            if let Some(proto::replay_events_response::Item::Checkpoint(checkpoint)) = message.item
+            {
+                break checkpoint;
+            }
+        };
+        assert_eq!(checkpoint.seq, head);
+        let signed = checkpoint.signed_head.expect("a signed checkpoint");
+        assert_eq!(signed.seq, checkpoint.seq);
+        verify_signed_head(&signed, &trusted).expect("the checkpoint's signature checks out");
+        assert_eq!(event_at(&server, signed.seq).await.hash, signed.hash);
+    }
+    server.stop().await;
+
+    // Without a key, nothing is signed.
+    let unsigned = TestServer::start(&dir.path().join("data")).await;
+    assert!(unsigned.log_info().await.signed_head.is_none());
+    unsigned.stop().await;
+}

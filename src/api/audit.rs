@@ -36,7 +36,9 @@ fn replay_response(item: ReplayItem) -> Result<proto::ReplayEventsResponse, Stat
             )
             .map_err(|error| super::status::undecodable_record_status(stored.seq, &error))?,
         ),
-        ReplayItem::Checkpoint { seq, at } => Item::Checkpoint(to_proto::checkpoint(seq, at)),
+        ReplayItem::Checkpoint { seq, at, signed } => {
+            Item::Checkpoint(to_proto::checkpoint(seq, at, signed.as_ref()))
+        }
     };
     Ok(proto::ReplayEventsResponse { item: Some(item) })
 }

@@ -291,24 +291,15 @@ impl Principals {
     }
 }
 
-fn parse_sha256(hex: &str) -> Option<[u8; 32]> {
-    if hex.len() != 64 {
-        return None;
-    }
+fn parse_sha256(digits: &str) -> Option<[u8; 32]> {
     let mut hash = [0; 32];
-    for (byte, pair) in hash.iter_mut().zip(hex.as_bytes().chunks_exact(2)) {
-        let pair = std::str::from_utf8(pair).ok()?;
-        *byte = u8::from_str_radix(pair, 16).ok()?;
-    }
+    hex::decode_to_slice(digits, &mut hash).ok()?;
     Some(hash)
 }
 
 /// The SHA-256 of a bearer token, as the auth file's `token_sha256` holds it.
 pub fn token_sha256(token: &str) -> String {
-    Sha256::digest(token.as_bytes())
-        .iter()
-        .map(|byte| format!("{byte:02x}"))
-        .collect()
+    hex::encode(Sha256::digest(token.as_bytes()))
 }
 
 /// A new random bearer token (256 bits, `kpi_` and URL-safe base64) and the auth file

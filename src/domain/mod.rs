@@ -12,6 +12,7 @@ pub mod event;
 pub mod kpi;
 pub mod measurement;
 pub mod query;
+pub mod signed_head;
 pub mod target;
 pub mod target_status;
 pub mod trend;

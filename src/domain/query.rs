@@ -270,4 +270,6 @@ pub struct LogInfo {
     pub restored_snapshot_seq: u64,
     /// Events folded from the log at start, after the snapshot.
     pub replayed_events: u64,
+    /// The head signed by the server, when it has a signing key.
+    pub signed_head: Option<crate::domain::signed_head::SignedHead>,
 }

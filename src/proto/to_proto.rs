@@ -11,6 +11,7 @@ use crate::domain::query::{
     AnsweredBucket, BucketChange, ListedStreams, LogInfo, StreamInfo, StreamKind, TargetAnswer,
     TrendAnswer, Verification,
 };
+use crate::domain::signed_head::SignedHead;
 use crate::domain::target_status::TargetState;
 use crate::domain::trend;
 use crate::domain::{
@@ -384,10 +385,22 @@ pub fn heartbeat(head_seq: u64, at: DateTime<Utc>) -> proto::Heartbeat {
 }
 
 /// A replay's position as the Checkpoint message.
-pub fn checkpoint(seq: u64, at: DateTime<Utc>) -> proto::Checkpoint {
+pub fn checkpoint(seq: u64, at: DateTime<Utc>, signed: Option<&SignedHead>) -> proto::Checkpoint {
     proto::Checkpoint {
         seq,
         at: Some(timestamp(at)),
+        signed_head: signed.map(signed_head),
+    }
+}
+
+/// A head the server signed.
+pub fn signed_head(head: &SignedHead) -> proto::SignedHead {
+    proto::SignedHead {
+        seq: head.seq,
+        hash: head.hash.to_vec(),
+        signed_at: Some(timestamp(head.signed_at)),
+        public_key: head.public_key.to_vec(),
+        signature: head.signature.to_vec(),
     }
 }
 
@@ -483,5 +496,6 @@ pub fn log_info(info: &LogInfo) -> proto::GetLogInfoResponse {
         head_recorded_at: info.head_recorded_at.map(timestamp),
         restored_snapshot_seq: info.restored_snapshot_seq,
         replayed_events: info.replayed_events,
+        signed_head: info.signed_head.as_ref().map(signed_head),
     }
 }

@@ -22,6 +22,7 @@ use chrono::TimeDelta;
 use tokio_util::sync::CancellationToken;
 
 use crate::domain::query::{ListedStreams, LogInfo, StreamKind};
+use crate::domain::signed_head::SignedHead;
 use crate::domain::{KpiEntry, Rejection};
 use crate::projection::{AggregateView, CatalogView, ReadModels, Restored, SnapshotError};
 use crate::store::{EventLog, LogHead, StoreError};
@@ -76,6 +77,8 @@ pub struct KpiService {
     streams: Arc<Streams>,
     heartbeat: Duration,
     min_free_bytes: u64,
+    /// Signs the heads of GetLogInfo and of replay checkpoints.
+    signing_key: Option<Arc<ed25519_dalek::SigningKey>>,
     shutdown: CancellationToken,
     /// The new series of batches in flight, for the per-KPI limit.
     series: Arc<series::SeriesReservations>,
@@ -97,6 +100,8 @@ pub struct ServiceOptions {
     pub heartbeat: Duration,
     /// Space a snapshot leaves free on its file system, or it is not written.
     pub min_free_bytes: u64,
+    /// The key that signs the heads the service reports, when it has one.
+    pub signing_key: Option<Arc<ed25519_dalek::SigningKey>>,
 }
 
 /// Aggregates to answer from: the live read model, or a fold as of a point of the log.
@@ -122,6 +127,7 @@ impl KpiService {
             streams: Streams::new(options.max_streams),
             heartbeat: options.heartbeat,
             min_free_bytes: options.min_free_bytes,
+            signing_key: options.signing_key,
             shutdown: CancellationToken::new(),
             series: Arc::default(),
             actor: None,
@@ -173,7 +179,14 @@ impl KpiService {
             head_recorded_at: head.recorded_at,
             restored_snapshot_seq: restored.snapshot_seq,
             replayed_events: restored.replayed_events,
+            signed_head: self.sign_head(head.seq, head.hash),
         }
+    }
+
+    /// The head `seq` with chain hash `hash`, signed now, when the service has a key.
+    fn sign_head(&self, seq: u64, hash: [u8; 32]) -> Option<SignedHead> {
+        let key = self.signing_key.as_ref()?;
+        Some(SignedHead::sign(key, seq, hash, chrono::Utc::now()))
     }
 
     /// Cancelled when the server starts shutting down: open streams end with UNAVAILABLE.

@@ -8,9 +8,10 @@ use tokio::sync::mpsc;
 
 use super::{Following, LogCursor, StreamReceiver};
 use crate::domain::query::{ReplayQuery, ReplayStart, StreamKind};
+use crate::domain::signed_head::SignedHead;
 use crate::domain::{Event, Rejection, rfc3339};
 use crate::service::{KpiService, ServiceError};
-use crate::store::{EventLog, StoredEvent};
+use crate::store::{EventLog, Hash, StoredEvent};
 
 /// What a replay sends.
 // Nearly every item is an event: boxing it would cost an allocation per event to save
@@ -26,6 +27,8 @@ pub enum ReplayItem {
         seq: u64,
         /// When it was sent.
         at: DateTime<Utc>,
+        /// `seq` and the chain hash after it, signed, when the server has a signing key.
+        signed: Option<SignedHead>,
     },
 }
 
@@ -99,6 +102,8 @@ impl KpiService {
             targets: HashMap::new(),
             next: from_seq,
             to_seq,
+            signing_key: self.signing_key.clone(),
+            hash: (from_seq == 1).then_some([0; 32]),
         };
         tokio::spawn(follower.run());
         Ok(receiver)
@@ -130,10 +135,25 @@ struct Follower {
     next: u64,
     /// The last seq to send; `None` follows forever.
     to_seq: Option<u64>,
+    /// Signs the checkpoints, when the server has a key.
+    signing_key: Option<std::sync::Arc<ed25519_dalek::SigningKey>>,
+    /// The chain hash after `next - 1`, once known.
+    hash: Option<Hash>,
 }
 
 impl Follower {
     async fn run(mut self) {
+        if self.signing_key.is_some() && self.hash.is_none() {
+            // Checkpoints before the first read are signed with the hash where it starts.
+            let Some(log) = self.cursor.as_ref().map(|cursor| cursor.log().clone()) else {
+                return;
+            };
+            let before = self.next - 1;
+            self.hash = self.stream.read(move || log.hash_at(before)).await;
+            if self.hash.is_none() {
+                return;
+            }
+        }
         loop {
             let head = self.stream.head();
             let end = self.to_seq.map_or(head, |to| to.min(head));
@@ -146,9 +166,16 @@ impl Follower {
             if self.to_seq.is_some_and(|to| self.next > to) {
                 return;
             }
-            let checkpoint = |seq| ReplayItem::Checkpoint {
-                seq,
-                at: Utc::now(),
+            let (key, hash, next) = (self.signing_key.clone(), self.hash, self.next);
+            let checkpoint = move |seq| {
+                let at = Utc::now();
+                let signed = match (&key, hash) {
+                    (Some(key), Some(hash)) if seq + 1 == next => {
+                        Some(SignedHead::sign(key, seq, hash, at))
+                    }
+                    _ => None,
+                };
+                ReplayItem::Checkpoint { seq, at, signed }
             };
             if !self.stream.for_more(self.next - 1, checkpoint).await {
                 return;
@@ -165,14 +192,16 @@ impl Follower {
         let Some(mut cursor) = self.cursor.take() else {
             return false;
         };
-        let Some((events, targets, cursor, damage)) =
+        let Some((events, targets, cursor, damage, last_hash)) =
             self.stream
                 .read(move || {
                     let log = cursor.log().clone();
                     let mut events = Vec::new();
+                    let mut last_hash = None;
                     // The events before damage in the chunk are sent before its error.
                     let damage = cursor
                         .read(from, to, |stored| {
+                            last_hash = Some(stored.hash);
                             if filter.as_ref().is_none_or(|kpis| {
                                 concerns(&log, &mut targets, kpis, &stored.event)
                             }) {
@@ -181,7 +210,7 @@ impl Follower {
                             Ok(())
                         })
                         .err();
-                    Ok((events, targets, cursor, damage))
+                    Ok((events, targets, cursor, damage, last_hash))
                 })
                 .await
         else {
@@ -199,6 +228,7 @@ impl Follower {
             return false;
         }
         self.next = to + 1;
+        self.hash = last_hash.or(self.hash);
         self.stream.stats().set_position(to);
         true
     }
