@@ -258,6 +258,16 @@ pub struct Config {
     #[arg(long, env = "KPI_NO_LIST_STREAMS", value_parser = clap::builder::BoolishValueParser::new())]
     pub no_list_streams: bool,
 
+    /// Serve Prometheus metrics over HTTP on this address (`GET /metrics`); off when unset.
+    /// The endpoint has no authentication: keep it on loopback or a private network.
+    #[arg(long, env = "KPI_METRICS_LISTEN")]
+    pub metrics_listen: Option<SocketAddr>,
+
+    /// Log format on stderr: `text` for people, `json` (one object per line, with the
+    /// spans' fields) for log collectors.
+    #[arg(long, env = "KPI_LOG_FORMAT", default_value = "text", value_parser = ["text", "json"], global = true)]
+    pub log_format: String,
+
     /// Ed25519 private key (PKCS#8 PEM) with which the server signs the heads it reports
     /// (GetLogInfo, ReplayEvents checkpoints), so auditors hold proof of what it claimed.
     #[arg(long, env = "KPI_SIGNING_KEY", global = true)]
@@ -407,6 +417,8 @@ impl Config {
             reload_check_ms: DEFAULT_RELOAD_CHECK_MS,
             signing_key: None,
             generate_signing_key: false,
+            metrics_listen: None,
+            log_format: "text".into(),
             config: None,
             command: None,
         }

@@ -70,7 +70,12 @@ const SNAPSHOT_COST_SHARE: u32 = 10;
 
 /// Writes a snapshot of the read models when enough events (`every_events`) or time have
 /// passed, until `stop` is cancelled.
-async fn snapshot_periodically(service: KpiService, every_events: u64, stop: CancellationToken) {
+async fn snapshot_periodically(
+    service: KpiService,
+    every_events: u64,
+    metrics: Option<Arc<api::metrics::Metrics>>,
+    stop: CancellationToken,
+) {
     let mut covered = service.restored().snapshot_seq;
     let mut last = Instant::now();
     let mut last_cost = Duration::ZERO;
@@ -106,6 +111,9 @@ async fn snapshot_periodically(service: KpiService, every_events: u64, stop: Can
         match snapshotted.await {
             Ok(Ok(seq)) => {
                 last_cost = started.elapsed();
+                if let Some(metrics) = &metrics {
+                    metrics.snapshot_written(last_cost);
+                }
                 tracing::info!(
                     seq,
                     seconds = last_cost.as_secs_f64(),
@@ -242,9 +250,27 @@ pub async fn run(
     let stop_snapshots = CancellationToken::new();
     // Also stops the task when this future is dropped without a shutdown (aborted).
     let _stop_snapshots_on_drop = stop_snapshots.clone().drop_guard();
+    let connections = api::connections::Connections::new();
+    let (metrics, metrics_server) = match config.metrics_listen {
+        Some(address) => {
+            let listener = TcpListener::bind(address).await.map_err(|error| {
+                RunError::Config(format!("cannot listen for metrics on {address}: {error}"))
+            })?;
+            let metrics = api::metrics::Metrics::new(service.clone(), connections.clone());
+            tracing::info!(%address, "serving metrics at /metrics");
+            let server = tokio::spawn(api::metrics::serve(
+                listener,
+                metrics.clone(),
+                stop_snapshots.clone(),
+            ));
+            (Some(metrics), Some(server))
+        }
+        None => (None, None),
+    };
     let snapshots = tokio::spawn(snapshot_periodically(
         service.clone(),
         config.snapshot_every_events,
+        metrics.clone(),
         stop_snapshots.clone(),
     ));
     let streams_stop = service.shutdown_token();
@@ -270,13 +296,14 @@ pub async fn run(
     let router = tonic::transport::Server::builder()
         .http2_keepalive_interval(Some(config.keepalive()))
         .http2_keepalive_timeout(Some(KEEPALIVE_TIMEOUT))
+        // Outside the gate, so refused requests are counted and traced too.
+        .layer(api::metrics::ObserveLayer::new(metrics))
         .layer(api::auth::GateLayer::new(gate))
         .add_routes(routes);
     let limits = api::connections::ConnectionLimits {
         max: connection_cap(config.connection_limits().max),
         ..config.connection_limits()
     };
-    let connections = api::connections::Connections::new();
     let unstarted = connections.clone();
     let signal = async move {
         shutdown.await;
@@ -336,6 +363,9 @@ pub async fn run(
     stop_snapshots.cancel();
     snapshots.await?;
     reloads.await?;
+    if let Some(server) = metrics_server {
+        server.await?;
+    }
     // A snapshot at the head makes the next start replay nothing.
     let closing = tokio::task::spawn_blocking(move || {
         match service.snapshot() {

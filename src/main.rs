@@ -46,12 +46,16 @@ fn return_freed_memory_soon() {
 fn main() -> ExitCode {
     return_freed_memory_soon();
     let config = Config::load().unwrap_or_else(|error| error.exit());
-    tracing_subscriber::fmt()
+    let logs = tracing_subscriber::fmt()
         .with_env_filter(
             EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("info")),
         )
-        .with_writer(std::io::stderr)
-        .init();
+        .with_writer(std::io::stderr);
+    if config.log_format == "json" {
+        logs.json().init();
+    } else {
+        logs.init();
+    }
     match config.command {
         Some(Command::Recover {
             accept_other_history,

@@ -10,6 +10,7 @@ pub mod catalog;
 pub mod codec;
 pub mod connections;
 pub mod ingest;
+pub mod metrics;
 pub mod query;
 pub mod reload;
 pub mod status;

@@ -87,6 +87,19 @@ pub struct KpiService {
     actor: Option<Arc<str>>,
 }
 
+/// The service's state for metrics.
+#[derive(Debug, Clone, Copy)]
+pub struct ServiceGauges {
+    /// The log's write counters since open.
+    pub log: crate::store::StoreStats,
+    /// The durable head.
+    pub head_seq: u64,
+    /// The last seq folded into the aggregates.
+    pub folded_seq: u64,
+    /// Bytes the aggregates' buckets hold in memory.
+    pub bucket_bytes: u64,
+}
+
 /// How the service behaves, from the configuration.
 #[derive(Debug, Clone)]
 pub struct ServiceOptions {
@@ -180,6 +193,21 @@ impl KpiService {
             restored_snapshot_seq: restored.snapshot_seq,
             replayed_events: restored.replayed_events,
             signed_head: self.sign_head(head.seq, head.hash),
+        }
+    }
+
+    /// What the metrics endpoint shows of the service now: the log's write counters, its
+    /// head and the read models' progress and size.
+    pub fn gauges(&self) -> ServiceGauges {
+        let (folded_seq, bucket_bytes) = {
+            let aggregates = self.aggregates.read();
+            (aggregates.seq(), aggregates.bytes())
+        };
+        ServiceGauges {
+            log: self.log.stats(),
+            head_seq: self.log.head().seq,
+            folded_seq,
+            bucket_bytes: u64::try_from(bucket_bytes).unwrap_or(u64::MAX),
         }
     }
 
