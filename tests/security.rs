@@ -1,7 +1,8 @@
 //! Black-box tests of what keeps the server safe on a network: bearer tokens and roles
 //! (every RPC against the README's table), TLS and mutual TLS with certificates made at
-//! test time, reloads of both files, the actor in the audit trail, private files, and the
-//! switches for reflection and ListStreams.
+//! test time, reloads of both files, the actor in the audit trail, private files, the
+//! switches for reflection and ListStreams, and a scan of a kpi-server process without
+//! credentials.
 
 mod common;
 // Not in `common`: the load tool's tests share `common` without TLS dependencies.
@@ -784,4 +785,153 @@ async fn reflection_and_list_streams_can_be_switched_off() {
     // The rest of the audit service is there.
     assert_eq!(server.log_info().await.head_seq, 0);
     server.stop().await;
+}
+
+/// A kpi-server process, killed when dropped.
+struct ServerProcess(std::process::Child);
+
+impl Drop for ServerProcess {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+/// Calls `path` with an empty message (a valid encoding of every request), as a scanner
+/// that knows the service's paths would, with `token` if any.
+async fn probe(
+    channel: Channel,
+    path: &'static str,
+    token: Option<&str>,
+) -> Result<(), tonic::Status> {
+    let mut grpc = tonic::client::Grpc::new(channel);
+    grpc.ready()
+        .await
+        .map_err(|error| tonic::Status::unavailable(error.to_string()))?;
+    let mut request = tonic::Request::new(());
+    if let Some(token) = token {
+        request
+            .metadata_mut()
+            .insert("authorization", format!("Bearer {token}").parse().unwrap());
+    }
+    grpc.unary::<(), (), _>(
+        request,
+        http::uri::PathAndQuery::from_static(path),
+        tonic_prost::ProstCodec::default(),
+    )
+    .await
+    .map(|_| ())
+}
+
+#[tokio::test]
+async fn a_scan_from_another_process_without_credentials_reads_and_changes_nothing() {
+    let dir = tempfile::tempdir().unwrap();
+    let ca = TestCa::new("scan CA");
+    let server_key = ca.server();
+    let cert = write(dir.path(), "server.pem", &server_key.cert);
+    let key = write(dir.path(), "server.key", &server_key.key);
+    let auth = write(
+        dir.path(),
+        "auth.toml",
+        &auth_file(&[TestPrincipal {
+            name: "operator",
+            roles: &["reader", "writer", "admin", "auditor"],
+            token: Some(ADMIN),
+            certificate_subject: None,
+        }]),
+    );
+    let address = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap();
+    let _server = ServerProcess(
+        std::process::Command::new(env!("CARGO_BIN_EXE_kpi-server"))
+            .args(["--listen", &address.to_string(), "--data-dir"])
+            .arg(dir.path().join("data"))
+            .arg("--tls-cert")
+            .arg(&cert)
+            .arg("--tls-key")
+            .arg(&key)
+            .arg("--auth-file")
+            .arg(&auth)
+            .stderr(std::process::Stdio::null())
+            .spawn()
+            .unwrap(),
+    );
+    let channel = tls_channel(address, &ca.pem, None);
+    let operator = Clients::new(channel.clone(), Some(ADMIN));
+    // The server answers health checks to anyone once it is up.
+    let mut up = false;
+    for _ in 0..300 {
+        let check = HealthClient::new(channel.clone())
+            .check(HealthCheckRequest {
+                service: String::new(),
+            })
+            .await;
+        if check.is_ok() {
+            up = true;
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    assert!(up, "the server answers health checks");
+    operator
+        .catalog()
+        .define_kpi(proto::DefineKpiRequest {
+            definition: Some(kpi("orders", KpiKind::Sum)),
+        })
+        .await
+        .unwrap();
+    operator
+        .ingest()
+        .record(proto::RecordRequest {
+            measurements: vec![measurement("orders", 5.0)],
+        })
+        .await
+        .unwrap();
+    let before = operator
+        .audit()
+        .get_log_info(proto::GetLogInfoRequest {})
+        .await
+        .unwrap()
+        .into_inner();
+
+    let mut paths: Vec<&'static str> = kpi_service::api::auth::RPC_ROLES
+        .iter()
+        .map(|(path, _)| *path)
+        .collect();
+    paths.extend([
+        "/grpc.reflection.v1.ServerReflection/ServerReflectionInfo",
+        "/grpc.reflection.v1alpha.ServerReflection/ServerReflectionInfo",
+        "/kpi.v1.Admin/Everything",
+    ]);
+    for path in paths {
+        for token in [None, Some("kpi_guessed_token")] {
+            let answer = probe(channel.clone(), path, token).await;
+            let code = answer.err().map(|status| status.code());
+            assert_eq!(code, Some(Code::Unauthenticated), "{path} with {token:?}");
+        }
+    }
+    probe(channel.clone(), "/grpc.health.v1.Health/Check", None)
+        .await
+        .expect("health stays open");
+
+    // Nothing changed: the same head, the same catalog.
+    let after = operator
+        .audit()
+        .get_log_info(proto::GetLogInfoRequest {})
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(
+        (after.head_seq, after.head_hash),
+        (before.head_seq, before.head_hash)
+    );
+    let kpis = operator
+        .catalog()
+        .list_kpis(proto::ListKpisRequest::default())
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(kpis.kpis.len(), 1);
 }
