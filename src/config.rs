@@ -78,6 +78,32 @@ pub enum Command {
         #[arg(long = "role", required = true, value_parser = ["reader", "writer", "admin", "auditor"])]
         roles: Vec<String>,
     },
+    /// Copy the log of a running server into a new or empty directory, consistently, while
+    /// it takes writes: the events up to its head when the backup starts, and a manifest
+    /// naming that head. Needs a principal with the auditor role when the server has an
+    /// auth file.
+    Backup {
+        /// The directory to write (new or empty).
+        #[arg(long)]
+        to: PathBuf,
+        /// The server's gRPC URL; https:// for TLS.
+        #[arg(long, default_value = "http://127.0.0.1:50051")]
+        server: String,
+        /// File holding the bearer token to send.
+        #[arg(long, env = "KPI_TOKEN_FILE")]
+        token_file: Option<PathBuf>,
+        /// PEM file of the CA that signed the server's certificate (for https://).
+        #[arg(long)]
+        server_ca: Option<PathBuf>,
+    },
+    /// Make --data-dir (new or empty) from a backup, with the server stopped: the backup
+    /// is checked whole (its file against the manifest, the chain against the manifest's
+    /// head) before anything is written.
+    Restore {
+        /// The backup directory.
+        #[arg(long)]
+        from: PathBuf,
+    },
     /// Print the public key of --signing-key, for auditors who check the heads the server
     /// signs (PEM, then the 32 bytes in hex as SignedHead.public_key carries them).
     PublicKey,

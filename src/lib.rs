@@ -14,6 +14,8 @@
 //! - [`proto`]: the generated kpi.v1 code and its conversions to and from `domain`.
 //! - [`config`]: flags and environment.
 //! - [`encoding`]: the one serde format (postcard) of the read models' stored bytes.
+//! - [`backup`]: `kpi-server backup` (an online copy of the log, through the API) and
+//!   `kpi-server restore`.
 //! - [`recover`]: `kpi-server recover`, the operator's repair of a log that lost events.
 //! - [`signing`]: the server's Ed25519 key that signs the heads it reports.
 //!
@@ -21,6 +23,7 @@
 //! start the real server on port 0 and stop it cleanly.
 
 pub mod api;
+pub mod backup;
 pub mod config;
 pub mod domain;
 pub mod encoding;

@@ -56,7 +56,7 @@ fn main() -> ExitCode {
     } else {
         logs.init();
     }
-    match config.command {
+    match config.command.clone() {
         Some(Command::Recover {
             accept_other_history,
         }) => match kpi_service::recover::recover(&config, accept_other_history) {
@@ -87,6 +87,33 @@ fn main() -> ExitCode {
                 }
             }
         }
+        Some(Command::Backup {
+            to,
+            server,
+            token_file,
+            server_ca,
+        }) => backup(&to, server, token_file.as_deref(), server_ca.as_deref()),
+        Some(Command::Restore { from }) => {
+            let options = kpi_service::store::StoreOptions {
+                min_free_bytes: config.min_free_bytes(),
+                ..Default::default()
+            };
+            match kpi_service::backup::restore(&from, &config.data_dir, &options) {
+                Ok(manifest) => {
+                    println!(
+                        "restored {} events into {} (head hash {}); the next start rebuilds the read models",
+                        manifest.head_seq,
+                        config.data_dir.display(),
+                        manifest.head_hash
+                    );
+                    ExitCode::SUCCESS
+                }
+                Err(error) => {
+                    tracing::error!(%error, "restore refused");
+                    ExitCode::FAILURE
+                }
+            }
+        }
         Some(Command::PublicKey) => {
             let Some(path) = &config.signing_key else {
                 tracing::error!("public-key needs --signing-key");
@@ -104,6 +131,56 @@ fn main() -> ExitCode {
             }
         }
         Some(Command::Serve) | None => serve(config),
+    }
+}
+
+/// `kpi-server backup`: copies the log of the server at `server` into `to`.
+fn backup(
+    to: &std::path::Path,
+    server: String,
+    token_file: Option<&std::path::Path>,
+    server_ca: Option<&std::path::Path>,
+) -> ExitCode {
+    let read = |path: &std::path::Path| {
+        std::fs::read(path).map_err(|error| format!("{}: {error}", path.display()))
+    };
+    let token = match token_file.map(read).transpose() {
+        Ok(token) => token.map(|bytes| String::from_utf8_lossy(&bytes).trim().to_owned()),
+        Err(error) => {
+            tracing::error!(%error, "cannot read the token");
+            return ExitCode::FAILURE;
+        }
+    };
+    let ca_pem = match server_ca.map(read).transpose() {
+        Ok(pem) => pem,
+        Err(error) => {
+            tracing::error!(%error, "cannot read the server CA");
+            return ExitCode::FAILURE;
+        }
+    };
+    let options = kpi_service::backup::BackupOptions {
+        server,
+        token,
+        ca_pem,
+        to: to.to_owned(),
+    };
+    let taken = tokio::runtime::Runtime::new()
+        .map_err(|error| kpi_service::backup::BackupError::Server(error.to_string()))
+        .and_then(|runtime| runtime.block_on(kpi_service::backup::backup(&options)));
+    match taken {
+        Ok(manifest) => {
+            println!(
+                "backed up {} events to {} (head hash {})",
+                manifest.head_seq,
+                to.display(),
+                manifest.head_hash
+            );
+            ExitCode::SUCCESS
+        }
+        Err(error) => {
+            tracing::error!(%error, "backup failed");
+            ExitCode::FAILURE
+        }
     }
 }
 
