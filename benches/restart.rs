@@ -226,6 +226,7 @@ fn options(dir: &Path) -> ServiceOptions {
         snapshot_dir: dir.join(SNAPSHOT_DIR),
         max_future_skew: TimeDelta::minutes(5),
         max_streams: 1024,
+        max_kpis: 10_000,
         heartbeat: Duration::from_secs(5),
         min_free_bytes: kpi_service::store::DEFAULT_MIN_FREE_BYTES,
         signing_key: None,

@@ -19,6 +19,9 @@ pub const DEFAULT_DEDUP_MEMORY_KIB: u32 = 16 * 1024;
 /// Default most server streams (replays, watchers) open at once; each holds a task and a
 /// bounded buffer, so this bounds their memory.
 pub const DEFAULT_MAX_STREAMS: u32 = 1024;
+/// Default most KPIs the catalog may hold: with at most 10,000 label combinations each,
+/// this bounds what one client can make the server keep.
+pub const DEFAULT_MAX_KPIS: u32 = 10_000;
 /// Default interval of checkpoints and heartbeats on idle streams, in milliseconds.
 pub const DEFAULT_HEARTBEAT_MS: u32 = 5000;
 /// Default number of new events that makes a read-model snapshot due.
@@ -176,6 +179,16 @@ pub struct Config {
         value_parser = clap::value_parser!(u32).range(1..)
     )]
     pub max_streams: u32,
+
+    /// Most KPIs the catalog may hold, retired ones included; DefineKpi beyond it gets
+    /// RESOURCE_EXHAUSTED.
+    #[arg(
+        long,
+        env = "KPI_MAX_KPIS",
+        default_value_t = DEFAULT_MAX_KPIS,
+        value_parser = clap::value_parser!(u32).range(1..)
+    )]
+    pub max_kpis: u32,
 
     /// How often an idle stream gets a checkpoint or heartbeat, in milliseconds.
     #[arg(
@@ -426,6 +439,7 @@ impl Config {
             dedup_memory_kib: DEFAULT_DEDUP_MEMORY_KIB,
             memory_budget: DEFAULT_MEMORY_BUDGET_MIB,
             max_streams: DEFAULT_MAX_STREAMS,
+            max_kpis: DEFAULT_MAX_KPIS,
             heartbeat_ms: DEFAULT_HEARTBEAT_MS,
             snapshot_every_events: DEFAULT_SNAPSHOT_EVERY_EVENTS,
             min_free_disk_mb: DEFAULT_MIN_FREE_DISK_MB,

@@ -227,6 +227,7 @@ pub async fn run(
         snapshot_dir,
         max_future_skew: config.max_future_skew(),
         max_streams: usize::try_from(config.max_streams).unwrap_or(usize::MAX),
+        max_kpis: usize::try_from(config.max_kpis).unwrap_or(usize::MAX),
         heartbeat: config.heartbeat(),
         min_free_bytes: config.min_free_bytes(),
         signing_key,

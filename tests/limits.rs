@@ -1,6 +1,6 @@
 //! Black-box tests of the limits a client meets at their edges: the message limit against
 //! a batch at every field's maximum, bytes that are not the message, target windows too
-//! long to answer, and values too large to add up.
+//! long to answer, values too large to add up, and the number of KPIs.
 
 mod common;
 
@@ -379,4 +379,67 @@ where
         results.push(task.await.expect("task"));
     }
     results
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_kpi_limit_holds_exactly_under_concurrent_definitions() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut config = kpi_service::Config::with_data_dir(dir.path());
+    config.max_kpis = 5;
+    let server = TestServer::start_with(config).await;
+    server.define(kpi("first", KpiKind::Sum)).await;
+    // Twelve definitions at once for the four places left.
+    let attempts = (0..12).map(|i| {
+        let mut catalog = server.catalog();
+        tokio::spawn(async move {
+            catalog
+                .define_kpi(proto::DefineKpiRequest {
+                    definition: Some(kpi(&format!("kpi{i}"), KpiKind::Sum)),
+                })
+                .await
+        })
+    });
+    let mut defined = 0;
+    for attempt in attempts.collect::<Vec<_>>() {
+        match attempt.await.unwrap() {
+            Ok(_) => defined += 1,
+            Err(status) => {
+                assert_eq!(status.code(), Code::ResourceExhausted, "{status:?}");
+                assert_eq!(
+                    common::violated_field(&status).as_deref(),
+                    Some("definition.id")
+                );
+                assert!(status.message().contains("limit of 5 KPIs"), "{status:?}");
+            }
+        }
+    }
+    assert_eq!(defined, 4);
+    // A retired KPI keeps its place: its history stays.
+    server
+        .catalog()
+        .retire_kpi(proto::RetireKpiRequest {
+            kpi_id: "first".into(),
+            ..Default::default()
+        })
+        .await
+        .unwrap();
+    let refused = server
+        .catalog()
+        .define_kpi(proto::DefineKpiRequest {
+            definition: Some(kpi("late", KpiKind::Sum)),
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(refused.code(), Code::ResourceExhausted);
+    let listed = server
+        .catalog()
+        .list_kpis(proto::ListKpisRequest {
+            include_retired: true,
+            ..Default::default()
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(listed.kpis.len(), 5);
+    server.stop().await;
 }

@@ -184,6 +184,20 @@ impl Catalog {
         self.kpis.is_empty()
     }
 
+    /// Refuses a new KPI when the catalog holds `max_kpis` already (retired ones count:
+    /// their history and aggregates stay).
+    pub fn check_room_for_kpi(&self, max_kpis: usize) -> Result<(), Rejection> {
+        if self.kpis.len() >= max_kpis {
+            return Err(Rejection::ResourceExhausted {
+                field: "definition.id".into(),
+                reason: format!(
+                    "the catalog holds its limit of {max_kpis} KPIs (retired ones count); the server's --max-kpis sets it"
+                ),
+            });
+        }
+        Ok(())
+    }
+
     /// DefineKpi: the event that adds `definition`, or why it cannot be added.
     pub fn decide_define(&self, definition: KpiDefinition) -> Result<Event, Rejection> {
         definition.validate("definition")?;

@@ -18,8 +18,11 @@ impl KpiService {
     /// DefineKpi.
     pub async fn define_kpi(&self, definition: KpiDefinition) -> Result<KpiEntry, ServiceError> {
         let id = definition.id.clone();
-        self.change_definitions(|catalog| catalog.decide_define(definition.clone()))
-            .await?;
+        self.change_definitions(|catalog| {
+            catalog.check_room_for_kpi(self.max_kpis)?;
+            catalog.decide_define(definition.clone())
+        })
+        .await?;
         self.current_kpi(&id)
     }
 

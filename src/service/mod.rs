@@ -77,6 +77,8 @@ pub struct KpiService {
     streams: Arc<Streams>,
     heartbeat: Duration,
     min_free_bytes: u64,
+    /// Most KPIs the catalog may hold.
+    max_kpis: usize,
     /// Signs the heads of GetLogInfo and of replay checkpoints.
     signing_key: Option<Arc<ed25519_dalek::SigningKey>>,
     shutdown: CancellationToken,
@@ -109,6 +111,8 @@ pub struct ServiceOptions {
     pub max_future_skew: TimeDelta,
     /// Most server streams open at once.
     pub max_streams: usize,
+    /// Most KPIs the catalog may hold.
+    pub max_kpis: usize,
     /// Interval of checkpoints and heartbeats on idle streams.
     pub heartbeat: Duration,
     /// Space a snapshot leaves free on its file system, or it is not written.
@@ -141,6 +145,7 @@ impl KpiService {
             heartbeat: options.heartbeat,
             min_free_bytes: options.min_free_bytes,
             signing_key: options.signing_key,
+            max_kpis: options.max_kpis,
             shutdown: CancellationToken::new(),
             series: Arc::default(),
             actor: None,
