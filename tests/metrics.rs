@@ -98,7 +98,18 @@ async fn the_metrics_endpoint_counts_calls_and_shows_the_state() {
         sample(&text, "kpi_events_appended_total"),
         Some(head as f64)
     );
-    assert!(sample(&text, "kpi_log_flushes_total").unwrap() >= 1.0);
+    let flushes = sample(&text, "kpi_log_flushes_total").unwrap();
+    assert!(flushes >= 1.0);
+    assert_eq!(
+        sample(&text, "kpi_log_sync_duration_seconds_count"),
+        Some(flushes)
+    );
+    assert_eq!(
+        sample(&text, "kpi_append_requests_total"),
+        Some(2.0),
+        "a define and a record"
+    );
+    assert!(sample(&text, "kpi_append_groups_total").unwrap() >= 1.0);
     assert_eq!(sample(&text, "kpi_open_streams_watch_kpis"), Some(1.0));
     assert!(sample(&text, "kpi_open_connections").unwrap() >= 1.0);
     assert!(sample(&text, "kpi_bucket_memory_bytes").unwrap() > 0.0);

@@ -1,6 +1,6 @@
 //! Metrics and per-RPC spans: the layer that times every request and counts it by method
 //! and gRPC status (rejected ones included: it sits outside the gate), the values read at
-//! each scrape (the log's appends, flushes and head, the fold's progress, the buckets'
+//! each scrape (the log's appends, requests, groups, flushes and their durations, its head, the fold's progress, the buckets'
 //! memory, open streams and their lag, connections, the process's resident memory,
 //! snapshots), and the HTTP endpoint that serves them in the Prometheus text format on
 //! `--metrics-listen`.
@@ -28,6 +28,7 @@ use tokio_util::sync::CancellationToken;
 use super::connections::Connections;
 use crate::domain::query::StreamKind;
 use crate::service::KpiService;
+use crate::store::{DurationCounts, SYNC_BUCKETS_MICROS};
 
 /// The label of an RPC and its outcome.
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
@@ -192,6 +193,35 @@ fn gauge(encoder: &mut DescriptorEncoder, name: &str, help: &str, value: i64) ->
     metric.encode(encoder.encode_descriptor(name, help, None, metric.metric_type())?)
 }
 
+/// The flushes' durations as a histogram (the store counts them per bucket).
+fn sync_histogram(encoder: &mut DescriptorEncoder, sync: &DurationCounts) -> std::fmt::Result {
+    let buckets: Vec<(f64, u64)> = SYNC_BUCKETS_MICROS
+        .iter()
+        .zip(sync.buckets)
+        .map(|(bound, count)| {
+            let bound = if *bound == u64::MAX {
+                f64::MAX
+            } else {
+                *bound as f64 / 1e6
+            };
+            (bound, count)
+        })
+        .collect();
+    let count = sync.buckets.iter().sum();
+    let mut metric = encoder.encode_descriptor(
+        "kpi_log_sync_duration_seconds",
+        "Time a flush took to make its groups durable (fsyncs and the acknowledgement record)",
+        None,
+        prometheus_client::metrics::MetricType::Histogram,
+    )?;
+    metric.encode_histogram::<prometheus_client::encoding::NoLabelSet>(
+        sync.sum_micros as f64 / 1e6,
+        count,
+        &buckets,
+        None,
+    )
+}
+
 fn signed(value: u64) -> i64 {
     i64::try_from(value).unwrap_or(i64::MAX)
 }
@@ -218,6 +248,19 @@ impl Collector for Scraped {
             "Log segments written since start",
             now.log.segments,
         )?;
+        counter(
+            e,
+            "kpi_append_requests",
+            "Append requests (batches) answered since start",
+            now.log.requests,
+        )?;
+        counter(
+            e,
+            "kpi_append_groups",
+            "Groups committed: the requests the writer took at once",
+            now.log.groups,
+        )?;
+        sync_histogram(e, &now.log.sync)?;
         gauge(
             e,
             "kpi_log_head_seq",

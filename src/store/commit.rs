@@ -166,10 +166,12 @@ impl Syncer {
         let segments: u64 = groups.iter().map(|applied| applied.segments).sum();
         if segments > 0 {
             let head = groups.last().map_or(self.durable, |applied| applied.head);
+            let started = std::time::Instant::now();
             if let Err(error) = self.make_durable(head) {
                 fail(&self.shared, groups, &error);
                 return;
             }
+            self.shared.synced(started.elapsed());
             self.shared.flushes.fetch_add(1, Ordering::Relaxed);
         }
         let shared = &self.shared;
@@ -186,6 +188,13 @@ impl Syncer {
         shared
             .events_written
             .fetch_add(widen(events), Ordering::Relaxed);
+        let requests: usize = groups.iter().map(|applied| applied.group.len()).sum();
+        shared
+            .requests_answered
+            .fetch_add(widen(requests), Ordering::Relaxed);
+        shared
+            .groups_committed
+            .fetch_add(widen(groups.len()), Ordering::Relaxed);
         pass_on(&self.publish, groups);
     }
 }

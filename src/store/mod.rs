@@ -118,8 +118,8 @@ pub use segment::{read_varint, write_varint};
 pub use space::{room_above_guard, room_beside_guard};
 pub use types::{
     AppendRequest, Clock, CommitListener, Committed, DEFAULT_DEDUP_MEMORY_BYTES,
-    DEFAULT_MIN_FREE_BYTES, FORMAT_KEY, FORMAT_VERSION, LogHead, META_TREE, Outcome, SEGMENTS_TREE,
-    StoreOptions, StoreStats, StoredEvent,
+    DEFAULT_MIN_FREE_BYTES, DurationCounts, FORMAT_KEY, FORMAT_VERSION, LogHead, META_TREE,
+    Outcome, SEGMENTS_TREE, SYNC_BUCKETS_MICROS, StoreOptions, StoreStats, StoredEvent,
 };
 
 use commit::{Flusher, Publisher, Syncer};
@@ -172,6 +172,24 @@ struct Shared {
     flushes: AtomicU64,
     segments_written: AtomicU64,
     events_written: AtomicU64,
+    requests_answered: AtomicU64,
+    groups_committed: AtomicU64,
+    /// Flushes' durations per bucket of [`SYNC_BUCKETS_MICROS`], and their sum.
+    sync_buckets: [AtomicU64; SYNC_BUCKETS_MICROS.len()],
+    sync_micros: AtomicU64,
+}
+
+impl Shared {
+    /// Notes a flush that took `took` to make its groups durable.
+    fn synced(&self, took: std::time::Duration) {
+        let micros = u64::try_from(took.as_micros()).unwrap_or(u64::MAX);
+        let bucket = SYNC_BUCKETS_MICROS
+            .iter()
+            .position(|bound| micros <= *bound)
+            .unwrap_or(SYNC_BUCKETS_MICROS.len() - 1);
+        self.sync_buckets[bucket].fetch_add(1, Ordering::Relaxed);
+        self.sync_micros.fetch_add(micros, Ordering::Relaxed);
+    }
 }
 
 struct Inner {
@@ -285,6 +303,10 @@ impl EventLog {
             flushes: AtomicU64::new(0),
             segments_written: AtomicU64::new(0),
             events_written: AtomicU64::new(0),
+            requests_answered: AtomicU64::new(0),
+            groups_committed: AtomicU64::new(0),
+            sync_buckets: Default::default(),
+            sync_micros: AtomicU64::new(0),
         });
         let background = Arc::new(dedup::Background::new(runs, Arc::clone(&shared)));
         let (spill_sender, spill_receiver) = std::sync::mpsc::channel();
@@ -510,6 +532,14 @@ impl EventLog {
             flushes: shared.flushes.load(Ordering::Relaxed),
             segments: shared.segments_written.load(Ordering::Relaxed),
             events: shared.events_written.load(Ordering::Relaxed),
+            requests: shared.requests_answered.load(Ordering::Relaxed),
+            groups: shared.groups_committed.load(Ordering::Relaxed),
+            sync: DurationCounts {
+                buckets: std::array::from_fn(|bucket| {
+                    shared.sync_buckets[bucket].load(Ordering::Relaxed)
+                }),
+                sum_micros: shared.sync_micros.load(Ordering::Relaxed),
+            },
         }
     }
 

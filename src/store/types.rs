@@ -184,4 +184,37 @@ pub struct StoreStats {
     pub segments: u64,
     /// Events appended.
     pub events: u64,
+    /// Append requests answered (each a batch of events).
+    pub requests: u64,
+    /// Groups committed: the requests the writer took at once.
+    pub groups: u64,
+    /// How long each flush took to make its groups durable (the fsyncs and the
+    /// acknowledgement record), counted per bucket of [`SYNC_BUCKETS_MICROS`].
+    pub sync: DurationCounts,
+}
+
+/// Upper bounds of the buckets of [`StoreStats::sync`], in microseconds; the last is
+/// unbounded.
+pub const SYNC_BUCKETS_MICROS: [u64; 12] = [
+    100,
+    250,
+    500,
+    1_000,
+    2_500,
+    5_000,
+    10_000,
+    25_000,
+    50_000,
+    100_000,
+    1_000_000,
+    u64::MAX,
+];
+
+/// Durations counted in buckets (not cumulative) with their sum.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct DurationCounts {
+    /// How many fell in each bucket of [`SYNC_BUCKETS_MICROS`].
+    pub buckets: [u64; 12],
+    /// Their sum, in microseconds.
+    pub sum_micros: u64,
 }
