@@ -307,6 +307,11 @@ pub struct Config {
     #[arg(long, env = "KPI_LOG_FORMAT", default_value = "text", value_parser = ["text", "json"], global = true)]
     pub log_format: String,
 
+    /// Export spans (one per request, with its method, status code and duration) to this
+    /// OpenTelemetry collector over OTLP/gRPC (`http://collector:4317`); off when unset.
+    #[arg(long, env = "KPI_OTLP_ENDPOINT", global = true)]
+    pub otlp_endpoint: Option<String>,
+
     /// Ed25519 private key (PKCS#8 PEM) with which the server signs the heads it reports
     /// (GetLogInfo, ReplayEvents checkpoints), so auditors hold proof of what it claimed.
     #[arg(long, env = "KPI_SIGNING_KEY", global = true)]
@@ -458,6 +463,7 @@ impl Config {
             signing_key: None,
             generate_signing_key: false,
             metrics_listen: None,
+            otlp_endpoint: None,
             log_format: "text".into(),
             config: None,
             command: None,

@@ -17,6 +17,7 @@
 //! - [`backup`]: `kpi-server backup` (an online copy of the log, through the API) and
 //!   `kpi-server restore`.
 //! - [`recover`]: `kpi-server recover`, the operator's repair of a log that lost events.
+//! - [`telemetry`]: logs on stderr and spans to an OpenTelemetry collector.
 //! - [`signing`]: the server's Ed25519 key that signs the heads it reports.
 //!
 //! [`run`] is the entry point: it takes a bound listener and a shutdown future, so tests
@@ -34,6 +35,7 @@ pub mod recover;
 pub mod service;
 pub mod signing;
 pub mod store;
+pub mod telemetry;
 
 use std::future::Future;
 use std::path::Path;

@@ -8,7 +8,6 @@ use kpi_service::Config;
 use kpi_service::api::auth::Role;
 use kpi_service::config::Command;
 use tokio::net::TcpListener;
-use tracing_subscriber::EnvFilter;
 
 /// mimalloc instead of glibc's malloc: the read models free old buckets and allocate new
 /// ones all the time from several threads, and glibc's per-thread arenas kept the freed
@@ -46,16 +45,16 @@ fn return_freed_memory_soon() {
 fn main() -> ExitCode {
     return_freed_memory_soon();
     let config = Config::load().unwrap_or_else(|error| error.exit());
-    let logs = tracing_subscriber::fmt()
-        .with_env_filter(
-            EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("info")),
-        )
-        .with_writer(std::io::stderr);
-    if config.log_format == "json" {
-        logs.json().init();
-    } else {
-        logs.init();
-    }
+    let _telemetry = match kpi_service::telemetry::init(
+        config.log_format == "json",
+        config.otlp_endpoint.as_deref(),
+    ) {
+        Ok(telemetry) => telemetry,
+        Err(error) => {
+            eprintln!("kpi-server: {error}");
+            return ExitCode::FAILURE;
+        }
+    };
     match config.command.clone() {
         Some(Command::Recover {
             accept_other_history,

@@ -787,16 +787,6 @@ async fn reflection_and_list_streams_can_be_switched_off() {
     server.stop().await;
 }
 
-/// A kpi-server process, killed when dropped.
-struct ServerProcess(std::process::Child);
-
-impl Drop for ServerProcess {
-    fn drop(&mut self) {
-        let _ = self.0.kill();
-        let _ = self.0.wait();
-    }
-}
-
 /// Calls `path` with an empty message (a valid encoding of every request), as a scanner
 /// that knows the service's paths would, with `token` if any.
 async fn probe(
@@ -844,7 +834,7 @@ async fn a_scan_from_another_process_without_credentials_reads_and_changes_nothi
         .unwrap()
         .local_addr()
         .unwrap();
-    let _server = ServerProcess(
+    let _server = common::ServerProcess(
         std::process::Command::new(env!("CARGO_BIN_EXE_kpi-server"))
             .args(["--listen", &address.to_string(), "--data-dir"])
             .arg(dir.path().join("data"))

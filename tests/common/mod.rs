@@ -340,3 +340,13 @@ pub fn bad_request_field(status: &tonic::Status) -> Option<String> {
         .get_details_bad_request()
         .and_then(|b| b.field_violations.first().map(|v| v.field.clone()))
 }
+
+/// A kpi-server process started by a test, killed when dropped.
+pub struct ServerProcess(pub std::process::Child);
+
+impl Drop for ServerProcess {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
