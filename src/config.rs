@@ -246,7 +246,8 @@ pub struct Config {
     pub max_connections: u32,
 
     /// A connection without a byte either way for this many seconds is closed (live HTTP/2
-    /// clients answer the keepalive pings, so only dead or silent ones reach it).
+    /// clients answer the keepalive pings, so only dead or silent ones reach it). Must be
+    /// longer than --keepalive-secs.
     #[arg(
         long,
         env = "KPI_IDLE_TIMEOUT_SECS",
@@ -487,6 +488,18 @@ impl Config {
             max: usize::try_from(self.max_connections).unwrap_or(usize::MAX),
             idle_timeout: std::time::Duration::from_secs(u64::from(self.idle_timeout_secs)),
         }
+    }
+
+    /// Refuses an idle timeout that is not longer than the keepalive interval: live
+    /// clients that wait quietly would be cut off before the ping that shows they live.
+    pub fn check_timeouts(&self) -> Result<(), String> {
+        if self.idle_timeout_secs <= self.keepalive_secs {
+            return Err(format!(
+                "--idle-timeout-secs ({}) must be longer than --keepalive-secs ({}): live clients that wait would be cut off",
+                self.idle_timeout_secs, self.keepalive_secs
+            ));
+        }
+        Ok(())
     }
 
     /// How long a client may send no frame before the server pings it.
@@ -742,6 +755,15 @@ mod tests {
             .parse()
             .unwrap();
         assert!(nofile >= u64::from(config.max_connections) + 256);
+    }
+
+    #[test]
+    fn an_idle_timeout_within_the_keepalive_is_refused() {
+        let mut config = Config::with_data_dir(DEFAULT_DATA_DIR);
+        assert!(config.check_timeouts().is_ok(), "the defaults");
+        config.idle_timeout_secs = config.keepalive_secs;
+        let error = config.check_timeouts().unwrap_err();
+        assert!(error.contains("--idle-timeout-secs"), "{error}");
     }
 
     #[test]

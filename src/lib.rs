@@ -186,6 +186,7 @@ pub async fn run(
         .local_addr()
         .map_err(|error| RunError::Config(format!("the listener has no local address: {error}")))?;
     config.refuse_insecure(address).map_err(RunError::Config)?;
+    config.check_timeouts().map_err(RunError::Config)?;
     if !address.ip().is_loopback() && config.tls_cert.is_none() {
         tracing::warn!(%address, "--insecure: serving beyond loopback without TLS; anyone who reaches the port reads and changes everything");
     }

@@ -92,14 +92,15 @@ async fn a_flood_of_silent_connections_does_not_lock_out_clients() {
 async fn silent_connections_are_closed_and_waiting_clients_kept() {
     let dir = tempfile::tempdir().unwrap();
     let mut config = Config::with_data_dir(dir.path());
-    config.idle_timeout_secs = 1;
+    // Pinged after 1 s of silence, so never quiet for the 2 s that close a connection.
+    config.idle_timeout_secs = 2;
     config.keepalive_secs = 1;
     // No heartbeats within the test: only the keepalive carries the watch's connection.
     config.heartbeat_ms = 60_000;
     let server = TestServer::start_with(config).await;
     server.define(kpi("orders", KpiKind::Sum)).await;
 
-    // A watcher on a connection of its own that then hears nothing for 3 idle timeouts.
+    // A watcher on a connection of its own that then hears nothing for 2 idle timeouts.
     let channel = tonic::transport::Endpoint::from_shared(format!("http://{}", server.addr))
         .expect("uri")
         .connect()
@@ -116,7 +117,7 @@ async fn silent_connections_are_closed_and_waiting_clients_kept() {
         .into_inner();
     let mut silent = TcpStream::connect(server.addr).await.unwrap();
     assert!(
-        closed_by_server(&mut silent, Duration::from_secs(5)).await,
+        closed_by_server(&mut silent, Duration::from_secs(6)).await,
         "a connection that says nothing is closed after the idle timeout"
     );
     tokio::time::sleep(Duration::from_secs(2)).await;
