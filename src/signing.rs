@@ -85,7 +85,15 @@ fn write_private(path: &Path, bytes: &[u8]) -> std::io::Result<()> {
         .mode(0o600)
         .open(path)?;
     file.write_all(bytes)?;
-    file.sync_all()
+    file.sync_all()?;
+    // The new name too: a key lost to a power cut would be replaced by another one.
+    match path
+        .parent()
+        .filter(|parent| !parent.as_os_str().is_empty())
+    {
+        Some(parent) => crate::store::sync_dir(parent),
+        None => crate::store::sync_dir(Path::new(".")),
+    }
 }
 
 #[cfg(test)]

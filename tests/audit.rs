@@ -244,10 +244,11 @@ async fn signed_heads_verify_with_the_public_key_alone_and_later_logs_extend_the
     assert_eq!(event_at(&server, signed.seq).await.hash, signed.hash);
     assert!(server.log_info().await.head_seq > signed.seq);
 
-    // A following replay's idle checkpoints are signed heads too: from the start, and from
-    // past the head (where it has read nothing yet).
+    // A following replay's idle checkpoints are signed heads too: from the start, from
+    // just past the head (where it has read nothing yet), and from a seq further on
+    // (where it waits for the log to reach it).
     let head = server.log_info().await.head_seq;
-    for from_seq in [1, head + 1] {
+    for from_seq in [1, head + 1, head + 5] {
         let mut stream = server
             .audit()
             .replay_events(proto::ReplayEventsRequest {

@@ -137,23 +137,12 @@ struct Follower {
     to_seq: Option<u64>,
     /// Signs the checkpoints, when the server has a key.
     signing_key: Option<std::sync::Arc<ed25519_dalek::SigningKey>>,
-    /// The chain hash after `next - 1`, once known.
+    /// The chain hash after `next - 1`, once read (known from the start at seq 1).
     hash: Option<Hash>,
 }
 
 impl Follower {
     async fn run(mut self) {
-        if self.signing_key.is_some() && self.hash.is_none() {
-            // Checkpoints before the first read are signed with the hash where it starts.
-            let Some(log) = self.cursor.as_ref().map(|cursor| cursor.log().clone()) else {
-                return;
-            };
-            let before = self.next - 1;
-            self.hash = self.stream.read(move || log.hash_at(before)).await;
-            if self.hash.is_none() {
-                return;
-            }
-        }
         loop {
             let head = self.stream.head();
             let end = self.to_seq.map_or(head, |to| to.min(head));
@@ -167,14 +156,19 @@ impl Follower {
                 return;
             }
             let (key, hash, next) = (self.signing_key.clone(), self.hash, self.next);
-            let checkpoint = move |seq| {
+            let log = self.cursor.as_ref().map(|cursor| cursor.log().clone());
+            let checkpoint = move |seq: u64| {
                 let at = Utc::now();
-                let signed = match (&key, hash) {
-                    (Some(key), Some(hash)) if seq + 1 == next => {
-                        Some(SignedHead::sign(key, seq, hash, at))
-                    }
-                    _ => None,
-                };
+                // The hash after `seq`: the last one read, or the head's when the stream
+                // waits past the head (a follower that starts beyond it).
+                let hash_at_seq = hash.filter(|_| seq + 1 == next).or_else(|| {
+                    let head = log.as_ref()?.head();
+                    (head.seq == seq).then_some(head.hash)
+                });
+                let signed = key
+                    .as_ref()
+                    .zip(hash_at_seq)
+                    .map(|(key, hash)| SignedHead::sign(key, seq, hash, at));
                 ReplayItem::Checkpoint { seq, at, signed }
             };
             if !self.stream.for_more(self.next - 1, checkpoint).await {
